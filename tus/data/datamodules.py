@@ -1,0 +1,254 @@
+"""LightningDataModules shared by every stage.
+
+- :class:`LabeledDataModule`: one fold of patient-grouped K-fold CV over a labelled
+  manifest, with a class-balancing weighted sampler and per-image augmentation.
+- :class:`ImagePoolDataModule`: an unlabelled pool mixed from manifests and/or folders of
+  (e.g. synthetic) images, each source with a sampling weight; used by pretraining and
+  diffusion training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.model_selection import StratifiedGroupKFold
+from torch.utils.data import ConcatDataset, DataLoader, WeightedRandomSampler
+
+from tus.data.datasets import ManifestDataset
+from tus.data.images import list_images
+from tus.data.manifest import load_manifest
+from tus.data.transforms import AugmentConfig, eval_transform, finetune_train_transform, seed_transform_in_worker
+
+
+@dataclass
+class LabeledDataConfig:
+    manifest: str = ""
+    image_size: int = 224
+    num_folds: int = 3
+    fold_seed: int = 0
+    batch_size: int = 64
+    eval_batch_size: int = 128
+    num_workers: int = 2
+    weighted_sampler: bool = True
+    cache_images: bool = True
+    # Share of the training patients held out for model selection when selection=inner_val.
+    inner_val_fraction: float = 0.2
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+def class_balanced_weights(labels: np.ndarray) -> np.ndarray:
+    """Per-sample weights 1/count(class): every class is drawn equally often in expectation."""
+    classes, counts = np.unique(labels, return_counts=True)
+    per_class = dict(zip(classes.tolist(), (1.0 / counts).tolist()))
+    return np.array([per_class[label] for label in labels.tolist()], dtype=np.float64)
+
+
+def inner_validation_split(frame: pd.DataFrame, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split rows into (train, val) index arrays by patient, stratified by class."""
+    splits = max(2, round(1.0 / fraction))
+    splitter = StratifiedGroupKFold(n_splits=splits, shuffle=True, random_state=seed)
+    train_index, val_index = next(splitter.split(np.zeros(len(frame)), frame["label"], frame["patient_id"]))
+    return train_index, val_index
+
+
+class LabeledDataModule(L.LightningDataModule):
+    """Train on every fold but ``test_fold``; test on ``test_fold``.
+
+    With ``inner_validation`` a stratified patient-grouped slice of the training folds
+    becomes the validation set used for model selection; the test fold is only ever used
+    for the final test.
+    """
+
+    def __init__(
+        self,
+        config: LabeledDataConfig,
+        frame: pd.DataFrame,
+        folds: np.ndarray,
+        test_fold: int,
+        seed: int,
+        inner_validation: bool = False,
+    ):
+        super().__init__()
+        self.config = config
+        self.frame = frame.reset_index(drop=True)
+        self.folds = np.asarray(folds)
+        self.test_fold = test_fold
+        self.seed = seed
+        self.inner_validation = inner_validation
+        self.train_set = self.val_set = self.test_set = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train_frame = self.frame[self.folds != self.test_fold].reset_index(drop=True)
+        test_frame = self.frame[self.folds == self.test_fold].reset_index(drop=True)
+        if self.inner_validation:
+            train_index, val_index = inner_validation_split(train_frame, self.config.inner_val_fraction, self.seed)
+            val_frame = train_frame.iloc[val_index].reset_index(drop=True)
+            train_frame = train_frame.iloc[train_index].reset_index(drop=True)
+            self.val_set = self._dataset(val_frame, eval_transform())
+        train_transform = finetune_train_transform(self.config.augment, seed=self.seed)
+        self.train_set = self._dataset(train_frame, train_transform)
+        self.test_set = self._dataset(test_frame, eval_transform())
+
+    def _dataset(self, frame: pd.DataFrame, transform) -> ManifestDataset:
+        return ManifestDataset(frame, transform, image_size=self.config.image_size, cache=self.config.cache_images)
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        sampler = None
+        if self.config.weighted_sampler:
+            weights = class_balanced_weights(self.train_set.labels)
+            sampler = WeightedRandomSampler(weights.tolist(), num_samples=len(weights), replacement=True, generator=generator)
+        return self._loader(self.train_set, self.config.batch_size, shuffle=sampler is None, sampler=sampler, generator=generator, drop_last=len(self.train_set) > self.config.batch_size)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_set, self.config.eval_batch_size) if self.val_set is not None else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, self.config.eval_batch_size)
+
+    def _loader(self, dataset, batch_size: int, **kwargs) -> DataLoader:
+        workers = self.config.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            worker_init_fn=seed_transform_in_worker,
+            **kwargs,
+        )
+
+
+@dataclass
+class ImageSourceConfig:
+    """One source of the unlabelled pool: a manifest, or a folder of images (e.g. synthetic).
+
+    ``organ`` labels every image of a folder source (or fills a manifest's missing organs).
+    ``weight`` is the source's share of the draws, regardless of its size.
+    """
+
+    manifest: str | None = None
+    folder: str | None = None
+    organ: str | None = None
+    weight: float = 1.0
+
+
+def read_image_source(source: ImageSourceConfig) -> pd.DataFrame:
+    """A validated frame (``abs_path``, ``sample_id``, ``patient_id``, ``organ``) for a source."""
+    if (source.manifest is None) == (source.folder is None):
+        raise ValueError("an image source needs exactly one of 'manifest' or 'folder'")
+    if source.manifest is not None:
+        frame = load_manifest(source.manifest, require_labels=False, decode_images=False)
+    else:
+        paths = list_images(source.folder)
+        if not paths:
+            raise ValueError(f"{source.folder}: no images found")
+        names = [str(p) for p in paths]
+        frame = pd.DataFrame({"path": names, "abs_path": names, "sample_id": names, "patient_id": names, "label": -1})
+    if "organ" not in frame.columns:
+        frame["organ"] = ""
+    if source.organ is not None:
+        frame.loc[frame["organ"] == "", "organ"] = source.organ
+    return frame
+
+
+class ImagePoolDataModule(L.LightningDataModule):
+    """Unlabelled images from several weighted sources through one transform.
+
+    ``organ_classes`` fixes the organ vocabulary (index = position); with ``None`` it is
+    the sorted set of organs found. Sources are drawn with replacement according to their
+    weights; the step budget (``max_steps``) rather than epochs bounds training.
+    """
+
+    def __init__(
+        self,
+        sources: list[ImageSourceConfig],
+        transform: Callable,
+        *,
+        image_size: int,
+        batch_size: int,
+        num_workers: int = 2,
+        organ_classes: list[str] | None = None,
+        require_organ: bool = False,
+        cache_images: bool = True,
+        seed: int = 0,
+        samples_per_epoch: int | None = None,
+    ):
+        super().__init__()
+        if not sources:
+            raise ValueError("the image pool needs at least one source")
+        self.sources = sources
+        self.transform = transform
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.organ_classes = organ_classes
+        self.require_organ = require_organ
+        self.cache_images = cache_images
+        self.seed = seed
+        self.samples_per_epoch = samples_per_epoch
+        self.frames: list[pd.DataFrame] = []
+        self.dataset: ConcatDataset | None = None
+
+    def prepare_frames(self) -> list[pd.DataFrame]:
+        if not self.frames:
+            self.frames = [read_image_source(s) for s in self.sources]
+            if self.require_organ:
+                for source, frame in zip(self.sources, self.frames):
+                    missing = frame[frame["organ"] == ""]
+                    if not missing.empty:
+                        name = source.manifest or source.folder
+                        raise ValueError(f"{name}: {len(missing)} image(s) without an organ, e.g. {missing['path'].iloc[0]}; add an 'organ' column or set the source's organ")
+            if self.organ_classes is None:
+                self.organ_classes = sorted({o for f in self.frames for o in f["organ"] if o})
+        return self.frames
+
+    @property
+    def organ_index(self) -> dict[str, int]:
+        self.prepare_frames()
+        return {name: i for i, name in enumerate(self.organ_classes)}
+
+    def organ_counts(self) -> dict[str, int]:
+        """Images per organ across the pool (reported so users see the class balance)."""
+        counts: dict[str, int] = {}
+        for frame in self.prepare_frames():
+            for organ, n in frame["organ"].replace("", "(none)").value_counts().items():
+                counts[organ] = counts.get(organ, 0) + int(n)
+        return counts
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is not None:
+            return
+        organ_index = self.organ_index
+        parts = [
+            ManifestDataset(frame, self.transform, image_size=self.image_size, organ_index=organ_index, cache=self.cache_images)
+            for frame in self.prepare_frames()
+        ]
+        self.dataset = ConcatDataset(parts)
+
+    def sample_weights(self) -> np.ndarray:
+        weights = []
+        for source, part in zip(self.sources, self.dataset.datasets):
+            weights.append(np.full(len(part), source.weight / len(part)))
+        return np.concatenate(weights)
+
+    def train_dataloader(self) -> DataLoader:
+        weights = self.sample_weights()
+        generator = torch.Generator().manual_seed(self.seed)
+        sampler = WeightedRandomSampler(weights.tolist(), num_samples=self.samples_per_epoch or len(weights), replacement=True, generator=generator)
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            worker_init_fn=seed_transform_in_worker,
+            drop_last=True,
+        )

@@ -1,0 +1,97 @@
+"""Albumentations pipelines for fine-tuning (and the shared normalisation).
+
+Every pipeline maps a (H, W) uint8 image to a (1, H, W) float tensor normalised with
+mean 0.5 / std 0.25, as in the reference. Augmentation runs inside ``Dataset.__getitem__``,
+so each image gets its own random draw (the reference applied one draw to a whole batch).
+Reproducibility: each pipeline is seeded, and DataLoader workers reseed it from their own
+torch seed (see :func:`seed_transform_in_worker`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import albumentations as A
+import numpy as np
+import torch
+from albumentations.pytorch import ToTensorV2
+
+from tus.data.markers import MarkerConfig, MarkerInsertion
+
+NORMALIZE_MEAN = 0.5
+NORMALIZE_STD = 0.25
+
+
+@dataclass
+class AugmentConfig:
+    """Fine-tuning augmentations: rotation, horizontal flip, small shifts, marker insertion."""
+
+    rotate_limit: float = 15.0
+    shift_limit: float = 0.05
+    hflip_p: float = 0.5
+    affine_p: float = 0.8
+    markers_p: float = 0.5
+    markers: MarkerConfig = field(default_factory=MarkerConfig)
+
+
+class AlbumentationsTransform:
+    """Callable wrapper: uint8 (H, W) -> normalised tensor (1, H, W)."""
+
+    def __init__(self, transforms: list, seed: int | None = None):
+        self.pipeline = A.Compose(
+            [*transforms, A.Normalize(mean=NORMALIZE_MEAN, std=NORMALIZE_STD, max_pixel_value=255.0), ToTensorV2()],
+            seed=seed,
+        )
+
+    def reseed(self, seed: int) -> None:
+        self.pipeline.set_random_seed(seed)
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        return self.pipeline(image=image[..., None])["image"]
+
+
+def finetune_train_transform(config: AugmentConfig, seed: int | None = None) -> AlbumentationsTransform:
+    transforms = [
+        A.HorizontalFlip(p=config.hflip_p),
+        A.Affine(
+            rotate=(-config.rotate_limit, config.rotate_limit),
+            translate_percent=(-config.shift_limit, config.shift_limit),
+            border_mode=0,
+            fill=0,
+            p=config.affine_p,
+        ),
+    ]
+    if config.markers_p > 0:
+        # Markers go in after the geometric transforms so they keep their crisp shape.
+        transforms.append(MarkerInsertion(config=config.markers, p=config.markers_p))
+    return AlbumentationsTransform(transforms, seed=seed)
+
+
+def eval_transform() -> AlbumentationsTransform:
+    return AlbumentationsTransform([], seed=0)
+
+
+def seed_transform_in_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: give each worker's pipelines a distinct, reproducible seed.
+
+    Without this every worker would hold a copy of the same seeded pipeline and repeat the
+    same augmentation sequence.
+    """
+    info = torch.utils.data.get_worker_info()
+    if info is None:
+        return
+    seed = info.seed % (2**32)
+    for transform in _transforms_of(info.dataset):
+        transform.reseed(seed)
+
+
+def _transforms_of(dataset) -> list:
+    found = []
+    transform = getattr(dataset, "transform", None)
+    candidates = transform if isinstance(transform, (list, tuple)) else [transform]
+    for candidate in candidates:
+        if hasattr(candidate, "reseed"):
+            found.append(candidate)
+    for child in getattr(dataset, "datasets", []):
+        found.extend(_transforms_of(child))
+    return found

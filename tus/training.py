@@ -1,0 +1,157 @@
+"""What every stage shares to run a Lightning fit: trainer/logging configs, run dirs, loggers.
+
+Each stage (fine-tuning, pretraining, diffusion) writes into its own new run directory:
+``config.yaml`` (the resolved config), ``metrics.csv`` (Lightning's CSV logger),
+``checkpoints/`` and, when enabled, a W&B run whose id is kept in ``wandb_id.txt`` so a
+resumed run continues the same W&B run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, Logger
+
+
+@dataclass
+class TrainerConfig:
+    """The Lightning Trainer options tus exposes (the rest keep Lightning's defaults)."""
+
+    accelerator: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    max_epochs: int = 30
+    max_steps: int = -1
+    log_every_n_steps: int = 10
+    gradient_clip_val: float | None = None
+    accumulate_grad_batches: int = 1
+    deterministic: bool = False
+    enable_progress_bar: bool = True
+    limit_train_batches: float | int = 1.0
+    limit_val_batches: float | int = 1.0
+    check_val_every_n_epoch: int = 1
+    val_check_interval: float | int | None = None
+
+
+@dataclass
+class LoggingConfig:
+    """Experiment tracking. W&B is offline unless WANDB_MODE or ``mode`` says otherwise."""
+
+    wandb: bool = True
+    project: str = "tus"
+    entity: str | None = None
+    group: str | None = None
+    job_type: str | None = None
+    tags: list[str] = field(default_factory=list)
+    mode: Literal["offline", "online", "disabled"] | None = None
+
+
+def wandb_mode(config: LoggingConfig) -> str:
+    """The W&B mode: the user's WANDB_MODE wins, then the config, then offline."""
+    return os.environ.get("WANDB_MODE") or config.mode or "offline"
+
+
+def new_run_dir(root: str | Path, name: str) -> Path:
+    """Create and return a fresh ``root/<timestamp>-<name>`` folder (never reuses one)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1000):
+        suffix = f"-{attempt}" if attempt else ""
+        candidate = root / f"{stamp}-{name}{suffix}"
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a new run directory under {root}")
+
+
+def build_loggers(
+    run_dir: Path, logging: LoggingConfig, *, name: str, config: dict, tags: list[str] = ()
+) -> list[Logger]:
+    """A CSV logger always, plus a W&B logger (resumable by the id kept in the run dir)."""
+    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    mode = wandb_mode(logging)
+    if logging.wandb and mode != "disabled":
+        from lightning.pytorch.loggers import WandbLogger
+
+        id_file = run_dir / "wandb_id.txt"
+        run_id = id_file.read_text().strip() if id_file.exists() else None
+        if run_id is None:
+            import wandb
+
+            run_id = wandb.util.generate_id()
+            id_file.write_text(run_id)
+        loggers.append(WandbLogger(
+            project=logging.project,
+            entity=logging.entity,
+            group=logging.group,
+            job_type=logging.job_type,
+            tags=[*logging.tags, *tags],
+            name=name,
+            id=run_id,
+            resume="allow",
+            save_dir=str(run_dir),
+            mode=mode,
+            config=config,
+        ))
+    return loggers
+
+
+def build_trainer(
+    trainer: TrainerConfig,
+    run_dir: Path,
+    *,
+    loggers: list[Logger],
+    callbacks: list[Callback] = (),
+    checkpoint_every_n_steps: int | None = None,
+) -> L.Trainer:
+    """A Trainer writing checkpoints (``last.ckpt`` for resume) under ``run_dir/checkpoints``."""
+    checkpoint = ModelCheckpoint(
+        dirpath=str(run_dir / "checkpoints"),
+        save_last=True,
+        save_top_k=0,
+        every_n_train_steps=checkpoint_every_n_steps,
+    )
+    all_callbacks: list[Callback] = [checkpoint, *callbacks]
+    if trainer.enable_progress_bar:
+        all_callbacks.append(TQDMProgressBar(refresh_rate=1))
+    if loggers:
+        all_callbacks.append(LearningRateMonitor(logging_interval="step"))
+    return L.Trainer(
+        accelerator=trainer.accelerator,
+        devices=trainer.devices,
+        num_nodes=trainer.num_nodes,
+        strategy=trainer.strategy,
+        precision=trainer.precision,
+        max_epochs=trainer.max_epochs,
+        max_steps=trainer.max_steps,
+        log_every_n_steps=trainer.log_every_n_steps,
+        gradient_clip_val=trainer.gradient_clip_val,
+        accumulate_grad_batches=trainer.accumulate_grad_batches,
+        deterministic=trainer.deterministic,
+        enable_progress_bar=trainer.enable_progress_bar,
+        limit_train_batches=trainer.limit_train_batches,
+        limit_val_batches=trainer.limit_val_batches,
+        check_val_every_n_epoch=trainer.check_val_every_n_epoch,
+        val_check_interval=trainer.val_check_interval,
+        logger=loggers,
+        callbacks=all_callbacks,
+        default_root_dir=str(run_dir),
+        enable_model_summary=False,
+    )
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """``run_dir/checkpoints/last.ckpt`` if a previous attempt left one (for resume)."""
+    path = Path(run_dir) / "checkpoints" / "last.ckpt"
+    return path if path.is_file() else None
