@@ -82,6 +82,7 @@ class LabeledDataModule(L.LightningDataModule):
         self.seed = seed
         self.inner_validation = inner_validation
         self.train_set = self.val_set = self.test_set = None
+        self._generator = torch.Generator().manual_seed(seed)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -101,7 +102,8 @@ class LabeledDataModule(L.LightningDataModule):
         return ManifestDataset(frame, transform, image_size=self.config.image_size, cache=self.config.cache_images)
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
+        # One generator per datamodule: a reloaded loader continues the stream, not restarts it.
+        generator = self._generator
         sampler = None
         if self.config.weighted_sampler:
             weights = class_balanced_weights(self.train_set.labels)
@@ -194,6 +196,7 @@ class ImagePoolDataModule(L.LightningDataModule):
         self.cache_images = cache_images
         self.seed = seed
         self.samples_per_epoch = samples_per_epoch
+        self._generator = torch.Generator().manual_seed(seed)
         self.frames: list[pd.DataFrame] = []
         self.dataset: ConcatDataset | None = None
 
@@ -241,8 +244,7 @@ class ImagePoolDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         weights = self.sample_weights()
-        generator = torch.Generator().manual_seed(self.seed)
-        sampler = WeightedRandomSampler(weights.tolist(), num_samples=self.samples_per_epoch or len(weights), replacement=True, generator=generator)
+        sampler = WeightedRandomSampler(weights.tolist(), num_samples=self.samples_per_epoch or len(weights), replacement=True, generator=self._generator)
         return DataLoader(
             self.dataset,
             batch_size=self.batch_size,

@@ -1,0 +1,81 @@
+# tus: one target per stage. Every target sets up the virtual environment first.
+#   make demo        whole pipeline on the generated phantom dataset (CPU, < 10 min)
+#   make test        the test suite
+# Stage targets take DATA=path/to/manifest.csv (default: the phantom set) and
+# ARGS="key=value ..." config overrides, e.g. make finetune DATA=my/manifest.csv ARGS="seeds=[0]".
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TUS := $(BIN)/tus
+RUNS ?= runs
+PHANTOM ?= data/phantom
+DATA ?=
+ARGS ?=
+N ?= 64
+export WANDB_MODE ?= offline
+
+# The install, shared with docker/Dockerfile: project ranges in pyproject.toml, exact
+# versions from requirements.lock.
+PIP_INSTALL := python -m pip install --constraint requirements.lock
+
+.PHONY: setup test demo phantom check finetune pretrain diffusion sample filter noisy-labels table lock clean-venv
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/$(PIP_INSTALL) --editable ".[dev]"
+	touch $@
+
+test: setup
+	WANDB_MODE=disabled $(BIN)/python -m pytest -n 2 --dist loadfile -q
+
+phantom: $(PHANTOM)/labeled/manifest.csv
+
+$(PHANTOM)/labeled/manifest.csv: | setup
+	$(TUS) data phantom --out $(PHANTOM)
+
+# Default data: the phantom set; DATA= replaces it.
+LABELED = $(if $(DATA),$(DATA),$(PHANTOM)/labeled/manifest.csv)
+POOL = $(if $(DATA),$(DATA),$(PHANTOM)/unlabeled/manifest.csv)
+DATA_DEPS = $(if $(DATA),setup,phantom)
+
+check: $(DATA_DEPS)
+	$(TUS) data check $(LABELED)
+
+finetune: $(DATA_DEPS)
+	$(TUS) finetune-cv --config experiments/finetune/$(if $(DATA),paper,cpu).yaml data.manifest=$(LABELED) output_root=$(RUNS) $(ARGS)
+
+pretrain: $(DATA_DEPS)
+	$(TUS) pretrain --config experiments/pretrain/$(if $(DATA),paper,cpu).yaml "data.sources=[{manifest: $(POOL)}]" output_root=$(RUNS) $(ARGS)
+
+diffusion: $(DATA_DEPS)
+	$(TUS) diffusion --config experiments/diffusion/$(if $(DATA),paper,cpu).yaml "data.sources=[{manifest: $(LABELED)}]" output_root=$(RUNS) $(ARGS)
+
+# make sample RUN=runs/<diffusion run> N=20000
+sample: setup
+	$(TUS) sample --checkpoint $(RUN) --n $(N) --out $(RUN)/samples $(ARGS)
+
+# make filter RUN=runs/<diffusion run>: metrics + manifold filter of its samples
+filter: setup
+	$(TUS) metrics --real $(LABELED) --generated $(RUN)/samples --out $(RUN)/metrics.json
+	$(TUS) filter --real $(LABELED) --generated $(RUN)/samples --k 50 --out $(RUN)/filtered $(ARGS)
+
+noisy-labels: $(DATA_DEPS)
+	$(TUS) noisy-labels protocol --config experiments/noisy_labels$(if $(DATA),,_cpu).yaml data.manifest=$(LABELED) output_root=$(RUNS) $(ARGS)
+
+# make table STUDY=tab2 (runs every arm of experiments/studies/$(STUDY).yaml, then renders it)
+table: setup
+	$(TUS) experiment run experiments/studies/$(STUDY).yaml $(ARGS)
+	$(TUS) experiment table experiments/studies/$(STUDY).yaml
+
+demo: setup
+	$(TUS) demo --out $(RUNS)/demo
+
+# Refresh requirements.lock from the current environment (after changing dependencies).
+lock: setup
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^tus' > requirements.lock
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,149 @@
+"""The folds x seeds runner: aggregation, baselines, resume, and tiny end-to-end runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tus.config import load_config
+from tus.cv import FineTuneCVConfig, ResumeMismatchError, aggregate, format_mean_std, run_cv, trivial_baselines
+from tus.modules.finetune import load_finetuned
+from tests.helpers import make_labeled_dataset
+
+CPU_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "finetune" / "cpu.yaml"
+
+
+def tiny_config(manifest: Path, out: Path, *overrides: str) -> FineTuneCVConfig:
+    return load_config(FineTuneCVConfig, CPU_CONFIG, [
+        f"data.manifest={manifest}", f"output_root={out}", "data.image_size=32", "data.batch_size=8",
+        "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "seeds=[0]", "logging.wandb=false",
+        "model.name=resnet10t", *overrides,
+    ])
+
+
+def test_aggregate_mean_and_sample_std():
+    runs = pd.DataFrame({"accuracy": [0.8, 0.9, 1.0], "f1": [0.5, 0.5, 0.5], "precision": [1, 1, 1], "recall": [0, 0.5, 1], "auroc": [0.7, 0.8, 0.9]})
+    stats = aggregate(runs)
+    assert stats["accuracy"]["mean"] == pytest.approx(0.9)
+    assert stats["accuracy"]["std"] == pytest.approx(0.1)  # ddof=1
+    assert stats["f1"]["std"] == 0.0 and stats["recall"]["n"] == 3
+    assert format_mean_std(stats["accuracy"]) == "90.0 ± 10.0"
+
+
+def test_trivial_baselines_for_twenty_percent_positives():
+    base = trivial_baselines(0.2)
+    assert base["always_negative"]["accuracy"] == pytest.approx(0.8)
+    assert base["always_negative"]["f1"] == 0.0
+    assert base["prior_random"]["accuracy"] == pytest.approx(0.68)
+    assert base["prior_random"]["f1"] == pytest.approx(0.2)
+
+
+def test_end_to_end_learns_planted_signal_and_writes_outputs(tmp_path: Path):
+    manifest = make_labeled_dataset(tmp_path / "data", patients=24, per_patient=2, positive_every=3)
+    config = tiny_config(manifest, tmp_path / "runs", "trainer.max_epochs=6", "optim.lr_backbone=3e-3", "optim.lr_head=3e-3", "data.augment.markers_p=0")
+    run_dir = run_cv(config)
+    runs = pd.read_csv(run_dir / "runs.csv")
+    assert len(runs) == 3 and sorted(runs["fold"]) == [0, 1, 2]
+    folds = pd.read_csv(run_dir / "folds.csv")
+    assert (folds.groupby("patient_id")["fold"].nunique() == 1).all()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["runs"] == 3 and summary["selection"] == "last"
+    assert summary["metrics"]["f1"]["mean"] > 0.6  # the random guesser's F1 is 0.33
+    table = (run_dir / "summary.md").read_text()
+    assert "| Accuracy | F1 | Precision | Recall | AUROC |" in table and "always negative" in table
+    predictions = pd.read_csv(run_dir / "runs" / "fold0-seed0" / "predictions.csv")
+    test_ids = set(folds.loc[folds["fold"] == 0, "sample_id"])
+    assert set(predictions["sample_id"]) == test_ids
+    # The exported model reproduces the predictions.
+    model = load_finetuned(run_dir / "runs" / "fold0-seed0" / "model.safetensors")
+    assert not list((run_dir / "runs" / "fold0-seed0" / "checkpoints").glob("*.ckpt"))
+    assert model.head.out_features == 2
+
+
+def test_resume_skips_finished_runs_and_refuses_changed_config(tmp_path: Path, monkeypatch):
+    manifest = make_labeled_dataset(tmp_path / "data", patients=12)
+    config = tiny_config(manifest, tmp_path / "runs", "trainer.max_epochs=1")
+    import tus.cv as cv
+
+    calls = []
+    original = cv.run_single
+
+    def fail_on_fold_one(config, frame, folds, fold, seed, run_dir, factory=None):
+        calls.append((fold, seed))
+        if fold == 1:
+            raise KeyboardInterrupt("interrupted")
+        return original(config, frame, folds, fold, seed, run_dir, factory)
+
+    monkeypatch.setattr(cv, "run_single", fail_on_fold_one)
+    with pytest.raises(KeyboardInterrupt):
+        run_cv(config)
+    run_dir = next((tmp_path / "runs").iterdir())
+    finished = (run_dir / "runs" / "fold0-seed0" / "metrics.json").read_text()
+    calls.clear()
+    monkeypatch.setattr(cv, "run_single", original)
+    monkeypatch.setattr(cv, "run_single", lambda *a, **k: calls.append(a[3]) or original(*a, **k))
+    run_cv(config, run_dir)
+    assert calls == [1, 2]  # fold 0 was skipped
+    assert (run_dir / "runs" / "fold0-seed0" / "metrics.json").read_text() == finished
+    assert len(pd.read_csv(run_dir / "runs.csv")) == 3
+    changed = tiny_config(manifest, tmp_path / "runs", "trainer.max_epochs=5")
+    with pytest.raises(ResumeMismatchError, match="trainer.max_epochs"):
+        run_cv(changed, run_dir)
+
+
+def test_unfinished_run_resumes_from_last_checkpoint(tmp_path: Path):
+    from tus.cv import run_single
+    from tus.data.folds import assign_folds
+    from tus.data.manifest import load_manifest
+
+    manifest = make_labeled_dataset(tmp_path / "data", patients=12)
+    frame = load_manifest(manifest)
+    folds = assign_folds(frame, 3, 0)
+    short = tiny_config(manifest, tmp_path / "runs", "trainer.max_epochs=1")
+    sub = tmp_path / "single"
+    # Leave a checkpoint behind as an interrupted run would: fit only, no test/export.
+    import lightning as L
+    from tus.data.datamodules import LabeledDataModule
+    from tus.modules.finetune import FineTuneModule
+    from tus.training import build_trainer
+
+    L.seed_everything(0)
+    trainer = build_trainer(short.trainer, sub, loggers=[], callbacks=[])
+    trainer.fit(FineTuneModule(short.model, short.optim), datamodule=LabeledDataModule(short.data, frame, folds, 0, 0))
+    assert (sub / "checkpoints" / "last.ckpt").is_file()
+    longer = tiny_config(manifest, tmp_path / "runs", "trainer.max_epochs=3")
+    run_single(longer, frame, folds, 0, 0, sub)
+    record = json.loads((sub / "metrics.json").read_text())
+    assert record["epochs"] == 3
+    # The resumed run trained only the missing epochs 1 and 2.
+    logged = pd.read_csv(sub / "metrics.csv")
+    epochs_trained = set(logged.dropna(subset=["train/loss_epoch"])["epoch"].astype(int))
+    assert epochs_trained == {1, 2}
+    assert not (sub / "checkpoints" / "last.ckpt").exists()
+
+
+def test_inner_validation_selection_never_uses_test_fold(tmp_path: Path):
+    manifest = make_labeled_dataset(tmp_path / "data", patients=30, per_patient=1)
+    config = tiny_config(manifest, tmp_path / "runs", "selection=inner_val", "data.inner_val_fraction=0.25")
+    run_dir = run_cv(config)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["selection"] == "inner_val" and "inner" in summary["selection_note"]
+    assert "inner, patient-grouped validation" in (run_dir / "summary.md").read_text()
+
+
+def test_real_data_smoke_run_on_busi(shared_data: Path, tmp_path: Path):
+    busi = pd.read_csv(shared_data / "busi" / "manifest.csv")
+    subset = pd.concat([busi[busi["label"] == 1].head(30), busi[busi["label"] == 0].head(60)])
+    subset["path"] = [str(shared_data / "busi" / p) for p in subset["path"]]
+    subset["patient_id"] = subset["path"]  # BUSI gives no grouping: one image per patient
+    manifest = tmp_path / "busi_subset.csv"
+    subset.to_csv(manifest, index=False)
+    run_dir = run_cv(tiny_config(manifest, tmp_path / "runs", "trainer.max_epochs=1"))
+    runs = pd.read_csv(run_dir / "runs.csv")
+    assert len(runs) == 3
+    assert np.isfinite(runs[["accuracy", "auroc"]].to_numpy()).all()
+    assert pd.read_csv(run_dir / "folds.csv")["sample_id"].nunique() == 90

@@ -1,0 +1,72 @@
+"""Patient-grouped stratified folds: no leakage, balanced classes, deterministic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tus.data.folds import FoldError, assign_folds, check_folds
+
+
+def manifest_frame(patient_sizes: list[int], patient_labels: list[int]) -> pd.DataFrame:
+    rows = []
+    for p, (size, label) in enumerate(zip(patient_sizes, patient_labels)):
+        rows += [{"sample_id": f"{p}-{i}", "path": f"{p}-{i}.png", "patient_id": f"P{p}", "label": label} for i in range(size)]
+    return pd.DataFrame(rows)
+
+
+@st.composite
+def random_manifests(draw):
+    folds = draw(st.integers(2, 5))
+    positives = draw(st.integers(folds, 12))
+    negatives = draw(st.integers(folds, 30))
+    labels = [1] * positives + [0] * negatives
+    sizes = draw(st.lists(st.integers(1, 6), min_size=len(labels), max_size=len(labels)))
+    return manifest_frame(sizes, labels), folds, draw(st.integers(0, 10_000))
+
+
+@settings(max_examples=60, deadline=None)
+@given(random_manifests())
+def test_no_patient_in_two_folds_and_every_fold_has_both_classes(case):
+    frame, num_folds, seed = case
+    folds = assign_folds(frame, num_folds, seed)
+    assert set(folds.tolist()) == set(range(num_folds))
+    per_patient = pd.Series(folds).groupby(frame["patient_id"]).nunique()
+    assert (per_patient == 1).all()
+    for fold in range(num_folds):
+        assert set(frame.loc[folds == fold, "label"]) == {0, 1}
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(3, 9), st.integers(3, 40), st.integers(2, 5), st.integers(0, 1000))
+def test_stratification_within_one_sample_per_class_for_single_image_patients(positives, negatives, num_folds, seed):
+    if min(positives, negatives) < num_folds:
+        return
+    frame = manifest_frame([1] * (positives + negatives), [1] * positives + [0] * negatives)
+    folds = assign_folds(frame, num_folds, seed)
+    for label in (0, 1):
+        counts = np.bincount(folds[frame["label"].to_numpy() == label], minlength=num_folds)
+        assert counts.max() - counts.min() <= 1, counts
+
+
+def test_deterministic_by_seed_and_seed_matters():
+    frame = manifest_frame([2] * 40, [1] * 10 + [0] * 30)
+    a, b, c = assign_folds(frame, 3, 7), assign_folds(frame, 3, 7), assign_folds(frame, 3, 8)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_check_folds_names_leaking_patient_and_empty_class():
+    frame = manifest_frame([2, 1, 1, 1], [1, 1, 0, 0])
+    with pytest.raises(FoldError, match=r"patient 'P0' is in folds \[0, 1\]"):
+        check_folds(frame, np.array([0, 1, 0, 1, 0]), 2)
+    with pytest.raises(FoldError, match="fold 0 has no sample of class 0"):
+        check_folds(frame, np.array([0, 0, 0, 1, 1]), 2)
+
+
+def test_too_few_patients():
+    with pytest.raises(FoldError, match="2 patient"):
+        assign_folds(manifest_frame([3, 3], [0, 1]), 3, 0)
