@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 # subcommand -> "module:function" taking argv and returning an exit code
 STAGES = {
@@ -26,6 +27,8 @@ STAGES = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Library deprecation chatter (Lightning's pytree use) says nothing to a tus user.
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
         usage = "\n".join(f"  {name:<13} {help_text}" for name, (_, help_text) in STAGES.items())

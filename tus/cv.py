@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -153,7 +153,9 @@ def run_single(
         callbacks.append(selector)
     logging = LoggingConfig(**{**to_dict(config.logging), "group": config.logging.group or config.name, "job_type": config.logging.job_type or "finetune"})
     loggers = build_loggers(run_dir, logging, name=f"{config.name}-fold{fold}-seed{seed}", config={**to_dict(config), **run_info}, tags=[f"fold{fold}", f"seed{seed}"])
-    trainer = build_trainer(config.trainer, run_dir, loggers=loggers, callbacks=callbacks)
+    # Without inner validation there is nothing to validate on: the test fold is never peeked at.
+    trainer_config = config.trainer if inner else replace(config.trainer, limit_val_batches=0)
+    trainer = build_trainer(trainer_config, run_dir, loggers=loggers, callbacks=callbacks)
     trainer.fit(module, datamodule=datamodule, ckpt_path=last_checkpoint(run_dir))
     if selector is not None:
         best = torch.load(selector.best_model_path, map_location="cpu", weights_only=True)

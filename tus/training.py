@@ -18,6 +18,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger
 
+from tus.config import to_dict
+
 
 @dataclass
 class TrainerConfig:
@@ -127,23 +129,14 @@ def build_trainer(
         all_callbacks.append(TQDMProgressBar(refresh_rate=1))
     if loggers:
         all_callbacks.append(LearningRateMonitor(logging_interval="step"))
+    options = to_dict(trainer)
+    # Pass only what differs from Lightning's defaults: an explicit default makes Lightning
+    # print a notice for each (e.g. "limit_train_batches=1.0 was configured").
+    for name, default in (("limit_train_batches", 1.0), ("limit_val_batches", 1.0), ("val_check_interval", None)):
+        if options[name] == default:
+            del options[name]
     return L.Trainer(
-        accelerator=trainer.accelerator,
-        devices=trainer.devices,
-        num_nodes=trainer.num_nodes,
-        strategy=trainer.strategy,
-        precision=trainer.precision,
-        max_epochs=trainer.max_epochs,
-        max_steps=trainer.max_steps,
-        log_every_n_steps=trainer.log_every_n_steps,
-        gradient_clip_val=trainer.gradient_clip_val,
-        accumulate_grad_batches=trainer.accumulate_grad_batches,
-        deterministic=trainer.deterministic,
-        enable_progress_bar=trainer.enable_progress_bar,
-        limit_train_batches=trainer.limit_train_batches,
-        limit_val_batches=trainer.limit_val_batches,
-        check_val_every_n_epoch=trainer.check_val_every_n_epoch,
-        val_check_interval=trainer.val_check_interval,
+        **options,
         logger=loggers,
         callbacks=all_callbacks,
         default_root_dir=str(run_dir),

@@ -1,0 +1,186 @@
+"""Field-of-view detection and dual-view splitting for clinical ultrasound screenshots.
+
+Clinical frames are screenshots: one or two B-mode views (transverse and sagittal side by
+side in TesticulUS) on a black screen with text, rulers and logos around them. Each view
+is cropped out and becomes its own sample inheriting the screenshot's label (TesticulUS
+thesis, Sec. 3 and Fig. 8.2: threshold, connected components, tight bounding boxes).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from tus.data.images import read_grayscale, write_grayscale
+
+Box = tuple[int, int, int, int]
+
+
+def detect_fields_of_view(
+    image: np.ndarray,
+    *,
+    threshold: float | None = None,
+    min_area_fraction: float = 0.05,
+    max_views: int = 2,
+    margin: int = 0,
+) -> list[Box]:
+    """Boxes ``(x0, y0, x1, y1)`` of the ultrasound views in a screenshot, left to right.
+
+    ``x1``/``y1`` are exclusive, so a view is ``image[y0:y1, x0:x1]``. Pixels of the
+    median-filtered image brighter than ``threshold`` are foreground. The default is half
+    of Otsu's threshold: Otsu separates the black screen from *typical* tissue, but views
+    also hold much darker tissue (deep attenuated regions, hypoechoic muscle, acoustic
+    shadows) that plain Otsu cuts away, shrinking boxes and splitting a single view in
+    two; half of it still sits far above the screen's black and its compression noise.
+    A closing fills the dark speckle holes inside a view and an opening with a
+    kernel of ~4% of the shorter side erases text, markers and thin bars. Of the remaining
+    connected components, those covering at least ``min_area_fraction`` of the image are
+    views; the ``max_views`` largest are kept. ``margin`` pixels are added around each box
+    (clipped to the image). Returns an empty list when nothing qualifies.
+    """
+    if image.dtype != np.uint8 or image.ndim != 2:
+        raise ValueError(f"expected a (H, W) uint8 image, got {image.dtype} {image.shape}")
+    height, width = image.shape
+    short_side = min(height, width)
+    # Kernel sizes scale with the screenshot, so the same defaults work at 128 px and 1080 px.
+    small = _odd(short_side * 0.01)
+    large = _odd(short_side * 0.04)
+    smoothed = cv2.medianBlur(image, small)
+    if threshold is None:
+        otsu_threshold, _ = cv2.threshold(smoothed, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        threshold = otsu_threshold / 2
+    foreground = (smoothed > threshold).astype(np.uint8)
+    foreground = cv2.morphologyEx(foreground, cv2.MORPH_CLOSE, np.ones((small, small), np.uint8))
+    foreground = cv2.morphologyEx(foreground, cv2.MORPH_OPEN, np.ones((large, large), np.uint8))
+    count, _, stats, _ = cv2.connectedComponentsWithStats(foreground, connectivity=8)
+    # Row 0 of stats is the background.
+    components = [stats[label] for label in range(1, count)
+                  if stats[label, cv2.CC_STAT_AREA] >= min_area_fraction * height * width]
+    components.sort(key=lambda stat: -int(stat[cv2.CC_STAT_AREA]))
+    boxes = []
+    for stat in components[:max_views]:
+        x0, y0 = int(stat[cv2.CC_STAT_LEFT]), int(stat[cv2.CC_STAT_TOP])
+        x1, y1 = x0 + int(stat[cv2.CC_STAT_WIDTH]), y0 + int(stat[cv2.CC_STAT_HEIGHT])
+        boxes.append((max(0, x0 - margin), max(0, y0 - margin), min(width, x1 + margin), min(height, y1 + margin)))
+    return sorted(boxes)
+
+
+def _odd(value: float) -> int:
+    """The nearest odd integer >= 3: median and morphology kernels need an odd size."""
+    return max(3, int(round(value)) // 2 * 2 + 1)
+
+
+def crop_manifest(
+    manifest_csv: str | Path,
+    out_dir: str | Path,
+    *,
+    fixed_boxes: Sequence[Sequence[int]] | None = None,
+    preview_count: int = 16,
+    seed: int = 0,
+    **detect_kwargs: Any,
+) -> Path:
+    """Crop every view of every image in a manifest into a new dataset; return its manifest.
+
+    The manifest's ``path`` column is relative to the manifest's folder or absolute. Each
+    crop is written to ``out_dir/images/`` and gets a row in ``out_dir/manifest.csv``
+    inheriting all columns of its source row, with ``path`` (relative to ``out_dir``),
+    ``source_path`` (the source image, relative to ``out_dir`` when the source manifest
+    used relative paths), ``view_index``, ``box`` (``"x0,y0,x1,y1"``, exclusive ends) and
+    ``sample_id`` = ``<source sample_id, or its path>#view<k>``. ``fixed_boxes`` replaces
+    detection with the same boxes for every image; ``detect_kwargs`` go to
+    :func:`detect_fields_of_view`. ``out_dir/preview.png`` shows ``preview_count``
+    randomly chosen (``seed``) source images with their boxes, for a person to check.
+
+    Output is built in a temporary sibling folder and moved into place only when every
+    row succeeded, so a failure leaves no half-written dataset. Raises FileExistsError if
+    ``out_dir`` exists and is not empty, and ValueError naming the image when an image has
+    no field of view or a fixed box does not fit it.
+    """
+    manifest_csv = Path(manifest_csv)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir}: output folder exists and is not empty; refusing to overwrite")
+    source = pd.read_csv(manifest_csv)
+    if "path" not in source.columns:
+        raise ValueError(f"{manifest_csv}: manifest has no 'path' column")
+    rng = np.random.default_rng(seed)
+    preview_rows = set(rng.choice(len(source), size=min(preview_count, len(source)), replace=False).tolist())
+    preview_items: list[tuple[np.ndarray, list[Box]]] = []
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        crop_rows = []
+        for position, row in enumerate(source.to_dict("records")):
+            image_path = Path(row["path"])
+            resolved = image_path if image_path.is_absolute() else manifest_csv.parent / image_path
+            image = read_grayscale(resolved)
+            if fixed_boxes is None:
+                boxes = detect_fields_of_view(image, **detect_kwargs)
+                if not boxes:
+                    raise ValueError(f"{row['path']}: no field of view detected in {resolved}")
+            else:
+                boxes = [_checked_box(box, image.shape, row["path"]) for box in fixed_boxes]
+            if position in preview_rows:
+                preview_items.append((image, boxes))
+            source_path = str(resolved) if image_path.is_absolute() else os.path.relpath(resolved, out_dir)
+            source_id = row.get("sample_id")
+            source_id = row["path"] if source_id is None or pd.isna(source_id) else source_id
+            for view_index, (x0, y0, x1, y1) in enumerate(boxes):
+                crop_path = f"images/{position:05d}_{image_path.stem}_view{view_index}.png"
+                write_grayscale(staging / crop_path, np.ascontiguousarray(image[y0:y1, x0:x1]))
+                crop_rows.append({
+                    **row,
+                    "path": crop_path,
+                    "source_path": source_path,
+                    "view_index": view_index,
+                    "box": f"{x0},{y0},{x1},{y1}",
+                    "sample_id": f"{source_id}#view{view_index}",
+                })
+        columns = list(dict.fromkeys([*source.columns, "source_path", "view_index", "box", "sample_id"]))
+        pd.DataFrame(crop_rows, columns=columns).to_csv(staging / "manifest.csv", index=False)
+        _write_preview(staging / "preview.png", preview_items)
+        if out_dir.exists():
+            out_dir.rmdir()
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir / "manifest.csv"
+
+
+def _checked_box(box: Sequence[int], shape: tuple[int, int], name: str) -> Box:
+    x0, y0, x1, y1 = (int(value) for value in box)
+    height, width = shape
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        raise ValueError(f"{name}: fixed box {tuple(box)} does not fit the {width}x{height} image")
+    return x0, y0, x1, y1
+
+
+def _write_preview(path: Path, items: list[tuple[np.ndarray, list[Box]]], cell: int = 256) -> None:
+    """A grid of thumbnails with the boxes drawn in colour (view 0 red, view 1 green, ...)."""
+    colours = ((255, 40, 40), (40, 220, 40), (60, 120, 255), (255, 200, 0))
+    columns = max(1, int(np.ceil(np.sqrt(len(items)))))
+    rows = max(1, int(np.ceil(len(items) / columns)))
+    grid = np.zeros((rows * cell, columns * cell, 3), dtype=np.uint8)
+    for index, (image, boxes) in enumerate(items):
+        scale = cell / max(image.shape)
+        thumbnail = cv2.resize(image, (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale))),
+                               interpolation=cv2.INTER_AREA)
+        thumbnail = np.ascontiguousarray(np.repeat(thumbnail[:, :, None], 3, axis=2))
+        for view_index, (x0, y0, x1, y1) in enumerate(boxes):
+            cv2.rectangle(thumbnail, (int(x0 * scale), int(y0 * scale)),
+                          (max(0, int(x1 * scale) - 1), max(0, int(y1 * scale) - 1)),
+                          colours[view_index % len(colours)], 2)
+        top, left = (index // columns) * cell, (index % columns) * cell
+        grid[top:top + thumbnail.shape[0], left:left + thumbnail.shape[1]] = thumbnail
+    Image.fromarray(grid, mode="RGB").save(path)
