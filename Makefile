@@ -19,7 +19,7 @@ export WANDB_MODE ?= offline
 # versions from requirements.lock.
 PIP_INSTALL := python -m pip install --constraint requirements.lock
 
-.PHONY: setup test demo phantom check finetune pretrain diffusion sample filter noisy-labels table lock clean-venv
+.PHONY: setup test demo phantom check finetune pretrain diffusion sample filter noisy-labels table tables wandb-sync docker lock clean-venv
 
 setup: $(VENV)/.installed
 
@@ -65,10 +65,20 @@ filter: setup
 noisy-labels: $(DATA_DEPS)
 	$(TUS) noisy-labels protocol --config experiments/noisy_labels$(if $(DATA),,_cpu).yaml data.manifest=$(LABELED) output_root=$(RUNS) $(ARGS)
 
-# make table STUDY=tab2 (runs every arm of experiments/studies/$(STUDY).yaml, then renders it)
+# make table STUDY=tab2 ARGS="--set TUS_LABELED=... ..." [SHRINK=1]: every arm of the study, then its table
 table: setup
-	$(TUS) experiment run experiments/studies/$(STUDY).yaml $(ARGS)
-	$(TUS) experiment table experiments/studies/$(STUDY).yaml
+	$(TUS) experiment run experiments/studies/$(STUDY).yaml --out $(RUNS) $(if $(SHRINK),--shrink) $(ARGS)
+	$(TUS) experiment table experiments/studies/$(STUDY).yaml --out $(RUNS) $(if $(SHRINK),--shrink)
+
+tables: setup
+	for s in tab1 tab2 tab3 tab4 markers; do $(MAKE) table STUDY=$$s; done
+
+# Upload offline W&B runs once you have an account (wandb login).
+wandb-sync: setup
+	find $(RUNS) -type d -name 'offline-run-*' -print0 | xargs -0 -r $(BIN)/wandb sync
+
+docker:
+	docker build -f docker/Dockerfile -t tus .
 
 demo: setup
 	$(TUS) demo --out $(RUNS)/demo

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Literal
@@ -30,7 +31,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from tqdm.auto import tqdm
 
-from tus.config import save_config, to_dict
+from tus.callbacks.gradcam import GradCAMConfig
+from tus.config import to_dict
 from tus.data.datamodules import LabeledDataConfig, LabeledDataModule
 from tus.data.folds import assign_folds, fold_table
 from tus.data.manifest import load_manifest
@@ -53,6 +55,7 @@ class FineTuneCVConfig:
     # A short name for the initialisation, recorded with each run (e.g. for noisy-label runs).
     init_label: str = ""
     record_losses: bool = True
+    gradcam: GradCAMConfig = field(default_factory=GradCAMConfig)
     data: LabeledDataConfig = field(default_factory=LabeledDataConfig)
     model: BackboneConfig = field(default_factory=BackboneConfig)
     optim: FineTuneOptimConfig = field(default_factory=FineTuneOptimConfig)
@@ -72,7 +75,7 @@ def prepare_run_dir(config: FineTuneCVConfig, run_dir: str | Path | None) -> Pat
     """A new run dir, or the given one after checking it was made by the same config."""
     if run_dir is None:
         run_dir = new_run_dir(config.output_root, config.name)
-        save_config(config, run_dir / "config.yaml")
+        _write_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
         return run_dir
     run_dir = Path(run_dir)
     saved = run_dir / "config.yaml"
@@ -83,7 +86,7 @@ def prepare_run_dir(config: FineTuneCVConfig, run_dir: str | Path | None) -> Pat
             raise ResumeMismatchError(f"{run_dir}: config differs from the one it was started with ({', '.join(changed[:5])}); start a new run dir instead")
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, saved)
+        _write_atomic(saved, yaml.safe_dump(to_dict(config), sort_keys=False))
     return run_dir
 
 
@@ -104,7 +107,7 @@ def write_or_check_folds(run_dir: Path, frame: pd.DataFrame, folds: np.ndarray) 
         if previous[["sample_id", "fold"]].astype(str).values.tolist() != table[["sample_id", "fold"]].astype(str).values.tolist():
             raise ResumeMismatchError(f"{path}: the fold table changed since this run dir was started (different manifest?)")
         return
-    table.to_csv(path, index=False)
+    _write_atomic(path, table.to_csv(index=False))
 
 
 def run_cv(
@@ -170,7 +173,7 @@ def run_single(
         save_finetuned(module, run_dir / "model")
         _drop_training_state(run_dir)
         record = {**run_info, **metrics, "epochs": trainer.current_epoch, "selection": config.selection}
-        _write_json_atomic(run_dir / "metrics.json", record)
+        _write_atomic(run_dir / "metrics.json", json.dumps(record, indent=2))
     return metrics
 
 
@@ -180,9 +183,11 @@ def _drop_training_state(run_dir: Path) -> None:
         checkpoint.unlink()
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a unique temp file + rename: a reader (another rank under torchrun, or a
+    resumed run after a crash) sees the old file or the whole new one, never half."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(text)
     tmp.replace(path)
 
 

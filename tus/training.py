@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -89,9 +90,7 @@ def build_loggers(
         id_file = run_dir / "wandb_id.txt"
         run_id = id_file.read_text().strip() if id_file.exists() else None
         if run_id is None:
-            import wandb
-
-            run_id = wandb.util.generate_id()
+            run_id = uuid.uuid4().hex[:8]
             id_file.write_text(run_id)
         loggers.append(WandbLogger(
             project=logging.project,
