@@ -81,7 +81,7 @@ docker:
 	docker build -f docker/Dockerfile -t tus .
 
 demo: setup
-	$(TUS) demo --out $(RUNS)/demo
+	$(TUS) demo --out $(RUNS)
 
 # Refresh requirements.lock from the current environment (after changing dependencies).
 lock: setup

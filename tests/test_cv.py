@@ -109,20 +109,21 @@ def test_unfinished_run_resumes_from_last_checkpoint(tmp_path: Path):
     import lightning as L
     from tus.data.datamodules import LabeledDataModule
     from tus.modules.finetune import FineTuneModule
-    from tus.training import build_trainer
+    from tus.training import build_loggers, build_trainer
 
     L.seed_everything(0)
-    trainer = build_trainer(short.trainer, sub, loggers=[], callbacks=[])
+    loggers = build_loggers(sub, short.logging, name="interrupted", config={})
+    trainer = build_trainer(short.trainer, sub, loggers=loggers, callbacks=[])
     trainer.fit(FineTuneModule(short.model, short.optim), datamodule=LabeledDataModule(short.data, frame, folds, 0, 0))
     assert (sub / "checkpoints" / "last.ckpt").is_file()
     longer = tiny_config(manifest, tmp_path / "runs", "trainer.max_epochs=3")
     run_single(longer, frame, folds, 0, 0, sub)
     record = json.loads((sub / "metrics.json").read_text())
     assert record["epochs"] == 3
-    # The resumed run trained only the missing epochs 1 and 2.
+    # The resumed run trained only the missing epochs 1 and 2, and kept epoch 0's log rows.
     logged = pd.read_csv(sub / "metrics.csv")
-    epochs_trained = set(logged.dropna(subset=["train/loss_epoch"])["epoch"].astype(int))
-    assert epochs_trained == {1, 2}
+    epochs_trained = logged.dropna(subset=["train/loss_epoch"])["epoch"].astype(int).tolist()
+    assert epochs_trained == [0, 1, 2]
     assert not (sub / "checkpoints" / "last.ckpt").exists()
 
 

@@ -23,6 +23,7 @@ STAGES = {
     "noisy-labels": ("tus.noisy_labels:main", "flag noisy labels from per-sample loss trajectories"),
     "explain": ("tus.explain:main", "Grad-CAM++ overlays and marker sensitivity"),
     "experiment": ("tus.experiments:main", "run a study's arms and render its table"),
+    "demo": ("tus.demo:main", "the whole pipeline on the generated phantom dataset"),
 }
 
 

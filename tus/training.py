@@ -1,13 +1,14 @@
 """What every stage shares to run a Lightning fit: trainer/logging configs, run dirs, loggers.
 
 Each stage (fine-tuning, pretraining, diffusion) writes into its own new run directory:
-``config.yaml`` (the resolved config), ``metrics.csv`` (Lightning's CSV logger),
+``config.yaml`` (the resolved config), ``metrics.csv`` (CSV logger; a resumed run appends),
 ``checkpoints/`` and, when enabled, a W&B run whose id is kept in ``wandb_id.txt`` so a
 resumed run continues the same W&B run.
 """
 
 from __future__ import annotations
 
+import csv
 import os
 import time
 import uuid
@@ -17,7 +18,9 @@ from typing import Literal
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from tus.config import to_dict
 
@@ -57,6 +60,26 @@ class LoggingConfig:
     mode: Literal["offline", "online", "disabled"] | None = None
 
 
+class _AppendingExperimentWriter(ExperimentWriter):
+    """Keeps an existing ``metrics.csv`` (Lightning's writer deletes it) and extends its header."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
+                self.metrics_keys = sorted(next(csv.reader(handle), []))
+
+
+class AppendingCSVLogger(CSVLogger):
+    """A CSV logger whose ``metrics.csv`` survives a resume: new rows are appended."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._experiment = _AppendingExperimentWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
 def wandb_mode(config: LoggingConfig) -> str:
     """The W&B mode: the user's WANDB_MODE wins, then the config, then offline."""
     return os.environ.get("WANDB_MODE") or config.mode or "offline"
@@ -82,7 +105,7 @@ def build_loggers(
     run_dir: Path, logging: LoggingConfig, *, name: str, config: dict, tags: list[str] = ()
 ) -> list[Logger]:
     """A CSV logger always, plus a W&B logger (resumable by the id kept in the run dir)."""
-    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    loggers: list[Logger] = [AppendingCSVLogger(save_dir=str(run_dir), name="", version="")]
     mode = wandb_mode(logging)
     if logging.wandb and mode != "disabled":
         from lightning.pytorch.loggers import WandbLogger
