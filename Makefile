@@ -47,8 +47,9 @@ check: $(DATA_DEPS)
 finetune: $(DATA_DEPS)
 	$(TUS) finetune-cv --config experiments/finetune/$(if $(DATA),paper,cpu).yaml data.manifest=$(LABELED) output_root=$(RUNS) $(ARGS)
 
+# make pretrain [DATA=pool.csv with an organ column] [RESUME=runs/<pretrain run>]
 pretrain: $(DATA_DEPS)
-	$(TUS) pretrain --config experiments/pretrain/$(if $(DATA),paper,cpu).yaml "data.sources=[{manifest: $(POOL)}]" output_root=$(RUNS) $(ARGS)
+	$(if $(RESUME),$(TUS) pretrain --resume $(RESUME) $(ARGS),$(TUS) pretrain --config experiments/pretrain/$(if $(DATA),paper,cpu).yaml "data.sources=[{manifest: $(POOL)}]" output_root=$(RUNS) $(ARGS))
 
 diffusion: $(DATA_DEPS)
 	$(TUS) diffusion --config experiments/diffusion/$(if $(DATA),paper,cpu).yaml "data.sources=[{manifest: $(LABELED)}]" output_root=$(RUNS) $(ARGS)
