@@ -63,8 +63,13 @@ filter: setup
 	$(TUS) metrics --real $(LABELED) --generated $(RUN)/samples --out $(RUN)/metrics.json
 	$(TUS) filter --real $(LABELED) --generated $(RUN)/samples --k 50 --out $(RUN)/filtered $(ARGS)
 
-noisy-labels: $(DATA_DEPS)
-	$(TUS) noisy-labels protocol --config experiments/noisy_labels$(if $(DATA),,_cpu).yaml data.manifest=$(LABELED) output_root=$(RUNS) $(ARGS)
+# Default data for the noisy-label protocol: a phantom set with 10% of labels flipped on purpose.
+PHANTOM_NOISY ?= data/phantom-noisy
+$(PHANTOM_NOISY)/labeled/manifest.csv: | setup
+	$(TUS) data phantom --out $(PHANTOM_NOISY) --label-noise 0.1 --image-size 64 --pool-size 0
+
+noisy-labels: $(if $(DATA),setup,$(PHANTOM_NOISY)/labeled/manifest.csv)
+	$(TUS) noisy-labels protocol --config experiments/noisy_labels$(if $(DATA),,_cpu).yaml data.manifest=$(if $(DATA),$(DATA),$(PHANTOM_NOISY)/labeled/manifest.csv) output_root=$(RUNS) $(ARGS)
 
 # make table STUDY=tab2 ARGS="--set TUS_LABELED=... ..." [SHRINK=1]: every arm of the study, then its table
 table: setup
