@@ -1,0 +1,369 @@
+"""``tus experiment``: every study plans, runs shrunk on phantom data, resumes, and renders its table.
+
+One module-scoped run executes each study on stand-ins for its inputs (phantom labelled set
+and pool, organ-split pools, "synthetic" manifests, oracle-filtered/flipped manifests, random
+USCL-layout and timm weights files). tab2 runs every arm (every kind of initialisation);
+the other studies run a few arms and must still render every arm of the paper's table.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+import torch
+import torchvision
+import yaml
+from lightning.pytorch.loggers.logger import DummyLogger
+from safetensors.torch import save_file
+
+import tus.cv
+import tus.experiments as experiments
+from tus.config import ConfigError, from_dict, load_config, load_yaml
+from tus.cv import FineTuneCVConfig
+from tus.data.phantom import generate_phantom
+from tus.diffusion import DiffusionConfig
+from tus.modules.finetune import METRIC_NAMES
+from tus.noisy_labels import load_protocol
+from tus.pretraining import PretrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+STUDIES = REPO / "experiments" / "studies"
+STUDY_NAMES = ("tab1", "tab2", "tab3", "tab4", "markers")
+# Arms run per study (None: all). The rest must still appear in the table, as not run.
+RUN_ARMS = {
+    "tab2": None,
+    "tab1": ["flipped"],
+    "tab3": ["thyroids_synthetic_filtered", "real_both"],
+    "tab4": ["supervised_only", "lambda_0.2"],
+    "markers": ["none", "spatial_markers"],
+}
+PAPER_HEADERS = {
+    "tab1": ["Dataset", "Accuracy (↑)", "F1-Score (↑)"],
+    "tab2": ["Pretraining", "# Samples", "Accuracy (↑)", "F1-Score (↑)", "Precision (↑)", "Recall (↑)"],
+    "tab3": ["Real Testicle", "Real Thyroids", "Synthetic Testicle", "Accuracy (↑)", "F1-Score (↑)", "Precision (↑)", "Recall (↑)"],
+    "tab4": ["L_con", "L_sup", "λ", "Accuracy (↑)", "F1-Score (↑)"],
+    "markers": ["Training augmentation", "Accuracy, clean (↑)", "F1-Score, clean (↑)", "Accuracy, + markers (↑)", "F1-Score, + markers (↑)", "Predictions flipped by markers (↓)"],
+}
+POOL_SIZE = 48
+
+
+def build_standins(root: Path) -> dict[str, str]:
+    """A value for every variable the studies use, from the phantom and random weights."""
+    phantom = generate_phantom(root / "phantom", num_patients=20, images_per_patient=(2, 3), image_size=32, pool_size=POOL_SIZE, label_noise=0.1)
+    labeled = pd.read_csv(phantom.labeled_manifest)
+    pool = pd.read_csv(phantom.unlabeled_manifest)
+    labeled["path"] = [str(phantom.labeled_manifest.parent / p) for p in labeled["path"]]
+    pool["path"] = [str(phantom.unlabeled_manifest.parent / p) for p in pool["path"]]
+    noisy = root / "noisy_labels"
+    noisy.mkdir()
+    # An oracle stands in for the flagging: the phantom knows which labels it flipped.
+    labeled[labeled["label"] == labeled["clean_label"]].to_csv(noisy / "manifest_filtered.csv", index=False)
+    labeled.assign(label=labeled["clean_label"]).to_csv(noisy / "manifest_flipped.csv", index=False)
+    variables = {"TUS_LABELED": str(phantom.labeled_manifest), "TUS_POOL": str(phantom.unlabeled_manifest), "TUS_NOISY_LABELS": str(noisy)}
+    for organ in ("testicle", "thyroid"):
+        path = root / f"pool_{organ}.csv"
+        pool[pool["organ"] == organ].to_csv(path, index=False)
+        variables[f"TUS_POOL_{organ.upper()}"] = str(path)
+    # Generated images come without an organ column (the studies label them testicle).
+    generated = pool[pool["organ"] == "testicle"].drop(columns=["organ"])
+    generated.to_csv(root / "synthetic.csv", index=False)
+    generated.iloc[::2].to_csv(root / "synthetic_filtered.csv", index=False)
+    variables["TUS_SYNTHETIC"] = str(root / "synthetic.csv")
+    variables["TUS_SYNTHETIC_FILTERED"] = str(root / "synthetic_filtered.csv")
+    torch.manual_seed(0)
+    features = torch.nn.Sequential(*list(torchvision.models.resnet18(weights=None).children())[:-1])
+    uscl = {f"features.{k}": v for k, v in features.state_dict().items()} | {"fc.weight": torch.zeros(3, 512)}
+    torch.save(uscl, root / "uscl.pth")
+    save_file(timm.create_model("resnet18").state_dict(), str(root / "imagenet.safetensors"))
+    variables["USCL_WEIGHTS"] = str(root / "uscl.pth")
+    variables["TUS_IMAGENET_WEIGHTS"] = str(root / "imagenet.safetensors")
+    return variables
+
+
+class Calls:
+    """Counts calls of the runner's stage functions (wrapping, not replacing, them)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.counts = {"run_pretraining": 0, "run_cv": 0, "run_single": 0}
+        for module, name in ((experiments, "run_pretraining"), (experiments, "run_cv"), (tus.cv, "run_single")):
+            monkeypatch.setattr(module, name, self._counted(name, getattr(module, name)))
+
+    def _counted(self, name, function):
+        def wrapper(*args, **kwargs):
+            self.counts[name] += 1
+            return function(*args, **kwargs)
+
+        return wrapper
+
+
+class RecordingWandbLogger(DummyLogger):
+    """Stands in for W&B: records what each run would have sent (group, job type, tags, config)."""
+
+    created: list[dict] = []
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        RecordingWandbLogger.created.append(kwargs)
+
+
+@pytest.fixture(scope="module")
+def study_runs(tmp_path_factory):
+    """Every study run shrunk into one --out; returns (out, variables, call counts per study)."""
+    root = tmp_path_factory.mktemp("studies")
+    variables = build_standins(root / "inputs")
+    out = root / "runs"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only contend with the other test worker
+    counts = {}
+    with pytest.MonkeyPatch.context() as patch:
+        # W&B "on" (offline) so the runner's grouping reaches the logger, recorded instead of synced.
+        patch.setenv("WANDB_MODE", "offline")
+        patch.setattr("lightning.pytorch.loggers.WandbLogger", RecordingWandbLogger)
+        calls = Calls(patch)
+        for name in ("tab2", "tab3", "tab4", "tab1", "markers"):
+            before = dict(calls.counts)
+            experiments.run_study(experiments.load_study(STUDIES / f"{name}.yaml"), out, arms=RUN_ARMS[name], variables=variables, shrink=True)
+            counts[name] = {k: calls.counts[k] - before[k] for k in calls.counts}
+    torch.set_num_threads(threads)
+    return out, variables, counts
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in markdown.splitlines() if line.startswith("|")]
+
+
+@pytest.mark.parametrize("name", STUDY_NAMES)
+def test_each_study_renders_the_papers_table_with_every_arm(study_runs, name):
+    out, _, _ = study_runs
+    study = experiments.load_study(STUDIES / f"{name}.yaml")
+    study_dir = out / f"{name}-shrink"
+    header, rule, *rows = table_rows((study_dir / "table.md").read_text())
+    assert header[: len(PAPER_HEADERS[name])] == PAPER_HEADERS[name]
+    assert len(header) == len(study.config.table.columns) + len(study.config.table.metrics)
+    assert len(rows) == len(study.config.arms)
+    run = RUN_ARMS[name] or list(study.config.arms)
+    for arm, row in zip(study.config.arms, rows):
+        assert row[: len(study.config.table.columns)] == [str(study.config.arms[arm].row[c]).replace("{pretrain_images}", row[1]) for c in study.config.table.columns]
+        metric_cells = row[len(study.config.table.columns):]
+        if arm not in run:
+            assert metric_cells == ["—"] * len(metric_cells)
+            continue
+        for cell in metric_cells:
+            mean, std = (float(x) for x in re.fullmatch(r"\**(\d+\.\d\d) ± (\d+\.\d\d)\**", cell).groups())
+            assert 0 <= mean <= 100 and 0 <= std <= 100
+    # The best mean of each metric column is bold (ties all bold), and only the best.
+    for column, metric in enumerate(study.config.table.metrics, start=len(study.config.table.columns)):
+        cells = [r[column] for r in rows if r[column] != "—"]
+        means = [float(c.strip("*").split(" ")[0]) for c in cells]
+        better = {**experiments.CV_METRICS, **experiments.MARKER_METRICS}[metric].better
+        if better and len(means) > 1:
+            best = max(means) if better == "higher" else min(means)
+            assert [c.startswith("**") for c in cells] == [m == best for m in means], (metric, cells)
+    frame = pd.read_csv(study_dir / "table.csv")
+    assert list(frame["arm"]) == list(study.config.arms)
+    for arm in run:
+        summary = json.loads((study_dir / arm / "finetune" / "summary.json").read_text())
+        row = frame.set_index("arm").loc[arm]
+        assert row["runs"] == summary["expected_runs"] == 2  # shrunk: 2 folds x 1 seed
+        for metric in set(study.config.table.metrics) & set(experiments.CV_METRICS):
+            assert row[f"{metric}_mean"] == pytest.approx(100 * summary["metrics"][metric]["mean"])
+
+
+def test_arms_share_pretraining_runs_across_studies(study_runs):
+    out, _, counts = study_runs
+    assert counts["tab2"]["run_pretraining"] == 3
+    # tab3 real_both and tab4 lambda_0.2 ask for tab2's `ud` pretraining: only the new ones ran.
+    assert counts["tab3"]["run_pretraining"] == 1 and counts["tab4"]["run_pretraining"] == 1
+    assert counts["tab1"]["run_pretraining"] == counts["markers"]["run_pretraining"] == 0
+
+    def pretrain_run(study, arm):
+        return json.loads((out / f"{study}-shrink" / arm / "arm.json").read_text())["pretrain_run"]
+
+    assert pretrain_run("tab2", "ud") == pretrain_run("tab3", "real_both") == pretrain_run("tab4", "lambda_0.2")
+    assert len({pretrain_run("tab2", a) for a in ("ud", "ud_testicles", "ud_thyroids")}) == 3
+    assert pretrain_run("tab2", "scratch") is None
+    # Each tus arm fine-tuned from its own encoder; the table counts that pool's images.
+    config = yaml.safe_load((out / "tab2-shrink" / "ud_testicles" / "finetune" / "config.yaml").read_text())
+    assert config["model"]["init"] == "tus" and config["model"]["weights"] == str(Path(pretrain_run("tab2", "ud_testicles")) / "encoder.safetensors")
+    pool = json.loads((Path(pretrain_run("tab2", "ud_testicles")) / "pool.json").read_text())
+    assert pool["images_per_organ"] == {"testicle": pd.read_csv(study_runs[1]["TUS_POOL_TESTICLE"]).shape[0]}
+    # Non-tus arms: the initialisation each names, from the weights files given as variables.
+    models = {a: yaml.safe_load((out / "tab2-shrink" / a / "finetune" / "config.yaml").read_text())["model"] for a in ("scratch", "imagenet", "uscl")}
+    assert models["scratch"]["init"] == "scratch" and models["scratch"]["weights"] is None
+    assert models["imagenet"] == {**models["imagenet"], "init": "timm", "weights": study_runs[1]["TUS_IMAGENET_WEIGHTS"]}
+    assert models["uscl"] == {**models["uscl"], "init": "uscl", "weights": study_runs[1]["USCL_WEIGHTS"]}
+    rows = {r[0]: r for r in table_rows((out / "tab2-shrink" / "table.md").read_text())}
+    assert rows["UD"][1] == str(POOL_SIZE) and rows["UD (only testicles)"][1] == str(sum(pool["images_per_organ"].values()))
+    assert rows["ImageNet"][1] == "1.28M"
+    # lambda reached the loss config; single-organ and synthetic-only pools are contrastive only.
+    losses = {a: yaml.safe_load((Path(pretrain_run(s, a)) / "config.yaml").read_text())["loss"] for s, a in [("tab4", "supervised_only"), ("tab2", "ud"), ("tab2", "ud_thyroids")]}
+    assert losses["supervised_only"]["contrastive_weight"] == 0 and losses["supervised_only"]["organ_weight"] == 1
+    assert losses["ud"]["organ_weight"] == pytest.approx(0.2) and losses["ud_thyroids"]["organ_weight"] == 0
+
+
+def test_rerun_skips_finished_work_and_resumes_unfinished(study_runs, monkeypatch):
+    out, variables, _ = study_runs
+    calls = Calls(monkeypatch)
+    tab2 = experiments.load_study(STUDIES / "tab2.yaml")
+    before = (out / "tab2-shrink" / "table.md").read_text()
+    experiments.run_study(tab2, out, variables=variables, shrink=True)
+    assert calls.counts == {"run_pretraining": 0, "run_cv": 0, "run_single": 0}
+    assert (out / "tab2-shrink" / "table.md").read_text() == before
+    # An arm whose summary is gone is handed back to run_cv, which finds every fold finished.
+    (out / "tab1-shrink" / "flipped" / "finetune" / "summary.json").unlink()
+    experiments.run_study(experiments.load_study(STUDIES / "tab1.yaml"), out, arms=["flipped"], variables=variables, shrink=True)
+    assert calls.counts == {"run_pretraining": 0, "run_cv": 1, "run_single": 0}
+    assert (out / "tab1-shrink" / "flipped" / "finetune" / "summary.json").is_file()
+
+
+def test_a_finished_arm_with_a_changed_config_is_refused(study_runs):
+    out, variables, _ = study_runs
+    with pytest.raises(experiments.StudyError, match=r"arm 'flipped' finished with a different config \(optim.lr_head\)"):
+        experiments.run_study(experiments.load_study(STUDIES / "tab1.yaml"), out, arms=["flipped"], variables=variables, shrink=True, extra=experiments.StageOverrides(finetune=["optim.lr_head=0.5"]))
+    # Where it ran is not what it computed: a device override reuses the finished arm.
+    experiments.run_study(experiments.load_study(STUDIES / "tab1.yaml"), out, arms=["flipped"], variables=variables, shrink=True, extra=experiments.StageOverrides(finetune=["trainer.accelerator=auto"]))
+
+
+def test_wandb_runs_are_grouped_by_study_and_arm(study_runs):
+    created = RecordingWandbLogger.created
+    finetune = [k for k in created if k["group"] == "tab2-shrink/uscl"]
+    assert len(finetune) == 2 and {k["job_type"] for k in finetune} == {"finetune"}
+    assert {tuple(sorted(set(k["tags"]) - {"tab2", "uscl", "shrink"})) for k in finetune} == {("fold0", "seed0"), ("fold1", "seed0")}
+    assert all(k["config"]["name"] == "tab2-shrink-uscl" and k["config"]["logging"]["tags"] == ["tab2", "uscl", "shrink"] for k in finetune)
+    assert all(k["mode"] == "offline" and k["save_dir"].endswith(("fold0-seed0", "fold1-seed0")) for k in finetune)
+    pretrain = [k for k in created if k["group"] == "tab2-shrink/ud"]
+    assert {k["job_type"] for k in pretrain} == {"pretrain", "finetune"}
+    assert {"tab2", "ud", "pretrain"} <= set(next(k for k in pretrain if k["job_type"] == "pretrain")["tags"])
+
+
+def test_marker_study_measures_the_same_markers_on_every_arm(study_runs):
+    out, _, _ = study_runs
+    arms = {arm: out / "markers-shrink" / arm for arm in RUN_ARMS["markers"]}
+    for arm_dir in arms.values():
+        for fold in (0, 1):
+            record = json.loads((arm_dir / "markers" / f"fold{fold}-seed0.json").read_text())
+            cv = json.loads((arm_dir / "finetune" / "runs" / f"fold{fold}-seed0" / "metrics.json").read_text())
+            # The clean half of the measurement is the CV's own test: same model, same images.
+            assert record["clean_accuracy"] == pytest.approx(cv["accuracy"], abs=1e-6)
+            assert record["clean_f1"] == pytest.approx(cv["f1"], abs=1e-6)
+            assert 0 <= record["flip_rate"] <= 1 and 0 < record["marker_area"] < 0.5
+            assert 0 <= record["cam_mass_marked"] <= 1 and 0 <= record["cam_mass_clean"] <= 1
+        assert (arm_dir / "markers" / "fold0-seed0-overlays.png").stat().st_size > 0
+    per_image = [pd.read_csv(arm_dir / "markers" / "fold1-seed0-per_image.csv") for arm_dir in arms.values()]
+    assert list(per_image[0]["image"]) == list(per_image[1]["image"])
+    np.testing.assert_array_equal(per_image[0]["marker_area"], per_image[1]["marker_area"])
+
+
+def test_table_command_renders_from_run_dirs(study_runs, capsys):
+    out, _, _ = study_runs
+    assert experiments.main(["table", str(STUDIES / "tab4.yaml"), "--out", str(out), "--shrink"]) == 0
+    printed = capsys.readouterr().out
+    assert "| L_con | L_sup | λ | Accuracy (↑) | F1-Score (↑) |" in printed and "Not finished: lambda_0.0 (not run)" in printed
+    assert experiments.main(["table", str(STUDIES / "tab4.yaml"), "--out", str(out)]) == 2  # no full-size runs there
+
+
+def test_finetune_stage_needs_the_pretraining_and_dry_run_only_plans(study_runs, monkeypatch, capsys):
+    out, variables, _ = study_runs
+    calls = Calls(monkeypatch)
+    tab3 = experiments.load_study(STUDIES / "tab3.yaml")
+    with pytest.raises(experiments.StudyError, match=r"arm 'synthetic' needs its pretraining .*run --stage pretrain"):
+        experiments.run_study(tab3, out, arms=["synthetic"], variables=variables, shrink=True, stage="finetune")
+    arguments = [f"--set={k}={v}" for k, v in variables.items()]
+    assert experiments.main(["run", str(STUDIES / "tab3.yaml"), "--out", str(out), "--shrink", "--dry-run", *arguments]) == 0
+    printed = capsys.readouterr().out
+    assert "real_both: " in printed and "(finished)" in printed and "synthetic: " in printed and "(to run)" in printed
+    assert calls.counts == {"run_pretraining": 0, "run_cv": 0, "run_single": 0}
+
+
+def test_missing_variables_are_named_before_anything_runs(tmp_path, monkeypatch, capsys):
+    calls = Calls(monkeypatch)
+    for name in ("USCL_WEIGHTS", "TUS_POOL", "TUS_POOL_TESTICLE"):
+        monkeypatch.delenv(name, raising=False)
+    code = experiments.main(["run", str(STUDIES / "tab2.yaml"), "--out", str(tmp_path), "--shrink", "--set", "TUS_LABELED=x.csv", "--set", "TUS_POOL_THYROID=y.csv"])
+    error = capsys.readouterr().err
+    assert code == 2 and "${USCL_WEIGHTS} (arms: uscl)" in error and "${TUS_POOL_TESTICLE} (arms: ud_testicles)" in error and "${TUS_POOL} (arms: ud)" in error
+    assert "TUS_POOL_THYROID" not in error and "TUS_IMAGENET_WEIGHTS" not in error  # set, or has a default
+    assert calls.counts == {"run_pretraining": 0, "run_cv": 0, "run_single": 0}
+    assert not any(tmp_path.iterdir())
+
+
+class Placeholders(dict):
+    def __missing__(self, name: str) -> str:
+        return f"/placeholder/{name}"
+
+
+STAGE_SCHEMAS = {"finetune": FineTuneCVConfig, "pretrain": PretrainConfig, "diffusion": DiffusionConfig}
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "experiments").rglob("*.yaml")), ids=lambda p: str(p.relative_to(REPO / "experiments")))
+def test_every_config_in_experiments_resolves_against_the_code(path, tmp_path):
+    relative = path.relative_to(REPO / "experiments")
+    if relative.parts[0] == "studies":
+        if path.stem.startswith("_"):  # a partial merged into studies: its schema only
+            from_dict(experiments.StudyConfig, load_yaml(path))
+            return
+        study = experiments.load_study(path)
+        for shrink in (False, True):
+            plans = experiments.plan_study(study, tmp_path, variables=Placeholders(), shrink=shrink)
+            assert [p.name for p in plans] == list(study.config.arms)
+    elif relative.parts[0] in STAGE_SCHEMAS:
+        load_config(STAGE_SCHEMAS[relative.parts[0]], path)
+    elif path.stem.startswith("noisy_labels"):
+        load_protocol(path)
+    else:
+        pytest.fail(f"{relative}: no schema known for this config; add it to STAGE_SCHEMAS")
+
+
+def write_study(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(f"base: {STUDIES / '_base.yaml'}\nfinetune_config: {REPO / 'experiments/finetune/paper.yaml'}\npretrain_config: {REPO / 'experiments/pretrain/paper.yaml'}\n{text}")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("arms: {a: {row: {Arm: x}, finetun: []}}", r"unknown option\(s\) 'arms.a.finetun'"),
+        ("table: {columns: [Arm], metric: [f1]}", r"unknown option\(s\) 'table.metric'"),
+        ("table: {metrics: [f1, flip_rate]}", r"unknown metric\(s\) \['flip_rate'\]"),
+        ("arms: {a: {row: {Dataset: x}}}", r"arms.a.row: needs exactly the table's columns \['Arm'\]; missing \['Arm'\], unknown \['Dataset'\]"),
+        ("arms: {a: {row: {Arm: x}, pretrain: [], finetune: [model.init=timm]}}", r"arms.a.finetune: \['model.init=timm'\]"),
+        ("arms: {a/b: {row: {Arm: x}}}", r"arms.a/b: arm names become folder names"),
+    ],
+)
+def test_a_study_with_an_unknown_option_fails(tmp_path, text, message):
+    with pytest.raises(experiments.StudyError, match=message):
+        experiments.load_study(write_study(tmp_path, text))
+
+
+def test_an_override_naming_an_unknown_config_key_fails(tmp_path):
+    study = experiments.load_study(write_study(tmp_path, "arms: {a: {row: {Arm: x}, finetune: [model.nmae=resnet18]}, b: {row: {Arm: y}, pretrain: [loss.lambda=0.2]}}"))
+    with pytest.raises(experiments.StudyError, match=r"arm 'a', finetune \(paper.yaml\): unknown option\(s\) 'model.nmae'"):
+        experiments.plan_study(study, tmp_path, variables=Placeholders(), arms=["a"])
+    with pytest.raises(experiments.StudyError, match=r"arm 'b', pretrain \(paper.yaml\): unknown option\(s\) 'loss.lambda'"):
+        experiments.plan_study(study, tmp_path, variables=Placeholders(), arms=["b"])
+    with pytest.raises(experiments.StudyError, match=r"no arm\(s\) \['c'\]; arms: a, b"):
+        experiments.plan_study(study, tmp_path, variables=Placeholders(), arms=["c"])
+    with pytest.raises(ConfigError):
+        from_dict(experiments.StudyConfig, {"arms": {"a": {"row": {"Arm": 1}, "pretrain": "not a list"}}})
+
+
+def test_every_cv_metric_has_a_table_header():
+    assert set(experiments.CV_METRICS) == set(METRIC_NAMES)
+
+
+def test_variables_substitute_with_defaults_and_set_beats_environment():
+    missing: set[str] = set()
+    text = experiments.substitute("a=${X} b=${Y:-null} c=${Z:-} d=${W}", {"X": "1", "W": "w"}, missing)
+    assert text == "a=1 b=null c= d=w" and not missing
+    experiments.substitute("${NOPE}/m.csv", {}, missing)
+    assert missing == {"NOPE"}
+    assert experiments.parse_assignments(["A=1", "B=x=y"]) == {"A": "1", "B": "x=y"}
+    with pytest.raises(experiments.StudyError, match="expected NAME=VALUE"):
+        experiments.parse_assignments(["1A=x"])

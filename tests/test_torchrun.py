@@ -1,0 +1,71 @@
+"""One pretraining config, two 2-process CPU launches: torchrun and Lightning's own DDP launcher.
+
+Both must run the same distributed job: same global batch, same per-rank data and view
+streams, same all-reduced gradients, hence the same final losses and encoder weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tus.data.phantom import generate_phantom
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 3
+
+
+def pretrain_command(pool: Path, out: Path) -> list[str]:
+    return [
+        "-m", "tus.cli", "pretrain", "--config", str(REPO / "experiments" / "pretrain" / "cpu.yaml"),
+        f"data.sources=[{{manifest: '{pool}'}}]",
+        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "trainer.precision=32-true",
+        f"trainer.max_steps={STEPS}", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
+        "data.image_size=32", "data.batch_size=4", "data.num_workers=0",
+        "model.projection_hidden_dim=32", "model.projection_output_dim=16",
+        "schedule.warmup_steps=1", "monitor.every_n_steps=0", "monitor.holdout_per_organ=0", "checkpoint_every_n_steps=null",
+        f"output_root={out}",
+    ]
+
+
+def launch(arguments: list[str], tmp_path: Path) -> str:
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("MASTER_PORT", None)  # both launchers pick a free port
+    result = subprocess.run([sys.executable, *arguments], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def finished_run(out: Path) -> Path:
+    runs = [encoder.parent for encoder in out.glob("*/encoder.safetensors")]
+    assert len(runs) == 1, f"expected one finished run under {out}, found {runs}"
+    return runs[0]
+
+
+@pytest.mark.slow
+def test_torchrun_and_lightning_ddp_launch_pretrain_identically(tmp_path):
+    pool = generate_phantom(tmp_path / "phantom", num_patients=4, image_size=32, pool_size=32).unlabeled_manifest
+    torchrun_out, lightning_out = tmp_path / "torchrun", tmp_path / "lightning"
+    logs = [
+        launch(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *pretrain_command(pool, torchrun_out)], tmp_path),
+        launch(pretrain_command(pool, lightning_out), tmp_path),
+    ]
+    assert all("Starting with 2 processes" in log for log in logs)
+
+    by_torchrun, by_lightning = finished_run(torchrun_out), finished_run(lightning_out)
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (by_torchrun, by_lightning)]
+    assert summaries[0]["steps"] == summaries[1]["steps"] == STEPS
+    assert summaries[0]["last"].keys() == summaries[1]["last"].keys() and "train/loss" in summaries[0]["last"]
+    for name, value in summaries[0]["last"].items():
+        assert value == pytest.approx(summaries[1]["last"][name], rel=1e-5, abs=1e-6), name
+    weights = [load_file(str(run / "encoder.safetensors")) for run in (by_torchrun, by_lightning)]
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], rtol=1e-5, atol=1e-6, msg=name)
