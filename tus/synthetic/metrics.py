@@ -1,0 +1,231 @@
+"""FID, Inception Score and improved precision/recall of generated images against real ones.
+
+The protocol follows TesticulUS (paper Sec. 4.2, after Dhariwal & Nichol): precision and
+recall use k = 3 neighbours against three non-overlapping reference batches of 64 real
+images, each compared with the whole generated set, and are reported as mean +- std (std
+with ddof 0) over the batches. With fewer than 3 x 64 real images the batches shrink (as many
+full batches of 64 as fit, else one batch of every real image) and ``notes`` says so. FID
+compares all real with all generated features; the Inception Score uses torch-fidelity's
+splits (10 by default) and is reported only when the extractor has class logits.
+torch-fidelity computes FID and IS; precision/recall use :mod:`tus.synthetic.manifold`,
+which matches torch-fidelity's ``prc``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+
+from tus.data.images import list_images
+from tus.data.manifest import read_manifest
+from tus.synthetic.features import FEATURES, LOGITS, FeatureExtractor
+from tus.synthetic.manifold import improved_precision_recall
+
+PRC_K = 3
+REFERENCE_BATCHES = 3
+REFERENCE_BATCH_SIZE = 64
+ISC_SPLITS = 10
+# torch-fidelity's default seed for shuffling before the Inception Score splits.
+ISC_SEED = 2020
+
+
+def image_paths(manifest_or_folder: str | Path) -> list[Path]:
+    """Image paths from a manifest CSV (its ``path`` column) or from a folder of images.
+
+    The manifest is only parsed, not validated as a training manifest: labels, patients and
+    cross-patient duplicates do not matter for feature statistics, missing files do.
+    """
+    source = Path(manifest_or_folder)
+    if source.is_dir():
+        paths = list_images(source)
+    else:
+        frame = read_manifest(source)
+        paths = [Path(p) for p in frame["abs_path"]]
+        missing = [f"line {line}: {p}" for line, p in zip(frame["line"], paths) if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{source}: {len(missing)} image(s) not found: " + "; ".join(missing[:5]))
+    if not paths:
+        raise ValueError(f"{source}: no images")
+    return paths
+
+
+def compute_metrics(
+    real_paths: Sequence[str | Path],
+    generated_paths: Sequence[str | Path],
+    extractor: FeatureExtractor,
+    *,
+    prc_k: int = PRC_K,
+    reference_batches: int = REFERENCE_BATCHES,
+    reference_batch_size: int = REFERENCE_BATCH_SIZE,
+    isc_splits: int = ISC_SPLITS,
+    seed: int = 0,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+) -> dict:
+    """Embed both image sets with ``extractor`` and score the generated one (see module doc)."""
+    real = extractor.extract(real_paths, batch_size, device, cache_dir, progress)
+    generated = extractor.extract_outputs(generated_paths, batch_size, device, cache_dir, progress)
+    return metrics_from_features(
+        real,
+        generated[FEATURES],
+        generated.get(LOGITS),
+        extractor_id=extractor.identity,
+        logits_unavailable_reason=extractor.logits_unavailable_reason,
+        prc_k=prc_k,
+        reference_batches=reference_batches,
+        reference_batch_size=reference_batch_size,
+        isc_splits=isc_splits,
+        seed=seed,
+    )
+
+
+def metrics_from_features(
+    real_features: np.ndarray,
+    generated_features: np.ndarray,
+    generated_logits: np.ndarray | None = None,
+    *,
+    extractor_id: str = "",
+    logits_unavailable_reason: str | None = None,
+    prc_k: int = PRC_K,
+    reference_batches: int = REFERENCE_BATCHES,
+    reference_batch_size: int = REFERENCE_BATCH_SIZE,
+    isc_splits: int = ISC_SPLITS,
+    seed: int = 0,
+) -> dict:
+    """The metrics dict from precomputed features; a metric that cannot be computed is None
+    and ``notes`` explains why."""
+    real = np.asarray(real_features, dtype=np.float32)
+    generated = np.asarray(generated_features, dtype=np.float32)
+    notes: list[str] = []
+    result = {
+        "extractor": extractor_id,
+        "num_real": int(len(real)),
+        "num_generated": int(len(generated)),
+        "fid": _fid(real, generated, notes),
+    }
+    result.update(_inception_score(generated_logits, logits_unavailable_reason, isc_splits, notes))
+    result.update(_precision_recall(real, generated, prc_k, reference_batches, reference_batch_size, seed, notes))
+    result["notes"] = notes
+    return result
+
+
+def _fid(real: np.ndarray, generated: np.ndarray, notes: list[str]) -> float | None:
+    if len(real) < 2 or len(generated) < 2:
+        notes.append(f"FID needs at least 2 real and 2 generated images (got {len(real)} and {len(generated)})")
+        return None
+    statistics = [fid_features_to_statistics(torch.from_numpy(f)) for f in (real, generated)]
+    return float(fid_statistics_to_metric(*statistics, verbose=False)[KEY_METRIC_FID])
+
+
+def _inception_score(logits: np.ndarray | None, unavailable_reason: str | None, splits: int, notes: list[str]) -> dict:
+    missing = {"inception_score_mean": None, "inception_score_std": None, "inception_score_splits": None}
+    if logits is None:
+        notes.append(f"Inception Score unavailable: {unavailable_reason or 'no class logits given'}")
+        return missing
+    if len(logits) == 0:
+        notes.append("Inception Score unavailable: no generated images")
+        return missing
+    used_splits = min(splits, len(logits))
+    if used_splits < splits:
+        notes.append(f"Inception Score over {used_splits} split(s) instead of {splits}: only {len(logits)} images")
+    score = isc_features_to_metric(torch.from_numpy(np.asarray(logits)), splits=used_splits, shuffle=True, rng_seed=ISC_SEED)
+    return {
+        "inception_score_mean": float(score[KEY_METRIC_ISC_MEAN]),
+        "inception_score_std": float(score[KEY_METRIC_ISC_STD]),
+        "inception_score_splits": used_splits,
+    }
+
+
+def reference_batches(num_real: int, batches: int, batch_size: int, seed: int) -> tuple[list[np.ndarray], str | None]:
+    """Disjoint random index batches of the real set for precision/recall, and a note when
+    there are too few real images for ``batches`` x ``batch_size``."""
+    order = np.random.default_rng(seed).permutation(num_real)
+    if num_real >= batches * batch_size:
+        used_batches, used_size, note = batches, batch_size, None
+    elif num_real >= batch_size:
+        used_batches, used_size = num_real // batch_size, batch_size
+        note = f"only {num_real} real images: {used_batches} reference batch(es) of {batch_size} instead of {batches}"
+    else:
+        used_batches, used_size = 1, num_real
+        note = f"only {num_real} real images: one reference batch of all of them instead of {batches} x {batch_size}"
+    return [order[i * used_size : (i + 1) * used_size] for i in range(used_batches)], note
+
+
+def _precision_recall(
+    real: np.ndarray, generated: np.ndarray, k: int, batches: int, batch_size: int, seed: int, notes: list[str]
+) -> dict:
+    result = {
+        "precision_mean": None,
+        "precision_std": None,
+        "recall_mean": None,
+        "recall_std": None,
+        "precision_per_batch": [],
+        "recall_per_batch": [],
+        "prc_k": k,
+        "reference_batches": 0,
+        "reference_batch_size": 0,
+    }
+    if len(generated) <= k:
+        notes.append(f"precision/recall need more than k={k} generated images (got {len(generated)})")
+        return result
+    if len(real) <= k:
+        notes.append(f"precision/recall need more than k={k} real images (got {len(real)})")
+        return result
+    indices, note = reference_batches(len(real), batches, batch_size, seed)
+    if note:
+        notes.append(note)
+    scores = [improved_precision_recall(real[batch], generated, k=k) for batch in indices]
+    precision = [s["precision"] for s in scores]
+    recall = [s["recall"] for s in scores]
+    result.update(
+        precision_mean=float(np.mean(precision)),
+        precision_std=float(np.std(precision)),
+        recall_mean=float(np.mean(recall)),
+        recall_std=float(np.std(recall)),
+        precision_per_batch=precision,
+        recall_per_batch=recall,
+        reference_batches=len(indices),
+        reference_batch_size=len(indices[0]),
+    )
+    return result
+
+
+def save_metrics(metrics: dict, path: str | Path) -> Path:
+    """Write the metrics dict as indented JSON, creating parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    return path
+
+
+def _mean_std(mean: float | None, std: float | None, digits: int) -> str:
+    if mean is None:
+        return "unavailable"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if std is not None else f"{mean:.{digits}f}"
+
+
+def format_metrics_table(metrics: dict) -> str:
+    """A plain-text table of the metrics dict, followed by its notes."""
+    fid = metrics.get("fid")
+    protocol = f"k={metrics.get('prc_k')}, {metrics.get('reference_batches')} x {metrics.get('reference_batch_size')} real"
+    rows = [
+        ("images (real / generated)", f"{metrics.get('num_real')} / {metrics.get('num_generated')}"),
+        ("FID", "unavailable" if fid is None else f"{fid:.2f}"),
+        ("Inception Score", _mean_std(metrics.get("inception_score_mean"), metrics.get("inception_score_std"), 3)),
+        (f"precision ({protocol})", _mean_std(metrics.get("precision_mean"), metrics.get("precision_std"), 4)),
+        (f"recall ({protocol})", _mean_std(metrics.get("recall_mean"), metrics.get("recall_std"), 4)),
+    ]
+    if metrics.get("extractor"):
+        rows.insert(0, ("extractor", metrics["extractor"]))
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{name:<{width}}  {value}" for name, value in rows]
+    lines += [f"note: {note}" for note in metrics.get("notes", [])]
+    return "\n".join(lines)
