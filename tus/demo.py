@@ -102,18 +102,40 @@ def _test_images(cv_dir: Path, count: int) -> list[str]:
 
 
 def write_report(demo: Path, cv_dir: Path, pretrain_dir: Path, diffusion_dir: Path, timings: dict) -> None:
-    lines = ["# tus demo report", "", "Everything below was produced by `make demo` on the generated phantom dataset.", ""]
-    lines += [(cv_dir / "summary.md").read_text().replace("# ", "## Fine-tuning: ", 1), ""]
-    pretrain = json.loads((pretrain_dir / "summary.json").read_text())
-    lines += ["## Pretraining", "", f"{pretrain['steps']} steps; last losses: " + ", ".join(f"{k} {v:.3f}" for k, v in pretrain["last"].items()), ""]
-    metrics_path = demo / "synthetic_metrics.json"
-    if metrics_path.exists():
-        lines += ["## Synthetic images", "", "```", json.dumps(json.loads(metrics_path.read_text()), indent=1)[:1500], "```", ""]
-    lines += ["## Time per stage", "", "| stage | seconds |", "|---|---|", *[f"| {k} | {v:.0f} |" for k, v in timings.items()], ""]
-    lines += ["## Where things are", "",
-              f"- fine-tuning run: `{cv_dir}`", f"- pretraining run: `{pretrain_dir}`", f"- diffusion run: `{diffusion_dir}`",
-              f"- samples: `{demo / 'samples'}`, filtered: `{demo / 'filtered'}`",
-              f"- noisy-label report: `{demo / 'noisy_labels'}`", f"- Grad-CAM++: `{demo / 'explain'}`", ""]
+    from tus.synthetic.metrics import format_metrics_table
+
+    def read(path: Path) -> dict:
+        return json.loads(path.read_text())
+
+    pretrain = read(pretrain_dir / "summary.json")
+    filtered = read(demo / "filtered" / "filter.json")
+    flags = read(demo / "noisy_labels" / "report.json")
+    markers = read(demo / "explain" / "marker_sensitivity.json")
+    lines = [
+        "# tus demo report", "", "Produced by `make demo` on the generated phantom dataset.", "",
+        (cv_dir / "summary.md").read_text().replace("# ", "## Fine-tuning: ", 1), "",
+        "## Pretraining", "",
+        f"{pretrain['steps']} steps; last values: " + ", ".join(f"{k} {v:.3f}" for k, v in pretrain["last"].items()), "",
+        "## Synthetic images", "",
+        "The demo's diffusion model trains for a few CPU minutes, so its samples are far from the",
+        "real images; the numbers show the pipeline, not a generator worth using.", "",
+        "```", format_metrics_table(read(demo / "synthetic_metrics.json")), "```", "",
+        f"k-NN manifold filter (k = {filtered['k']}): kept {filtered['kept']} of {filtered['num_generated']} samples.", "",
+        "## Noisy labels", "",
+        f"{flags['flagged']} of {flags['samples']} samples flagged (loss > {flags['rule']['threshold']} at least "
+        f"{flags['rule']['min_exceed']} times in every run that trained on them); see `noisy_labels/`.", "",
+        "## Marker sensitivity (fold 0, seed 0)", "",
+        f"- predictions changed by injected markers: {markers['prediction_change_rate']:.1%}",
+        f"- mean shift of the positive-class probability: {markers['mean_probability_shift']:.3f}",
+        f"- Grad-CAM++ mass on marker pixels: {markers['cam_mass_on_markers_marked']:.1%} with markers, "
+        f"{markers['cam_mass_on_markers_clean']:.1%} on the same pixels without (marker area {markers['marker_area']:.1%})", "",
+        "## Time per stage", "", "| stage | seconds |", "|---|---|", *[f"| {k} | {v:.0f} |" for k, v in timings.items()], "",
+        "## Where things are", "",
+        f"- fine-tuning run: `{cv_dir}`", f"- pretraining run: `{pretrain_dir}`",
+        f"- diffusion run (sample grids in it): `{diffusion_dir}`",
+        f"- samples: `{demo / 'samples'}`, filter: `{demo / 'filtered'}`",
+        f"- noisy-label report and plots: `{demo / 'noisy_labels'}`", f"- Grad-CAM++ overlays: `{demo / 'explain'}`", "",
+    ]
     (demo / "REPORT.md").write_text("\n".join(lines))
 
 
