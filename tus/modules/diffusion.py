@@ -1,0 +1,287 @@
+"""Improved-DDPM training: a diffusers U-Net with learned variance, the hybrid loss and an EMA.
+
+The U-Net (:class:`UNetConfig`) mirrors the reference's improved-diffusion model: residual
+blocks with scale-shift timestep conditioning, self-attention at chosen resolutions and in
+the middle block, strided-conv downsampling, nearest+conv upsampling, and 2C output channels
+(noise and the variance interpolation v). The maths lives in
+:mod:`tus.losses.gaussian_diffusion`; this module owns the weights, the optimiser and the
+exponential moving average of the weights (timm's ``ModelEmaV3``), which is what sampling uses.
+
+Every random draw of a training step (flips, timesteps, noise) comes from a generator seeded
+by (seed, epoch, batch index, rank), so a run resumed from a checkpoint repeats exactly the
+draws an uninterrupted run would have made.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from diffusers import UNet2DModel
+from safetensors.torch import load_file, save_file
+from timm.utils import ModelEmaV3
+
+from tus.config import from_dict
+from tus.losses.gaussian_diffusion import NoiseSchedule, hybrid_loss, q_sample, timestep_sampler
+
+
+class DiffusionCheckpointError(ValueError):
+    """A diffusion checkpoint or export is missing or does not fit; the message names the file."""
+
+
+@dataclass
+class UNetConfig:
+    """The denoising U-Net; the defaults are the reference's 256 px model."""
+
+    sample_size: int = 256
+    in_channels: int = 1
+    base_channels: int = 128
+    channel_mults: tuple[int, ...] = (1, 1, 2, 2, 4, 4)
+    layers_per_block: int = 2
+    # Feature-map sizes (pixels) whose levels get self-attention.
+    attention_resolutions: tuple[int, ...] = (16, 8)
+    # 512 channels / 128 = 4 heads, improved-diffusion's default num_heads.
+    attention_head_dim: int = 128
+    dropout: float = 0.0
+    norm_num_groups: int = 32
+
+    def level_resolutions(self) -> list[int]:
+        return [self.sample_size // 2**level for level in range(len(self.channel_mults))]
+
+    def diffusers_config(self) -> dict:
+        """Keyword arguments of ``diffusers.UNet2DModel`` for this config (validated)."""
+        resolutions = self.level_resolutions()
+        if self.sample_size % 2 ** (len(self.channel_mults) - 1):
+            raise ValueError(f"unet.sample_size {self.sample_size} is not divisible by 2^{len(self.channel_mults) - 1} (one halving per level)")
+        unknown = sorted(set(self.attention_resolutions) - set(resolutions))
+        if unknown:
+            raise ValueError(f"unet.attention_resolutions {unknown} match no level; the levels run at {resolutions} px")
+        widths = tuple(self.base_channels * mult for mult in self.channel_mults)
+        if any(width % self.norm_num_groups for width in widths):
+            raise ValueError(f"unet channel widths {widths} must be divisible by unet.norm_num_groups={self.norm_num_groups}")
+        attended = [w for w, r in zip(widths, resolutions) if r in self.attention_resolutions] + [widths[-1]]
+        if any(width % self.attention_head_dim for width in attended):
+            raise ValueError(f"attention widths {attended} must be divisible by unet.attention_head_dim={self.attention_head_dim}")
+        with_attention = [r in self.attention_resolutions for r in resolutions]
+        return dict(
+            sample_size=self.sample_size,
+            in_channels=self.in_channels,
+            out_channels=2 * self.in_channels,
+            block_out_channels=widths,
+            layers_per_block=self.layers_per_block,
+            down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in with_attention),
+            up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(with_attention)),
+            mid_block_type="UNetMidBlock2D",
+            resnet_time_scale_shift="scale_shift",
+            dropout=self.dropout,
+            attention_head_dim=self.attention_head_dim,
+            norm_num_groups=self.norm_num_groups,
+            # With scale-shift the middle attention would otherwise lose its GroupNorm.
+            attn_norm_num_groups=self.norm_num_groups,
+            downsample_type="conv",
+            upsample_type="conv",
+            flip_sin_to_cos=True,
+            freq_shift=0,
+        )
+
+
+def build_unet(config: UNetConfig) -> UNet2DModel:
+    return UNet2DModel(**config.diffusers_config())
+
+
+@dataclass
+class ProcessConfig:
+    """The diffusion process and its training objective."""
+
+    num_timesteps: int = 1000
+    # lambda of L_hybrid = L_simple + lambda L_vlb (paper Sec. 3.1).
+    vlb_weight: float = 0.001
+    timestep_sampler: Literal["uniform", "loss_aware"] = "uniform"
+
+    def schedule(self) -> NoiseSchedule:
+        return NoiseSchedule.cosine(self.num_timesteps)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class EmaConfig:
+    decay: float = 0.9999
+    # Ramp the decay up from 0 (1 - (1 + step)^-2/3) so short runs get a useful average.
+    warmup: bool = False
+
+
+class Float32Ema(ModelEmaV3):
+    """timm's EMA of a float32 model, picklable for Lightning's ``ddp_spawn``.
+
+    Its bf16 stochastic rounding is off (the average stays float32, as the weights do under
+    bf16-mixed), so the generator timm keeps for it is never used; a ``torch.Generator``
+    cannot cross torch.multiprocessing's spawn pickling, so it is left out of the pickle.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float, use_warmup: bool):
+        super().__init__(model, decay=decay, use_warmup=use_warmup, stochastic_rounding=False)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_sr_generator": None}
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (NumPy's SeedSequence), e.g. (seed, epoch, batch, rank)."""
+    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+class DiffusionModule(L.LightningModule):
+    """Trains ``unet`` with the hybrid loss on batches of images in [-1, 1]; ``ema.module`` samples."""
+
+    def __init__(
+        self,
+        unet: UNetConfig,
+        process: ProcessConfig,
+        optim: OptimConfig,
+        ema: EmaConfig,
+        seed: int = 0,
+        hflip: bool = True,
+    ):
+        super().__init__()
+        self.save_hyperparameters({
+            "unet": asdict(unet), "process": asdict(process), "optim": asdict(optim), "ema": asdict(ema),
+            "seed": seed, "hflip": hflip,
+        })
+        self.process = process
+        self.optim = optim
+        self.seed = seed
+        self.hflip = hflip
+        self.unet = build_unet(unet)
+        self.schedule = process.schedule()
+        self.timestep_sampler = timestep_sampler(process.timestep_sampler, process.num_timesteps)
+        self.ema = Float32Ema(self.unet, decay=ema.decay, use_warmup=ema.warmup)
+        # The average is written by update(), never by the optimiser (and DDP must skip it).
+        self.ema.requires_grad_(False)
+
+    def step_generator(self, batch_idx: int) -> torch.Generator:
+        seed = derive_seed(self.seed, self.current_epoch, batch_idx, self.global_rank)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x0 = batch["image"]
+        generator = self.step_generator(batch_idx)
+        if self.hflip:
+            flip = torch.rand(x0.shape[0], generator=generator, device=x0.device) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        t, weights = self.timestep_sampler.sample(x0.shape[0], generator)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        xt = q_sample(self.schedule, x0, t, noise)
+        output = self.unet(xt, t).sample.float()
+        terms = hybrid_loss(self.schedule, output, x0, xt, t, noise, self.process.vlb_weight)
+        loss = (terms.loss * weights).mean()
+        if self.process.timestep_sampler == "loss_aware":
+            self.timestep_sampler.update(self.all_gather(t).flatten(), self.all_gather(terms.vlb.detach()).flatten())
+        self.log_dict(
+            {"train/loss": loss, "train/mse": terms.mse.mean(), "train/vlb": terms.vlb.mean()},
+            prog_bar=True, on_step=True, on_epoch=False, batch_size=x0.shape[0],
+        )
+        return loss
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.ema.update(self.unet, step=self.global_step)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(
+            self.unet.parameters(), lr=self.optim.lr, weight_decay=self.optim.weight_decay, betas=tuple(self.optim.betas)
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["timestep_sampler"] = self.timestep_sampler.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.timestep_sampler.load_state_dict(checkpoint.get("timestep_sampler", {}))
+
+
+@dataclass
+class UNetExport:
+    """An exported sampling model: the EMA U-Net's weights and what is needed to use them."""
+
+    unet: UNetConfig
+    process: ProcessConfig = field(default_factory=ProcessConfig)
+    step: int = -1
+
+
+def save_unet_export(unet: UNet2DModel, export: UNetExport, path: str | Path) -> Path:
+    """Write ``path.safetensors`` (weights) and ``path.json`` (configs); returns the .safetensors path."""
+    path = Path(path)
+    weights = path.with_suffix(".safetensors")
+    if weights.exists():
+        raise FileExistsError(f"{weights}: exists; an export is never overwritten")
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}, str(weights))
+    path.with_suffix(".json").write_text(json.dumps(asdict(export), indent=2))
+    return weights
+
+
+def export_stem(run_dir: str | Path, step: int) -> Path:
+    """Where a run that reached ``step`` keeps its sampling model (``.safetensors`` + ``.json``)."""
+    return Path(run_dir) / "export" / f"ema_unet_step{step:07d}"
+
+
+def latest_export(run_dir: str | Path) -> Path | None:
+    """The run's export with the most training steps (a resumed run exports again when it ends)."""
+    exports = sorted((Path(run_dir) / "export").glob("ema_unet_step*.safetensors"))
+    return exports[-1] if exports else None
+
+
+def load_unet_export(path: str | Path) -> tuple[UNet2DModel, UNetExport]:
+    """Read an export written by :func:`save_unet_export` (give the .safetensors or .json path)."""
+    path = Path(path)
+    weights, meta = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    for needed in (weights, meta):
+        if not needed.is_file():
+            raise DiffusionCheckpointError(f"{needed}: missing (an export is a .safetensors file with a .json beside it)")
+    export = from_dict(UNetExport, json.loads(meta.read_text()), where=str(meta))
+    unet = build_unet(export.unet)
+    _load_state(unet, load_file(str(weights)), weights)
+    return unet, export
+
+
+def load_ema_from_checkpoint(path: str | Path) -> tuple[UNet2DModel, UNetExport]:
+    """The EMA U-Net of a Lightning checkpoint of :class:`DiffusionModule` (``weights_only`` load)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DiffusionCheckpointError(f"{path}: checkpoint not found")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    hparams = checkpoint.get("hyper_parameters", {})
+    if "unet" not in hparams or "state_dict" not in checkpoint:
+        raise DiffusionCheckpointError(f"{path}: not a DiffusionModule checkpoint (no 'unet' hyper-parameters)")
+    export = UNetExport(
+        unet=from_dict(UNetConfig, hparams["unet"], where=f"{path}:unet"),
+        process=from_dict(ProcessConfig, hparams.get("process", {}), where=f"{path}:process"),
+        step=int(checkpoint.get("global_step", -1)),
+    )
+    prefix = "ema.module."
+    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    unet = build_unet(export.unet)
+    _load_state(unet, state, path)
+    return unet, export
+
+
+def _load_state(unet: UNet2DModel, state: dict, source: Path) -> None:
+    try:
+        missing, unexpected = unet.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # tensor shapes differ from the config's
+        raise DiffusionCheckpointError(f"{source}: weights do not fit the U-Net config ({error})") from error
+    if missing or unexpected:
+        raise DiffusionCheckpointError(
+            f"{source}: weights do not fit the U-Net config (missing: {missing[:5]}, unexpected: {unexpected[:5]})"
+        )
