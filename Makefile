@@ -55,8 +55,9 @@ finetune: $(DATA_DEPS)
 pretrain: $(DATA_DEPS)
 	$(if $(RESUME),$(TUS) pretrain --resume $(RESUME) $(ARGS),$(TUS) pretrain --config experiments/pretrain/$(if $(DATA),paper,cpu).yaml "data.sources=[{manifest: $(POOL)}]" output_root=$(RUNS) $(ARGS))
 
+# make diffusion [DATA=labeled.csv] [RESUME=runs/<diffusion run>]
 diffusion: $(DATA_DEPS)
-	$(TUS) diffusion --config experiments/diffusion/$(if $(DATA),paper,cpu).yaml "data.sources=[{manifest: $(LABELED)}]" output_root=$(RUNS) $(ARGS)
+	$(if $(RESUME),$(TUS) diffusion --resume $(RESUME) $(ARGS),$(TUS) diffusion --config experiments/diffusion/$(if $(DATA),paper,cpu).yaml "data.sources=[{manifest: $(LABELED)}]" output_root=$(RUNS) $(ARGS))
 
 # make sample RUN=runs/<diffusion run> N=20000
 sample: setup

@@ -103,6 +103,12 @@ def test_duplicate_image_across_patients(labeled_manifest: Path):
     assert "images/p000_0.png, patient P000" in problems[0] and "images/p005_1.png, patient P005" in problems[0]
 
 
+def test_duplicates_in_an_unlabeled_pool_are_not_a_leak(labeled_manifest: Path):
+    images = labeled_manifest.parent / "images"
+    shutil.copy(images / "p000_0.png", images / "p005_1.png")
+    assert problems_of(labeled_manifest, require_labels=False) == []
+
+
 def test_duplicate_within_a_patient_is_fine(labeled_manifest: Path):
     images = labeled_manifest.parent / "images"
     shutil.copy(images / "p000_0.png", images / "p000_1.png")

@@ -172,7 +172,7 @@ class PretrainDataModule(ImagePoolDataModule):
         # of replaying the start of the run. Workers reseed their views from torch's seed.
         step = self.trainer.global_step if self.trainer is not None else 0
         self.transform.reseed(self.seed + step)
-        self._generator.manual_seed(self.seed + step)
+        self.reseed_sampler(self.seed + step)
         return super().train_dataloader()
 
     def probe_datasets(self, bank_per_organ: int) -> tuple[ManifestDataset, ManifestDataset]:

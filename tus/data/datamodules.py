@@ -42,6 +42,31 @@ class LabeledDataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
+class SamplerGenerator:
+    """The sampler's torch.Generator, made on first use.
+
+    A generator cannot be pickled, and ``ddp_spawn`` pickles the datamodule into each
+    process before any loader exists; creating it lazily keeps the datamodule picklable.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+
+    @property
+    def generator(self) -> torch.Generator:
+        if self._generator is None:
+            self._generator = torch.Generator().manual_seed(self.seed)
+        return self._generator
+
+    def reseed(self, seed: int) -> None:
+        self.seed = seed
+        self._generator = None
+
+    def __getstate__(self) -> dict:
+        return {"seed": self.seed, "_generator": None}
+
+
 def class_balanced_weights(labels: np.ndarray) -> np.ndarray:
     """Per-sample weights 1/count(class): every class is drawn equally often in expectation."""
     classes, counts = np.unique(labels, return_counts=True)
@@ -82,7 +107,7 @@ class LabeledDataModule(L.LightningDataModule):
         self.seed = seed
         self.inner_validation = inner_validation
         self.train_set = self.val_set = self.test_set = None
-        self._generator = torch.Generator().manual_seed(seed)
+        self._sampler = SamplerGenerator(seed)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -103,7 +128,7 @@ class LabeledDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # One generator per datamodule: a reloaded loader continues the stream, not restarts it.
-        generator = self._generator
+        generator = self._sampler.generator
         sampler = None
         if self.config.weighted_sampler:
             weights = class_balanced_weights(self.train_set.labels)
@@ -196,7 +221,7 @@ class ImagePoolDataModule(L.LightningDataModule):
         self.cache_images = cache_images
         self.seed = seed
         self.samples_per_epoch = samples_per_epoch
-        self._generator = torch.Generator().manual_seed(seed)
+        self._sampler = SamplerGenerator(seed)
         self.frames: list[pd.DataFrame] = []
         self.dataset: ConcatDataset | None = None
 
@@ -236,6 +261,10 @@ class ImagePoolDataModule(L.LightningDataModule):
         ]
         self.dataset = ConcatDataset(parts)
 
+    def reseed_sampler(self, seed: int) -> None:
+        """Restart the draws from ``seed`` (a resumed run draws new images, not the first ones)."""
+        self._sampler.reseed(seed)
+
     def sample_weights(self) -> np.ndarray:
         weights = []
         for source, part in zip(self.sources, self.dataset.datasets):
@@ -244,7 +273,7 @@ class ImagePoolDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         weights = self.sample_weights()
-        sampler = WeightedRandomSampler(weights.tolist(), num_samples=self.samples_per_epoch or len(weights), replacement=True, generator=self._generator)
+        sampler = WeightedRandomSampler(weights.tolist(), num_samples=self.samples_per_epoch or len(weights), replacement=True, generator=self._sampler.generator)
         return DataLoader(
             self.dataset,
             batch_size=self.batch_size,

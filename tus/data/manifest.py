@@ -122,7 +122,9 @@ def check_manifest(
             lines = ", ".join(str(frame.at[i, "line"]) for i in rows)
             problems.append(Problem(f"{path.name} lines {lines}", f"duplicate sample_id '{sample_id}'"))
 
-    problems.extend(_check_files(frame, decode_images, where))
+    # Identical images under two patients leak across CV folds; in an unlabelled pool
+    # (no patients required) a duplicate is harmless and not reported.
+    problems.extend(_check_files(frame, decode_images, where, report_cross_patient_duplicates=require_patients))
     if num_folds is not None and require_labels and "label" in frame.columns:
         problems.extend(_check_class_sizes(path, frame, num_folds))
     return frame, problems
@@ -151,7 +153,7 @@ def _parse_labels(frame, require_labels, where, problems) -> list[int]:
     return labels
 
 
-def _check_files(frame: pd.DataFrame, decode_images: bool, where) -> list[Problem]:
+def _check_files(frame: pd.DataFrame, decode_images: bool, where, report_cross_patient_duplicates: bool) -> list[Problem]:
     problems = []
     patients_by_hash: dict[str, set[str]] = defaultdict(set)
     rows_by_hash: dict[str, list] = defaultdict(list)
@@ -166,6 +168,8 @@ def _check_files(frame: pd.DataFrame, decode_images: bool, where) -> list[Proble
             except ImageReadError as error:
                 problems.append(Problem(where(row), f"unreadable or corrupt image ({error})"))
                 continue
+        if not report_cross_patient_duplicates:
+            continue
         digest = content_hash(file)
         patients_by_hash[digest].add(row.patient_id)
         rows_by_hash[digest].append(row)
