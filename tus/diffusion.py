@@ -49,7 +49,7 @@ from tus.modules.diffusion import (
     save_unet_export,
 )
 from tus.synthetic.sampling import resolve_steps, sample_images, to_uint8
-from tus.training import LoggingConfig, TrainerConfig, build_loggers, build_trainer, last_checkpoint, new_run_dir
+from tus.training import LoggingConfig, TrainerConfig, build_loggers, build_trainer, last_checkpoint, resolve_run_dir
 
 # Lightning's "ddp" strategy re-runs the command in each worker process; they find the run
 # directory the launching process created here instead of each making a new one.
@@ -210,19 +210,6 @@ class ExportEma(Callback):
             save_unet_export(pl_module.ema.module, replace(self.export, step=trainer.global_step), stem)
 
 
-def resolve_run_dir(config: DiffusionConfig, run_dir: str | Path | None) -> Path:
-    """The given run dir (resume), the one rank 0 made (DDP worker process), or a new one."""
-    if run_dir is not None:
-        run_dir = Path(run_dir)
-        if not run_dir.is_dir():
-            raise FileNotFoundError(f"{run_dir}: run directory to resume not found")
-        return run_dir
-    inherited = os.environ.get(RUN_DIR_ENV)
-    if inherited and rank_zero_only.rank > 0:
-        return Path(inherited)
-    return new_run_dir(config.output_root, config.name)
-
-
 def latest_run_config(run_dir: str | Path) -> Path:
     """The config the run last ran with: its highest ``config.resumeN.yaml``, else ``config.yaml``."""
     run_dir = Path(run_dir)
@@ -246,7 +233,7 @@ def run_diffusion(config: DiffusionConfig, run_dir: str | Path | None = None) ->
         raise ValueError("trainer.max_steps must be > 0: diffusion training is bounded by steps")
     if config.samples.every_n_steps > 0:
         resolve_steps(config.samples.sampler, config.samples.steps, config.process.num_timesteps)
-    run_dir = resolve_run_dir(config, run_dir)
+    run_dir = resolve_run_dir(config.output_root, config.name, run_dir, RUN_DIR_ENV)
     checkpoint = last_checkpoint(run_dir)
     if rank_zero_only.rank == 0:
         _save_run_config(config, run_dir)

@@ -262,7 +262,8 @@ def save_overlay_grid(result: MarkerSensitivity, names: list[str], path: str | P
     for row, name in enumerate(names):
         clean, marked = _display(result.images[row]), _display(result.marked[row])
         panels = [
-            (clean, f"{name}\np(pos)={result.probabilities_clean[row]:.2f}"),
+            # The file name only: full paths overflow into the neighbouring panel's title.
+            (clean, f"{Path(name).name}\np(pos)={result.probabilities_clean[row]:.2f}"),
             (show_cam_on_image(clean, result.cams_clean[row], use_rgb=True), f"Grad-CAM++ clean\nmass on marker px {mass_clean[row]:.0%}"),
             (marked, f"+ markers\np(pos)={result.probabilities_marked[row]:.2f}"),
             (show_cam_on_image(marked, result.cams_marked[row], use_rgb=True), f"Grad-CAM++ marked\nmass on marker px {mass_marked[row]:.0%}"),

@@ -39,7 +39,7 @@ from tus.data.views import ViewConfig, ViewPairTransform
 from tus.models.backbones import save_encoder
 from tus.modules.pretrain import OrganProbe, PretrainLossConfig, PretrainModelConfig, PretrainModule
 from tus.optim import LarsConfig, ScheduleConfig
-from tus.training import LoggingConfig, TrainerConfig, build_loggers, build_trainer, last_checkpoint, new_run_dir
+from tus.training import LoggingConfig, TrainerConfig, build_loggers, build_trainer, last_checkpoint, resolve_run_dir
 
 # Lightning's "ddp" strategy relaunches this command for ranks 1..N-1; they read the run
 # directory rank 0 created from here instead of creating their own.
@@ -202,19 +202,6 @@ class PretrainDataModule(ImagePoolDataModule):
         }
 
 
-def resolve_run_dir(config: PretrainConfig, run_dir: str | Path | None) -> Path:
-    """The given run dir (resume), the one rank 0 made (DDP worker), or a new one."""
-    if run_dir is not None:
-        run_dir = Path(run_dir)
-        if not run_dir.is_dir():
-            raise FileNotFoundError(f"{run_dir}: run directory to resume not found")
-        return run_dir
-    inherited = os.environ.get(RUN_DIR_ENV)
-    if inherited and rank_zero_only.rank > 0:
-        return Path(inherited)
-    return new_run_dir(config.output_root, config.name)
-
-
 def run_pretraining(config: PretrainConfig, run_dir: str | Path | None = None) -> Path:
     """Pretrain, export ``encoder.safetensors`` and return the run directory."""
     if not config.data.sources:
@@ -222,7 +209,7 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path | None = None) -
     if config.trainer.max_steps <= 0:
         raise ValueError("trainer.max_steps must be > 0: pretraining runs a fixed number of steps")
     L.seed_everything(config.seed, workers=False)
-    run_dir = resolve_run_dir(config, run_dir)
+    run_dir = resolve_run_dir(config.output_root, config.name, run_dir, RUN_DIR_ENV)
     is_rank_zero = rank_zero_only.rank == 0
 
     datamodule = PretrainDataModule(config.data, seed=config.seed, holdout_per_organ=config.monitor.holdout_per_organ)

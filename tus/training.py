@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities import rank_zero_only
 
 from tus.config import to_dict
 
@@ -99,6 +100,23 @@ def new_run_dir(root: str | Path, name: str) -> Path:
         except FileExistsError:
             continue
     raise RuntimeError(f"could not create a new run directory under {root}")
+
+
+def resolve_run_dir(output_root: str | Path, name: str, run_dir: str | Path | None, env_var: str) -> Path:
+    """The given run dir (resume), the one rank 0 made (a DDP worker process), or a new one.
+
+    Lightning's "ddp" strategy re-runs the command in each worker process; rank 0 publishes
+    its run dir in ``env_var`` so the workers join it instead of each making a new one.
+    """
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"{run_dir}: run directory to resume not found")
+        return run_dir
+    inherited = os.environ.get(env_var)
+    if inherited and rank_zero_only.rank > 0:
+        return Path(inherited)
+    return new_run_dir(output_root, name)
 
 
 def build_loggers(
