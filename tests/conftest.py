@@ -13,10 +13,9 @@ from tests.helpers import make_labeled_dataset
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-# Under pytest-xdist every worker would start one torch thread per core; on a 2-core machine
-# the oversubscribed OpenMP threads spin against each other and run ~5x slower.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
+# Test models are tiny and pytest-xdist runs one worker per core: more torch threads than
+# free cores make OpenMP threads spin against each other (~5x slower on a 2-core machine).
+torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -34,13 +34,6 @@ TINY_UNET = UNetConfig(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the test workers share two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def disk_images(count: int, size: int, seed: int = 0) -> np.ndarray:

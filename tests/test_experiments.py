@@ -118,8 +118,6 @@ def study_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("studies")
     variables = build_standins(root / "inputs")
     out = root / "runs"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only contend with the other test worker
     counts = {}
     with pytest.MonkeyPatch.context() as patch:
         # W&B "on" (offline) so the runner's grouping reaches the logger, recorded instead of synced.
@@ -130,7 +128,6 @@ def study_runs(tmp_path_factory):
             before = dict(calls.counts)
             experiments.run_study(experiments.load_study(STUDIES / f"{name}.yaml"), out, arms=RUN_ARMS[name], variables=variables, shrink=True)
             counts[name] = {k: calls.counts[k] - before[k] for k in calls.counts}
-    torch.set_num_threads(threads)
     return out, variables, counts
 
 

@@ -37,13 +37,6 @@ SIZE = 32
 PATCH = 8  # 8 x 8 of 32 x 32: 6.25% of the pixels
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared 2-core box they oversubscribe."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def patch_images(count: int, with_patch: bool, seed: int) -> tuple[torch.Tensor, np.ndarray]:

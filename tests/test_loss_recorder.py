@@ -25,13 +25,6 @@ SAMPLER_SEED = 7
 RUN_INFO = {"fold": 1, "seed": 3, "init": "scratch"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared 2-core box they oversubscribe."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class TinyLabelledImages(Dataset):

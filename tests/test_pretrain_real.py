@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from tus.config import load_config
 from tus.pretraining import PretrainConfig, run_pretraining
@@ -32,19 +31,11 @@ def organ_subset(shared_data: Path, name: str, out: Path) -> Path:
     return manifest
 
 
-@pytest.fixture
-def one_thread():
-    # The test machine's 2 cores are shared: with more intra-op threads than free cores,
-    # OpenMP spin-waiting makes each step several times slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.mark.slow
 @pytest.mark.shared_data
-def test_short_pretraining_on_breast_and_thyroid_learns_the_organ(shared_data: Path, tmp_path: Path, one_thread):
+def test_short_pretraining_on_breast_and_thyroid_learns_the_organ(shared_data: Path, tmp_path: Path):
     sources = [organ_subset(shared_data, name, tmp_path) for name in ("busi", "ddti")]
     overrides = [
         "data.sources=[" + ", ".join(f"{{manifest: '{m}'}}" for m in sources) + "]",
