@@ -91,7 +91,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--num-workers", type=int, default=0, help="0 on CPU: workers would compete with the model for the same cores")
+    # One loader worker hides decoding-from-cache and augmentation behind the training step
+    # (measured on 2 cores: ratio 1.00 with one worker, 0.85 with loading in the main process).
+    parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--precision", default="32-true")
     args = parser.parse_args()
