@@ -126,7 +126,9 @@ class PerSampleLossRecorder(Callback):
         """Gather the buffered rows to rank 0 and append them to the table."""
         rows = self._rows()
         self._chunks = []
-        if _distributed():
+        # The trainer's world size, not the process group's: a group left behind by an earlier
+        # DDP stage in the same process must not make a single-device run wait for peers.
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             shards = [None] * dist.get_world_size()
             dist.all_gather_object(shards, rows)
             rows = {column: [v for shard in shards for v in shard[column]] for column in rows}
@@ -152,10 +154,6 @@ class PerSampleLossRecorder(Callback):
                 rows["label"].append(int(label))
                 rows["loss"].append(loss)
         return rows
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _find_sharding(loader) -> _Sharding | None:
