@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import uuid
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -180,9 +181,17 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def save_config(config: Any, path: str | Path) -> Path:
-    """Write the fully resolved config as YAML (what actually ran, diffable)."""
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write via a unique temp file + rename: a reader (another rank under torchrun, or a
+    resumed run after a crash) sees the old file or the whole new one, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
     return path
+
+
+def save_config(config: Any, path: str | Path) -> Path:
+    """Write the fully resolved config as YAML (what actually ran, diffable)."""
+    return write_text_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Literal
@@ -32,7 +31,7 @@ from lightning.pytorch.loggers import WandbLogger
 from tqdm.auto import tqdm
 
 from tus.callbacks.gradcam import GradCAMConfig
-from tus.config import to_dict
+from tus.config import save_config, to_dict, write_text_atomic
 from tus.data.datamodules import LabeledDataConfig, LabeledDataModule
 from tus.data.folds import assign_folds, fold_table
 from tus.data.manifest import load_manifest
@@ -75,7 +74,7 @@ def prepare_run_dir(config: FineTuneCVConfig, run_dir: str | Path | None) -> Pat
     """A new run dir, or the given one after checking it was made by the same config."""
     if run_dir is None:
         run_dir = new_run_dir(config.output_root, config.name)
-        _write_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
+        save_config(config, run_dir / "config.yaml")
         return run_dir
     run_dir = Path(run_dir)
     saved = run_dir / "config.yaml"
@@ -86,7 +85,7 @@ def prepare_run_dir(config: FineTuneCVConfig, run_dir: str | Path | None) -> Pat
             raise ResumeMismatchError(f"{run_dir}: config differs from the one it was started with ({', '.join(changed[:5])}); start a new run dir instead")
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(saved, yaml.safe_dump(to_dict(config), sort_keys=False))
+        save_config(config, saved)
     return run_dir
 
 
@@ -107,7 +106,7 @@ def write_or_check_folds(run_dir: Path, frame: pd.DataFrame, folds: np.ndarray) 
         if previous[["sample_id", "fold"]].astype(str).values.tolist() != table[["sample_id", "fold"]].astype(str).values.tolist():
             raise ResumeMismatchError(f"{path}: the fold table changed since this run dir was started (different manifest?)")
         return
-    _write_atomic(path, table.to_csv(index=False))
+    write_text_atomic(path, table.to_csv(index=False))
 
 
 def run_cv(
@@ -173,7 +172,7 @@ def run_single(
         save_finetuned(module, run_dir / "model")
         _drop_training_state(run_dir)
         record = {**run_info, **metrics, "epochs": trainer.current_epoch, "selection": config.selection}
-        _write_atomic(run_dir / "metrics.json", json.dumps(record, indent=2))
+        write_text_atomic(run_dir / "metrics.json", json.dumps(record, indent=2))
     return metrics
 
 
@@ -181,14 +180,6 @@ def _drop_training_state(run_dir: Path) -> None:
     """Finished runs keep model.safetensors; the optimiser-laden resume checkpoints go."""
     for checkpoint in (run_dir / "checkpoints").glob("*.ckpt"):
         checkpoint.unlink()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a unique temp file + rename: a reader (another rank under torchrun, or a
-    resumed run after a crash) sees the old file or the whole new one, never half."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 @torch.no_grad()
