@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from tus.synthetic.manifold import kth_neighbour_radii, manifold_membership
+from tus.eval.manifold import kth_neighbour_radii, manifold_membership
 
 DIM = 2048
 FULL_CASES = ((880, 20_000), (25_000, 1_000_000))

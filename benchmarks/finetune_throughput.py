@@ -22,8 +22,8 @@ from tus.data.datamodules import LabeledDataConfig, LabeledDataModule
 from tus.data.folds import assign_folds
 from tus.data.manifest import load_manifest
 from tus.data.phantom import generate_phantom
+from tus.methods.classifier import FineTuneModule, FineTuneOptimConfig
 from tus.models.backbones import BackboneConfig
-from tus.modules.finetune import FineTuneModule, FineTuneOptimConfig
 
 
 class StepTimer(L.Callback):

@@ -27,8 +27,8 @@ from lightning.pytorch.callbacks import Callback
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 
+from tus.methods.simclr_organ import PretrainLossConfig, PretrainModelConfig, PretrainModule
 from tus.models.backbones import BackboneConfig
-from tus.modules.pretrain import PretrainLossConfig, PretrainModelConfig, PretrainModule
 from tus.optim import LarsConfig, ScheduleConfig, build_lars, scaled_lr, schedule_lambda
 
 

@@ -2,7 +2,7 @@
 
 Trains a small diffusion model briefly (``tus diffusion`` with experiments/diffusion/cpu.yaml,
 narrowed) on real ultrasound images (../shared/data/busi by default, or ``--data MANIFEST``),
-then draws the same seeds with every sampler through :func:`tus.synthetic.sampling.generate`
+then draws the same seeds with every sampler through :func:`tus.stages.sample.generate`
 (the ``tus sample`` code path, PNG writing included). Reports, per sampler:
 
 - seconds per image and the speed-up over the reference sampler (ancestral DDPM, all 1000
@@ -34,10 +34,10 @@ from tus.config import load_config
 from tus.data.datasets import resize_square
 from tus.data.images import content_hash, read_grayscale
 from tus.data.manifest import read_manifest, write_manifest
-from tus.diffusion import DiffusionConfig, run_diffusion
-from tus.modules.diffusion import latest_export
-from tus.synthetic.sampling import generate, load_sampling_model
-from tus.training import new_run_dir
+from tus.methods.iddpm import latest_export
+from tus.runs import new_run_dir
+from tus.stages.diffusion import DiffusionConfig, run_diffusion
+from tus.stages.sample import generate, load_sampling_model
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "busi" / "manifest.csv"

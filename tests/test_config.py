@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tus.config import ConfigError, load_config, save_config, to_dict
-from tus.cv import FineTuneCVConfig
+from tus.stages.finetune_cv import FineTuneCVConfig
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 

@@ -9,10 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tus.config import load_config
-from tus.cv import FineTuneCVConfig, ResumeMismatchError, aggregate, format_mean_std, run_cv, trivial_baselines
-from tus.modules.finetune import load_finetuned
 from tests.helpers import make_labeled_dataset
+from tus.config import load_config
+from tus.eval.cv_summary import aggregate, format_mean_std, trivial_baselines
+from tus.methods.classifier import load_finetuned
+from tus.stages.finetune_cv import FineTuneCVConfig, ResumeMismatchError, run_cv
 
 CPU_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "finetune" / "cpu.yaml"
 
@@ -67,7 +68,7 @@ def test_end_to_end_learns_planted_signal_and_writes_outputs(tmp_path: Path):
 def test_resume_skips_finished_runs_and_refuses_changed_config(tmp_path: Path, monkeypatch):
     manifest = make_labeled_dataset(tmp_path / "data", patients=12)
     config = tiny_config(manifest, tmp_path / "runs", "trainer.max_epochs=1")
-    import tus.cv as cv
+    import tus.stages.finetune_cv as cv
 
     calls = []
     original = cv.run_single
@@ -96,9 +97,9 @@ def test_resume_skips_finished_runs_and_refuses_changed_config(tmp_path: Path, m
 
 
 def test_unfinished_run_resumes_from_last_checkpoint(tmp_path: Path):
-    from tus.cv import run_single
     from tus.data.folds import assign_folds
     from tus.data.manifest import load_manifest
+    from tus.stages.finetune_cv import run_single
 
     manifest = make_labeled_dataset(tmp_path / "data", patients=12)
     frame = load_manifest(manifest)
@@ -107,9 +108,10 @@ def test_unfinished_run_resumes_from_last_checkpoint(tmp_path: Path):
     sub = tmp_path / "single"
     # Leave a checkpoint behind as an interrupted run would: fit only, no test/export.
     import lightning as L
+
     from tus.data.datamodules import LabeledDataModule
-    from tus.modules.finetune import FineTuneModule
-    from tus.training import build_loggers, build_trainer
+    from tus.methods.classifier import FineTuneModule
+    from tus.runs import build_loggers, build_trainer
 
     L.seed_everything(0)
     loggers = build_loggers(sub, short.logging, name="interrupted", config={})

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tests.helpers import make_labeled_dataset
 from tus.data.datamodules import LabeledDataConfig, LabeledDataModule, class_balanced_weights
 from tus.data.folds import assign_folds
 from tus.data.manifest import load_manifest
 from tus.data.transforms import AugmentConfig, finetune_train_transform
-from tests.helpers import make_labeled_dataset
 
 
 def datamodule(manifest: Path, **overrides) -> LabeledDataModule:

@@ -10,11 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tus.cli.diffusion import main
 from tus.config import load_config
 from tus.data.images import write_grayscale
-from tus.diffusion import DiffusionConfig, EpochWeightedSampler, main, run_diffusion
+from tus.data.pools import EpochWeightedSampler
 from tus.losses.gaussian_diffusion import NoiseSchedule, hybrid_loss, q_sample
-from tus.modules.diffusion import (
+from tus.methods.iddpm import (
     DiffusionCheckpointError,
     DiffusionModule,
     EmaConfig,
@@ -26,6 +27,7 @@ from tus.modules.diffusion import (
     load_ema_from_checkpoint,
     load_unet_export,
 )
+from tus.stages.diffusion import DiffusionConfig, run_diffusion
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_UNET = UNetConfig(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tus.cli import STAGES
+from tus.cli.main import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"

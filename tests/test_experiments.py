@@ -22,15 +22,17 @@ import yaml
 from lightning.pytorch.loggers.logger import DummyLogger
 from safetensors.torch import save_file
 
-import tus.cv
-import tus.experiments as experiments
+import tus.stages.finetune_cv
+import tus.cli.experiment as experiment_cli
+import tus.studies.runner as runner
+import tus.studies.schema as schema
 from tus.config import ConfigError, from_dict, load_config, load_yaml
-from tus.cv import FineTuneCVConfig
 from tus.data.phantom import generate_phantom
-from tus.diffusion import DiffusionConfig
-from tus.modules.finetune import METRIC_NAMES
-from tus.noisy_labels import load_protocol
-from tus.pretraining import PretrainConfig
+from tus.methods.classifier import METRIC_NAMES
+from tus.stages.diffusion import DiffusionConfig
+from tus.stages.finetune_cv import FineTuneCVConfig
+from tus.stages.pretrain import PretrainConfig
+from tus.studies.noisy_labels import load_protocol
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = REPO / "experiments" / "studies"
@@ -91,7 +93,7 @@ class Calls:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch):
         self.counts = {"run_pretraining": 0, "run_cv": 0, "run_single": 0}
-        for module, name in ((experiments, "run_pretraining"), (experiments, "run_cv"), (tus.cv, "run_single")):
+        for module, name in ((runner, "run_pretraining"), (runner, "run_cv"), (tus.stages.finetune_cv, "run_single")):
             monkeypatch.setattr(module, name, self._counted(name, getattr(module, name)))
 
     def _counted(self, name, function):
@@ -126,7 +128,7 @@ def study_runs(tmp_path_factory):
         calls = Calls(patch)
         for name in ("tab2", "tab3", "tab4", "tab1", "markers"):
             before = dict(calls.counts)
-            experiments.run_study(experiments.load_study(STUDIES / f"{name}.yaml"), out, arms=RUN_ARMS[name], variables=variables, shrink=True)
+            runner.run_study(schema.load_study(STUDIES / f"{name}.yaml"), out, arms=RUN_ARMS[name], variables=variables, shrink=True)
             counts[name] = {k: calls.counts[k] - before[k] for k in calls.counts}
     return out, variables, counts
 
@@ -138,7 +140,7 @@ def table_rows(markdown: str) -> list[list[str]]:
 @pytest.mark.parametrize("name", STUDY_NAMES)
 def test_each_study_renders_the_papers_table_with_every_arm(study_runs, name):
     out, _, _ = study_runs
-    study = experiments.load_study(STUDIES / f"{name}.yaml")
+    study = schema.load_study(STUDIES / f"{name}.yaml")
     study_dir = out / f"{name}-shrink"
     header, rule, *rows = table_rows((study_dir / "table.md").read_text())
     assert header[: len(PAPER_HEADERS[name])] == PAPER_HEADERS[name]
@@ -158,7 +160,7 @@ def test_each_study_renders_the_papers_table_with_every_arm(study_runs, name):
     for column, metric in enumerate(study.config.table.metrics, start=len(study.config.table.columns)):
         cells = [r[column] for r in rows if r[column] != "—"]
         means = [float(c.strip("*").split(" ")[0]) for c in cells]
-        better = {**experiments.CV_METRICS, **experiments.MARKER_METRICS}[metric].better
+        better = {**schema.CV_METRICS, **schema.MARKER_METRICS}[metric].better
         if better and len(means) > 1:
             best = max(means) if better == "higher" else min(means)
             assert [c.startswith("**") for c in cells] == [m == best for m in means], (metric, cells)
@@ -168,7 +170,7 @@ def test_each_study_renders_the_papers_table_with_every_arm(study_runs, name):
         summary = json.loads((study_dir / arm / "finetune" / "summary.json").read_text())
         row = frame.set_index("arm").loc[arm]
         assert row["runs"] == summary["expected_runs"] == 2  # shrunk: 2 folds x 1 seed
-        for metric in set(study.config.table.metrics) & set(experiments.CV_METRICS):
+        for metric in set(study.config.table.metrics) & set(schema.CV_METRICS):
             assert row[f"{metric}_mean"] == pytest.approx(100 * summary["metrics"][metric]["mean"])
 
 
@@ -207,24 +209,24 @@ def test_arms_share_pretraining_runs_across_studies(study_runs):
 def test_rerun_skips_finished_work_and_resumes_unfinished(study_runs, monkeypatch):
     out, variables, _ = study_runs
     calls = Calls(monkeypatch)
-    tab2 = experiments.load_study(STUDIES / "tab2.yaml")
+    tab2 = schema.load_study(STUDIES / "tab2.yaml")
     before = (out / "tab2-shrink" / "table.md").read_text()
-    experiments.run_study(tab2, out, variables=variables, shrink=True)
+    runner.run_study(tab2, out, variables=variables, shrink=True)
     assert calls.counts == {"run_pretraining": 0, "run_cv": 0, "run_single": 0}
     assert (out / "tab2-shrink" / "table.md").read_text() == before
     # An arm whose summary is gone is handed back to run_cv, which finds every fold finished.
     (out / "tab1-shrink" / "flipped" / "finetune" / "summary.json").unlink()
-    experiments.run_study(experiments.load_study(STUDIES / "tab1.yaml"), out, arms=["flipped"], variables=variables, shrink=True)
+    runner.run_study(schema.load_study(STUDIES / "tab1.yaml"), out, arms=["flipped"], variables=variables, shrink=True)
     assert calls.counts == {"run_pretraining": 0, "run_cv": 1, "run_single": 0}
     assert (out / "tab1-shrink" / "flipped" / "finetune" / "summary.json").is_file()
 
 
 def test_a_finished_arm_with_a_changed_config_is_refused(study_runs):
     out, variables, _ = study_runs
-    with pytest.raises(experiments.StudyError, match=r"arm 'flipped' finished with a different config \(optim.lr_head\)"):
-        experiments.run_study(experiments.load_study(STUDIES / "tab1.yaml"), out, arms=["flipped"], variables=variables, shrink=True, extra=experiments.StageOverrides(finetune=["optim.lr_head=0.5"]))
+    with pytest.raises(schema.StudyError, match=r"arm 'flipped' finished with a different config \(optim.lr_head\)"):
+        runner.run_study(schema.load_study(STUDIES / "tab1.yaml"), out, arms=["flipped"], variables=variables, shrink=True, extra=schema.StageOverrides(finetune=["optim.lr_head=0.5"]))
     # Where it ran is not what it computed: a device override reuses the finished arm.
-    experiments.run_study(experiments.load_study(STUDIES / "tab1.yaml"), out, arms=["flipped"], variables=variables, shrink=True, extra=experiments.StageOverrides(finetune=["trainer.accelerator=auto"]))
+    runner.run_study(schema.load_study(STUDIES / "tab1.yaml"), out, arms=["flipped"], variables=variables, shrink=True, extra=schema.StageOverrides(finetune=["trainer.accelerator=auto"]))
 
 
 def test_wandb_runs_are_grouped_by_study_and_arm(study_runs):
@@ -259,20 +261,20 @@ def test_marker_study_measures_the_same_markers_on_every_arm(study_runs):
 
 def test_table_command_renders_from_run_dirs(study_runs, capsys):
     out, _, _ = study_runs
-    assert experiments.main(["table", str(STUDIES / "tab4.yaml"), "--out", str(out), "--shrink"]) == 0
+    assert experiment_cli.main(["table", str(STUDIES / "tab4.yaml"), "--out", str(out), "--shrink"]) == 0
     printed = capsys.readouterr().out
     assert "| L_con | L_sup | λ | Accuracy (↑) | F1-Score (↑) |" in printed and "Not finished: lambda_0.0 (not run)" in printed
-    assert experiments.main(["table", str(STUDIES / "tab4.yaml"), "--out", str(out)]) == 2  # no full-size runs there
+    assert experiment_cli.main(["table", str(STUDIES / "tab4.yaml"), "--out", str(out)]) == 2  # no full-size runs there
 
 
 def test_finetune_stage_needs_the_pretraining_and_dry_run_only_plans(study_runs, monkeypatch, capsys):
     out, variables, _ = study_runs
     calls = Calls(monkeypatch)
-    tab3 = experiments.load_study(STUDIES / "tab3.yaml")
-    with pytest.raises(experiments.StudyError, match=r"arm 'synthetic' needs its pretraining .*run --stage pretrain"):
-        experiments.run_study(tab3, out, arms=["synthetic"], variables=variables, shrink=True, stage="finetune")
+    tab3 = schema.load_study(STUDIES / "tab3.yaml")
+    with pytest.raises(schema.StudyError, match=r"arm 'synthetic' needs its pretraining .*run --stage pretrain"):
+        runner.run_study(tab3, out, arms=["synthetic"], variables=variables, shrink=True, stage="finetune")
     arguments = [f"--set={k}={v}" for k, v in variables.items()]
-    assert experiments.main(["run", str(STUDIES / "tab3.yaml"), "--out", str(out), "--shrink", "--dry-run", *arguments]) == 0
+    assert experiment_cli.main(["run", str(STUDIES / "tab3.yaml"), "--out", str(out), "--shrink", "--dry-run", *arguments]) == 0
     printed = capsys.readouterr().out
     assert "real_both: " in printed and "(finished)" in printed and "synthetic: " in printed and "(to run)" in printed
     assert calls.counts == {"run_pretraining": 0, "run_cv": 0, "run_single": 0}
@@ -282,7 +284,7 @@ def test_missing_variables_are_named_before_anything_runs(tmp_path, monkeypatch,
     calls = Calls(monkeypatch)
     for name in ("USCL_WEIGHTS", "TUS_POOL", "TUS_POOL_TESTICLE"):
         monkeypatch.delenv(name, raising=False)
-    code = experiments.main(["run", str(STUDIES / "tab2.yaml"), "--out", str(tmp_path), "--shrink", "--set", "TUS_LABELED=x.csv", "--set", "TUS_POOL_THYROID=y.csv"])
+    code = experiment_cli.main(["run", str(STUDIES / "tab2.yaml"), "--out", str(tmp_path), "--shrink", "--set", "TUS_LABELED=x.csv", "--set", "TUS_POOL_THYROID=y.csv"])
     error = capsys.readouterr().err
     assert code == 2 and "${USCL_WEIGHTS} (arms: uscl)" in error and "${TUS_POOL_TESTICLE} (arms: ud_testicles)" in error and "${TUS_POOL} (arms: ud)" in error
     assert "TUS_POOL_THYROID" not in error and "TUS_IMAGENET_WEIGHTS" not in error  # set, or has a default
@@ -303,11 +305,11 @@ def test_every_config_in_experiments_resolves_against_the_code(path, tmp_path):
     relative = path.relative_to(REPO / "experiments")
     if relative.parts[0] == "studies":
         if path.stem.startswith("_"):  # a partial merged into studies: its schema only
-            from_dict(experiments.StudyConfig, load_yaml(path))
+            from_dict(schema.StudyConfig, load_yaml(path))
             return
-        study = experiments.load_study(path)
+        study = schema.load_study(path)
         for shrink in (False, True):
-            plans = experiments.plan_study(study, tmp_path, variables=Placeholders(), shrink=shrink)
+            plans = runner.plan_study(study, tmp_path, variables=Placeholders(), shrink=shrink)
             assert [p.name for p in plans] == list(study.config.arms)
     elif relative.parts[0] in STAGE_SCHEMAS:
         load_config(STAGE_SCHEMAS[relative.parts[0]], path)
@@ -335,32 +337,32 @@ def write_study(tmp_path: Path, text: str) -> Path:
     ],
 )
 def test_a_study_with_an_unknown_option_fails(tmp_path, text, message):
-    with pytest.raises(experiments.StudyError, match=message):
-        experiments.load_study(write_study(tmp_path, text))
+    with pytest.raises(schema.StudyError, match=message):
+        schema.load_study(write_study(tmp_path, text))
 
 
 def test_an_override_naming_an_unknown_config_key_fails(tmp_path):
-    study = experiments.load_study(write_study(tmp_path, "arms: {a: {row: {Arm: x}, finetune: [model.nmae=resnet18]}, b: {row: {Arm: y}, pretrain: [loss.lambda=0.2]}}"))
-    with pytest.raises(experiments.StudyError, match=r"arm 'a', finetune \(paper.yaml\): unknown option\(s\) 'model.nmae'"):
-        experiments.plan_study(study, tmp_path, variables=Placeholders(), arms=["a"])
-    with pytest.raises(experiments.StudyError, match=r"arm 'b', pretrain \(paper.yaml\): unknown option\(s\) 'loss.lambda'"):
-        experiments.plan_study(study, tmp_path, variables=Placeholders(), arms=["b"])
-    with pytest.raises(experiments.StudyError, match=r"no arm\(s\) \['c'\]; arms: a, b"):
-        experiments.plan_study(study, tmp_path, variables=Placeholders(), arms=["c"])
+    study = schema.load_study(write_study(tmp_path, "arms: {a: {row: {Arm: x}, finetune: [model.nmae=resnet18]}, b: {row: {Arm: y}, pretrain: [loss.lambda=0.2]}}"))
+    with pytest.raises(schema.StudyError, match=r"arm 'a', finetune \(paper.yaml\): unknown option\(s\) 'model.nmae'"):
+        runner.plan_study(study, tmp_path, variables=Placeholders(), arms=["a"])
+    with pytest.raises(schema.StudyError, match=r"arm 'b', pretrain \(paper.yaml\): unknown option\(s\) 'loss.lambda'"):
+        runner.plan_study(study, tmp_path, variables=Placeholders(), arms=["b"])
+    with pytest.raises(schema.StudyError, match=r"no arm\(s\) \['c'\]; arms: a, b"):
+        runner.plan_study(study, tmp_path, variables=Placeholders(), arms=["c"])
     with pytest.raises(ConfigError):
-        from_dict(experiments.StudyConfig, {"arms": {"a": {"row": {"Arm": 1}, "pretrain": "not a list"}}})
+        from_dict(schema.StudyConfig, {"arms": {"a": {"row": {"Arm": 1}, "pretrain": "not a list"}}})
 
 
 def test_every_cv_metric_has_a_table_header():
-    assert set(experiments.CV_METRICS) == set(METRIC_NAMES)
+    assert set(schema.CV_METRICS) == set(METRIC_NAMES)
 
 
 def test_variables_substitute_with_defaults_and_set_beats_environment():
     missing: set[str] = set()
-    text = experiments.substitute("a=${X} b=${Y:-null} c=${Z:-} d=${W}", {"X": "1", "W": "w"}, missing)
+    text = schema.substitute("a=${X} b=${Y:-null} c=${Z:-} d=${W}", {"X": "1", "W": "w"}, missing)
     assert text == "a=1 b=null c= d=w" and not missing
-    experiments.substitute("${NOPE}/m.csv", {}, missing)
+    schema.substitute("${NOPE}/m.csv", {}, missing)
     assert missing == {"NOPE"}
-    assert experiments.parse_assignments(["A=1", "B=x=y"]) == {"A": "1", "B": "x=y"}
-    with pytest.raises(experiments.StudyError, match="expected NAME=VALUE"):
-        experiments.parse_assignments(["1A=x"])
+    assert experiment_cli.parse_assignments(["A=1", "B=x=y"]) == {"A": "1", "B": "x=y"}
+    with pytest.raises(schema.StudyError, match="expected NAME=VALUE"):
+        experiment_cli.parse_assignments(["1A=x"])

@@ -18,20 +18,19 @@ from torch.utils.data import DataLoader, Dataset
 import tus.callbacks.gradcam as gradcam_module
 from tus.callbacks.gradcam import GradCAMConfig, GradCAMPlusPlusLogger
 from tus.callbacks.loss_recorder import PerSampleLossRecorder
-from tus.cv import FineTuneCVConfig
+from tus.cli.explain import main as explain_main
 from tus.data.images import write_grayscale
-from tus.explain import (
+from tus.eval.explain import (
     TargetLayerError,
     add_markers,
     find_target_layer,
     gradcam_plus_plus,
-    main as explain_main,
     measure_marker_sensitivity,
     resolve_target_layer,
 )
+from tus.methods.classifier import FineTuneModule, FineTuneOptimConfig, save_finetuned
 from tus.models.backbones import BackboneConfig
-from tus.modules.finetune import FineTuneModule, FineTuneOptimConfig, save_finetuned
-from tus.stage_callbacks import finetune_callbacks
+from tus.stages.finetune_cv import FineTuneCVConfig, finetune_callbacks
 
 SIZE = 32
 PATCH = 8  # 8 x 8 of 32 x 32: 6.25% of the pixels

@@ -16,8 +16,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from tus.callbacks.loss_recorder import PerSampleLossRecorder
+from tus.methods.classifier import FineTuneModule, FineTuneOptimConfig
 from tus.models.backbones import BackboneConfig
-from tus.modules.finetune import FineTuneModule, FineTuneOptimConfig
 
 NUM_SAMPLES = 15  # odd: two DDP ranks need one padded sample per epoch
 BATCH_SIZE = 4

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tus.cli import main as tus_main
+from tus.cli.main import main as tus_main
 from tus.data.images import read_grayscale, write_grayscale
 from tus.data.manifest import ManifestError, check_manifest, load_manifest, write_manifest
 

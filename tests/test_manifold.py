@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch_fidelity.metric_prc import prc_features_to_metric
 
-from tus.synthetic.manifold import improved_precision_recall, kth_neighbour_radii, manifold_membership
+from tus.eval.manifold import improved_precision_recall, kth_neighbour_radii, manifold_membership
 
 
 def _embed(points: list[tuple[int, ...]], dim: int) -> np.ndarray:

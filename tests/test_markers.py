@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tus.callbacks.markers import MarkerInjector, inject_markers_into_batch
-from tus.data.markers import MARKER_TYPES, MarkerConfig, MarkerInsertion, draw_markers
+from tus.callbacks.markers import MarkerInjector
+from tus.data.markers import MARKER_TYPES, MarkerConfig, MarkerInsertion, draw_markers, inject_markers_into_batch
 
 MEAN, STD = 0.5, 0.25
 

@@ -9,22 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tus.cli.noisy_labels import main as noisy_labels_main
 from tus.data.images import write_grayscale
 from tus.data.manifest import load_manifest
 from tus.data.phantom import generate_phantom
-from tus.noisy_labels import (
-    FlaggingRule,
-    LossTableError,
-    NoisyLabelsProtocol,
-    expand_dotted,
-    find_loss_tables,
-    flag_samples,
-    histogram,
-    load_protocol,
-    main as noisy_labels_main,
-    read_losses,
-    run_protocol,
-)
+from tus.eval.noisy_labels import FlaggingRule, LossTableError, find_loss_tables, flag_samples, histogram, read_losses
+from tus.studies.noisy_labels import NoisyLabelsProtocol, expand_dotted, load_protocol, run_protocol
 
 REPO = Path(__file__).resolve().parents[1]
 

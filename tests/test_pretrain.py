@@ -15,15 +15,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tus.cli.pretrain import main
 from tus.config import ConfigError, load_config
 from tus.data.datamodules import ImageSourceConfig
 from tus.data.images import write_grayscale
+from tus.data.pools import PretrainDataConfig, PretrainDataModule, split_heldout
 from tus.data.views import ViewConfig, ViewPairTransform
+from tus.losses.contrastive import nt_xent_loss, organ_ce_loss
+from tus.methods.classifier import FineTuneModule, FineTuneOptimConfig
+from tus.methods.simclr_organ import PretrainLossConfig, PretrainModelConfig, PretrainModule
 from tus.models.backbones import BackboneConfig, CheckpointError, create_backbone
-from tus.modules.finetune import FineTuneModule, FineTuneOptimConfig
-from tus.modules.pretrain import PretrainLossConfig, PretrainModelConfig, PretrainModule, nt_xent_loss, organ_ce_loss
 from tus.optim import LarsConfig, ScheduleConfig, build_lars, lars_param_groups, lr_multiplier, scaled_lr
-from tus.pretraining import PretrainConfig, PretrainDataConfig, PretrainDataModule, main, split_heldout
+from tus.stages.pretrain import PretrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 ORGANS = ("testicle", "thyroid")
@@ -368,7 +371,7 @@ def test_runner_refuses_organ_loss_without_organs_and_epoch_budgets(tmp_path: Pa
         write_grayscale(tmp_path / "images" / f"{i}.png", np.zeros((16, 16), dtype=np.uint8))
     base = [f"data.sources=[{{folder: '{tmp_path / 'images'}'}}]", f"output_root={tmp_path / 'runs'}", "monitor.holdout_per_organ=0"]
     config = load_config(PretrainConfig, REPO / "experiments/pretrain/cpu.yaml", base)
-    from tus.pretraining import run_pretraining
+    from tus.stages.pretrain import run_pretraining
 
     with pytest.raises(ValueError, match="no image has an organ"):
         run_pretraining(config)

@@ -29,10 +29,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from tests.test_pretrain import make_pool
 from tus.config import load_config
+from tus.losses.contrastive import nt_xent_loss
+from tus.methods.simclr_organ import PretrainLossConfig, PretrainModelConfig, PretrainModule
 from tus.models.backbones import BackboneConfig
-from tus.modules.pretrain import PretrainLossConfig, PretrainModelConfig, PretrainModule, nt_xent_loss
 from tus.optim import LarsConfig, ScheduleConfig
-from tus.pretraining import PretrainConfig
+from tus.stages.pretrain import PretrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -148,7 +149,7 @@ def test_tus_pretrain_under_ddp_shares_one_run_dir_and_scales_the_learning_rate(
     must join rank 0's run dir (not make its own); the lr is scaled by the global batch."""
     manifest = make_pool(tmp_path / "pool")
     command = [
-        sys.executable, "-m", "tus.cli", "pretrain", "--config", str(REPO / "experiments/pretrain/cpu.yaml"),
+        sys.executable, "-m", "tus.cli.main", "pretrain", "--config", str(REPO / "experiments/pretrain/cpu.yaml"),
         f"data.sources=[{{manifest: '{manifest}'}}]", f"output_root={tmp_path / 'runs'}",
         "data.image_size=32", f"data.batch_size={PER_RANK}", "data.num_workers=0",
         "model.backbone.name=test_resnet", "model.projection_hidden_dim=32", "model.projection_output_dim=16",

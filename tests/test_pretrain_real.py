@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from tus.config import load_config
-from tus.pretraining import PretrainConfig, run_pretraining
+from tus.stages.pretrain import PretrainConfig, run_pretraining
 
 REPO = Path(__file__).resolve().parents[1]
 PER_ORGAN = 150

@@ -10,12 +10,14 @@ import pandas as pd
 import pytest
 import torch
 
-import tus.synthetic.sampling as sampling
+import tus.stages.sample as sampling
+from tus.cli.sample import main
 from tus.data.images import read_grayscale
 from tus.data.manifest import load_manifest
 from tus.losses.gaussian_diffusion import NoiseSchedule
-from tus.modules.diffusion import ProcessConfig, UNetConfig, UNetExport, build_unet, export_stem, save_unet_export
-from tus.synthetic.sampling import diffusers_scheduler, generate, main, sample_images
+from tus.methods.iddpm import ProcessConfig, UNetConfig, UNetExport, build_unet, export_stem, save_unet_export
+from tus.samplers.base import diffusers_scheduler, sample_images
+from tus.stages.sample import generate
 
 # 50 training steps keep the full ancestral chain cheap; the samplers do not depend on T.
 STEPS = 50

@@ -13,12 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
+from tus.cli.synthetic import filter_main, metrics_main
 from tus.data.images import content_hash, list_images, write_grayscale
 from tus.data.manifest import load_manifest
-from tus.models.backbones import BackboneConfig, create_backbone, save_encoder
-from tus.synthetic import features as features_module
-from tus.synthetic.cli import filter_main, metrics_main
-from tus.synthetic.features import (
+from tus.eval import features as features_module
+from tus.eval.features import (
     WEIGHTS_ENV_VAR,
     EncoderExtractor,
     FeatureExtractor,
@@ -29,8 +28,9 @@ from tus.synthetic.features import (
     load_tus_encoder,
     packaged_inception_weights,
 )
-from tus.synthetic.filtering import filter_generated, sweep
-from tus.synthetic.metrics import compute_metrics, format_metrics_table, metrics_from_features, reference_batches
+from tus.eval.filtering import filter_generated, sweep
+from tus.eval.metrics import compute_metrics, format_metrics_table, metrics_from_features, reference_batches
+from tus.models.backbones import BackboneConfig, create_backbone, save_encoder
 
 
 class PixelExtractor(FeatureExtractor):

@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tus.synthetic.features import InceptionExtractor, InceptionWeightsNotFound
-from tus.synthetic.filtering import filter_generated
-from tus.synthetic.metrics import image_paths, metrics_from_features
+from tus.eval.features import InceptionExtractor, InceptionWeightsNotFound
+from tus.eval.filtering import filter_generated
+from tus.eval.metrics import image_paths, metrics_from_features
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 pytestmark = [pytest.mark.shared_data, pytest.mark.slow]

@@ -24,7 +24,7 @@ STEPS = 3
 
 def pretrain_command(pool: Path, out: Path) -> list[str]:
     return [
-        "-m", "tus.cli", "pretrain", "--config", str(REPO / "experiments" / "pretrain" / "cpu.yaml"),
+        "-m", "tus.cli.main", "pretrain", "--config", str(REPO / "experiments" / "pretrain" / "cpu.yaml"),
         f"data.sources=[{{manifest: '{pool}'}}]",
         "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "trainer.precision=32-true",
         f"trainer.max_steps={STEPS}", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",

@@ -6,7 +6,7 @@ of the (first) val/test set, each shown clean and with synthetic markers (drawn 
 ``<out_dir>/<stage>-epoch<E>.png`` with the marker-sensitivity numbers beside it
 (``.json``), and logs both (numbers to every logger, the image to W&B when a WandbLogger is
 attached). Only global rank 0 computes; the model's train/eval mode, gradients and hooks
-are left as they were (see :func:`tus.explain.explaining`).
+are left as they were (see :func:`tus.eval.explain.explaining`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
 from tus.data.markers import MarkerConfig
-from tus.explain import add_markers, measure_marker_sensitivity, save_overlay_grid
+from tus.eval.explain import add_markers, measure_marker_sensitivity, save_overlay_grid
 
 
 @dataclass

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import albumentations as A
-from albumentations.core.transforms_interface import BaseTransformInitSchema
 import cv2
 import numpy as np
+import torch
+from albumentations.core.transforms_interface import BaseTransformInitSchema
 
 MARKER_TYPES = ("cross_plus", "cross_x", "caliper_line", "circle", "arrow", "text", "scale_bar")
 
@@ -286,3 +287,35 @@ class MarkerInsertion(A.ImageOnlyTransform):
         else:
             marked[marker_mask] = marker_values[marker_mask]
         return marked
+
+
+def inject_markers_into_batch(
+    images: torch.Tensor,
+    rng: np.random.Generator,
+    config: MarkerConfig | None = None,
+    mean: float = 0.5,
+    std: float = 0.25,
+    probability: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Burn markers into a normalised (B, 1, H, W) batch; return ``(marked, masks)``.
+
+    Each image is marked with ``probability`` and gets its own draw from ``rng``. Drawing
+    happens on the uint8 image recovered as ``round((x * std + mean) * 255)``; marker
+    pixels are renormalised with ``(v / 255 - mean) / std``. Pixels outside the (B, 1, H,
+    W) bool mask are copied from ``images`` bit for bit, never round-tripped through uint8.
+    """
+    if images.ndim != 4 or images.shape[1] != 1:
+        raise ValueError(f"expected a (B, 1, H, W) batch, got {tuple(images.shape)}")
+    pixels = ((images.detach().float().cpu() * std + mean) * 255.0).round().clamp(0, 255)
+    pixels = pixels.to(torch.uint8).numpy()
+    values = np.zeros(pixels.shape, dtype=np.uint8)
+    masks = np.zeros(pixels.shape, dtype=bool)
+    for index in range(pixels.shape[0]):
+        if rng.random() >= probability:
+            continue
+        marked, mask = draw_markers(pixels[index, 0], rng, config)
+        values[index, 0] = marked
+        masks[index, 0] = mask
+    mask_tensor = torch.from_numpy(masks).to(images.device)
+    marker_values = (torch.from_numpy(values).to(images.device, images.dtype) / 255.0 - mean) / std
+    return torch.where(mask_tensor, marker_values, images), mask_tensor

@@ -9,6 +9,7 @@ resumed run continues the same W&B run.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import time
 import uuid
@@ -17,13 +18,13 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 
-from tus.config import to_dict
+from tus.config import to_dict, write_text_atomic
 
 
 @dataclass
@@ -188,3 +189,13 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     """``run_dir/checkpoints/last.ckpt`` if a previous attempt left one (for resume)."""
     path = Path(run_dir) / "checkpoints" / "last.ckpt"
     return path if path.is_file() else None
+
+
+def read_json(path: Path) -> dict | None:
+    """The JSON object in ``path``, or None where the file does not exist (yet)."""
+    return json.loads(Path(path).read_text()) if Path(path).is_file() else None
+
+
+def write_json_atomic(path: Path, data: dict) -> Path:
+    """Write ``data`` as indented JSON, atomically (see :func:`write_text_atomic`)."""
+    return write_text_atomic(path, json.dumps(data, indent=2))

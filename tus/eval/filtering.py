@@ -34,9 +34,9 @@ import torch
 from matplotlib.figure import Figure
 
 from tus.data.images import list_images, read_grayscale
-from tus.synthetic.features import FEATURES, LOGITS, FeatureExtractor, InceptionExtractor
-from tus.synthetic.manifold import kth_neighbour_radii, manifold_membership
-from tus.synthetic.metrics import (
+from tus.eval.features import FEATURES, LOGITS, FeatureExtractor, InceptionExtractor
+from tus.eval.manifold import kth_neighbour_radii, manifold_membership
+from tus.eval.metrics import (
     PRC_K,
     REFERENCE_BATCH_SIZE,
     REFERENCE_BATCHES,

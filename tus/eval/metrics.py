@@ -7,7 +7,7 @@ with ddof 0) over the batches. With fewer than 3 x 64 real images the batches sh
 full batches of 64 as fit, else one batch of every real image) and ``notes`` says so. FID
 compares all real with all generated features; the Inception Score uses torch-fidelity's
 splits (10 by default) and is reported only when the extractor has class logits.
-torch-fidelity computes FID and IS; precision/recall use :mod:`tus.synthetic.manifold`,
+torch-fidelity computes FID and IS; precision/recall use :mod:`tus.eval.manifold`,
 which matches torch-fidelity's ``prc``.
 """
 
@@ -24,8 +24,8 @@ from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, i
 
 from tus.data.images import list_images
 from tus.data.manifest import read_manifest
-from tus.synthetic.features import FEATURES, LOGITS, FeatureExtractor
-from tus.synthetic.manifold import improved_precision_recall
+from tus.eval.features import FEATURES, LOGITS, FeatureExtractor
+from tus.eval.manifold import improved_precision_recall
 
 PRC_K = 3
 REFERENCE_BATCHES = 3

@@ -16,7 +16,6 @@ unfinished run from its ``last.ckpt``.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Literal
@@ -30,14 +29,16 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from tqdm.auto import tqdm
 
-from tus.callbacks.gradcam import GradCAMConfig
+from tus.callbacks.gradcam import GradCAMConfig, GradCAMPlusPlusLogger
+from tus.callbacks.loss_recorder import PerSampleLossRecorder
 from tus.config import save_config, to_dict, write_text_atomic
 from tus.data.datamodules import LabeledDataConfig, LabeledDataModule
 from tus.data.folds import assign_folds, fold_table
 from tus.data.manifest import load_manifest
+from tus.eval.cv_summary import collect_runs, write_summary
+from tus.methods.classifier import METRIC_NAMES, FineTuneModule, FineTuneOptimConfig, save_finetuned
 from tus.models.backbones import BackboneConfig
-from tus.modules.finetune import METRIC_NAMES, FineTuneModule, FineTuneOptimConfig, save_finetuned
-from tus.training import LoggingConfig, TrainerConfig, build_loggers, build_trainer, last_checkpoint, new_run_dir
+from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, last_checkpoint, new_run_dir
 
 
 @dataclass
@@ -194,85 +195,22 @@ def predict(module: FineTuneModule, loader) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def collect_runs(run_dir: Path) -> pd.DataFrame:
-    records = [json.loads(p.read_text()) for p in sorted((Path(run_dir) / "runs").glob("*/metrics.json"))]
-    runs = pd.DataFrame(records).sort_values(["seed", "fold"]).reset_index(drop=True) if records else pd.DataFrame()
-    runs.to_csv(Path(run_dir) / "runs.csv", index=False)
-    return runs
 
 
-def aggregate(runs: pd.DataFrame, metrics=METRIC_NAMES) -> dict:
-    """Mean and sample standard deviation (ddof=1) of each metric over fold x seed runs."""
-    summary = {}
-    for name in metrics:
-        values = runs[name].astype(float).to_numpy()
-        std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-        summary[name] = {"mean": float(values.mean()), "std": std, "n": int(len(values))}
-    return summary
 
 
-def trivial_baselines(positive_rate: float) -> dict:
-    """Scores of classifiers that ignore the image, for this class balance.
-
-    - always negative: accuracy 1-p, F1 0;
-    - prior-matching random guesser (predicts positive with probability p): accuracy
-      p^2 + (1-p)^2, precision = recall = F1 = p, AUROC 0.5.
-    """
-    p = float(positive_rate)
-    return {
-        "positive_rate": p,
-        "always_negative": {"accuracy": 1 - p, "f1": 0.0, "precision": 0.0, "recall": 0.0, "auroc": 0.5},
-        "prior_random": {"accuracy": p * p + (1 - p) ** 2, "f1": p, "precision": p, "recall": p, "auroc": 0.5},
-    }
 
 
-def format_mean_std(stats: dict, scale: float = 100.0, digits: int = 1) -> str:
-    if math.isnan(stats["mean"]):
-        return "n/a"
-    return f"{stats['mean'] * scale:.{digits}f} ± {stats['std'] * scale:.{digits}f}"
 
 
-SELECTION_TEXT = {
-    "last": "the last epoch of each run is evaluated on its held-out test fold (no model selection)",
-    "inner_val": "each run's best epoch on an inner, patient-grouped validation split of its training folds is evaluated on the held-out test fold",
-}
 
 
-def write_summary(run_dir: Path, runs: pd.DataFrame, frame: pd.DataFrame, config: FineTuneCVConfig) -> dict:
-    expected = len(config.seeds) * config.data.num_folds
-    stats = aggregate(runs) if len(runs) else {}
-    baselines = trivial_baselines(float((frame["label"] == 1).mean()))
-    summary = {
-        "name": config.name,
-        "runs": int(len(runs)),
-        "expected_runs": expected,
-        "folds": config.data.num_folds,
-        "seeds": list(config.seeds),
-        "selection": config.selection,
-        "selection_note": SELECTION_TEXT[config.selection],
-        "metrics": stats,
-        "baselines": baselines,
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    (run_dir / "summary.md").write_text(render_summary_markdown(summary))
-    return summary
 
 
-def render_summary_markdown(summary: dict) -> str:
-    header = "| | " + " | ".join(n.capitalize() if n != "auroc" else "AUROC" for n in METRIC_NAMES) + " |"
-    rule = "|---" * (len(METRIC_NAMES) + 1) + "|"
-    model = "| " + summary["name"] + " | " + " | ".join(format_mean_std(summary["metrics"][n]) for n in METRIC_NAMES) + " |"
-    rows = [header, rule, model]
-    for key, label in (("always_negative", "always negative"), ("prior_random", "random (prior-matched)")):
-        base = summary["baselines"][key]
-        rows.append(f"| *{label}* | " + " | ".join(f"{base[n] * 100:.1f}" for n in METRIC_NAMES) + " |")
-    p = summary["baselines"]["positive_rate"]
-    return "\n".join([
-        f"# {summary['name']}: {summary['folds']}-fold patient-grouped CV x {len(summary['seeds'])} seeds",
-        "",
-        *rows,
-        "",
-        f"Mean ± sample std (%) over {summary['runs']} of {summary['expected_runs']} runs; positive = class 1 ({p:.1%} of images).",
-        f"Model selection: {summary['selection_note']}.",
-        "",
-    ])
+def finetune_callbacks(config, run_info: dict, run_dir: Path) -> list[Callback]:
+    callbacks: list[Callback] = []
+    if config.record_losses:
+        callbacks.append(PerSampleLossRecorder(Path(run_dir) / "losses.csv", run_info))
+    if config.gradcam.enabled:
+        callbacks.append(GradCAMPlusPlusLogger.from_config(config.gradcam, Path(run_dir) / "gradcam", config.data.augment.markers))
+    return callbacks

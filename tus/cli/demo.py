@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from tus.training import new_run_dir
+from tus.runs import new_run_dir
 
 
 @contextmanager
@@ -29,17 +29,16 @@ def stage(title: str, timings: dict):
 
 
 def run_demo(out_root: Path, experiments: Path, *, label_noise: float, seeds: str) -> Path:
+    from tus.cli.explain import main as explain_main
+    from tus.cli.noisy_labels import main as noisy_labels_main
+    from tus.cli.sample import main as sample_main
+    from tus.cli.synthetic import filter_main, metrics_main
     from tus.config import load_config
-    from tus.cv import FineTuneCVConfig, run_cv
     from tus.data.manifest import load_manifest, summarize
     from tus.data.phantom import generate_phantom
-    from tus.diffusion import DiffusionConfig, run_diffusion
-    from tus.explain import main as explain_main
-    from tus.noisy_labels import main as noisy_labels_main
-    from tus.pretraining import PretrainConfig, run_pretraining
-    from tus.stage_callbacks import finetune_callbacks
-    from tus.synthetic.cli import filter_main, metrics_main
-    from tus.synthetic.sampling import main as sample_main
+    from tus.stages.diffusion import DiffusionConfig, run_diffusion
+    from tus.stages.finetune_cv import FineTuneCVConfig, finetune_callbacks, run_cv
+    from tus.stages.pretrain import PretrainConfig, run_pretraining
 
     demo = new_run_dir(out_root, "demo")
     timings: dict[str, float] = {}
@@ -102,7 +101,7 @@ def _test_images(cv_dir: Path, count: int) -> list[str]:
 
 
 def write_report(demo: Path, cv_dir: Path, pretrain_dir: Path, diffusion_dir: Path, timings: dict) -> None:
-    from tus.synthetic.metrics import format_metrics_table
+    from tus.eval.metrics import format_metrics_table
 
     def read(path: Path) -> dict:
         return json.loads(path.read_text())

@@ -6,9 +6,9 @@ import argparse
 import os
 from pathlib import Path
 
-from tus.synthetic.features import WEIGHTS_ENV_VAR, EncoderExtractor, FeatureExtractor, InceptionExtractor, load_tus_encoder
-from tus.synthetic.filtering import FILTER_K, LINK_MODES, filter_generated, sweep
-from tus.synthetic.metrics import PRC_K, compute_metrics, format_metrics_table, image_paths, save_metrics
+from tus.eval.features import WEIGHTS_ENV_VAR, EncoderExtractor, FeatureExtractor, InceptionExtractor, load_tus_encoder
+from tus.eval.filtering import FILTER_K, LINK_MODES, filter_generated, sweep
+from tus.eval.metrics import PRC_K, compute_metrics, format_metrics_table, image_paths, save_metrics
 
 DEFAULT_ENCODER_IMAGE_SIZE = 224
 

@@ -20,22 +20,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import lightning as L
-import numpy as np
 import torch
-import torch.nn.functional as F
-from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
-from lightning.pytorch.callbacks import Callback
-from sklearn.neighbors import KNeighborsClassifier
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.data import DataLoader, Dataset
 
 from tus.config import to_dict
+from tus.losses.contrastive import nt_xent_loss, organ_accuracy, organ_ce_loss
 from tus.models.backbones import BackboneConfig, create_backbone
-from tus.optim import LarsConfig, ScheduleConfig, build_lars, schedule_lambda, scaled_lr
-
-UNKNOWN_ORGAN = -1
+from tus.optim import LarsConfig, ScheduleConfig, build_lars, scaled_lr, schedule_lambda
 
 
 @dataclass
@@ -67,35 +60,10 @@ class PretrainLossConfig:
             raise ValueError(f"loss.temperature must be > 0, got {self.temperature}")
 
 
-def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather_distributed: bool = False) -> torch.Tensor:
-    """SimCLR's NT-Xent (Eq. 1-2) for projections of the two views, mean over the 2N anchors.
-
-    With ``gather_distributed`` and an initialised process group, each rank scores its own
-    anchors against the views of *all* ranks (lightly gathers them with gradients). A rank's
-    loss is the mean over its anchors, so the mean over ranks is the global-batch loss; the
-    gather's backward all-reduces gradients, giving each rank world_size x its share of the
-    global gradient, which DDP's averaging brings back to exactly the global gradient.
-    """
-    return NTXentLoss(temperature=temperature, gather_distributed=gather_distributed)(z1, z2)
 
 
-def organ_ce_loss(logits: torch.Tensor, organs: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over views with a known organ (Eq. 3); unknown organs (-1) are skipped.
-
-    Unlike ``F.cross_entropy(ignore_index=...)`` this is 0 rather than NaN for a batch without
-    any known organ. Under DDP each rank averages over its own known organs, which equals the
-    global mean when ranks hold as many known organs each (always true for a fully labelled pool).
-    """
-    per_view = F.cross_entropy(logits, organs.clamp_min(0), reduction="none")
-    known = (organs != UNKNOWN_ORGAN).to(per_view.dtype)
-    return (per_view * known).sum() / known.sum().clamp_min(1.0)
 
 
-def organ_accuracy(logits: torch.Tensor, organs: torch.Tensor) -> torch.Tensor:
-    """Share of views with a known organ whose argmax is right (NaN-free: 0 when none)."""
-    known = organs != UNKNOWN_ORGAN
-    correct = (logits.argmax(dim=1) == organs) & known
-    return correct.sum().float() / known.sum().clamp_min(1).float()
 
 
 class PretrainModule(L.LightningModule):
@@ -196,77 +164,7 @@ class PretrainModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
 
-@torch.no_grad()
-def encode(module: PretrainModule, dataset: Dataset, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(features, organ-head predictions, organ labels) for a dataset of single-view items."""
-    was_training = module.training
-    module.eval()
-    features, predictions, organs = [], [], []
-    try:
-        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            encoded = module.encoder(batch["image"].to(module.device))
-            features.append(encoded.float().cpu())
-            predictions.append(module.organ_head(encoded).argmax(dim=1).cpu())
-            organs.append(batch["organ"])
-    finally:
-        module.train(was_training)
-    return torch.cat(features).numpy(), torch.cat(predictions).numpy(), torch.cat(organs).numpy()
 
 
-def knn_accuracy(bank_features: np.ndarray, bank_labels: np.ndarray, features: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Accuracy of a cosine k-NN classifier (distance-weighted vote) fitted on the bank."""
-    classifier = KNeighborsClassifier(n_neighbors=min(k, len(bank_labels)), metric="cosine", weights="distance")
-    classifier.fit(bank_features, bank_labels)
-    return float((classifier.predict(features) == labels).mean())
 
 
-class OrganProbe(Callback):
-    """At the start, every ``every_n_steps`` optimizer steps and after the last, score the organ on held-out images.
-
-    ``bank`` (training-pool images) and ``heldout`` (images kept out of training) are
-    single-view datasets under the eval transform, with known organs. Logs
-    ``probe/knn_organ_acc`` (k-NN on encoder features: the representation itself) and
-    ``probe/head_organ_acc`` (the organ head h). Every rank computes the same numbers (the
-    weights are identical), which keeps the ranks in step. ``history`` keeps every result.
-    """
-
-    def __init__(self, bank: Dataset, heldout: Dataset, *, every_n_steps: int, k: int = 20, batch_size: int = 256):
-        if every_n_steps <= 0:
-            raise ValueError(f"every_n_steps must be > 0, got {every_n_steps}")
-        self.bank = bank
-        self.heldout = heldout
-        self.every_n_steps = every_n_steps
-        self.k = k
-        self.batch_size = batch_size
-        self.history: list[dict] = []
-        self._last_probed_step = -1
-
-    def evaluate(self, module: PretrainModule) -> dict[str, float]:
-        bank_features, _, bank_organs = encode(module, self.bank, self.batch_size)
-        features, predictions, organs = encode(module, self.heldout, self.batch_size)
-        return {
-            "probe/knn_organ_acc": knn_accuracy(bank_features, bank_organs, features, organs, self.k),
-            "probe/head_organ_acc": float((predictions == organs).mean()),
-        }
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: PretrainModule) -> None:
-        # The starting point (random or given init), so later numbers have a baseline.
-        if trainer.global_step == 0:
-            self._probe(trainer, pl_module)
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: PretrainModule, outputs, batch, batch_idx: int) -> None:
-        step = trainer.global_step
-        due = step % self.every_n_steps == 0 or step == trainer.max_steps
-        # With gradient accumulation several batches share one optimizer step; probe it once.
-        if due and step != self._last_probed_step:
-            self._probe(trainer, pl_module)
-
-    def _probe(self, trainer: L.Trainer, pl_module: PretrainModule) -> None:
-        step = trainer.global_step
-        self._last_probed_step = step
-        results = self.evaluate(pl_module)
-        self.history.append({"step": step, **results})
-        # Straight to the loggers (rank zero only): Lightning's self.log is not allowed in
-        # on_train_start, and these are point measurements, not step aggregates.
-        for logger in trainer.loggers:
-            logger.log_metrics(results, step=step)

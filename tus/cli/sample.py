@@ -1,0 +1,29 @@
+"""``tus sample``: argv -> :func:`tus.stages.sample.generate`."""
+
+from __future__ import annotations
+
+import argparse
+
+from tus.samplers.base import DEFAULT_STEPS, SAMPLERS
+from tus.stages.sample import generate
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tus sample", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="export .safetensors, Lightning .ckpt, or a diffusion run dir")
+    parser.add_argument("--n", type=int, required=True, help="number of images the folder should hold")
+    parser.add_argument("--out", required=True, help="output folder (new, or one to continue)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
+    parser.add_argument("--steps", type=int, default=None, help=f"steps (defaults: ddpm all, {DEFAULT_STEPS})")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--precision", choices=("32", "bf16"), default="32")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    manifest = generate(
+        args.checkpoint, args.out, args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
+        batch_size=args.batch_size, device=args.device, precision=args.precision, progress=not args.no_progress,
+    )
+    print(f"{args.n} images in {manifest.parent} (manifest: {manifest})")
+    return 0

@@ -1,0 +1,210 @@
+"""DataModules over unlabelled image pools for the generative and self-supervised stages:
+pretraining (two views per image, organ-balanced draws, a held-out probe slice) and diffusion
+(epochs of a fixed number of steps drawn with replacement, resumable exactly)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from tus.data.datamodules import ImagePoolDataModule, ImageSourceConfig
+from tus.data.datasets import ManifestDataset
+from tus.data.transforms import eval_transform
+from tus.data.views import ViewConfig, ViewPairTransform
+from tus.methods.iddpm import (
+    derive_seed,
+)
+
+
+@dataclass
+class DiffusionDataConfig:
+    sources: list[ImageSourceConfig] = field(
+        default_factory=lambda: [ImageSourceConfig(manifest="data/phantom/labeled/manifest.csv")]
+    )
+    image_size: int = 256
+    batch_size: int = 16
+    num_workers: int = 2
+    cache_images: bool = True
+    hflip: bool = True
+    # Optimiser steps per "epoch": checkpoints are written at epoch ends only, where a
+    # resume replays the same draws as an uninterrupted run.
+    steps_per_epoch: int = 1000
+
+
+def to_signed_unit(image: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W) -> float (1, H, W) in [-1, 1], the range the diffusion process assumes."""
+    return torch.from_numpy(image).float().div(127.5).sub(1.0).unsqueeze(0)
+
+
+class EpochWeightedSampler(DistributedSampler):
+    """Weighted draws with replacement, redrawn reproducibly from (seed, epoch), split over ranks.
+
+    Being a ``DistributedSampler``, Lightning neither wraps it nor forgets to call
+    ``set_epoch``, so the draws of an epoch are the same whether or not the run was resumed.
+    """
+
+    def __init__(self, dataset: Dataset, weights: np.ndarray, samples_per_rank: int, seed: int, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.weights = torch.as_tensor(weights, dtype=torch.float64)
+        self.samples_per_rank = samples_per_rank
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+        draws = torch.multinomial(self.weights, self.samples_per_rank * self.num_replicas, replacement=True, generator=generator)
+        return iter(draws[self.rank :: self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.samples_per_rank
+
+
+class DiffusionDataModule(ImagePoolDataModule):
+    """The image pool in [-1, 1]; an epoch is ``steps_per_epoch`` optimiser steps on every rank."""
+
+    def __init__(self, config: DiffusionDataConfig, seed: int):
+        super().__init__(
+            config.sources, to_signed_unit, image_size=config.image_size, batch_size=config.batch_size,
+            num_workers=config.num_workers, cache_images=config.cache_images, seed=seed,
+        )
+        self.steps_per_epoch = config.steps_per_epoch
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        world_size, rank, accumulate = (
+            (trainer.world_size, trainer.global_rank, trainer.accumulate_grad_batches) if trainer else (1, 0, 1)
+        )
+        samples = self.steps_per_epoch * accumulate * self.batch_size
+        sampler = EpochWeightedSampler(self.dataset, self.sample_weights(), samples, self.seed, world_size, rank)
+        return DataLoader(
+            self.dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0, drop_last=True,
+        )
+
+
+@dataclass
+class PretrainDataConfig:
+    """The unlabelled pool: weighted sources, input size, per-device batch, views."""
+
+    sources: list[ImageSourceConfig] = field(default_factory=list)
+    image_size: int = 224
+    batch_size: int = 512
+    num_workers: int = 4
+    # Fixes the organ vocabulary (head index = position); None: the sorted organs found.
+    organ_classes: list[str] | None = None
+    require_organ: bool = False
+    cache_images: bool = True
+    samples_per_epoch: int | None = None
+    views: ViewConfig = field(default_factory=ViewConfig)
+
+
+def split_heldout(frames: list[pd.DataFrame], per_organ: int, seed: int) -> tuple[list[pd.DataFrame], pd.DataFrame]:
+    """Move about ``per_organ`` images of each organ out of the pool, whole patients at a time.
+
+    Images of one patient (or, without patient ids, one image) stay on one side, so near
+    duplicates cannot leak into the probe. At most half of an organ's images are held out.
+    Images without an organ always stay in the pool. Returns (pool frames, held-out frame).
+    """
+    rng = np.random.default_rng(seed)
+    tagged = pd.concat(
+        [f.assign(source=i, row=np.arange(len(f))) for i, f in enumerate(frames)], ignore_index=True
+    )
+    groups = tagged["source"].astype(str) + "/" + tagged["patient_id"].astype(str)
+    held = np.zeros(len(tagged), dtype=bool)
+    for organ in sorted(set(tagged["organ"]) - {""}):
+        of_organ = (tagged["organ"] == organ).to_numpy()
+        budget = min(per_organ, int(of_organ.sum()) // 2)
+        for group in rng.permutation(groups[of_organ].unique()):
+            if held[of_organ].sum() >= budget:
+                break
+            held |= (groups == group).to_numpy() & of_organ
+    pool = []
+    for i, frame in enumerate(frames):
+        held_rows = tagged.loc[held & (tagged["source"] == i).to_numpy(), "row"].to_numpy()
+        pool.append(frame.drop(index=frame.index[held_rows]).reset_index(drop=True))
+    return pool, tagged.loc[held, PROBE_COLUMNS].reset_index(drop=True)
+
+
+def sample_per_organ(frames: list[pd.DataFrame], per_organ: int, seed: int) -> pd.DataFrame:
+    """Up to ``per_organ`` random images of each organ from the pool (the k-NN bank)."""
+    rows = pd.concat([f[PROBE_COLUMNS] for f in frames], ignore_index=True)
+    rows = rows[rows["organ"] != ""]
+    picked = [group.sample(n=min(per_organ, len(group)), random_state=seed) for _, group in rows.groupby("organ")]
+    return pd.concat(picked, ignore_index=True) if picked else rows.iloc[:0]
+
+
+class PretrainDataModule(ImagePoolDataModule):
+    """The weighted image pool through a :class:`ViewPairTransform`, minus a held-out slice.
+
+    The held-out slice (``holdout_per_organ`` images per organ) and a bank of pool images
+    feed the :class:`OrganProbe`. Each DDP rank gets its own stream of view draws.
+    """
+
+    def __init__(self, config: PretrainDataConfig, *, seed: int, holdout_per_organ: int = 0):
+        super().__init__(
+            config.sources,
+            ViewPairTransform(config.views, config.image_size, seed=seed),
+            image_size=config.image_size,
+            batch_size=config.batch_size,
+            num_workers=config.num_workers,
+            organ_classes=config.organ_classes,
+            require_organ=config.require_organ,
+            cache_images=config.cache_images,
+            seed=seed,
+            samples_per_epoch=config.samples_per_epoch,
+        )
+        self.holdout_per_organ = holdout_per_organ
+        self.heldout: pd.DataFrame | None = None
+
+    def prepare_frames(self) -> list[pd.DataFrame]:
+        if self.heldout is None:
+            frames = super().prepare_frames()
+            self.frames, self.heldout = split_heldout(frames, self.holdout_per_organ, self.seed)
+            for source, frame in zip(self.sources, self.frames):
+                if frame.empty:
+                    raise ValueError(f"{source.manifest or source.folder}: no images left for training after holding out the probe slice; lower monitor.holdout_per_organ")
+        return self.frames
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        self.transform.set_rank(self.trainer.global_rank if self.trainer is not None else 0)
+
+    def train_dataloader(self):
+        # Lightning asks for the loader after restoring a checkpoint: folding the step into the
+        # seeds makes a resumed run draw new images (and, without workers, new views) instead
+        # of replaying the start of the run. Workers reseed their views from torch's seed.
+        step = self.trainer.global_step if self.trainer is not None else 0
+        self.transform.reseed(self.seed + step)
+        self.reseed_sampler(self.seed + step)
+        return super().train_dataloader()
+
+    def probe_datasets(self, bank_per_organ: int) -> tuple[ManifestDataset, ManifestDataset]:
+        """(bank from the pool, held-out slice), single views under the eval transform."""
+        frames = self.prepare_frames()
+        bank = sample_per_organ(frames, bank_per_organ, self.seed)
+        return tuple(
+            ManifestDataset(frame, eval_transform(), image_size=self.image_size, organ_index=self.organ_index, cache=self.cache_images)
+            for frame in (bank, self.heldout)
+        )
+
+    def pool_report(self) -> dict:
+        """Images per organ in the training pool, each organ's expected share of the draws."""
+        frames = self.prepare_frames()
+        total_weight = sum(s.weight for s in self.sources)
+        share: dict[str, float] = {}
+        for source, frame in zip(self.sources, frames):
+            fractions = frame["organ"].replace("", "(none)").value_counts(normalize=True)
+            for organ, fraction in fractions.items():
+                share[organ] = share.get(organ, 0.0) + source.weight / total_weight * float(fraction)
+        return {
+            "organ_classes": list(self.organ_classes),
+            "images_per_organ": self.organ_counts(),
+            "draw_share_per_organ": {k: round(v, 4) for k, v in sorted(share.items())},
+            "images_per_source": {str(s.manifest or s.folder): len(f) for s, f in zip(self.sources, frames)},
+            "heldout_per_organ": {k: int(v) for k, v in self.heldout["organ"].value_counts().sort_index().items()},
+        }
+
+
+PROBE_COLUMNS = ["path", "abs_path", "sample_id", "patient_id", "label", "organ"]
