@@ -1,0 +1,289 @@
+"""Statistics for cross-validated results: spreads, paired arm comparisons and patient-level CIs.
+
+tus evaluates every arm with patient-grouped K-fold cross-validation repeated over several
+seeds. Each run (fold, seed) gives one row of test metrics (a *runs table*: columns ``fold``,
+``seed`` and one column per metric) and the pooled test predictions (``sample_id``,
+``patient_id``, ``label``, ``prob``, ``pred``, ``fold``, ``seed``). This module turns those into
+what a reviewer asks for:
+
+* :func:`paper_spread` -- mean and standard deviation the way the reference paper reports them,
+  next to the plain sample standard deviation over all runs, so a table can say which it shows.
+* :func:`nadeau_bengio_ttest` / :func:`compare_arms` -- the corrected resampled t-test
+  (Nadeau & Bengio 2003, "Inference for the generalization error", Machine Learning 52;
+  Bouckaert & Frank 2004, "Evaluating the replicability of significance tests for comparing
+  learning algorithms", PAKDD). Runs of one cross-validation share most of their training data,
+  so their scores are positively correlated and the ordinary paired t-test is far too liberal;
+  the correction inflates the variance of the mean difference accordingly.
+* :func:`patient_bootstrap_ci` -- a percentile bootstrap over patients (clusters): images of one
+  patient are correlated, so resampling images would understate the uncertainty.
+* :func:`format_p` / :func:`significance_marker` -- p-values and stars for rendered tables.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
+
+RUN_KEYS = ("fold", "seed")
+# Metrics whose paper spread is taken over all fold x seed runs; every other metric's spread is
+# taken over the per-seed means (see :func:`paper_spread`).
+RUN_LEVEL_METRICS = ("accuracy",)
+
+MetricFn = Callable[[pd.DataFrame], float]
+
+
+def paper_spread(
+    runs: pd.DataFrame, metrics: Iterable[str], run_level_metrics: Sequence[str] = RUN_LEVEL_METRICS
+) -> dict[str, dict]:
+    """Mean and standard deviations of each metric over a fold x seed runs table.
+
+    The reference paper (TesticulUS, 3-fold CV x 4 seeds) reports accuracy as mean +- std over
+    all runs, but F1, precision and recall as mean +- std over the per-seed means (first the mean
+    over the folds of each seed, then the std over seeds). Both spreads use the sample standard
+    deviation (ddof=1). For each metric this returns:
+
+    * ``mean`` -- mean over all runs (equal to the mean of the seed means when every seed has the
+      same number of folds);
+    * ``std`` -- the paper's spread: over all runs for ``run_level_metrics``, else over seed means;
+    * ``std_over`` -- ``"runs"`` or ``"seed_means"``, which of the two ``std`` is;
+    * ``sample_std`` -- sample std (ddof=1) over all runs, whatever the metric;
+    * ``n_runs`` / ``n_seeds`` -- how many values each spread saw.
+
+    A standard deviation of a single value is undefined and returned as NaN (one run, or one
+    seed for a seed-mean spread). Missing metric values (NaN) are skipped, as pandas does.
+    """
+    missing = [name for name in (*RUN_KEYS, *metrics) if name not in runs.columns]
+    if missing:
+        raise ValueError(f"runs table lacks columns {missing}; it has {list(runs.columns)}")
+    summary: dict[str, dict] = {}
+    for name in metrics:
+        values = runs[name].dropna()
+        seed_means = runs.groupby("seed")[name].mean().dropna()
+        sample_std = float(values.std(ddof=1))
+        over_runs = name in run_level_metrics
+        summary[name] = {
+            "mean": float(values.mean()),
+            "std": sample_std if over_runs else float(seed_means.std(ddof=1)),
+            "std_over": "runs" if over_runs else "seed_means",
+            "sample_std": sample_std,
+            "n_runs": len(values),
+            "n_seeds": len(seed_means),
+        }
+    return summary
+
+
+def nadeau_bengio_ttest(diffs: Sequence[float] | np.ndarray, n_train: float, n_test: float) -> tuple[float, float]:
+    """Corrected resampled t-test on paired per-run differences (two-sided).
+
+    Nadeau & Bengio (2003), Eq. for the corrected resampled t-statistic, as popularised by
+    Bouckaert & Frank (2004): with J paired differences d_j between two learners evaluated on the
+    same train/test splits,
+
+        sigma2_corrected = (1/J + n_test/n_train) * var(d, ddof=1),
+        t = mean(d) / sqrt(sigma2_corrected),
+
+    and p = 2 * P(T_{J-1} > |t|) for Student's t with J-1 degrees of freedom. ``n_train`` and
+    ``n_test`` are the training and test set sizes of one run (for grouped folds of unequal size,
+    their averages over the runs). The term n_test/n_train = rho/(1-rho) accounts for the
+    correlation rho = n_test/(n_train+n_test) between runs that share training data.
+
+    Zero variance (every difference equal) has no t-statistic; it is resolved as the limit of the
+    test: a zero mean gives t=0, p=1 (no evidence of a difference) and a non-zero mean gives
+    t=+-inf, p=0 (scipy's ``ttest_1samp`` yields NaN there instead, which would break tables).
+    """
+    d = np.asarray(diffs, dtype=float)
+    if d.ndim != 1 or len(d) < 2:
+        raise ValueError(f"need a 1-D sequence of at least 2 differences, got shape {d.shape}")
+    if not np.all(np.isfinite(d)):
+        raise ValueError("differences must be finite")
+    if n_train <= 0 or n_test <= 0:
+        raise ValueError(f"n_train and n_test must be positive, got {n_train} and {n_test}")
+    j = len(d)
+    mean = float(d.mean())
+    variance = float(d.var(ddof=1))
+    if variance == 0.0:
+        if mean == 0.0:
+            return 0.0, 1.0
+        return math.copysign(math.inf, mean), 0.0
+    t = mean / math.sqrt((1.0 / j + n_test / n_train) * variance)
+    p = float(2.0 * stats.t.sf(abs(t), df=j - 1))
+    return float(t), p
+
+
+def _paired_runs(baseline_runs: pd.DataFrame, arm_runs: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Join the two runs tables on (fold, seed); ValueError naming every unmatched or repeated run."""
+    for label, table in (("baseline", baseline_runs), ("arm", arm_runs)):
+        missing = [name for name in (*RUN_KEYS, metric) if name not in table.columns]
+        if missing:
+            raise ValueError(f"{label} runs table lacks columns {missing}")
+        repeated = table[table.duplicated(list(RUN_KEYS), keep=False)]
+        if len(repeated):
+            pairs = sorted({(int(f), int(s)) for f, s in zip(repeated["fold"], repeated["seed"])})
+            raise ValueError(f"{label} runs table repeats (fold, seed) pairs {pairs}")
+    base_keys = {(int(f), int(s)) for f, s in zip(baseline_runs["fold"], baseline_runs["seed"])}
+    arm_keys = {(int(f), int(s)) for f, s in zip(arm_runs["fold"], arm_runs["seed"])}
+    if base_keys != arm_keys:
+        raise ValueError(
+            "runs do not pair on (fold, seed): "
+            f"missing from arm {sorted(base_keys - arm_keys)}, missing from baseline {sorted(arm_keys - base_keys)}"
+        )
+    left = baseline_runs[[*RUN_KEYS, metric]].rename(columns={metric: "baseline"})
+    right = arm_runs[[*RUN_KEYS, metric]].rename(columns={metric: "arm"})
+    return left.merge(right, on=list(RUN_KEYS), validate="one_to_one").sort_values(list(RUN_KEYS))
+
+
+def compare_arms(
+    baseline_runs: pd.DataFrame,
+    arm_runs: pd.DataFrame,
+    metric: str,
+    n_train: float,
+    n_test: float,
+    n_boot: int = 10000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict:
+    """Compare an arm with a baseline on one metric over runs paired by (fold, seed).
+
+    Differences are ``arm - baseline`` per run. The p-value is the corrected resampled t-test
+    (:func:`nadeau_bengio_ttest`). The confidence interval of the mean difference is a percentile
+    bootstrap that resamples the paired runs (``scipy.stats.bootstrap``, seeded with ``seed``);
+    note that it treats the runs as independent, so it is narrower than the corrected test implies
+    and is meant as a descriptive range, not as the test.
+
+    Raises ValueError naming the (fold, seed) pairs present in one table but not the other.
+    """
+    paired = _paired_runs(baseline_runs, arm_runs, metric)
+    diffs = (paired["arm"] - paired["baseline"]).to_numpy(dtype=float)
+    t, p = nadeau_bengio_ttest(diffs, n_train, n_test)
+    if np.all(diffs == diffs[0]):
+        # Every resample has the same mean; scipy would warn about a degenerate distribution.
+        low = high = float(diffs[0])
+    else:
+        interval = stats.bootstrap(
+            (diffs,), np.mean, n_resamples=n_boot, confidence_level=confidence, method="percentile", rng=seed
+        ).confidence_interval
+        low, high = float(interval.low), float(interval.high)
+    return {
+        "metric": metric,
+        "n_pairs": len(diffs),
+        "baseline_mean": float(paired["baseline"].mean()),
+        "arm_mean": float(paired["arm"].mean()),
+        "mean_diff": float(diffs.mean()),
+        "t": t,
+        "p": p,
+        "ci_low": low,
+        "ci_high": high,
+        "confidence": confidence,
+    }
+
+
+def accuracy_metric(frame: pd.DataFrame) -> float:
+    """Accuracy of ``pred`` against ``label``."""
+    return float(accuracy_score(frame["label"], frame["pred"]))
+
+
+def f1_metric(frame: pd.DataFrame) -> float:
+    """F1 of the positive class; 0 when undefined, as torchmetrics' BinaryF1Score reports it."""
+    return float(f1_score(frame["label"], frame["pred"], zero_division=0))
+
+
+def precision_metric(frame: pd.DataFrame) -> float:
+    """Precision of the positive class; 0 when nothing is predicted positive (as torchmetrics)."""
+    return float(precision_score(frame["label"], frame["pred"], zero_division=0))
+
+
+def recall_metric(frame: pd.DataFrame) -> float:
+    """Recall (sensitivity) of the positive class; 0 when there are no positives (as torchmetrics)."""
+    return float(recall_score(frame["label"], frame["pred"], zero_division=0))
+
+
+def auroc_metric(frame: pd.DataFrame) -> float:
+    """AUROC of ``prob`` against ``label``; NaN when only one class is present (it is undefined)."""
+    if frame["label"].nunique() < 2:
+        return math.nan
+    return float(roc_auc_score(frame["label"], frame["prob"]))
+
+
+METRIC_FNS: dict[str, MetricFn] = {
+    "accuracy": accuracy_metric,
+    "f1": f1_metric,
+    "precision": precision_metric,
+    "recall": recall_metric,
+    "auroc": auroc_metric,
+}
+
+
+def patient_bootstrap_ci(
+    predictions: pd.DataFrame, metric_fn: MetricFn, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of a metric over pooled test predictions, resampling patients.
+
+    Patients are the resampling unit (a cluster bootstrap): each replicate draws as many patients
+    as there are, with replacement, and every row of a drawn patient comes along (all its images,
+    and with predictions pooled over seeds all its seeds' rows), once per draw. The metric is
+    recomputed on the replicate and the interval is the (alpha/2, 1-alpha/2) quantiles of the
+    replicates (numpy's default linear interpolation).
+
+    Replicates whose metric is NaN are skipped -- for AUROC, a replicate holding patients of one
+    class only -- and a warning says how many; the quantiles are taken over the rest. Skipping
+    conditions on both classes being drawn, which is what an AUROC interval can mean.
+
+    Reproducible definition (so a reference can be written by hand): patients are ordered by
+    ``np.unique(predictions["patient_id"])``; ``rng = np.random.default_rng(seed)`` draws the
+    patient indices of all replicates at once, ``rng.integers(0, n_patients, (n_boot, n_patients))``;
+    replicate b is ``predictions`` restricted to the rows of those patients, in draw order.
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    if len(predictions) == 0:
+        raise ValueError("no predictions to bootstrap")
+    patients, codes = np.unique(predictions["patient_id"].to_numpy(), return_inverse=True)
+    order = np.argsort(codes, kind="stable")
+    # rows_of[i] are the positional rows of patient i, in their original order.
+    rows_of = np.split(order, np.cumsum(np.bincount(codes, minlength=len(patients)))[:-1])
+    draws = np.random.default_rng(seed).integers(0, len(patients), (n_boot, len(patients)))
+    values = np.array([metric_fn(predictions.iloc[np.concatenate([rows_of[i] for i in draw])]) for draw in draws])
+    valid = values[~np.isnan(values)]
+    if len(valid) == 0:
+        raise ValueError("the metric is undefined (NaN) on every bootstrap replicate")
+    if len(valid) < n_boot:
+        warnings.warn(
+            f"skipped {n_boot - len(valid)} of {n_boot} bootstrap replicates where the metric is undefined",
+            stacklevel=2,
+        )
+    low, high = np.quantile(valid, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
+def format_p(p: float) -> str:
+    """A p-value for a table: ``p<0.001``; three decimals below 0.01 (``p=0.004``); else two (``p=0.03``).
+
+    Where rounding would print a value at or above a threshold the p-value lies below (0.05 or
+    0.01, e.g. 0.0496 -> "0.05"), the bound is printed instead (``p<0.05``), so that the text
+    never misstates significance. NaN prints as ``p=n/a``.
+    """
+    if math.isnan(p):
+        return "p=n/a"
+    if p < 0.001:
+        return "p<0.001"
+    text = f"{p:.{3 if p < 0.01 else 2}f}"
+    for threshold in (0.01, 0.05):
+        if p < threshold <= float(text):
+            return f"p<{threshold:g}"
+    return f"p={text}"
+
+
+def significance_marker(p: float) -> str:
+    """Stars for a table cell: ``***`` p<0.001, ``**`` p<0.01, ``*`` p<0.05, else an empty string."""
+    if math.isnan(p):
+        return ""
+    for threshold, marker in ((0.001, "***"), (0.01, "**"), (0.05, "*")):
+        if p < threshold:
+            return marker
+    return ""
