@@ -9,7 +9,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from tus.models.backbones import BackboneConfig, CheckpointError, create_backbone, save_encoder, uscl_to_timm_resnet
+from tus.models.backbones import BackboneConfig, create_backbone, save_encoder, uscl_to_timm_resnet
+from tus.models.weights import CheckpointError
 
 
 def uscl_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:

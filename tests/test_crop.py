@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from tus.data.crop import crop_manifest, detect_fields_of_view
-from tus.data.images import content_hash, read_grayscale, write_grayscale
+from tus.data.images import OutputExistsError, content_hash, read_grayscale, write_grayscale
 
 DUAL_VIEW_BOXES = [(24, 44, 254, 276), (272, 40, 500, 280)]
 
@@ -120,10 +120,10 @@ def test_crop_manifest_refuses_a_non_empty_out_dir(source_dataset, tmp_path):
     out_dir = tmp_path / "taken"
     out_dir.mkdir()
     (out_dir / "keep.txt").write_text("do not touch")
-    with pytest.raises(FileExistsError, match="taken"):
+    with pytest.raises(OutputExistsError, match="taken"):
         crop_manifest(source_dataset / "manifest.csv", out_dir)
     assert [path.name for path in out_dir.iterdir()] == ["keep.txt"]
-    with pytest.raises(FileExistsError):
+    with pytest.raises(OutputExistsError):
         crop_manifest(source_dataset / "manifest.csv", source_dataset)
 
 

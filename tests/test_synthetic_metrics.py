@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from tus.cli.synthetic import filter_main, metrics_main
-from tus.data.images import content_hash, list_images, write_grayscale
+from tus.data.images import OutputExistsError, content_hash, list_images, write_grayscale
 from tus.data.manifest import load_manifest
 from tus.eval import features as features_module
 from tus.eval.features import (
@@ -31,6 +31,7 @@ from tus.eval.features import (
 from tus.eval.filtering import filter_generated, sweep
 from tus.eval.metrics import compute_metrics, format_metrics_table, metrics_from_features, reference_batches
 from tus.models.backbones import BackboneConfig, create_backbone, save_encoder
+from tus.models.weights import CheckpointError
 
 
 class PixelExtractor(FeatureExtractor):
@@ -136,7 +137,7 @@ def test_encoder_has_no_logits(tmp_path):
 def test_an_encoder_file_without_its_export_metadata_is_refused(tmp_path):
     weights = tmp_path / "encoder.safetensors"
     weights.write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match="no encoder.json beside it"):
+    with pytest.raises(CheckpointError, match="no encoder.json beside it"):
         load_tus_encoder(weights)
 
 
@@ -348,7 +349,7 @@ def test_filter_refuses_a_non_empty_or_nested_output_folder(planted, tmp_path):
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="occupied: exists and is not empty"):
+    with pytest.raises(OutputExistsError, match="occupied: exists and is not empty"):
         filter_generated(manifest, generated_dir, occupied, k=1, extractor=PixelExtractor())
     assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
     with pytest.raises(ValueError, match="must not be inside the generated folder"):

@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from tus.data.images import read_grayscale, write_grayscale
+from tus.data.images import ImageReadError, OutputExistsError, UsageError, read_grayscale, write_grayscale
+from tus.data.manifest import read_manifest
 
 Box = tuple[int, int, int, int]
 
@@ -74,9 +75,24 @@ def detect_fields_of_view(
     return sorted(boxes)
 
 
+def parse_box(text: str, option: str = "--box") -> Box:
+    """``"X0,Y0,X1,Y1"`` (four integers, exclusive ends) as a box; :class:`UsageError` naming ``option`` otherwise."""
+    parts = [part.strip() for part in str(text).split(",")]
+    try:
+        values = [int(part) for part in parts]
+    except ValueError:
+        values = []
+    if len(values) != 4 or len(parts) != 4:
+        raise UsageError(f"{option} {text!r}: expected four integers X0,Y0,X1,Y1 (exclusive ends), e.g. 0,0,256,256")
+    x0, y0, x1, y1 = values
+    if not (0 <= x0 < x1 and 0 <= y0 < y1):
+        raise UsageError(f"{option} {text!r}: needs 0 <= X0 < X1 and 0 <= Y0 < Y1")
+    return x0, y0, x1, y1
+
+
 def _odd(value: float) -> int:
     """The nearest odd integer >= 3: median and morphology kernels need an odd size."""
-    return max(3, int(round(value)) // 2 * 2 + 1)
+    return max(3, round(value) // 2 * 2 + 1)
 
 
 def crop_manifest(
@@ -101,17 +117,24 @@ def crop_manifest(
     randomly chosen (``seed``) source images with their boxes, for a person to check.
 
     Output is built in a temporary sibling folder and moved into place only when every
-    row succeeded, so a failure leaves no half-written dataset. Raises FileExistsError if
-    ``out_dir`` exists and is not empty, and ValueError naming the image when an image has
-    no field of view or a fixed box does not fit it.
+    row succeeded, so a failure leaves no half-written dataset. Raises OutputExistsError (a
+    UsageError) if ``out_dir`` exists and is not empty, UsageError for a malformed fixed box, and
+    ImageReadError naming the manifest line and image when an image cannot be read, has no field
+    of view or a fixed box does not fit it.
     """
     manifest_csv = Path(manifest_csv)
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir}: output folder exists and is not empty; refusing to overwrite")
-    source = pd.read_csv(manifest_csv)
-    if "path" not in source.columns:
-        raise ValueError(f"{manifest_csv}: manifest has no 'path' column")
+        raise OutputExistsError(f"--out {out_dir}: output folder exists and is not empty; refusing to overwrite")
+    if fixed_boxes is not None:
+        fixed_boxes = [parse_box(",".join(str(v) for v in box)) if not isinstance(box, str) else parse_box(box)
+                       for box in fixed_boxes]
+    # read_manifest refuses empty files and repeated columns; its derived columns are not carried over.
+    parsed = read_manifest(manifest_csv)
+    lines = parsed["line"].tolist()
+    # Columns after abs_path (a sample_id defaulted to the path) were added by read_manifest, not written.
+    written = list(parsed.columns[: list(parsed.columns).index("abs_path")])
+    source = parsed[written]
     rng = np.random.default_rng(seed)
     preview_rows = set(rng.choice(len(source), size=min(preview_count, len(source)), replace=False).tolist())
     preview_items: list[tuple[np.ndarray, list[Box]]] = []
@@ -123,18 +146,21 @@ def crop_manifest(
         for position, row in enumerate(source.to_dict("records")):
             image_path = Path(row["path"])
             resolved = image_path if image_path.is_absolute() else manifest_csv.parent / image_path
-            image = read_grayscale(resolved)
+            where = f"{manifest_csv} line {lines[position]}"
+            try:
+                image = read_grayscale(resolved)
+            except ImageReadError as error:
+                raise ImageReadError(f"{where}: {error}") from error
             if fixed_boxes is None:
                 boxes = detect_fields_of_view(image, **detect_kwargs)
                 if not boxes:
-                    raise ValueError(f"{row['path']}: no field of view detected in {resolved}")
+                    raise ImageReadError(f"{where}: no field of view detected in {resolved}")
             else:
-                boxes = [_checked_box(box, image.shape, row["path"]) for box in fixed_boxes]
+                boxes = [_checked_box(box, image.shape, f"{where} ({row['path']})") for box in fixed_boxes]
             if position in preview_rows:
                 preview_items.append((image, boxes))
             source_path = str(resolved) if image_path.is_absolute() else os.path.relpath(resolved, out_dir)
-            source_id = row.get("sample_id")
-            source_id = row["path"] if source_id is None or pd.isna(source_id) else source_id
+            source_id = row.get("sample_id") or row["path"]
             for view_index, (x0, y0, x1, y1) in enumerate(boxes):
                 crop_path = f"images/{position:05d}_{image_path.stem}_view{view_index}.png"
                 write_grayscale(staging / crop_path, np.ascontiguousarray(image[y0:y1, x0:x1]))
@@ -162,7 +188,7 @@ def _checked_box(box: Sequence[int], shape: tuple[int, int], name: str) -> Box:
     x0, y0, x1, y1 = (int(value) for value in box)
     height, width = shape
     if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-        raise ValueError(f"{name}: fixed box {tuple(box)} does not fit the {width}x{height} image")
+        raise ImageReadError(f"{name}: fixed box {tuple(box)} does not fit the {width}x{height} image")
     return x0, y0, x1, y1
 
 

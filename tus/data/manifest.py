@@ -9,13 +9,14 @@ and file, instead of stopping at the first.
 
 from __future__ import annotations
 
-from collections import defaultdict
+import csv
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from tus.data.images import ImageReadError, content_hash, read_grayscale
+from tus.data.images import DataError, ImageReadError, content_hash, read_grayscale
 
 LABEL_VALUES = (0, 1)
 # Columns tus derives when loading; a manifest must not carry them itself.
@@ -33,14 +34,24 @@ class Problem:
         return f"{self.where}: {self.message}"
 
 
-class ManifestError(ValueError):
-    """A manifest failed validation; ``problems`` lists every finding."""
+class ManifestError(DataError):
+    """A manifest failed validation; ``problems`` lists every finding.
+
+    Its text is one line (the first few problems; ``tus data check`` lists all of them).
+    """
+
+    SHOWN = 3
 
     def __init__(self, manifest: str | Path, problems: list[Problem]):
         self.manifest = Path(manifest)
         self.problems = problems
-        lines = "\n".join(f"  {p}" for p in problems)
-        super().__init__(f"{manifest}: {len(problems)} problem(s)\n{lines}")
+        if len(problems) == 1 and problems[0].where == str(manifest):
+            text = f"{manifest}: {problems[0].message}"
+        else:
+            shown = "; ".join(str(p) for p in problems[: self.SHOWN])
+            more = f"; ... and {len(problems) - self.SHOWN} more (tus data check lists all)" if len(problems) > self.SHOWN else ""
+            text = f"{manifest}: {len(problems)} problem(s): {shown}{more}"
+        super().__init__(text)
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
@@ -52,11 +63,18 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: manifest not found")
+    if path.stat().st_size == 0:
+        raise ManifestError(path, [Problem(str(path), "empty file (0 bytes); a manifest needs a header line with a 'path' column")])
+    header = _header(path)
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError as error:
+        raise ManifestError(path, [Problem(str(path), "no header line; a manifest needs one with a 'path' column")]) from error
     except (pd.errors.ParserError, UnicodeDecodeError) as error:
-        raise ManifestError(path, [Problem(str(path), f"not a readable CSV ({error})")]) from error
-    frame.columns = [str(c).strip() for c in frame.columns]
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ManifestError(path, [Problem(str(path), f"not a readable CSV ({reason})")]) from error
+    # pandas renames a repeated header ("label", "label.1") and the second copy would be ignored.
+    frame.columns = header if len(header) == len(frame.columns) else [str(c).strip() for c in frame.columns]
     clashes = [c for c in DERIVED_COLUMNS if c in frame.columns]
     if clashes:
         raise ManifestError(path, [Problem(str(path), f"reserved column(s) {clashes} must not be in the CSV")])
@@ -68,6 +86,20 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
         frame["sample_id"] = frame["path"]
     frame["line"] = range(2, len(frame) + 2)
     return frame
+
+
+def _header(path: Path) -> list[str]:
+    """The manifest's column names as written (stripped); refuses a column named twice."""
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            header = [name.strip() for name in next(csv.reader(handle), [])]
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise ManifestError(path, [Problem(str(path), f"not a readable UTF-8 CSV ({error})")]) from error
+    repeated = [name for name, count in Counter(header).items() if count > 1]
+    if repeated:
+        columns = ", ".join(f"'{name}' ({Counter(header)[name]} times)" for name in repeated)
+        raise ManifestError(path, [Problem(str(path), f"header line names column {columns}; each column must appear once")])
+    return header
 
 
 def _resolve(root: Path, relative_or_absolute: str) -> Path:

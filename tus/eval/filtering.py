@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,13 +34,14 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from tus.data.images import list_images, read_grayscale
+from tus.data.images import DataError, OutputExistsError, UsageError, list_images, read_grayscale
 from tus.eval.features import FEATURES, LOGITS, FeatureExtractor, InceptionExtractor
 from tus.eval.manifold import kth_neighbour_radii, manifold_membership
 from tus.eval.metrics import (
     PRC_K,
     REFERENCE_BATCH_SIZE,
     REFERENCE_BATCHES,
+    check_file_names,
     image_paths,
     metrics_from_features,
     save_metrics,
@@ -71,22 +73,42 @@ def _check_new_folder(out_dir: Path, generated_dir: Path) -> None:
     """Refuse an output folder that holds anything, or that lies in the generated folder."""
     out, source = out_dir.resolve(), generated_dir.resolve()
     if out == source or source in out.parents:
-        raise ValueError(f"{out_dir}: the output folder must not be inside the generated folder {generated_dir}")
+        raise UsageError(f"{out_dir}: the output folder must not be inside the generated folder {generated_dir}")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir}: exists and is not empty; the filter writes only into a new folder")
+        raise OutputExistsError(f"--out {out_dir}: exists and is not empty; the filter writes only into a new folder")
 
 
 def _generated_images(generated_dir: Path) -> list[Path]:
-    paths = list_images(generated_dir)
+    paths = check_file_names(list_images(generated_dir))
     if not paths:
-        raise ValueError(f"{generated_dir}: no generated images in this folder")
+        raise DataError(f"{generated_dir}: no generated images in this folder")
     return paths
 
 
 def _check_k(k: int, num_real: int) -> None:
     """Fail before any feature is computed when k leaves no k-th neighbour."""
     if not 1 <= k < num_real:
-        raise ValueError(f"k must be between 1 and the number of real images - 1 ({num_real - 1}), got {k}")
+        raise UsageError(f"k must be between 1 and the number of real images - 1 ({num_real - 1}), got {k}")
+
+
+def check_filter_arguments(
+    real: str | Path, generated_dir: str | Path, out_dir: str | Path, k: int, sweep_ks: Sequence[int] | None = None
+) -> None:
+    """Every check of ``tus filter`` that needs no feature: the output folder, the generated images, k and
+    the swept ks. Run first, so a mistake costs no feature extraction."""
+    generated_dir, out_dir = Path(generated_dir), Path(out_dir)
+    _check_new_folder(out_dir, generated_dir)
+    _generated_images(generated_dir)
+    num_real = len(image_paths(real))
+    _check_k(k, num_real)
+    if sweep_ks is not None:
+        if not sweep_ks:
+            raise UsageError("--sweep must name at least one k, e.g. 10,20,50,100")
+        for swept in sweep_ks:
+            try:
+                _check_k(swept, num_real)
+            except UsageError as error:
+                raise UsageError(f"--sweep: {error}") from error
 
 
 def _link_or_copy(source: Path, target: Path, link: str) -> None:
@@ -116,10 +138,12 @@ def filter_generated(
 ) -> FilterResult:
     """Keep the images of ``generated_dir`` inside the manifold of ``real`` (manifest or folder).
 
-    ``extractor`` defaults to the FID Inception-v3 (:class:`InceptionExtractor`).
+    ``extractor`` defaults to the FID Inception-v3 (:class:`InceptionExtractor`). The output is written into
+    a hidden sibling folder and renamed to ``out_dir`` only when complete, so a failure leaves no half-written
+    output.
     """
     if link not in LINK_MODES:
-        raise ValueError(f"link must be one of {LINK_MODES}, got {link!r}")
+        raise UsageError(f"link must be one of {LINK_MODES}, got {link!r}")
     generated_dir, out_dir = Path(generated_dir), Path(out_dir)
     _check_new_folder(out_dir, generated_dir)
     generated = _generated_images(generated_dir)
@@ -131,21 +155,15 @@ def filter_generated(
     radii = kth_neighbour_radii(real_features, k, block_size)
     inside, ratios = manifold_membership(real_features, radii, generated_features, block_size, progress)
 
-    images_dir = out_dir / "images"
-    images_dir.mkdir(parents=True)
     kept = [path for path, keep in zip(generated, inside) if keep]
-    for path in kept:
-        _link_or_copy(path, images_dir / path.name, link)
     table = pd.DataFrame({
         "path": [str(p.resolve()) for p in generated],
         "decision": np.where(inside, KEPT, REJECTED),
         "min_distance_ratio": ratios,
     })
-    table.to_csv(out_dir / "filter.csv", index=False)
     manifest = pd.DataFrame({"path": [f"images/{p.name}" for p in kept], "sample_id": [p.name for p in kept]})
     if organ is not None:
         manifest["organ"] = organ
-    manifest.to_csv(out_dir / "manifest.csv", index=False)
     summary = {
         "real": str(real),
         "generated_dir": str(generated_dir),
@@ -157,7 +175,21 @@ def filter_generated(
         "rejected": len(generated) - len(kept),
         "link": link,
     }
-    (out_dir / "filter.json").write_text(json.dumps(summary, indent=2) + "\n")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        (staging / "images").mkdir()
+        for path in kept:
+            _link_or_copy(path, staging / "images" / path.name, link)
+        table.to_csv(staging / "filter.csv", index=False)
+        manifest.to_csv(staging / "manifest.csv", index=False)
+        (staging / "filter.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if out_dir.exists():
+            out_dir.rmdir()
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return FilterResult(out_dir=out_dir, table=table)
 
 
@@ -188,9 +220,9 @@ def sweep(
     """
     generated_dir, out_dir = Path(generated_dir), Path(out_dir)
     _check_new_folder(out_dir, generated_dir)
-    ks = sorted(set(int(k) for k in ks))
+    ks = sorted({int(k) for k in ks})
     if not ks:
-        raise ValueError("ks must name at least one k")
+        raise UsageError("ks must name at least one k")
     generated = _generated_images(generated_dir)
     real_paths = image_paths(real)
     for k in (ks[0], ks[-1]):

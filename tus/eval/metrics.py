@@ -14,6 +14,7 @@ which matches torch-fidelity's ``prc``.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 
-from tus.data.images import list_images
+from tus.data.images import DataError, list_images
 from tus.data.manifest import read_manifest
 from tus.eval.features import FEATURES, LOGITS, FeatureExtractor
 from tus.eval.manifold import improved_precision_recall
@@ -43,7 +44,7 @@ def image_paths(manifest_or_folder: str | Path) -> list[Path]:
     """
     source = Path(manifest_or_folder)
     if source.is_dir():
-        paths = list_images(source)
+        paths = check_file_names(list_images(source))
     else:
         frame = read_manifest(source)
         paths = [Path(p) for p in frame["abs_path"]]
@@ -51,7 +52,22 @@ def image_paths(manifest_or_folder: str | Path) -> list[Path]:
         if missing:
             raise FileNotFoundError(f"{source}: {len(missing)} image(s) not found: " + "; ".join(missing[:5]))
     if not paths:
-        raise ValueError(f"{source}: no images")
+        raise DataError(f"{source}: no images")
+    return paths
+
+
+def printable(path: str | Path) -> str:
+    """``path`` as text that can always be printed or written as UTF-8 (undecodable bytes as ``\\xNN``)."""
+    return os.fsencode(path).decode("utf-8", errors="backslashreplace")
+
+
+def check_file_names(paths: list[Path]) -> list[Path]:
+    """``paths``, after refusing a file name that is not valid UTF-8 (it could not be written to a CSV)."""
+    for path in paths:
+        try:
+            str(path).encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise DataError(f"{printable(path)}: file name is not valid UTF-8; rename the file") from error
     return paths
 
 
@@ -107,8 +123,8 @@ def metrics_from_features(
     notes: list[str] = []
     result = {
         "extractor": extractor_id,
-        "num_real": int(len(real)),
-        "num_generated": int(len(generated)),
+        "num_real": len(real),
+        "num_generated": len(generated),
         "fid": _fid(real, generated, notes),
     }
     result.update(_inception_score(generated_logits, logits_unavailable_reason, isc_splits, notes))
