@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tus.data.folds import FoldError, assign_folds, check_folds
+from tus.data.folds import FoldError, assign_folds, assign_folds_for_seed, check_folds
 
 
 def manifest_frame(patient_sizes: list[int], patient_labels: list[int]) -> pd.DataFrame:
@@ -70,3 +70,14 @@ def test_check_folds_names_leaking_patient_and_empty_class():
 def test_too_few_patients():
     with pytest.raises(FoldError, match="2 patient"):
         assign_folds(manifest_frame([3, 3], [0, 1]), 3, 0)
+
+
+def test_folds_fixed_across_seeds_or_redrawn_per_seed():
+    frame = manifest_frame([2] * 30, [1] * 10 + [0] * 20)
+    fixed = [assign_folds_for_seed(frame, 3, fold_seed=5, run_seed=seed) for seed in range(4)]
+    assert all((f == assign_folds(frame, 3, 5)).all() for f in fixed)
+    redrawn = [assign_folds_for_seed(frame, 3, fold_seed=5, run_seed=seed, per_seed=True) for seed in range(4)]
+    for seed, folds in enumerate(redrawn):
+        assert (folds == assign_folds(frame, 3, seed)).all()  # the run seed is the splitter's seed
+        check_folds(frame, folds, 3)
+    assert len({tuple(f) for f in redrawn}) == 4

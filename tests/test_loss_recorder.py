@@ -110,7 +110,7 @@ def test_one_row_per_draw_with_the_loss_the_model_computed(tmp_path):
     for step, rows in table.groupby("step"):
         recorded = sorted(zip(rows["sample_id"], rows["loss"]))
         assert [s for s, _ in recorded] == [s for s, _ in manual.losses[step]]
-        np.testing.assert_allclose([l for _, l in recorded], [l for _, l in manual.losses[step]], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose([loss for _, loss in recorded], [loss for _, loss in manual.losses[step]], rtol=1e-6, atol=1e-7)
     labels = {f"s{i:02d}": int(i % 4 == 0) for i in range(NUM_SAMPLES)}
     assert (table["label"] == table["sample_id"].map(labels)).all()
 

@@ -1,4 +1,5 @@
-"""``tus data``: check a manifest, generate the phantom dataset, crop screenshots."""
+"""``tus data``: check a manifest, generate the phantom dataset, crop screenshots, find labelled
+images in a pool (leakage)."""
 
 from __future__ import annotations
 
@@ -31,8 +32,14 @@ def main(argv: list[str]) -> int:
     crop.add_argument("--box", action="append", default=None, metavar="X0,Y0,X1,Y1", help="fixed box(es) instead of detection; repeat for dual view")
     crop.add_argument("--max-views", type=int, default=2)
 
+    overlap = commands.add_parser("overlap", help="images a pool shares with the labelled set (same file or same pixels), per labelled fold")
+    overlap.add_argument("pool", help="the pool's manifest")
+    overlap.add_argument("labeled", help="the labelled manifest; its 'fold' column (a CV run's folds.csv) gives the folds")
+    overlap.add_argument("--folds", type=int, default=3, help="without a 'fold' column: folds to assign, as finetune-cv does")
+    overlap.add_argument("--fold-seed", type=int, default=0, help="without a 'fold' column: the fold seed (data.fold_seed)")
+
     args = parser.parse_args(argv)
-    return {"check": run_check, "phantom": run_phantom, "crop": run_crop}[args.command](args)
+    return {"check": run_check, "phantom": run_phantom, "crop": run_crop, "overlap": run_overlap}[args.command](args)
 
 
 def run_check(args) -> int:
@@ -82,4 +89,15 @@ def run_crop(args) -> int:
     boxes = [tuple(int(v) for v in box.split(",")) for box in args.box] if args.box else None
     manifest = crop_manifest(args.manifest, args.out, fixed_boxes=boxes, max_views=args.max_views)
     print(f"crops and manifest: {manifest}")
+    return 0
+
+
+def run_overlap(args) -> int:
+    from tus.data.manifest import load_manifest
+    from tus.data.overlap import find_overlap, format_overlap, labeled_folds, overlap_report
+
+    pool = load_manifest(args.pool, require_labels=False, decode_images=False)
+    labeled = load_manifest(args.labeled, require_labels=True, decode_images=False)
+    folds = labeled_folds(labeled, args.folds, args.fold_seed)
+    print(format_overlap(overlap_report(find_overlap(pool, labeled, folds), folds, len(pool))))
     return 0

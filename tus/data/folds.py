@@ -31,6 +31,17 @@ def assign_folds(frame: pd.DataFrame, num_folds: int, seed: int) -> np.ndarray:
     return folds
 
 
+def assign_folds_for_seed(frame: pd.DataFrame, num_folds: int, fold_seed: int, run_seed: int, per_seed: bool = False) -> np.ndarray:
+    """The folds of the runs of seed ``run_seed``.
+
+    ``per_seed=False`` (tus' default): one split for every seed, drawn with ``fold_seed``, so the
+    seeds differ only in training randomness. ``per_seed=True`` (the reference code): the folds
+    are re-drawn for each seed with ``run_seed`` as the splitter's seed (``fold_seed`` unused),
+    so the spread over seeds includes the split's.
+    """
+    return assign_folds(frame, num_folds, run_seed if per_seed else fold_seed)
+
+
 def check_folds(frame: pd.DataFrame, folds: np.ndarray, num_folds: int) -> None:
     """Raise :class:`FoldError` if a patient spans folds or a fold lacks a class."""
     table = pd.DataFrame({"patient_id": frame["patient_id"].astype(str).to_numpy(), "fold": folds})

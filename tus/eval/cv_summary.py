@@ -1,5 +1,12 @@
 """Summaries of a cross-validation run: runs.csv, mean +- std per metric, the non-informative
-baselines, summary.json and summary.md."""
+baselines, summary.json and summary.md.
+
+Besides the sample std over all runs (``metrics``), the summary carries the spread as the
+reference paper computes it (``spread``: accuracy std over all runs, the other metrics' std
+over per-seed means; :func:`tus.eval.statistics.paper_spread`) and 95% confidence intervals
+from a patient-level bootstrap of the test predictions pooled over all runs (``ci``;
+:func:`tus.eval.statistics.patient_bootstrap_ci`).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,11 @@ from typing import Any
 
 import pandas as pd
 
+from tus.eval.statistics import METRIC_FNS, paper_spread, patient_bootstrap_ci
 from tus.methods.classifier import METRIC_NAMES
+
+CI_BOOTSTRAPS = 1000
+CI_ALPHA = 0.05
 
 
 def collect_runs(run_dir: Path) -> pd.DataFrame:
@@ -46,15 +57,54 @@ def trivial_baselines(positive_rate: float) -> dict:
 
 
 def format_mean_std(stats: dict, scale: float = 100.0, digits: int = 1) -> str:
-    if math.isnan(stats["mean"]):
+    if stats["mean"] is None or math.isnan(stats["mean"]):
         return "n/a"
-    return f"{stats['mean'] * scale:.{digits}f} ± {stats['std'] * scale:.{digits}f}"
+    std = stats["std"]
+    spread = "n/a" if std is None or math.isnan(std) else f"{std * scale:.{digits}f}"
+    return f"{stats['mean'] * scale:.{digits}f} ± {spread}"
 
 
-def write_summary(run_dir: Path, runs: pd.DataFrame, frame: pd.DataFrame, config: Any) -> dict:
+def pooled_predictions(run_dir: Path, frame: pd.DataFrame) -> pd.DataFrame:
+    """Every finished run's test predictions (``runs/*/predictions.csv``) with fold, seed and patient.
+
+    Columns as :mod:`tus.eval.statistics` expects them: ``sample_id``, ``patient_id``, ``label``,
+    ``prob``, ``pred``, ``fold``, ``seed``. Runs without predictions are left out.
+    """
+    patients = frame.drop_duplicates("sample_id").set_index("sample_id")["patient_id"].astype(str)
+    tables = []
+    for metrics_path in sorted((Path(run_dir) / "runs").glob("*/metrics.json")):
+        path = metrics_path.parent / "predictions.csv"
+        if not path.is_file():
+            continue
+        record = json.loads(metrics_path.read_text())
+        table = pd.read_csv(path, dtype={"sample_id": str}).rename(columns={"probability": "prob", "prediction": "pred"})
+        tables.append(table.assign(fold=record.get("fold"), seed=record.get("seed"), patient_id=table["sample_id"].map(patients)))
+    columns = ["sample_id", "patient_id", "label", "prob", "pred", "fold", "seed"]
+    return pd.concat(tables, ignore_index=True)[columns] if tables else pd.DataFrame(columns=columns)
+
+
+def bootstrap_cis(predictions: pd.DataFrame, metrics=METRIC_NAMES, n_boot: int = CI_BOOTSTRAPS, alpha: float = CI_ALPHA, seed: int = 0) -> dict:
+    """Percentile CI of each metric over the pooled predictions, resampling patients (clusters)."""
+    cis = {}
+    for name in metrics:
+        low, high = patient_bootstrap_ci(predictions, METRIC_FNS[name], n_boot=n_boot, alpha=alpha, seed=seed)
+        cis[name] = {"low": low, "high": high}
+    return cis
+
+
+def _finite_or_none(value: float) -> float | None:
+    """JSON has no NaN: an undefined std (one seed) is written as null."""
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def write_summary(run_dir: Path, runs: pd.DataFrame, frame: pd.DataFrame, config: Any, n_boot: int = CI_BOOTSTRAPS) -> dict:
     expected = len(config.seeds) * config.data.num_folds
     stats = aggregate(runs) if len(runs) else {}
     baselines = trivial_baselines(float((frame["label"] == 1).mean()))
+    spread = paper_spread(runs, METRIC_NAMES) if len(runs) else {}
+    spread = {name: {k: _finite_or_none(v) if k in ("mean", "std", "sample_std") else v for k, v in values.items()} for name, values in spread.items()}
+    predictions = pooled_predictions(run_dir, frame)
+    cis = bootstrap_cis(predictions, n_boot=n_boot) if len(predictions) else {}
     summary = {
         "name": config.name,
         "runs": int(len(runs)),
@@ -64,6 +114,10 @@ def write_summary(run_dir: Path, runs: pd.DataFrame, frame: pd.DataFrame, config
         "selection": config.selection,
         "selection_note": SELECTION_TEXT[config.selection],
         "metrics": stats,
+        "spread": spread,
+        "spread_note": SPREAD_TEXT,
+        "ci": cis,
+        "ci_note": CI_TEXT.format(confidence=1 - CI_ALPHA, n_boot=n_boot, runs=predictions[["fold", "seed"]].drop_duplicates().shape[0], patients=predictions["patient_id"].nunique()),
         "baselines": baselines,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -76,6 +130,12 @@ def render_summary_markdown(summary: dict) -> str:
     rule = "|---" * (len(METRIC_NAMES) + 1) + "|"
     model = "| " + summary["name"] + " | " + " | ".join(format_mean_std(summary["metrics"][n]) for n in METRIC_NAMES) + " |"
     rows = [header, rule, model]
+    spread = summary.get("spread") or {}
+    if spread:
+        rows.append("| *paper spread* | " + " | ".join(format_mean_std(spread[n]) for n in METRIC_NAMES) + " |")
+    cis = summary.get("ci") or {}
+    if cis:
+        rows.append("| *95% CI, patients* | " + " | ".join(_format_ci(cis.get(n)) for n in METRIC_NAMES) + " |")
     for key, label in (("always_negative", "always negative"), ("prior_random", "random (prior-matched)")):
         base = summary["baselines"][key]
         rows.append(f"| *{label}* | " + " | ".join(f"{base[n] * 100:.1f}" for n in METRIC_NAMES) + " |")
@@ -86,10 +146,27 @@ def render_summary_markdown(summary: dict) -> str:
         *rows,
         "",
         f"Mean ± sample std (%) over {summary['runs']} of {summary['expected_runs']} runs; positive = class 1 ({p:.1%} of images).",
+        *([f"*paper spread*: {summary['spread_note']}."] if spread else []),
+        *([f"*95% CI, patients*: {summary['ci_note']}."] if cis else []),
         f"Model selection: {summary['selection_note']}.",
         "",
     ])
 
+
+def _format_ci(ci: dict | None, scale: float = 100.0, digits: int = 1) -> str:
+    if not ci or ci["low"] is None or math.isnan(ci["low"]):
+        return "n/a"
+    return f"[{ci['low'] * scale:.{digits}f}, {ci['high'] * scale:.{digits}f}]"
+
+
+SPREAD_TEXT = (
+    "mean ± std (%) as the paper reports them: accuracy's std over all fold x seed runs, "
+    "the other metrics' std over the per-seed means (sample std, ddof=1; n/a with one seed)"
+)
+CI_TEXT = (
+    "{confidence:.0%} percentile bootstrap ({n_boot} resamples of patients, all of a patient's images "
+    "and runs together) of the test predictions pooled over {runs} runs ({patients} patients)"
+)
 
 SELECTION_TEXT = {
     "last": "the last epoch of each run is evaluated on its held-out test fold (no model selection)",

@@ -1,8 +1,12 @@
 """Noisy-label flagging from per-sample loss trajectories (TesticulUS Sec. 3, thesis Sec. 3.2).
 
-A sample is *suspicious in a run* when its recorded training loss exceeds ``threshold``
-(1.0) at least ``min_exceed`` (3) times in that run (every recorded occurrence counts: a
-weighted sampler may draw a sample several times per epoch). Its *evaluations* are the runs
+A sample is *suspicious in a run* when its training loss exceeds ``threshold`` (1.0) in at
+least ``min_exceed`` (3) epochs of that run. A weighted sampler draws a sample several times
+in an epoch, or not at all, so the recorded losses (one per draw) are first averaged per
+(run, epoch, sample), as the reference does (thesis Fig. 3.2: one point per epoch; "samples
+may span different numbers of epochs due to the weighted sampler"). Counting every draw
+(``counting: per_draw``) gives the minority class, drawn more often, more chances to be
+flagged; it stays available as an explicit option. Its *evaluations* are the runs
 in which it was trained on (drawn at least once); it is *flagged* when it is suspicious in at
 least ``min_fraction`` of its evaluations (1.0 = all, as in the reference: 72 of 880 images,
 each evaluated 16 times = 2 inits x 4 seeds x 2 training folds of 3).
@@ -16,16 +20,18 @@ the most and least suspicious samples (Fig. 3.2, ``loss_trajectories.png``),
 flipped) and ``report.json`` (with flagging precision/recall when the manifest has a
 ``clean_label`` column). The input manifest is never modified.
 
-``tus noisy-labels protocol --config experiments/noisy_labels.yaml`` runs the whole study:
-the flagging CVs (one per initialisation), the flagging, then fine-tuning CVs on the
-complete, filtered and flipped data, and writes Tab. 1 (``table1.md``/``table1.csv``).
+A study with a ``noisy_labels:`` block (``tus experiment run studies/tab1``) runs the whole
+protocol: the flagging CVs (one per initialisation), the flagging, then its arms on the
+complete, filtered and flipped data, with the reference or the fold-safe protocol.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -35,24 +41,35 @@ from tus.data.manifest import load_manifest, write_manifest
 
 HISTOGRAM_MIN_EXCEED = (1, 3, 5)
 REQUIRED_LOSS_COLUMNS = ("sample_id", "step", "label", "loss")
+COUNTINGS = ("per_epoch", "per_draw")
+Counting = Literal["per_epoch", "per_draw"]
 
 
 @dataclass(frozen=True)
 class FlaggingRule:
+    """Loss > ``threshold`` in >= ``min_exceed`` points of a run, in >= ``min_fraction`` of runs.
+
+    ``counting``: a point is an epoch (the sample's mean loss in it; the reference) or every
+    recorded draw (``per_draw``, tus <= 0.1).
+    """
+
     threshold: float = 1.0
     min_exceed: int = 3
     min_fraction: float = 1.0
+    counting: Counting = "per_epoch"
 
     def __post_init__(self) -> None:
         if self.min_exceed < 1 or not 0 < self.min_fraction <= 1:
             raise ValueError(f"need min_exceed >= 1 and 0 < min_fraction <= 1, got {self.min_exceed}, {self.min_fraction}")
+        if self.counting not in COUNTINGS:
+            raise ValueError(f"counting must be one of {', '.join(COUNTINGS)}, got {self.counting!r}")
 
 
 class LossTableError(ValueError):
     """Recorded losses are missing, unfinished, malformed or do not match the manifest."""
 
 
-def find_loss_tables(run_dirs: list[str | Path]) -> list[Path]:
+def find_loss_tables(run_dirs: Sequence[str | Path]) -> list[Path]:
     """``losses.csv`` of every finished run under the given CV run dirs (or single runs)."""
     tables = []
     for run_dir in map(Path, run_dirs):
@@ -78,10 +95,37 @@ def read_losses(tables: list[Path]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def exceedances(losses: pd.DataFrame, threshold: float) -> pd.DataFrame:
-    """Per (run, sample): recorded occurrences and how many had loss > ``threshold``."""
+def epoch_means(losses: pd.DataFrame) -> pd.DataFrame:
+    """One row per (run, epoch, sample): the mean loss over the sample's draws in that epoch.
+
+    ``draws`` counts them; ``step`` is the first step the sample was drawn in that epoch.
+    Tables without an ``epoch`` column (no tus version wrote one) cannot be averaged per
+    epoch: the number of steps per epoch is not recorded, so it is not guessed.
+    """
+    if "epoch" not in losses.columns:
+        raise LossTableError(
+            "the loss table has no 'epoch' column, so losses cannot be averaged per epoch; "
+            "re-record it with PerSampleLossRecorder, or count every draw (counting: per_draw)"
+        )
     return (
-        losses.assign(exceeded=losses["loss"] > threshold)
+        losses.groupby(["run", "epoch", "sample_id"], sort=True)
+        .agg(label=("label", "first"), step=("step", "min"), draws=("loss", "size"), loss=("loss", "mean"))
+        .reset_index()
+    )
+
+
+def counted_points(losses: pd.DataFrame, counting: Counting = "per_epoch") -> pd.DataFrame:
+    """The loss points a rule counts: per-epoch means, or the recorded draws as they are."""
+    if counting not in COUNTINGS:
+        raise ValueError(f"counting must be one of {', '.join(COUNTINGS)}, got {counting!r}")
+    return epoch_means(losses) if counting == "per_epoch" else losses
+
+
+def exceedances(losses: pd.DataFrame, threshold: float, counting: Counting = "per_epoch") -> pd.DataFrame:
+    """Per (run, sample): counted points (epochs or draws) and how many had loss > ``threshold``."""
+    points = counted_points(losses, counting)
+    return (
+        points.assign(exceeded=points["loss"] > threshold)
         .groupby(["run", "sample_id"], sort=True)
         .agg(occurrences=("loss", "size"), exceedances=("exceeded", "sum"))
         .reset_index()
@@ -99,7 +143,7 @@ def flag_counts(per_run: pd.DataFrame, min_exceed: int) -> pd.DataFrame:
 
 def flag_samples(losses: pd.DataFrame, rule: FlaggingRule) -> pd.DataFrame:
     """:func:`flag_counts` plus ``flagged``: suspicious in >= ``min_fraction`` of evaluations."""
-    counts = flag_counts(exceedances(losses, rule.threshold), rule.min_exceed)
+    counts = flag_counts(exceedances(losses, rule.threshold, rule.counting), rule.min_exceed)
     needed = np.ceil(rule.min_fraction * counts["evaluations"] - 1e-9)
     counts["flagged"] = (counts["evaluations"] > 0) & (counts["flagged_in"] >= needed)
     return counts
@@ -117,9 +161,9 @@ def check_against_manifest(losses: pd.DataFrame, manifest: pd.DataFrame, manifes
         raise LossTableError(f"{manifest_path}: {len(differs)} sample(s) were trained with another label than this manifest's, e.g. {differs.index[0]!r}; give the manifest the runs were trained on")
 
 
-def histogram(losses: pd.DataFrame, threshold: float, min_exceeds=HISTOGRAM_MIN_EXCEED) -> pd.DataFrame:
+def histogram(losses: pd.DataFrame, threshold: float, min_exceeds=HISTOGRAM_MIN_EXCEED, counting: Counting = "per_epoch") -> pd.DataFrame:
     """Samples per flag count, for each ``min_exceed`` (thesis Fig. 3.3)."""
-    per_run = exceedances(losses, threshold)
+    per_run = exceedances(losses, threshold, counting)
     rows = []
     for min_exceed in min_exceeds:
         counts = flag_counts(per_run, min_exceed)["flagged_in"].value_counts()
@@ -144,11 +188,15 @@ def plot_histogram(table: pd.DataFrame, threshold: float, path: Path) -> None:
 
 
 def plot_trajectories(losses: pd.DataFrame, flags: pd.DataFrame, threshold: float, path: Path, count: int = 5) -> None:
-    """Loss over training of the ``count`` most and least suspicious samples (thesis Fig. 3.2).
+    """Per-epoch mean loss of the ``count`` most and least suspicious samples (thesis Fig. 3.2).
 
     Each sample is drawn from the first run in which it was trained; a weighted sampler
-    gives samples different numbers of points.
+    skips samples in some epochs, so samples have different numbers of points. Without an
+    ``epoch`` column (per-draw counting of an old table) every draw is a point over steps.
     """
+    per_epoch = "epoch" in losses.columns
+    points = epoch_means(losses) if per_epoch else losses
+    x_column = "epoch" if per_epoch else "step"
     evaluated = flags[flags["evaluations"] > 0].assign(share=lambda f: f["flagged_in"] / f["evaluations"])
     ranked = evaluated.sort_values(["share", "exceedances"], ascending=False, kind="stable")
     groups = (("most suspicious", ranked.index[:count], "tab:red"), ("least suspicious", ranked.index[::-1][:count], "tab:blue"))
@@ -156,14 +204,14 @@ def plot_trajectories(losses: pd.DataFrame, flags: pd.DataFrame, threshold: floa
     axes = figure.subplots(1, 2, sharey=True)
     for axis, (title, samples, color) in zip(axes, groups):
         for sample in samples:
-            rows = losses[losses["sample_id"] == sample]
-            rows = rows[rows["run"] == rows["run"].iloc[0]].sort_values("step")
-            axis.plot(rows["step"], rows["loss"], marker=".", color=color, alpha=0.7, label=_short(sample))
+            rows = points[points["sample_id"] == sample]
+            rows = rows[rows["run"] == rows["run"].iloc[0]].sort_values(x_column)
+            axis.plot(rows[x_column], rows["loss"], marker=".", color=color, alpha=0.7, label=_short(sample))
         axis.axhline(threshold, color="black", linestyle="--", linewidth=1)
         axis.set_title(title)
-        axis.set_xlabel("training step")
+        axis.set_xlabel("epoch" if per_epoch else "training step")
         axis.legend(fontsize=6)
-    axes[0].set_ylabel("per-sample loss")
+    axes[0].set_ylabel("per-sample loss (epoch mean)" if per_epoch else "per-sample loss")
     figure.savefig(path, dpi=100)
 
 
@@ -205,13 +253,13 @@ def write_report(losses: pd.DataFrame, manifest_path: str | Path, rule: Flagging
     flipped.loc[flagged, "label"] = 1 - flipped.loc[flagged, "label"]
     write_manifest(flipped, out_dir / "manifest_flipped.csv")
 
-    counts = histogram(losses, rule.threshold, histogram_min_exceed)
+    counts = histogram(losses, rule.threshold, histogram_min_exceed, rule.counting)
     counts.to_csv(out_dir / "flag_histogram.csv", index=False)
     plot_histogram(counts, rule.threshold, out_dir / "flag_histogram.png")
     plot_trajectories(losses, flags, rule.threshold, out_dir / "loss_trajectories.png")
 
     report = {
-        "rule": {"threshold": rule.threshold, "min_exceed": rule.min_exceed, "min_fraction": rule.min_fraction},
+        "rule": {"threshold": rule.threshold, "min_exceed": rule.min_exceed, "min_fraction": rule.min_fraction, "counting": rule.counting},
         "manifest": str(manifest_path.resolve()),
         "runs": sorted(losses["run"].unique().tolist()),
         "samples": int(len(manifest)),
@@ -229,9 +277,10 @@ def write_report(losses: pd.DataFrame, manifest_path: str | Path, rule: Flagging
 
 def format_report(report: dict) -> str:
     rule = report["rule"]
+    points = "epochs (mean loss per epoch)" if rule.get("counting", "per_draw") == "per_epoch" else "draws"
     lines = [
         f"{len(report['runs'])} run(s), {report['evaluated_samples']} of {report['samples']} samples trained on, up to {report['max_evaluations']} evaluations each",
-        f"flagged: {report['flagged']} sample(s) (loss > {rule['threshold']:g} at least {rule['min_exceed']}x in >= {rule['min_fraction']:.0%} of their evaluations), by label {report['flagged_by_label']}",
+        f"flagged: {report['flagged']} sample(s) (loss > {rule['threshold']:g} in at least {rule['min_exceed']} {points} in >= {rule['min_fraction']:.0%} of their evaluations), by label {report['flagged_by_label']}",
     ]
     quality = report.get("against_clean_label")
     if quality:

@@ -1,15 +1,24 @@
-"""A study's table: collect each arm's CV summary (and marker numbers), render it like the paper's."""
+"""A study's table: collect each arm's CV summary (and marker numbers), render it like the paper's.
+
+Below it, every arm is compared with the study's baseline arm (a ``baseline`` key of the study
+config when it has one, else the first arm) on the same folds x seeds: the mean paired
+difference, the Nadeau-Bengio corrected resampled t-test p-value and a bootstrap CI of the
+difference (:func:`tus.eval.statistics.compare_arms`), with significance stars.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from tus.eval.statistics import compare_arms, format_p, significance_marker
 from tus.runs import read_json
 from tus.studies.schema import CV_METRICS, MARKER_METRICS, PRETRAIN_ROOT, Study
+
+COMPARISON_BOOTSTRAPS = 1000
 
 
 @dataclass
@@ -19,6 +28,8 @@ class ArmResult:
     metrics: dict[str, dict]  # name -> {mean, std, n}
     runs: int
     expected_runs: int
+    # metric -> compare_arms' result against the baseline arm, or {"error": why not}
+    comparisons: dict[str, dict] = field(default_factory=dict)
 
 
 def collect_results(study: Study, study_dir: Path) -> list[ArmResult]:
@@ -38,7 +49,45 @@ def collect_results(study: Study, study_dir: Path) -> list[ArmResult]:
         fields = {"pretrain_images": _pretrain_images(arm_dir)}
         cells = [str(arm.row[column]).format_map(fields) for column in study.config.table.columns]
         results.append(ArmResult(name, cells, metrics, runs, expected))
+    add_comparisons(study, study_dir, results)
     return results
+
+
+def baseline_arm(study: Study) -> str:
+    """The arm every other is compared with: the config's ``baseline`` if set, else the first arm."""
+    named = getattr(study.config, "baseline", None)
+    return named if named else next(iter(study.config.arms))
+
+
+def split_sizes(folds: pd.DataFrame) -> tuple[float, float]:
+    """(n_train, n_test) of one run from ``folds.csv``, averaged over its splits (grouped folds differ in size).
+
+    A ``seed`` column (folds re-drawn per seed) makes each seed's folds a set of splits of its own.
+    """
+    by_seed = folds.groupby("seed") if "seed" in folds.columns else [(None, folds)]
+    splits = [(len(table) - size, size) for _, table in by_seed for size in table["fold"].value_counts()]
+    return float(np.mean([s[0] for s in splits])), float(np.mean([s[1] for s in splits]))
+
+
+def add_comparisons(study: Study, study_dir: Path, results: list[ArmResult], n_boot: int = COMPARISON_BOOTSTRAPS) -> None:
+    """Fill each arm's ``comparisons`` with the paired comparison against the baseline arm."""
+    baseline = baseline_arm(study)
+    base_dir = study_dir / baseline / "finetune"
+    if not (base_dir / "runs.csv").is_file() or not (base_dir / "folds.csv").is_file():
+        return
+    base_runs = pd.read_csv(base_dir / "runs.csv")
+    n_train, n_test = split_sizes(pd.read_csv(base_dir / "folds.csv"))
+    metrics = [m for m in study.config.table.metrics if m in CV_METRICS]
+    for result in results:
+        runs_path = study_dir / result.name / "finetune" / "runs.csv"
+        if result.name == baseline or not runs_path.is_file():
+            continue
+        arm_runs = pd.read_csv(runs_path)
+        for metric in metrics:
+            try:
+                result.comparisons[metric] = compare_arms(base_runs, arm_runs, metric, n_train, n_test, n_boot=n_boot)
+            except ValueError as error:  # unpaired or unfinished runs: say so instead of a number
+                result.comparisons[metric] = {"error": str(error)}
 
 
 def _pretrain_images(arm_dir: Path) -> str:
@@ -67,6 +116,12 @@ def table_frame(study: Study, results: list[ArmResult]) -> pd.DataFrame:
             stats = result.metrics.get(metric)
             row[f"{metric}_mean"] = 100 * stats["mean"] if stats else np.nan
             row[f"{metric}_std"] = 100 * stats["std"] if stats else np.nan
+        for metric, comparison in result.comparisons.items():
+            if "error" not in comparison:
+                row[f"{metric}_diff"] = 100 * comparison["mean_diff"]
+                row[f"{metric}_diff_ci_low"] = 100 * comparison["ci_low"]
+                row[f"{metric}_diff_ci_high"] = 100 * comparison["ci_high"]
+                row[f"{metric}_p"] = comparison["p"]
         rows.append({**row, "runs": result.runs, "expected_runs": result.expected_runs})
     return pd.DataFrame(rows)
 
@@ -90,7 +145,45 @@ def render_markdown(study: Study, results: list[ArmResult]) -> str:
             cells.append(f"**{text}**" if round(100 * stats["mean"], digits) == best[metric] else text)
         lines.append("| " + " | ".join(cells) + " |")
     title = f"**{study.config.title}**" if study.config.title else f"**{study.name}**"
-    return "\n".join([title, "", *lines, "", _footnote(results), ""])
+    return "\n".join([title, "", *lines, "", _footnote(results), "", *render_comparisons(study, results)])
+
+
+def render_comparisons(study: Study, results: list[ArmResult]) -> list[str]:
+    """Lines of the comparison table (none when no arm could be compared with the baseline)."""
+    compared = [r for r in results if r.comparisons]
+    if not compared:
+        return []
+    metrics = [m for m in study.config.table.metrics if m in CV_METRICS]
+    digits = study.config.table.digits
+    lines = [
+        f"**Compared with `{baseline_arm(study)}`** (same folds x seeds)",
+        "",
+        "| Arm | " + " | ".join(f"Δ {CV_METRICS[m].header}" for m in metrics) + " |",
+        "|:--|" + "--:|" * len(metrics),
+    ]
+    for result in compared:
+        cells = []
+        for metric in metrics:
+            comparison = result.comparisons.get(metric)
+            if comparison is None or "error" in comparison:
+                cells.append("—")
+                continue
+            stars = significance_marker(comparison["p"])
+            cells.append(
+                f"{100 * comparison['mean_diff']:+.{digits}f}{stars} "
+                f"[{100 * comparison['ci_low']:+.{digits}f}, {100 * comparison['ci_high']:+.{digits}f}], {format_p(comparison['p'])}"
+            )
+        lines.append(f"| {result.name} | " + " | ".join(cells) + " |")
+    errors = sorted({c["error"] for r in compared for c in r.comparisons.values() if "error" in c})
+    return [
+        *lines,
+        "",
+        "Mean paired difference arm − baseline (percentage points) over the runs of each fold x seed; "
+        "95% percentile bootstrap CI over the paired runs (descriptive: it treats runs as independent); "
+        "p: Nadeau-Bengio corrected resampled t-test (two-sided). * p<0.05, ** p<0.01, *** p<0.001.",
+        *([""] + [f"Not compared: {e}." for e in errors] if errors else []),
+        "",
+    ]
 
 
 def _best(results: list[ArmResult], metric: str, better: str | None, digits: int) -> float | None:
