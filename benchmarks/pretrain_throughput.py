@@ -1,34 +1,56 @@
-"""Images/s of PretrainModule under a Lightning Trainer vs a plain PyTorch SimCLR loop.
+"""Images/s of a pretraining method (``--method simclr``: SimCLR + organ head, SimCLROrgan;
+``--method mae``: the masked autoencoder, MaskedAutoencoder) in the Trainer the stage builds (precision 'auto', ChannelsLast('auto')) vs the fastest plain PyTorch loop for
+this hardware (fp32 NCHW, fp32 channels_last, bf16 where native; see benchmarks/common.py).
 
-Both train the same model (encoder + projection head + organ head, same initial weights) on
-the same pre-drawn batch with the same losses, LARS optimiser and schedule, so the ratio
-measures what Lightning's loop (hooks, logging, precision plugin) costs. Data loading is
-left out on purpose: both loops get an already collated batch. Also reports peak memory
-per image: process RSS above the pre-run level on CPU (sampled, psutil), or
-``torch.cuda.max_memory_allocated`` on GPU. Target: ratio >= 0.9.
+Both train the same model (SimCLR: encoder + projection head + organ head with LARS; MAE: ViT
+encoder + decoder + organ probe with AdamW; same initial weights) on the same pre-drawn batch
+with the same losses (MAE: the same per-step masks), optimiser and schedule, so the ratio
+measures what the tus loop (hooks, logging, precision plugin) costs. Data loading is left
+out on purpose: both loops get an already collated batch. Each run gets a fresh process.
+Also reports peak memory per image: process RSS above the pre-run level on CPU (sampled,
+psutil), or ``torch.cuda.max_memory_allocated`` on GPU. Target: ratio >= 0.95.
 
     python benchmarks/pretrain_throughput.py                       # CPU-sized defaults
-    python benchmarks/pretrain_throughput.py --image-size 224 --batch-size 256 --precision bf16-mixed
+    python benchmarks/pretrain_throughput.py --device cuda --image-size 224 --batch-size 256
+    python benchmarks/pretrain_throughput.py --method mae          # ViT-tiny, 8 px patches, 64 px
+    python benchmarks/pretrain_throughput.py --method mae --device cuda --model vit_base_patch16_224 \
+        --patch-size 16 --image-size 224 --batch-size 256 --decoder-depth 8 --decoder-dim 512
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import multiprocessing
+import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Self
 
-import lightning as L
 import psutil
 import torch
-from lightning.pytorch.callbacks import Callback
+from common import (
+    Setting,
+    StepTimer,
+    machine_line,
+    plain_settings,
+    report,
+    synchronize,
+    tus_trainer,
+)
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 
-from tus.methods.simclr_organ import PretrainLossConfig, PretrainModelConfig, PretrainModule
+from tus.methods.mae import MaeOptimizerConfig, MaskedAutoencoder, MaskedAutoencoderConfig, mask_seed
+from tus.methods.simclr_organ import (
+    PretrainLossConfig,
+    PretrainModelConfig,
+    SimCLROrgan,
+    SimCLROrganConfig,
+)
 from tus.models.backbones import BackboneConfig
+from tus.models.vit import mae_param_groups
 from tus.optim import LarsConfig, ScheduleConfig, build_lars, scaled_lr, schedule_lambda
 
 
@@ -54,7 +76,7 @@ class PeakMemory:
         self.interval_s = interval_s
         self.peak_bytes = 0
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> Self:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -81,122 +103,145 @@ class PeakMemory:
             self._thread.join()
 
 
-class StepTimer(Callback):
-    """Wall time from the first timed step's start to the last step's end."""
-
-    def __init__(self, warmup: int):
-        self.warmup = warmup
-        self.start = self.end = None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if batch_idx == self.warmup:
-            _synchronize(pl_module.device)
-            self.start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        _synchronize(pl_module.device)
-        self.end = time.perf_counter()
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def new_module(args) -> PretrainModule:
+def new_module(args) -> SimCLROrgan | MaskedAutoencoder:
     torch.manual_seed(0)
+    if args.method == "mae":
+        config = MaskedAutoencoderConfig(
+            encoder=args.model, image_size=args.image_size, patch_size=args.patch_size,
+            decoder_depth=args.decoder_depth, decoder_embed_dim=args.decoder_dim, decoder_num_heads=args.decoder_heads,
+            schedule=ScheduleConfig(warmup_steps=2), reconstruction_every_n_steps=0,
+        )
+        return MaskedAutoencoder(config, num_organs=2, batch_size=args.batch_size)
     model = PretrainModelConfig(backbone=BackboneConfig(name=args.model, init="scratch"))
-    return PretrainModule(model, PretrainLossConfig(), LarsConfig(), ScheduleConfig(warmup_steps=2), num_organs=2, batch_size=args.batch_size)
+    return SimCLROrgan(SimCLROrganConfig(model, PretrainLossConfig(), LarsConfig(), ScheduleConfig(warmup_steps=2)), num_organs=2, batch_size=args.batch_size)
 
 
 def make_batch(args) -> dict:
     generator = torch.Generator().manual_seed(0)
     shape = (args.batch_size, 1, args.image_size, args.image_size)
+    organs = torch.randint(0, 2, (args.batch_size,), generator=generator)
+    if args.method == "mae":  # one view per image
+        return {"image": torch.randn(shape, generator=generator), "organ": organs}
     views = [torch.randn(shape, generator=generator) for _ in range(2)]
-    return {"image": views, "organ": torch.randint(0, 2, (args.batch_size,), generator=generator)}
+    return {"image": views, "organ": organs}
 
 
-def plain_loop(args, batch: dict, device: torch.device) -> tuple[float, int]:
-    """The reference: forward, the same losses, backward, LARS step, scheduler step."""
-    module = new_module(args).to(device).train()
-    optimizer = build_lars(module, module.optimizer_config, scaled_lr(module.optimizer_config.lr_per_256, args.batch_size))
-    scheduler = LambdaLR(optimizer, schedule_lambda(args.warmup + args.steps, module.schedule_config))
-    views = [v.to(device) for v in batch["image"]]
+def plain_loop(args, batch: dict, device: torch.device, setting: Setting) -> tuple[float, int]:
+    if args.method == "mae":
+        return plain_mae_loop(args, batch, device, setting)
+    return plain_simclr_loop(args, batch, device, setting)
+
+
+def plain_mae_loop(args, batch: dict, device: torch.device, setting: Setting) -> tuple[float, int]:
+    """The reference: mask (seeded per step, as the method does), forward, MAE + probe loss, backward, AdamW and
+    scheduler steps, with the method's parameter groups (no decay on norms/biases/tokens) and batch-scaled lr."""
+    module = new_module(args).to(device, memory_format=setting.memory_format()).train()
+    settings: MaeOptimizerConfig = module.config.optimizer
+    groups = mae_param_groups(module.model, settings.weight_decay)
+    groups.append({"name": "organ_probe", "params": list(module.organ_head.parameters()), "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=scaled_lr(settings.base_lr, args.batch_size), betas=tuple(settings.betas))
+    scheduler = LambdaLR(optimizer, schedule_lambda(args.warmup + args.steps, module.config.schedule))
+    images = batch["image"].to(device).contiguous(memory_format=setting.memory_format())
     organs = batch["organ"].to(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16-mixed" else contextlib.nullcontext()
     with PeakMemory(device) as memory:
         for step in range(args.warmup + args.steps):
             if step == args.warmup:
-                _synchronize(device)
+                synchronize(device)
                 start = time.perf_counter()
-            with autocast:
+            generator = torch.Generator(device=device).manual_seed(mask_seed(module.seed, 0, step, 0))
+            with setting.autocast(device):
+                loss = module.compute_losses(images, organs, generator)["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        synchronize(device)
+        elapsed = time.perf_counter() - start
+    return args.steps * args.batch_size / elapsed, memory.peak_bytes
+
+
+def plain_simclr_loop(args, batch: dict, device: torch.device, setting: Setting) -> tuple[float, int]:
+    """The reference: forward, the same losses, backward, LARS step, scheduler step."""
+    module = new_module(args).to(device, memory_format=setting.memory_format()).train()
+    optimizer = build_lars(module, module.optimizer_config, scaled_lr(module.optimizer_config.lr_per_256, args.batch_size))
+    scheduler = LambdaLR(optimizer, schedule_lambda(args.warmup + args.steps, module.schedule_config))
+    views = [v.to(device).contiguous(memory_format=setting.memory_format()) for v in batch["image"]]
+    organs = batch["organ"].to(device)
+    with PeakMemory(device) as memory:
+        for step in range(args.warmup + args.steps):
+            if step == args.warmup:
+                synchronize(device)
+                start = time.perf_counter()
+            with setting.autocast(device):
                 loss = module.compute_losses(views, organs)["loss"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-        _synchronize(device)
+        synchronize(device)
         elapsed = time.perf_counter() - start
     return args.steps * args.batch_size / elapsed, memory.peak_bytes
 
 
-def lightning_loop(args, batch: dict, device: torch.device) -> tuple[float, int]:
+def tus_loop(args, batch: dict, device: torch.device) -> tuple[float, int]:
     module = new_module(args)
     timer = StepTimer(args.warmup)
-    trainer = L.Trainer(
-        accelerator=device.type,
-        devices=1,
-        precision=args.precision,
-        max_steps=args.warmup + args.steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer],
-    )
     loader = DataLoader(RepeatedBatch(batch, args.warmup + args.steps), batch_size=None)
-    with PeakMemory(device) as memory:
-        trainer.fit(module, train_dataloaders=loader)
-    return args.steps * args.batch_size / (timer.end - timer.start), memory.peak_bytes
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = tus_trainer(Path(run_dir), device, args.warmup + args.steps, timer)
+        with PeakMemory(device) as memory:
+            trainer.fit(module, train_dataloaders=loader)
+    return args.steps * args.batch_size / timer.seconds(), memory.peak_bytes
 
 
-def measure(variant: str, args) -> tuple[float, int]:
-    """One timed run of ``variant`` (``plain`` or ``lightning``), in the calling process."""
+def measure(setting: Setting | None, args) -> tuple[float, int]:
+    """One timed run: the plain loop in ``setting``, or the tus Trainer when None."""
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    loop = plain_loop if variant == "plain" else lightning_loop
-    return loop(args, make_batch(args), device)
+    if setting is None:
+        return tus_loop(args, make_batch(args), device)
+    return plain_loop(args, make_batch(args), device, setting)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--method", choices=["simclr", "mae"], default="simclr")
+    parser.add_argument("--model", default=None, help="timm name (default: resnet18; mae: vit_tiny_patch16_224)")
+    parser.add_argument("--patch-size", type=int, default=8, help="mae: ViT patch size")
+    parser.add_argument("--decoder-depth", type=int, default=2, help="mae: decoder blocks")
+    parser.add_argument("--decoder-dim", type=int, default=128, help="mae: decoder width")
+    parser.add_argument("--decoder-heads", type=int, default=4, help="mae: decoder attention heads")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20, help="timed steps (after --warmup untimed ones)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2, help="alternate the two loops this many times; best of each is kept")
-    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
+    parser.add_argument("--rounds", type=int, default=1, help="alternate the loops this many times; best of each is kept")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     args = parser.parse_args()
-    results = {"plain": [], "lightning": []}
-    # Every run gets a fresh process, so neither inherits the other's allocator pools (which
+    args.model = args.model or ("vit_tiny_patch16_224" if args.method == "mae" else "resnet18")
+    device = torch.device(args.device)
+    print(machine_line(device))
+    if args.method == "mae":
+        print(f"MAE pretraining {args.model} (patch {args.patch_size}, decoder {args.decoder_depth} x {args.decoder_dim}) "
+              f"{args.image_size}px, batch {args.batch_size}, {args.threads} thread(s), {args.steps} timed steps")
+    else:
+        print(f"SimCLR pretraining {args.model} {args.image_size}px, batch {args.batch_size} x 2 views, {args.threads} thread(s), {args.steps} timed steps")
+    settings: list[Setting | None] = [*plain_settings(device), None]
+    results: dict[Setting | None, list[tuple[float, int]]] = {s: [] for s in settings}
+    # Every run gets a fresh process, so none inherits another's allocator pools (which
     # would hide its memory growth from RSS) or warmed-up caches.
     spawn = multiprocessing.get_context("spawn")
     for _ in range(args.rounds):
-        for variant in results:
+        for setting in settings:
             with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-                results[variant].append(pool.submit(measure, variant, args).result())
-    print(f"{args.model} {args.image_size}px, batch {args.batch_size} x 2 views, {args.precision}, {args.device}, {args.threads} thread(s), {args.steps} timed steps")
-    best = {}
-    for name, runs in results.items():
-        speeds = ", ".join(f"{ips:.1f}" for ips, _ in runs)
-        best[name] = max(runs)
-        ips, peak = best[name]
-        print(f"{name:>9}: {ips:8.1f} images/s (rounds: {speeds}); peak memory {peak / 2**20:.0f} MiB = {peak / args.batch_size / 2**20:.2f} MiB/image")
-    ratio = best["lightning"][0] / best["plain"][0]
-    print(f"ratio lightning / plain = {ratio:.3f} (target >= 0.9)")
+                results[setting].append(pool.submit(measure, setting, args).result())
+    best = {s: max(runs) for s, runs in results.items()}
+    for setting, (_ips, peak) in best.items():
+        name = setting.name if setting else "tus"
+        print(f"{name:>20}: peak memory {peak / 2**20:.0f} MiB = {peak / args.batch_size / 2**20:.2f} MiB/image")
+    plain = {s.name: best[s][0] for s in settings if s is not None}
+    report("stage Trainer (auto)", best[None][0], plain, 0.95)
 
 
 if __name__ == "__main__":

@@ -28,10 +28,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_fid import (
+    KEY_METRIC_FID,
+    fid_features_to_statistics,
+    fid_statistics_to_metric,
+)
 
 from tus.config import load_config
-from tus.data.datasets import resize_square
+from tus.data.cache import resize_square
 from tus.data.images import content_hash, read_grayscale
 from tus.data.manifest import read_manifest, write_manifest
 from tus.methods.iddpm import latest_export

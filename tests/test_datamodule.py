@@ -5,20 +5,54 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
+import tus.data.cache as cache_module
 from tests.helpers import make_labeled_dataset
-from tus.data.datamodules import LabeledDataConfig, LabeledDataModule, class_balanced_weights
+from tus.data.cache import (
+    CACHE_DIR_ENV,
+    CachedImages,
+    clear_memory_cache,
+    resize_square,
+)
+from tus.data.datamodules import (
+    ImagePoolDataModule,
+    ImageSourceConfig,
+    LabeledDataConfig,
+    LabeledDataModule,
+    class_balanced_weights,
+)
 from tus.data.folds import assign_folds
+from tus.data.images import read_grayscale
 from tus.data.manifest import load_manifest
 from tus.data.transforms import AugmentConfig, finetune_train_transform
 
 
-def datamodule(manifest: Path, **overrides) -> LabeledDataModule:
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh disk cache per test and an empty process memo, as in a new process."""
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache-root"))
+    clear_memory_cache()
+    yield tmp_path / "cache-root" / "images"
+    clear_memory_cache()
+
+
+@pytest.fixture
+def decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every path the disk cache decodes, in order."""
+    calls: list[str] = []
+    original = cache_module.read_grayscale
+    monkeypatch.setattr(cache_module, "read_grayscale", lambda p: calls.append(str(p)) or original(p))
+    return calls
+
+
+def datamodule(manifest: Path, test_fold: int = 0, seed: int = 0, **overrides) -> LabeledDataModule:
     frame = load_manifest(manifest)
     folds = assign_folds(frame, 3, 0)
-    config = LabeledDataConfig(manifest=str(manifest), image_size=32, batch_size=8, num_workers=0, **overrides)
-    module = LabeledDataModule(config, frame, folds, test_fold=0, seed=0)
+    options = {"image_size": 32, "batch_size": 8, "num_workers": 0, **overrides}
+    config = LabeledDataConfig(manifest=str(manifest), **options)
+    module = LabeledDataModule(config, frame, folds, test_fold=test_fold, seed=seed)
     module.setup("fit")
     return module
 
@@ -84,16 +118,46 @@ def test_eval_batches_are_normalised_and_carry_ids(labeled_manifest: Path):
     assert all(isinstance(s, str) for s in batch["sample_id"])
 
 
-def test_images_are_decoded_once(labeled_manifest: Path, monkeypatch):
-    import tus.data.datasets as datasets
-
-    calls = []
-    original = datasets.read_grayscale
-    monkeypatch.setattr(datasets, "read_grayscale", lambda p: calls.append(p) or original(p))
+def test_images_are_decoded_once(labeled_manifest: Path, decodes: list[str]):
     module = datamodule(labeled_manifest)
-    decoded = len(calls)
-    assert decoded == 24
+    assert len(decodes) == 24
     for _ in range(3):
         for _ in module.train_dataloader():
             pass
-    assert len(calls) == decoded
+    assert len(decodes) == 24
+
+
+def test_every_fold_and_seed_of_a_cv_shares_one_decode(labeled_manifest: Path, decodes: list[str]):
+    modules = [datamodule(labeled_manifest, fold, seed, image_size=64) for seed in (0, 1) for fold in range(3)]
+    assert sorted(decodes) == sorted(set(decodes)) and len(decodes) == 24  # each file exactly once
+    for module in modules:
+        for dataset in (module.train_set, module.test_set):
+            for i in (0, len(dataset) - 1):
+                direct = resize_square(read_grayscale(dataset.frame["abs_path"][i]), 64)
+                assert np.array_equal(dataset.images[i], direct)
+    clear_memory_cache()  # a later process: the disk cache answers, nothing is decoded
+    again = datamodule(labeled_manifest, 1, 0, image_size=64)
+    assert len(decodes) == 24
+    assert np.array_equal(again.test_set.images[0], modules[1].test_set.images[0])
+
+
+def test_explicit_cache_dir_and_uncached_paths(labeled_manifest: Path, tmp_path: Path, decodes: list[str]):
+    module = datamodule(labeled_manifest, cache_dir=str(tmp_path / "mine"))
+    assert len(list((tmp_path / "mine").glob("*.npy"))) == 1
+    uncached = datamodule(labeled_manifest, cache_images=False)
+    assert len(decodes) == 24  # nothing new went through the cache
+    assert not isinstance(uncached.test_set.images, CachedImages)  # it decodes on access
+    assert np.array_equal(uncached.test_set.images[0], module.test_set.images[0])
+
+
+def test_pool_subsets_reuse_the_sources_cache(labeled_manifest: Path, decodes: list[str]):
+    from tus.data.datasets import ManifestDataset
+    from tus.data.transforms import eval_transform
+
+    pool = ImagePoolDataModule([ImageSourceConfig(manifest=str(labeled_manifest))], eval_transform(), image_size=32, batch_size=4, num_workers=0)
+    pool.setup("fit")
+    assert len(decodes) == 24 and len(pool.dataset) == 24
+    bank = pool.source_frames[0].iloc[[5, 2, 11]]
+    probe = ManifestDataset(bank, eval_transform(), image_size=32, organ_index=pool.organ_index)
+    assert len(decodes) == 24
+    assert np.array_equal(probe.images[1], resize_square(read_grayscale(bank["abs_path"].iloc[1]), 32))

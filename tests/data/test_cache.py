@@ -18,8 +18,8 @@ from tus.data.cache import (
     DecodedImageCache,
     clear_memory_cache,
     default_cache_dir,
+    resize_square,
 )
-from tus.data.datasets import resize_square
 from tus.data.images import ImageReadError, read_grayscale, write_grayscale
 
 

@@ -4,7 +4,7 @@ A cross-validation run trains K folds x S seeds on the same images; decoding and
 every PNG again for each of them (and again for every rerun) costs more than training a
 small model on a many-core machine. :class:`DecodedImageCache` decodes a list of images
 once, with exactly the dataset's decode (:func:`tus.data.images.read_grayscale`) and resize
-(:func:`tus.data.datasets.resize_square`), into one ``(N, size, size)`` uint8 ``.npy`` file,
+(:func:`resize_square`), into one ``(N, size, size)`` uint8 ``.npy`` file,
 then memory-maps it: 25k+ images are never all held in RAM, and forked DataLoader workers
 share the page cache.
 
@@ -17,6 +17,11 @@ ctime, so a changed file is always rehashed.
 
 Writes go to a temporary file that is ``os.replace``-d into place, under a file lock so two
 processes building the same cache do the work once; a reader never sees a partial file.
+
+Within a process, :func:`cached_images` remembers which cache row holds each decoded file
+(per cache folder and size), so datasets over any subset of already-decoded images (the
+folds x seeds of a CV, a pretraining pool's held-out probe slice) reuse the rows instead of
+building a new array: no image is decoded twice in one process.
 """
 
 from __future__ import annotations
@@ -35,7 +40,6 @@ import numpy as np
 import PIL
 from filelock import FileLock
 
-from tus.data.datasets import resize_square
 from tus.data.images import ImageReadError, content_hash, read_grayscale
 
 # Bump when the file layout or the decode/resize code changes in a way the versions below miss.
@@ -49,6 +53,16 @@ HASH_INDEX_NAME = "file-hashes.json"
 # run shares one mapping; and cache folder -> content-hash index, read from disk once.
 _ARRAYS: dict[tuple[str, str], np.ndarray] = {}
 _HASH_INDEXES: dict[str, dict[str, list]] = {}
+# Per process: (cache folder, size) -> absolute path -> (cache, row) of every decoded file.
+_ROWS: dict[tuple[str, int], dict[str, tuple[DecodedImageCache, int]]] = {}
+
+
+def resize_square(image: np.ndarray, size: int | None) -> np.ndarray:
+    """Resize to size x size (the reference resizes screenshots to a square input)."""
+    if size is None or image.shape == (size, size):
+        return image
+    interpolation = cv2.INTER_AREA if min(image.shape) > size else cv2.INTER_LINEAR
+    return cv2.resize(image, (size, size), interpolation=interpolation)
 
 
 def default_cache_dir() -> Path:
@@ -60,9 +74,10 @@ def default_cache_dir() -> Path:
 
 
 def clear_memory_cache() -> None:
-    """Forget this process's mappings and hash indexes (the files on disk stay)."""
+    """Forget this process's mappings, row registry and hash indexes (the files on disk stay)."""
     _ARRAYS.clear()
     _HASH_INDEXES.clear()
+    _ROWS.clear()
 
 
 def _stat_key(path: Path) -> list[int]:
@@ -249,3 +264,51 @@ class CachedImageSubset:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+
+class CachedImages:
+    """Images at given rows of one or more :class:`DecodedImageCache` s, indexed from 0.
+
+    A dataset over a frame built from several sources (e.g. a probe bank drawn across a
+    pool's manifests) gets its rows from each source's cache. Pickling sends each cache once
+    (pickle's memo), i.e. file names and row numbers, not pixels.
+    """
+
+    def __init__(self, caches: Sequence[DecodedImageCache], which: np.ndarray, rows: np.ndarray):
+        self.caches = list(caches)
+        self.which = np.asarray(which, dtype=np.int64)
+        self.rows = np.asarray(rows, dtype=np.int64)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.caches[self.which[index]].get(int(self.rows[index]))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def cached_images(
+    paths: Sequence[str | Path], size: int, cache_dir: str | Path | None = None, *, workers: int | None = None
+) -> CachedImages:
+    """``paths`` decoded at ``size``, reusing every row this process has already decoded.
+
+    Files not yet seen (by absolute path, in this cache folder at this size) are decoded, in
+    their given order, into one new :class:`DecodedImageCache` (or found on disk by content).
+    Files are assumed not to change while a process runs; a later process rehashes them.
+    """
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    known = _ROWS.setdefault((str(folder), int(size)), {})
+    names = [os.path.abspath(p) for p in paths]
+    missing = list(dict.fromkeys(name for name in names if name not in known))
+    if missing:
+        cache = DecodedImageCache(missing, size, folder, workers=workers)
+        known.update((name, (cache, row)) for row, name in enumerate(missing))
+    caches: dict[int, int] = {}  # id(cache) -> position in the list
+    ordered: list[DecodedImageCache] = []
+    which, rows = np.empty(len(names), dtype=np.int64), np.empty(len(names), dtype=np.int64)
+    for i, name in enumerate(names):
+        cache, row = known[name]
+        if id(cache) not in caches:
+            caches[id(cache)] = len(ordered)
+            ordered.append(cache)
+        which[i], rows[i] = caches[id(cache)], row
+    return CachedImages(ordered, which, rows)

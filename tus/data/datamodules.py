@@ -9,20 +9,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import lightning as L
 import numpy as np
 import pandas as pd
 import torch
 from sklearn.model_selection import StratifiedGroupKFold
-from torch.utils.data import ConcatDataset, DataLoader, WeightedRandomSampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, WeightedRandomSampler
 
+from tus.data.cache import cached_images
 from tus.data.datasets import ManifestDataset
 from tus.data.images import list_images
 from tus.data.manifest import load_manifest
-from tus.data.transforms import AugmentConfig, eval_transform, finetune_train_transform, seed_transform_in_worker
+from tus.data.seeding import derive_seed
+from tus.data.transforms import (
+    AugmentConfig,
+    _transforms_of,
+    eval_transform,
+    finetune_train_transform,
+    seed_transform_in_worker,
+)
 
 
 @dataclass
@@ -35,7 +43,10 @@ class LabeledDataConfig:
     eval_batch_size: int = 128
     num_workers: int = 2
     weighted_sampler: bool = True
+    # Decoded, resized images on disk, shared by every fold x seed and later runs (see
+    # tus.data.cache); None: $TUS_CACHE_DIR/images, else ~/.cache/tus/images.
     cache_images: bool = True
+    cache_dir: str | None = None
     # Share of the training patients held out for model selection when selection=inner_val.
     inner_val_fraction: float = 0.2
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -111,6 +122,10 @@ class LabeledDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
+        if self.config.cache_images and self.config.image_size:
+            # Decode the whole manifest into one cache first: every fold x seed then reads
+            # its rows from it, and the cache's key does not depend on the fold split.
+            cached_images(self.frame["abs_path"].tolist(), self.config.image_size, self.config.cache_dir)
         train_frame = self.frame[self.folds != self.test_fold].reset_index(drop=True)
         test_frame = self.frame[self.folds == self.test_fold].reset_index(drop=True)
         if self.inner_validation:
@@ -123,7 +138,9 @@ class LabeledDataModule(L.LightningDataModule):
         self.test_set = self._dataset(test_frame, eval_transform())
 
     def _dataset(self, frame: pd.DataFrame, transform) -> ManifestDataset:
-        return ManifestDataset(frame, transform, image_size=self.config.image_size, cache=self.config.cache_images)
+        return ManifestDataset(
+            frame, transform, image_size=self.config.image_size, cache=self.config.cache_images, cache_dir=self.config.cache_dir
+        )
 
     def train_dataloader(self) -> DataLoader:
         # One generator per datamodule: a reloaded loader continues the stream, not restarts it.
@@ -185,12 +202,74 @@ def read_image_source(source: ImageSourceConfig) -> pd.DataFrame:
     return frame
 
 
+class PositionedWeightedSampler(DistributedSampler):
+    """Weighted draws with replacement: the ``position``-th draw of epoch ``e`` depends on (seed, e, position) only.
+
+    Each epoch's draws come from a generator seeded by (seed, epoch) and are split over the ranks
+    (position ``p`` goes to rank ``p mod num_replicas``); every draw is yielded as ``(index,
+    view_seed)`` with ``view_seed`` from (seed, epoch, position), for :class:`SeededDraws`.
+    ``consumed(samples_per_rank)`` is the number of this rank's draws the current epoch has already trained on:
+    Lightning restarts a plain loader at the start of the epoch when it resumes from a mid-epoch
+    checkpoint, so the sampler skips those and the resumed run sees the same images and views at
+    the same steps as an uninterrupted one. Being a ``DistributedSampler``, Lightning neither wraps
+    it nor forgets its ``set_epoch``.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        weights: np.ndarray,
+        samples_per_rank: int,
+        *,
+        seed: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        consumed: Callable[[int], int] | None = None,
+    ):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.weights = torch.as_tensor(weights, dtype=torch.float64)
+        self.samples_per_rank = samples_per_rank
+        self.consumed = consumed
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+        total = self.samples_per_rank * self.num_replicas
+        draws = torch.multinomial(self.weights, total, replacement=True, generator=generator).tolist()
+        start = self.consumed(self.samples_per_rank) if self.consumed is not None else 0
+        for position in range(self.rank + start * self.num_replicas, total, self.num_replicas):
+            yield draws[position], derive_seed(self.seed, self.epoch, position) % (2**32)
+
+    def __len__(self) -> int:
+        return self.samples_per_rank
+
+
+class SeededDraws(Dataset):
+    """``dataset`` addressed by ``(index, seed)``: its transforms are reseeded from the draw's seed
+    before the item is made, so an item's augmentation depends on its draw alone, not on the
+    DataLoader workers or on what was drawn before (what makes a resumed stream exact)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+        self.transforms = _transforms_of(dataset)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, seed = key
+        for transform in self.transforms:
+            transform.reseed(seed)
+        return self.dataset[index]
+
+
 class ImagePoolDataModule(L.LightningDataModule):
     """Unlabelled images from several weighted sources through one transform.
 
     ``organ_classes`` fixes the organ vocabulary (index = position); with ``None`` it is
     the sorted set of organs found. Sources are drawn with replacement according to their
-    weights; the step budget (``max_steps``) rather than epochs bounds training.
+    weights; the step budget (``max_steps``) rather than epochs bounds training. The draws and
+    their augmentations are a function of (seed, epoch, position) (:class:`PositionedWeightedSampler`),
+    so a run resumed from any checkpoint, mid-epoch included, replays the uninterrupted run.
     """
 
     def __init__(
@@ -206,6 +285,7 @@ class ImagePoolDataModule(L.LightningDataModule):
         cache_images: bool = True,
         seed: int = 0,
         samples_per_epoch: int | None = None,
+        cache_dir: str | None = None,
     ):
         super().__init__()
         if not sources:
@@ -218,15 +298,18 @@ class ImagePoolDataModule(L.LightningDataModule):
         self.organ_classes = organ_classes
         self.require_organ = require_organ
         self.cache_images = cache_images
+        self.cache_dir = cache_dir
         self.seed = seed
         self.samples_per_epoch = samples_per_epoch
-        self._sampler = SamplerGenerator(seed)
         self.frames: list[pd.DataFrame] = []
+        # The sources as read, before a subclass moves rows out (e.g. a held-out probe slice).
+        self.source_frames: list[pd.DataFrame] = []
         self.dataset: ConcatDataset | None = None
 
     def prepare_frames(self) -> list[pd.DataFrame]:
         if not self.frames:
             self.frames = [read_image_source(s) for s in self.sources]
+            self.source_frames = list(self.frames)
             if self.require_organ:
                 for source, frame in zip(self.sources, self.frames):
                     missing = frame[frame["organ"] == ""]
@@ -254,15 +337,19 @@ class ImagePoolDataModule(L.LightningDataModule):
         if self.dataset is not None:
             return
         organ_index = self.organ_index
+        if self.cache_images and self.image_size:
+            # One cache per whole source: the pool, a held-out slice and a probe bank drawn
+            # from it all read rows of it, and its key does not depend on the split seed.
+            for frame in self.source_frames:
+                cached_images(frame["abs_path"].tolist(), self.image_size, self.cache_dir)
         parts = [
-            ManifestDataset(frame, self.transform, image_size=self.image_size, organ_index=organ_index, cache=self.cache_images)
+            ManifestDataset(
+                frame, self.transform, image_size=self.image_size, organ_index=organ_index,
+                cache=self.cache_images, cache_dir=self.cache_dir,
+            )
             for frame in self.prepare_frames()
         ]
         self.dataset = ConcatDataset(parts)
-
-    def reseed_sampler(self, seed: int) -> None:
-        """Restart the draws from ``seed`` (a resumed run draws new images, not the first ones)."""
-        self._sampler.reseed(seed)
 
     def sample_weights(self) -> np.ndarray:
         weights = []
@@ -271,14 +358,31 @@ class ImagePoolDataModule(L.LightningDataModule):
         return np.concatenate(weights)
 
     def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         weights = self.sample_weights()
-        sampler = WeightedRandomSampler(weights.tolist(), num_samples=self.samples_per_epoch or len(weights), replacement=True, generator=self._sampler.generator)
+        samples_per_rank = -(-(self.samples_per_epoch or len(weights)) // world_size)
+        sampler = PositionedWeightedSampler(
+            self.dataset, weights, samples_per_rank, seed=self.seed, num_replicas=world_size, rank=rank, consumed=self._consumed_this_epoch,
+        )
         return DataLoader(
-            self.dataset,
+            SeededDraws(self.dataset),
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            worker_init_fn=seed_transform_in_worker,
             drop_last=True,
         )
+
+    def _consumed_this_epoch(self, samples_per_rank: int) -> int:
+        """This rank's draws the current epoch has already trained on (0 but in a resumed run).
+
+        Read when the epoch's iterator first yields, after Lightning restored the step and epoch:
+        every epoch has the same number of batches, so the steps done say where in it the run is.
+        """
+        trainer = self.trainer
+        if trainer is None:
+            return 0
+        batches_per_epoch = samples_per_rank // self.batch_size
+        done = trainer.global_step * trainer.accumulate_grad_batches - trainer.current_epoch * batches_per_epoch
+        return min(max(done, 0), batches_per_epoch) * self.batch_size

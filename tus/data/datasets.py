@@ -1,4 +1,4 @@
-"""Torch datasets over manifests and image folders, with an in-memory decoded-image cache.
+"""Torch datasets over manifests and image folders, reading decoded images from the disk cache.
 
 A sample is a dict: ``image`` (tensor, or a list of tensors when the transform makes several
 views), ``sample_id`` (str), ``label`` (int, -1 if unlabelled), ``organ`` (int, -1 if
@@ -8,49 +8,28 @@ batch so callbacks (the per-sample loss recorder) can name what they saw.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from tus.data.cache import CachedImages, cached_images, resize_square
 from tus.data.images import read_grayscale
 
 Transform = Callable[[np.ndarray], torch.Tensor | Sequence[torch.Tensor]]
 
 
-def resize_square(image: np.ndarray, size: int | None) -> np.ndarray:
-    """Resize to size x size (the reference resizes screenshots to a square input)."""
-    if size is None or image.shape == (size, size):
-        return image
-    interpolation = cv2.INTER_AREA if min(image.shape) > size else cv2.INTER_LINEAR
-    return cv2.resize(image, (size, size), interpolation=interpolation)
+class DecodedImages:
+    """Decode (and resize) each image on access: the path for ``cache=False`` or ``size=None``."""
 
-
-class DecodedImageCache:
-    """Decode every image once (resized to ``size``) and keep it in memory if it fits.
-
-    With ``max_bytes`` exceeded the cache is disabled and images are decoded per access;
-    the decision is made up front from the image count so an epoch never half-caches.
-    DataLoader workers fork after :meth:`preload`, so they share the arrays copy-on-write.
-    """
-
-    def __init__(self, paths: Sequence[str], size: int | None, max_bytes: int = 4 << 30):
+    def __init__(self, paths: Sequence[str], size: int | None):
         self.paths = list(paths)
         self.size = size
-        expected = len(self.paths) * (size * size if size else 512 * 512)
-        self.enabled = expected <= max_bytes
-        self._arrays: list[np.ndarray] | None = None
-
-    def preload(self) -> None:
-        if self.enabled and self._arrays is None:
-            self._arrays = [resize_square(read_grayscale(p), self.size) for p in self.paths]
 
     def __getitem__(self, index: int) -> np.ndarray:
-        if self._arrays is not None:
-            return self._arrays[index]
         return resize_square(read_grayscale(self.paths[index]), self.size)
 
     def __len__(self) -> int:
@@ -58,7 +37,14 @@ class DecodedImageCache:
 
 
 class ManifestDataset(Dataset):
-    """Images of a manifest frame (see :mod:`tus.data.manifest`) through a transform."""
+    """Images of a manifest frame (see :mod:`tus.data.manifest`) through a transform.
+
+    With ``cache`` and an integer ``image_size`` the images come from the on-disk decoded
+    cache (:func:`tus.data.cache.cached_images`, folder ``cache_dir`` or the default): each
+    file is decoded once per process and, while its bytes stay the same, once across runs.
+    Otherwise every access decodes the file (``image_size=None`` keeps each image's size,
+    which one array cannot hold).
+    """
 
     def __init__(
         self,
@@ -68,12 +54,14 @@ class ManifestDataset(Dataset):
         image_size: int | None = None,
         organ_index: dict[str, int] | None = None,
         cache: bool = True,
+        cache_dir: str | Path | None = None,
     ):
         self.frame = frame.reset_index(drop=True)
         self.transform = transform
-        self.images = DecodedImageCache(self.frame["abs_path"].tolist(), image_size)
-        if cache:
-            self.images.preload()
+        paths = self.frame["abs_path"].tolist()
+        self.images: CachedImages | DecodedImages = (
+            cached_images(paths, image_size, cache_dir) if cache and image_size else DecodedImages(paths, image_size)
+        )
         self.sample_ids = self.frame["sample_id"].astype(str).tolist()
         self.patient_ids = self.frame["patient_id"].astype(str).tolist() if "patient_id" in self.frame else self.sample_ids
         self.labels = (

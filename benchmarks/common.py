@@ -1,0 +1,128 @@
+"""What the throughput benchmarks share: the machine line, the plain-loop settings worth
+trying on this hardware, a step timer for the tus Trainer, and the report.
+
+"Best plain loop" means the fastest of fp32 NCHW, fp32 channels_last and (only where the
+device runs bf16 natively, per :func:`tus.hardware.detect_caps`) bf16 autocast +
+channels_last; bf16 on a CPU without AVX512-BF16/AMX is emulated (~100x slower) and skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from tus.callbacks.performance import ChannelsLast
+from tus.hardware import detect_caps
+from tus.runs import TrainerConfig, build_trainer
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A precision and memory format for the plain loop."""
+
+    name: str
+    bf16: bool
+    channels_last: bool
+
+    def autocast(self, device: torch.device):
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform's guess elsewhere)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def machine_line(device: torch.device) -> str:
+    caps = detect_caps()
+    gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    native = caps.cuda_bf16 if device.type == "cuda" else caps.cpu_native_bf16
+    return (
+        f"machine: {cpu_model()}, {torch.get_num_threads()} torch thread(s){gpu}; torch {torch.__version__}; "
+        f"native bf16 on {device.type}: {native}"
+    )
+
+
+def plain_settings(device: torch.device) -> list[Setting]:
+    """The settings the plain loop is timed in on ``device``; prints which were skipped and why."""
+    settings = [Setting("fp32 NCHW", False, False), Setting("fp32 channels_last", False, True)]
+    caps = detect_caps()
+    native = caps.cuda_bf16 if device.type == "cuda" else caps.cpu_native_bf16
+    if native:
+        settings += [Setting("bf16 NCHW", True, False), Setting("bf16 channels_last", True, True)]
+    else:
+        print(f"bf16 skipped: emulated on this {device.type} (no native bf16), ~100x slower than fp32")
+    return settings
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step, steps: int, warmup: int, device: torch.device) -> float:
+    """Seconds for ``steps`` calls of ``step`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+class StepTimer(Callback):
+    """Wall time of the training steps after ``warmup`` (loader waits included)."""
+
+    def __init__(self, warmup: int):
+        self.warmup = warmup
+        self.start = self.end = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.warmup and self.start is None:
+            synchronize(pl_module.device)
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        synchronize(pl_module.device)
+        self.end = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.end - self.start
+
+
+def tus_trainer(run_dir: Path, device: torch.device, max_steps: int, timer: StepTimer, **options) -> L.Trainer:
+    """A Trainer as the stages build it (tus.runs.build_trainer, precision 'auto') plus the
+    ChannelsLast('auto') callback every stage gets; no loggers, no progress bar."""
+    config = TrainerConfig(
+        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision="auto", max_steps=max_steps,
+        enable_progress_bar=False, **options,
+    )
+    return build_trainer(config, run_dir, loggers=[], callbacks=[ChannelsLast("auto"), timer])
+
+
+def report(tus_name: str, tus_images_per_s: float, plain: dict[str, float], target: float) -> None:
+    """Images/s of each plain setting and of tus, and tus / the best plain setting."""
+    for name, speed in plain.items():
+        print(f"plain loop, {name:<20}: {speed:8.2f} images/s")
+    best = max(plain, key=plain.get)
+    print(f"tus, {tus_name:<26}: {tus_images_per_s:8.2f} images/s")
+    print(f"ratio tus / best plain ({best}) = {tus_images_per_s / plain[best]:.3f} (target >= {target})")
