@@ -19,7 +19,7 @@ import tus.callbacks.gradcam as gradcam_module
 from tus.callbacks.gradcam import GradCAMConfig, GradCAMPlusPlusLogger
 from tus.callbacks.loss_recorder import PerSampleLossRecorder
 from tus.cli.explain import main as explain_main
-from tus.data.images import write_grayscale
+from tus.data.images import UsageError, write_grayscale
 from tus.eval.explain import (
     TargetLayerError,
     add_markers,
@@ -210,9 +210,9 @@ def test_explain_command_writes_overlays_and_numbers(tmp_path, capsys):
         write_grayscale(tmp_path / "images" / f"u{index}.png", rng.integers(0, 255, size=(48, 40), dtype=np.uint8))
     pd.DataFrame({"path": [f"u{i}.png" for i in range(2)]}).to_csv(tmp_path / "images" / "manifest.csv", index=False)
     out = tmp_path / "explained"
-    args = ["--checkpoint", str(model_path.with_suffix(".safetensors")), "--images", str(tmp_path / "images" / "manifest.csv"), str(tmp_path / "images" / "u2.png"), "--out", str(out)]
+    args = ["--checkpoint", str(tmp_path / "model.safetensors"), "--images", str(tmp_path / "images" / "manifest.csv"), str(tmp_path / "images" / "u2.png"), "--out", str(out)]
 
-    with pytest.raises(SystemExit):  # no training config beside the model: the size must be given
+    with pytest.raises(UsageError):  # no training config beside the model: the size must be given
         explain_main(args)
     assert explain_main([*args, "--image-size", "32", "--rows-per-page", "2"]) == 0
 
@@ -223,7 +223,7 @@ def test_explain_command_writes_overlays_and_numbers(tmp_path, capsys):
     assert summary["num_images"] == 3 and summary["image_size"] == 32
     assert summary["prediction_change_rate"] == pytest.approx((per_image["predicted_clean"] != per_image["predicted_marked"]).mean())
     assert "CAM mass on marker pixels" in capsys.readouterr().out
-    with pytest.raises(SystemExit):  # never writes into a non-empty folder
+    with pytest.raises(UsageError):  # never writes into a non-empty folder
         explain_main([*args, "--image-size", "32"])
 
 

@@ -1,4 +1,4 @@
-"""Grad-CAM++ heatmaps of a fixed set of images, clean and with markers, during training.
+"""Grad-CAM++ (or Score-CAM) heatmaps of a fixed set of images, clean and with markers, during training.
 
 At the end of validation (and of test) the logger explains the first ``num_images`` images
 of the (first) val/test set, each shown clean and with synthetic markers (drawn once from
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -22,7 +23,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
 from tus.data.markers import MarkerConfig
-from tus.eval.explain import add_markers, measure_marker_sensitivity, save_overlay_grid
+from tus.eval.explain import add_markers, check_cam_method, measure_marker_sensitivity, save_overlay_grid
 
 
 @dataclass
@@ -30,13 +31,15 @@ class GradCAMConfig:
     """Grad-CAM++ logging of a fine-tuning run (``gradcam:`` in a fine-tuning config).
 
     ``target_layer`` is a dotted module name of the classifier (e.g. ``backbone.layer4``);
-    empty picks the backbone's last spatial layer. Markers come from the run's
-    ``data.augment.markers`` config.
+    empty picks the backbone's last spatial layer (a ViT's last block ``norm1``). ``method`` is
+    ``gradcam++`` or ``scorecam`` (gradient-free; one forward pass per activation channel and image,
+    so slower). Markers come from the run's ``data.augment.markers`` config.
     """
 
     enabled: bool = False
     num_images: int = 8
     target_layer: str = ""
+    method: Literal["gradcam++", "scorecam"] = "gradcam++"
     marker_seed: int = 0
     every_n_epochs: int = 1
     on_validation: bool = True
@@ -62,7 +65,9 @@ class GradCAMPlusPlusLogger(Callback):
         every_n_epochs: int = 1,
         on_validation: bool = True,
         on_test: bool = True,
+        method: str = "gradcam++",
     ):
+        self.method = check_cam_method(method)
         if num_images < 1 or every_n_epochs < 1:
             raise ValueError(f"num_images and every_n_epochs must be >= 1, got {num_images}, {every_n_epochs}")
         self.out_dir = Path(out_dir)
@@ -78,7 +83,10 @@ class GradCAMPlusPlusLogger(Callback):
 
     @classmethod
     def from_config(cls, config: GradCAMConfig, out_dir: str | Path, marker_config: MarkerConfig | None = None) -> GradCAMPlusPlusLogger:
-        return cls(out_dir, config.num_images, config.target_layer, marker_config, config.marker_seed, config.every_n_epochs, config.on_validation, config.on_test)
+        return cls(
+            out_dir, config.num_images, config.target_layer, marker_config, config.marker_seed, config.every_n_epochs,
+            config.on_validation, config.on_test, config.method,
+        )
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.on_validation and not trainer.sanity_checking and trainer.current_epoch % self.every_n_epochs == 0:
@@ -96,14 +104,14 @@ class GradCAMPlusPlusLogger(Callback):
             return
         self._fixed[stage] = fixed
         device = pl_module.device
-        result = measure_marker_sensitivity(pl_module, fixed.images.to(device), fixed.marked.to(device), fixed.masks, self.target_layer)
+        result = measure_marker_sensitivity(pl_module, fixed.images.to(device), fixed.marked.to(device), fixed.masks, self.target_layer, self.method)
         self.target_layer = result.target_layer
         summary = result.summary()
         stem = self.out_dir / f"{stage}-epoch{trainer.current_epoch:03d}"
         image = save_overlay_grid(result, fixed.names, stem.with_suffix(".png"))
         stem.with_suffix(".json").write_text(json.dumps({**summary, "epoch": trainer.current_epoch, "step": trainer.global_step, "images": fixed.names}, indent=2))
         self.last_summary[stage] = summary
-        metrics = {f"{stage}/markers/{key}": float(value) for key, value in summary.items() if key not in ("num_images", "target_layer")}
+        metrics = {f"{stage}/markers/{key}": float(value) for key, value in summary.items() if key not in ("num_images", "target_layer", "method")}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             if isinstance(logger, WandbLogger):

@@ -12,32 +12,45 @@ burned in:
   marker-invariant one shows both close to ``marker_area`` (the pixels' share of the image).
 
 Each CAM explains the class the model predicts for that image (as in the reference's
-figures): when markers flip a prediction, the marked CAM shows what the new decision rests on. ``tus explain`` writes overlay grids (image, CAM, image + markers, CAM) and the
+figures): when markers flip a prediction, the marked CAM shows what the new decision rests on.
+The CAM is Grad-CAM++ (Chattopadhay et al. 2018) or Score-CAM (Wang et al. 2020, gradient-free:
+each activation channel weighted by the model's score on the image masked with it; what USF-MAE
+shows), both from pytorch-grad-cam. CNNs are explained at their last spatial layer; a timm ViT at
+its last block's ``norm1``, whose (B, 1 + N, C) tokens are reshaped to the (B, C, h, w) patch grid
+with the class/register tokens dropped (:func:`tokens_to_grid`), so the numbers work for every
+backbone. ``tus explain`` writes overlay grids (image, CAM, image + markers, CAM) and the
 numbers for any images; :class:`tus.callbacks.gradcam.GradCAMPlusPlusLogger` logs them
 during training.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext, redirect_stderr
 from dataclasses import dataclass, fields
+from functools import partial
+from io import StringIO
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
-from pytorch_grad_cam import GradCAMPlusPlus
+from pytorch_grad_cam import GradCAMPlusPlus, ScoreCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from tus.data.datasets import resize_square
+from tus.data.cache import resize_square
 from tus.data.images import read_grayscale
 from tus.data.markers import MarkerConfig, inject_markers_into_batch
 from tus.data.transforms import NORMALIZE_MEAN, NORMALIZE_STD, eval_transform
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# CAM methods by option value, and their names in figures and summaries.
+CAM_METHODS = {"gradcam++": "Grad-CAM++", "scorecam": "Score-CAM"}
+# Masked copies per Score-CAM forward pass (pytorch-grad-cam's default is 16; larger is faster, costs memory).
+SCORECAM_BATCH_SIZE = 64
 
 
 class TargetLayerError(ValueError):
@@ -77,7 +90,15 @@ def find_target_layer(model: nn.Module, example: torch.Tensor) -> str:
     Containers finish after their children, so for a timm ResNet inside a classifier this
     is ``backbone.layer4`` (the global pool that follows flattens): the last block of the
     backbone, the usual Grad-CAM layer, found without knowing the architecture.
+
+    A timm ViT has no spatial output besides its patch projection; its layer is the last block's
+    ``norm1`` (as pytorch-grad-cam's ViT example), whose patch tokens still receive gradients when the
+    head reads only the class token (the final ``norm``'s patch tokens would not).
     """
+    vits = [(name, module) for name, module in model.named_modules() if isinstance(module, VisionTransformer)]
+    if vits:
+        name, vit = vits[-1]
+        return ".".join(filter(None, [name, "blocks", str(len(vit.blocks) - 1), "norm1"]))
     finished: list[str] = []
     handles = []
     for name, module in model.named_modules():
@@ -112,6 +133,34 @@ def resolve_target_layer(model: nn.Module, name: str | None, example: torch.Tens
         raise TargetLayerError(f"no module '{name}' in {type(model).__name__} (top-level modules: {children})") from error
 
 
+def tokens_to_grid(tokens: torch.Tensor, grid_size: tuple[int, int], num_prefix_tokens: int) -> torch.Tensor:
+    """ViT tokens (B, prefix + h * w, C) -> the patch grid (B, C, h, w), prefix (class/register) tokens dropped.
+
+    pytorch-grad-cam's ``reshape_transform``; applied to activations and gradients alike. Anything that is
+    not a token sequence (e.g. the patch projection's (B, C, h, w) output) passes unchanged.
+    """
+    if tokens.ndim != 3:
+        return tokens
+    height, width = grid_size
+    patches = tokens[:, num_prefix_tokens:]
+    if patches.shape[1] != height * width:
+        raise TargetLayerError(
+            f"{tokens.shape[1]} tokens do not hold {num_prefix_tokens} prefix token(s) + a {height} x {width} patch grid"
+        )
+    return patches.reshape(len(tokens), height, width, -1).permute(0, 3, 1, 2)
+
+
+def token_reshape_transform(model: nn.Module, layer_name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The :func:`tokens_to_grid` of the (innermost) timm ViT holding ``layer_name``; None outside ViTs."""
+    transform = None
+    for name, module in model.named_modules():
+        inside = not name or layer_name == name or layer_name.startswith(f"{name}.")
+        if isinstance(module, VisionTransformer) and inside:
+            grid = tuple(int(side) for side in module.patch_embed.grid_size)
+            transform = partial(tokens_to_grid, grid_size=grid, num_prefix_tokens=module.num_prefix_tokens)
+    return transform
+
+
 def _plain_copy(images: torch.Tensor, model: nn.Module) -> torch.Tensor:
     # A clone made outside inference mode is an ordinary tensor autograd can use.
     parameter = next(model.parameters())
@@ -119,23 +168,53 @@ def _plain_copy(images: torch.Tensor, model: nn.Module) -> torch.Tensor:
         return images.detach().clone().to(parameter.device, parameter.dtype)
 
 
-def gradcam_plus_plus(model: nn.Module, images: torch.Tensor, target_layer: nn.Module) -> tuple[np.ndarray, torch.Tensor]:
-    """Grad-CAM++ maps (N, H, W) in [0, 1] of each image's predicted class, and the logits.
+def check_cam_method(method: str) -> str:
+    if method not in CAM_METHODS:
+        raise ValueError(f"CAM method must be one of {', '.join(CAM_METHODS)}, got {method!r}")
+    return method
+
+
+def class_activation_maps(
+    model: nn.Module,
+    images: torch.Tensor,
+    target_layer: nn.Module,
+    method: str = "gradcam++",
+    reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[np.ndarray, torch.Tensor]:
+    """CAMs (N, H, W) in [0, 1] of each image's predicted class by ``method`` (see :data:`CAM_METHODS`), and
+    the logits. ``reshape_transform`` turns the layer's output into (N, C, h, w) (:func:`token_reshape_transform`).
 
     The model's state is left as found (see :func:`explaining`) and the hooks that
     pytorch-grad-cam registers are removed before returning, also on errors.
     """
+    check_cam_method(method)
     with explaining(model):
         inputs = _plain_copy(images, model)
-        cam = GradCAMPlusPlus(model=model, target_layers=[target_layer])
-        try:
+        if method == "scorecam":
+            cam = ScoreCAM(model=model, target_layers=[target_layer], reshape_transform=reshape_transform)
+            cam.batch_size = SCORECAM_BATCH_SIZE
+        else:
+            cam = GradCAMPlusPlus(model=model, target_layers=[target_layer], reshape_transform=reshape_transform)
             # Inputs must require grad: parameters don't, and the CAM needs activations' gradients.
             cam.compute_input_gradient = True
-            maps = cam(inputs, targets=None)  # None: the predicted class of each image
+        try:
+            # Score-CAM draws a tqdm bar per image; it would flood training logs.
+            with redirect_stderr(StringIO()) if method == "scorecam" else nullcontext():
+                maps = cam(inputs, targets=None)  # None: the predicted class of each image
             logits = cam.outputs.detach().float().cpu()
         finally:
             cam.activations_and_grads.release()
     return maps, logits
+
+
+def gradcam_plus_plus(
+    model: nn.Module,
+    images: torch.Tensor,
+    target_layer: nn.Module,
+    reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[np.ndarray, torch.Tensor]:
+    """Grad-CAM++ maps (N, H, W) in [0, 1] of each image's predicted class, and the logits."""
+    return class_activation_maps(model, images, target_layer, "gradcam++", reshape_transform)
 
 
 def cam_mass_share(cams: np.ndarray, masks: np.ndarray) -> np.ndarray:
@@ -161,6 +240,7 @@ class MarkerSensitivity:
     predicted_clean: np.ndarray  # (N,) class index
     predicted_marked: np.ndarray
     target_layer: str
+    method: str = "gradcam++"
 
     @property
     def mass_clean(self) -> np.ndarray:
@@ -174,6 +254,7 @@ class MarkerSensitivity:
         return {
             "num_images": int(len(self.images)),
             "target_layer": self.target_layer,
+            "method": self.method,
             "prediction_change_rate": float((self.predicted_clean != self.predicted_marked).mean()),
             "mean_probability_shift": float(np.abs(self.probabilities_marked - self.probabilities_clean).mean()),
             "cam_mass_on_markers_clean": _nanmean(self.mass_clean),
@@ -222,12 +303,19 @@ def add_markers(images: torch.Tensor, rng: np.random.Generator, config: MarkerCo
 
 
 def measure_marker_sensitivity(
-    model: nn.Module, images: torch.Tensor, marked: torch.Tensor, masks: np.ndarray, target_layer: str | None = None
+    model: nn.Module,
+    images: torch.Tensor,
+    marked: torch.Tensor,
+    masks: np.ndarray,
+    target_layer: str | None = None,
+    method: str = "gradcam++",
 ) -> MarkerSensitivity:
-    """Grad-CAM++ of clean and marked images, each explaining the class predicted for it."""
+    """CAMs (Grad-CAM++ or Score-CAM) of clean and marked images, each explaining the class predicted for it."""
+    check_cam_method(method)
     name, layer = resolve_target_layer(model, target_layer, images)
-    cams_clean, logits_clean = gradcam_plus_plus(model, images, layer)
-    cams_marked, logits_marked = gradcam_plus_plus(model, marked, layer)
+    reshape = token_reshape_transform(model, name)
+    cams_clean, logits_clean = class_activation_maps(model, images, layer, method, reshape)
+    cams_marked, logits_marked = class_activation_maps(model, marked, layer, method, reshape)
     return MarkerSensitivity(
         images=images.detach().cpu(),
         marked=marked.detach().cpu(),
@@ -239,6 +327,7 @@ def measure_marker_sensitivity(
         predicted_clean=logits_clean.argmax(1).numpy(),
         predicted_marked=logits_marked.argmax(1).numpy(),
         target_layer=name,
+        method=method,
     )
 
 
@@ -249,7 +338,8 @@ def _display(image: torch.Tensor) -> np.ndarray:
 
 
 def save_overlay_grid(result: MarkerSensitivity, names: list[str], path: str | Path) -> Path:
-    """One row per image: image, its Grad-CAM++, image + markers, its Grad-CAM++."""
+    """One row per image: image, its CAM, image + markers, its CAM."""
+    title = CAM_METHODS[result.method]
     rows = len(names)
     figure = Figure(figsize=(10, 2.6 * rows), layout="constrained")
     axes = figure.subplots(rows, 4, squeeze=False)
@@ -259,9 +349,9 @@ def save_overlay_grid(result: MarkerSensitivity, names: list[str], path: str | P
         panels = [
             # The file name only: full paths overflow into the neighbouring panel's title.
             (clean, f"{Path(name).name}\np(pos)={result.probabilities_clean[row]:.2f}"),
-            (show_cam_on_image(clean, result.cams_clean[row], use_rgb=True), f"Grad-CAM++ clean\nmass on marker px {mass_clean[row]:.0%}"),
+            (show_cam_on_image(clean, result.cams_clean[row], use_rgb=True), f"{title} clean\nmass on marker px {mass_clean[row]:.0%}"),
             (marked, f"+ markers\np(pos)={result.probabilities_marked[row]:.2f}"),
-            (show_cam_on_image(marked, result.cams_marked[row], use_rgb=True), f"Grad-CAM++ marked\nmass on marker px {mass_marked[row]:.0%}"),
+            (show_cam_on_image(marked, result.cams_marked[row], use_rgb=True), f"{title} marked\nmass on marker px {mass_marked[row]:.0%}"),
         ]
         for axis, (image, title) in zip(axes[row], panels):
             axis.imshow(image)
@@ -275,7 +365,7 @@ def save_overlay_grid(result: MarkerSensitivity, names: list[str], path: str | P
 
 def format_summary(summary: dict) -> str:
     return "\n".join([
-        f"images: {summary['num_images']}  (Grad-CAM++ layer: {summary['target_layer']})",
+        f"images: {summary['num_images']}  ({CAM_METHODS[summary.get('method', 'gradcam++')]} layer: {summary['target_layer']})",
         f"predictions changed by markers: {summary['prediction_change_rate']:.1%}",
         f"mean |p(pos) shift|: {summary['mean_probability_shift']:.3f}",
         f"CAM mass on marker pixels: clean {summary['cam_mass_on_markers_clean']:.1%} -> marked {summary['cam_mass_on_markers_marked']:.1%}"

@@ -10,6 +10,7 @@ Scalable Vision Learners", Appendix A).
   does not fit raises :class:`~tus.models.backbones.CheckpointError`; there is no fallback to random weights.
 - :func:`layerwise_lr_decay_groups`: fine-tuning with layer-wise lr decay (the reference ``param_groups_lrd``).
 - :func:`mae_param_groups`: pretraining AdamW groups without weight decay on norms, biases, tokens, embeddings.
+- :func:`create_vit_from_export`: the ViT of a tus encoder export (MAE pretraining), rebuilt and loaded.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
-from tus.models.backbones import CheckpointError, read_state_dict
+from tus.models.backbones import is_vit_export, read_state_dict
+from tus.models.export import load_export
+from tus.models.weights import CheckpointError
 
 # Parameters that never get weight decay (besides 1-D ones and biases): learned tokens and position embeddings.
 NO_DECAY_PATTERNS = ("*cls_token", "*reg_token", "*mask_token", "*pos_embed")
@@ -166,8 +169,9 @@ def load_vit_weights(
 ) -> Literal["mae", "timm"]:
     """Load a local ViT weights file into ``model`` (head excluded) and return the layout it had.
 
-    ``.safetensors`` is read with safetensors, anything else with ``torch.load(weights_only=True)``; both
-    Facebook-MAE checkpoints and timm ViT state dicts are mapped by :func:`mae_checkpoint_to_timm`.
+    The file is read by :func:`tus.models.weights.load_weights` (through ``read_state_dict``): safetensors,
+    TorchScript or ``torch.load(weights_only=True)``, never a pickle that could run code. Both Facebook-MAE
+    checkpoints and timm ViT state dicts are mapped by :func:`mae_checkpoint_to_timm`.
     """
     state = read_state_dict(path)
     layout = checkpoint_layout(state)
@@ -240,3 +244,24 @@ def mae_param_groups(model: nn.Module, weight_decay: float = 0.05) -> list[dict]
     for group in groups:
         group["name"] = "decay" if group["weight_decay"] else "no_decay"
     return groups
+
+
+def create_vit_from_export(path: str | Path, **overrides: object) -> VisionTransformer:
+    """Rebuild the timm ViT of a tus encoder export (its folder, ``config.json`` or ``model.safetensors``, or an old
+    ``NAME.safetensors`` + ``NAME.json``) and load its weights.
+
+    The config's ``architecture`` holds the timm ``name`` and the :func:`create_vit_encoder` keyword arguments written
+    by MAE pretraining (``img_size``, ``patch_size``, ``in_chans``, ``global_pool``, ``fc_norm``...). ``overrides``
+    change or add arguments for fine-tuning (``drop_path_rate``, ``global_pool="avg"`` with ``fc_norm=True``...); the
+    weights then load through :func:`mae_checkpoint_to_timm`, which refuses anything that does not fit.
+    """
+    meta, state = load_export(path, "encoder")
+    if not is_vit_export(meta):
+        raise CheckpointError(f"{path}: the encoder export is a '{meta['architecture']['name']}', not a ViT export")
+    model = create_vit_encoder(name=meta["architecture"]["name"], **{**meta["architecture"]["kwargs"], **overrides})
+    mapped = mae_checkpoint_to_timm(state, model, source=str(path))
+    # Only the classifier head (absent from the mapping by design) may stay at its own initialisation.
+    missing, unexpected = model.load_state_dict(mapped, strict=False)
+    if unexpected or any(not k.startswith("head.") for k in missing):
+        raise CheckpointError(f"{path}: could not load keys {missing or unexpected}")
+    return model
