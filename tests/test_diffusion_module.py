@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from safetensors.torch import load_file
+import yaml
 
 from tus.cli.diffusion import main
-from tus.config import load_config
+from tus.config import ConfigError, load_config
 from tus.data.images import write_grayscale
 from tus.data.pools import EpochWeightedSampler
 from tus.losses.gaussian_diffusion import NoiseSchedule, hybrid_loss, q_sample
@@ -27,6 +27,7 @@ from tus.methods.iddpm import (
     load_ema_from_checkpoint,
     load_unet_export,
 )
+from tus.models.export import load_export
 from tus.stages.diffusion import DiffusionConfig, run_diffusion
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,13 +138,18 @@ def test_resumed_training_repeats_the_uninterrupted_run(tmp_path):
     manifest = disk_manifest(tmp_path / "data")
     straight = run_diffusion(tiny_config(tmp_path, manifest))
     interrupted = run_diffusion(tiny_config(tmp_path, manifest, **{"trainer.max_steps": 3}))
-    assert load_file(str(latest_export(interrupted)))  # a finished (3-step) run exports too
-    assert main(["--resume", str(interrupted), "trainer.max_steps=6"]) == 0
+    assert load_export(latest_export(interrupted))[1]  # a finished (3-step) run exports too
+    # Extending the budget changes the config: refused unless allowed, then recorded.
+    with pytest.raises(ConfigError, match=r"\(trainer.max_steps\)"):
+        main(["--resume", str(interrupted), "trainer.max_steps=6"])
+    assert main(["--resume", str(interrupted), "--allow-config-change", "--trainer.max_steps=6"]) == 0
     resumed = interrupted
-    assert load_config(DiffusionConfig, resumed / "config.resume1.yaml").trainer.max_steps == 6
+    assert load_config(DiffusionConfig, resumed / "config.yaml").trainer.max_steps == 6
+    changes = yaml.safe_load((resumed / "config_changes.yaml").read_text())
+    assert changes[0]["changes"] == {"trainer.max_steps": {"was": 3, "now": 6}}
     # Resuming a finished run again trains nothing and keeps its config and export.
     assert main(["--resume", str(resumed)]) == 0
-    assert load_config(DiffusionConfig, resumed / "config.resume2.yaml").trainer.max_steps == 6
+    assert len(yaml.safe_load((resumed / "config_changes.yaml").read_text())) == 1
 
     straight_losses, resumed_losses = logged_losses(straight), logged_losses(resumed)
     assert list(straight_losses.index) == list(range(6)) == list(resumed_losses.index)
@@ -151,8 +157,8 @@ def test_resumed_training_repeats_the_uninterrupted_run(tmp_path):
     assert straight_losses.iloc[:3].tolist() != straight_losses.iloc[3:].tolist()
 
     straight_export, resumed_export = latest_export(straight), latest_export(resumed)
-    assert straight_export.name == resumed_export.name == "ema_unet_step0000006.safetensors"
-    straight_weights, resumed_weights = load_file(str(straight_export)), load_file(str(resumed_export))
+    assert straight_export.name == resumed_export.name == "ema_unet_step0000006"
+    straight_weights, resumed_weights = load_export(straight_export)[1], load_export(resumed_export)[1]
     for name, tensor in straight_weights.items():
         torch.testing.assert_close(resumed_weights[name], tensor, rtol=1e-5, atol=1e-6)
 
@@ -162,7 +168,7 @@ def test_resumed_training_repeats_the_uninterrupted_run(tmp_path):
     ema_unet, export = load_ema_from_checkpoint(resumed / "checkpoints" / "last.ckpt")
     exported_unet, exported = load_unet_export(resumed_export)
     assert exported.step == export.step == 6 and exported.unet == export.unet
-    for (name, ema_tensor), exported_tensor in zip(ema_unet.state_dict().items(), exported_unet.state_dict().values()):
+    for (_name, ema_tensor), exported_tensor in zip(ema_unet.state_dict().items(), exported_unet.state_dict().values()):
         torch.testing.assert_close(exported_tensor, ema_tensor)
     raw = checkpoint["state_dict"]["unet.conv_in.weight"]
     assert not torch.allclose(raw, ema_unet.conv_in.weight)

@@ -22,8 +22,8 @@ import yaml
 from lightning.pytorch.loggers.logger import DummyLogger
 from safetensors.torch import save_file
 
-import tus.stages.finetune_cv
 import tus.cli.experiment as experiment_cli
+import tus.stages.finetune_cv
 import tus.studies.runner as runner
 import tus.studies.schema as schema
 from tus.config import ConfigError, from_dict, load_config, load_yaml
@@ -32,7 +32,6 @@ from tus.methods.classifier import METRIC_NAMES
 from tus.stages.diffusion import DiffusionConfig
 from tus.stages.finetune_cv import FineTuneCVConfig
 from tus.stages.pretrain import PretrainConfig
-from tus.studies.noisy_labels import load_protocol
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = REPO / "experiments" / "studies"
@@ -46,7 +45,7 @@ RUN_ARMS = {
     "markers": ["none", "spatial_markers"],
 }
 PAPER_HEADERS = {
-    "tab1": ["Dataset", "Accuracy (↑)", "F1-Score (↑)"],
+    "tab1": ["Dataset", "Protocol", "Accuracy (↑)", "F1-Score (↑)"],
     "tab2": ["Pretraining", "# Samples", "Accuracy (↑)", "F1-Score (↑)", "Precision (↑)", "Recall (↑)"],
     "tab3": ["Real Testicle", "Real Thyroids", "Synthetic Testicle", "Accuracy (↑)", "F1-Score (↑)", "Precision (↑)", "Recall (↑)"],
     "tab4": ["L_con", "L_sup", "λ", "Accuracy (↑)", "F1-Score (↑)"],
@@ -62,12 +61,7 @@ def build_standins(root: Path) -> dict[str, str]:
     pool = pd.read_csv(phantom.unlabeled_manifest)
     labeled["path"] = [str(phantom.labeled_manifest.parent / p) for p in labeled["path"]]
     pool["path"] = [str(phantom.unlabeled_manifest.parent / p) for p in pool["path"]]
-    noisy = root / "noisy_labels"
-    noisy.mkdir()
-    # An oracle stands in for the flagging: the phantom knows which labels it flipped.
-    labeled[labeled["label"] == labeled["clean_label"]].to_csv(noisy / "manifest_filtered.csv", index=False)
-    labeled.assign(label=labeled["clean_label"]).to_csv(noisy / "manifest_flipped.csv", index=False)
-    variables = {"TUS_LABELED": str(phantom.labeled_manifest), "TUS_POOL": str(phantom.unlabeled_manifest), "TUS_NOISY_LABELS": str(noisy)}
+    variables = {"TUS_LABELED": str(phantom.labeled_manifest), "TUS_POOL": str(phantom.unlabeled_manifest)}
     for organ in ("testicle", "thyroid"):
         path = root / f"pool_{organ}.csv"
         pool[pool["organ"] == organ].to_csv(path, index=False)
@@ -134,7 +128,11 @@ def study_runs(tmp_path_factory):
 
 
 def table_rows(markdown: str) -> list[list[str]]:
-    return [[c.strip() for c in line.strip("|").split("|")] for line in markdown.splitlines() if line.startswith("|")]
+    """The cells of the first markdown table in ``markdown`` (the comparison table follows it)."""
+    lines = markdown.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("|")), len(lines))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[start:end]]
 
 
 @pytest.mark.parametrize("name", STUDY_NAMES)
@@ -189,7 +187,7 @@ def test_arms_share_pretraining_runs_across_studies(study_runs):
     assert pretrain_run("tab2", "scratch") is None
     # Each tus arm fine-tuned from its own encoder; the table counts that pool's images.
     config = yaml.safe_load((out / "tab2-shrink" / "ud_testicles" / "finetune" / "config.yaml").read_text())
-    assert config["model"]["init"] == "tus" and config["model"]["weights"] == str(Path(pretrain_run("tab2", "ud_testicles")) / "encoder.safetensors")
+    assert config["model"]["init"] == "tus" and config["model"]["weights"] == str(Path(pretrain_run("tab2", "ud_testicles")) / "encoder")
     pool = json.loads((Path(pretrain_run("tab2", "ud_testicles")) / "pool.json").read_text())
     assert pool["images_per_organ"] == {"testicle": pd.read_csv(study_runs[1]["TUS_POOL_TESTICLE"]).shape[0]}
     # Non-tus arms: the initialisation each names, from the weights files given as variables.
@@ -201,7 +199,7 @@ def test_arms_share_pretraining_runs_across_studies(study_runs):
     assert rows["UD"][1] == str(POOL_SIZE) and rows["UD (only testicles)"][1] == str(sum(pool["images_per_organ"].values()))
     assert rows["ImageNet"][1] == "1.28M"
     # lambda reached the loss config; single-organ and synthetic-only pools are contrastive only.
-    losses = {a: yaml.safe_load((Path(pretrain_run(s, a)) / "config.yaml").read_text())["loss"] for s, a in [("tab4", "supervised_only"), ("tab2", "ud"), ("tab2", "ud_thyroids")]}
+    losses = {a: yaml.safe_load((Path(pretrain_run(s, a)) / "config.yaml").read_text())["method"]["loss"] for s, a in [("tab4", "supervised_only"), ("tab2", "ud"), ("tab2", "ud_thyroids")]}
     assert losses["supervised_only"]["contrastive_weight"] == 0 and losses["supervised_only"]["organ_weight"] == 1
     assert losses["ud"]["organ_weight"] == pytest.approx(0.2) and losses["ud_thyroids"]["organ_weight"] == 0
 
@@ -311,10 +309,12 @@ def test_every_config_in_experiments_resolves_against_the_code(path, tmp_path):
         for shrink in (False, True):
             plans = runner.plan_study(study, tmp_path, variables=Placeholders(), shrink=shrink)
             assert [p.name for p in plans] == list(study.config.arms)
+            if study.config.noisy_labels is not None:
+                assert list(runner.plan_flagging(study, tmp_path, variables=Placeholders(), shrink=shrink)) == list(study.config.noisy_labels.inits)
     elif relative.parts[0] in STAGE_SCHEMAS:
         load_config(STAGE_SCHEMAS[relative.parts[0]], path)
-    elif path.stem.startswith("noisy_labels"):
-        load_protocol(path)
+    elif relative.parts[0] == "benchmarks":  # read by a benchmark script, which checks it
+        assert isinstance(load_yaml(path), dict)
     else:
         pytest.fail(f"{relative}: no schema known for this config; add it to STAGE_SCHEMAS")
 
@@ -328,8 +328,8 @@ def write_study(tmp_path: Path, text: str) -> Path:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("arms: {a: {row: {Arm: x}, finetun: []}}", r"unknown option\(s\) 'arms.a.finetun'"),
-        ("table: {columns: [Arm], metric: [f1]}", r"unknown option\(s\) 'table.metric'"),
+        ("arms: {a: {row: {Arm: x}, finetun: []}}", r"unknown option 'arms.a.finetun'"),
+        ("table: {columns: [Arm], metric: [f1]}", r"unknown option 'table.metric'"),
         ("table: {metrics: [f1, flip_rate]}", r"unknown metric\(s\) \['flip_rate'\]"),
         ("arms: {a: {row: {Dataset: x}}}", r"arms.a.row: needs exactly the table's columns \['Arm'\]; missing \['Arm'\], unknown \['Dataset'\]"),
         ("arms: {a: {row: {Arm: x}, pretrain: [], finetune: [model.init=timm]}}", r"arms.a.finetune: \['model.init=timm'\]"),
@@ -342,10 +342,10 @@ def test_a_study_with_an_unknown_option_fails(tmp_path, text, message):
 
 
 def test_an_override_naming_an_unknown_config_key_fails(tmp_path):
-    study = schema.load_study(write_study(tmp_path, "arms: {a: {row: {Arm: x}, finetune: [model.nmae=resnet18]}, b: {row: {Arm: y}, pretrain: [loss.lambda=0.2]}}"))
-    with pytest.raises(schema.StudyError, match=r"arm 'a', finetune \(paper.yaml\): unknown option\(s\) 'model.nmae'"):
+    study = schema.load_study(write_study(tmp_path, "arms: {a: {row: {Arm: x}, finetune: [model.nmae=resnet18]}, b: {row: {Arm: y}, pretrain: [method.loss.lambda=0.2]}}"))
+    with pytest.raises(schema.StudyError, match=r"arm 'a', finetune \(paper.yaml\): unknown option 'model.nmae'"):
         runner.plan_study(study, tmp_path, variables=Placeholders(), arms=["a"])
-    with pytest.raises(schema.StudyError, match=r"arm 'b', pretrain \(paper.yaml\): unknown option\(s\) 'loss.lambda'"):
+    with pytest.raises(schema.StudyError, match=r"arm 'b', pretrain \(paper.yaml\): unknown option 'method.loss.lambda'"):
         runner.plan_study(study, tmp_path, variables=Placeholders(), arms=["b"])
     with pytest.raises(schema.StudyError, match=r"no arm\(s\) \['c'\]; arms: a, b"):
         runner.plan_study(study, tmp_path, variables=Placeholders(), arms=["c"])
@@ -366,3 +366,81 @@ def test_variables_substitute_with_defaults_and_set_beats_environment():
     assert experiment_cli.parse_assignments(["A=1", "B=x=y"]) == {"A": "1", "B": "x=y"}
     with pytest.raises(schema.StudyError, match="expected NAME=VALUE"):
         experiment_cli.parse_assignments(["1A=x"])
+
+
+def comparison_study(tmp_path: Path, shifts: dict[str, float], noise: float = 0.02, seed: int = 0):
+    """A study dir of fake finished arms: runs.csv (3 folds x 4 seeds) shifted from the baseline's."""
+    from types import SimpleNamespace
+
+    from tus.studies.tables import collect_results
+
+    arms = {name: schema.ArmConfig(row={"Arm": name}) for name in shifts}
+    study = SimpleNamespace(name="fake", config=SimpleNamespace(arms=arms, table=schema.TableConfig(metrics=["accuracy", "f1"]), title=""))
+    rng = np.random.default_rng(seed)
+    keys = pd.DataFrame([(f, s) for s in range(4) for f in range(3)], columns=["fold", "seed"])
+    base = rng.uniform(0.6, 0.8, len(keys))
+    for name, shift in shifts.items():
+        finetune = tmp_path / name / "finetune"
+        finetune.mkdir(parents=True)
+        values = base + shift + (rng.normal(0, noise, len(keys)) if shift is not None and name != next(iter(shifts)) else 0)
+        runs = keys.assign(accuracy=values, f1=values - 0.1)
+        runs.to_csv(finetune / "runs.csv", index=False)
+        summary = {"runs": len(runs), "expected_runs": 12, "metrics": {m: {"mean": float(runs[m].mean()), "std": float(runs[m].std()), "n": 12} for m in ("accuracy", "f1")}}
+        (finetune / "summary.json").write_text(json.dumps(summary))
+        # 90 images in 3 folds of 30: n_train/n_test = 60/30
+        pd.DataFrame({"sample_id": range(90), "fold": np.repeat([0, 1, 2], 30)}).to_csv(finetune / "folds.csv", index=False)
+    return study, collect_results(study, tmp_path)
+
+
+def test_table_compares_each_arm_with_the_baseline_by_hand(tmp_path):
+    from scipy import stats
+
+    from tus.studies.tables import render_markdown, table_frame
+
+    study, results = comparison_study(tmp_path, {"base": 0.0, "same": 0.0, "better": 0.1})
+    by_name = {r.name: r for r in results}
+    assert by_name["base"].comparisons == {}
+    base = pd.read_csv(tmp_path / "base" / "finetune" / "runs.csv")
+    for name in ("same", "better"):
+        arm = pd.read_csv(tmp_path / name / "finetune" / "runs.csv")
+        d = (arm["accuracy"] - base["accuracy"]).to_numpy()
+        t = d.mean() / np.sqrt((1 / 12 + 30 / 60) * d.var(ddof=1))  # Nadeau-Bengio, n_test/n_train = 1/2
+        comparison = by_name[name].comparisons["accuracy"]
+        assert comparison["mean_diff"] == pytest.approx(d.mean())
+        assert comparison["p"] == pytest.approx(2 * stats.t.sf(abs(t), df=11))
+        assert comparison["ci_low"] <= d.mean() <= comparison["ci_high"]
+    assert by_name["better"].comparisons["accuracy"]["p"] < 0.01
+    markdown = render_markdown(study, results)
+    rows = {r[0]: r for r in table_rows(markdown.split("**Compared with `base`**")[1])}
+    assert list(rows) == ["Arm", ":--", "same", "better"]
+    better = by_name["better"].comparisons["accuracy"]
+    expected = f"{100 * better['mean_diff']:+.2f}*** [{100 * better['ci_low']:+.2f}, {100 * better['ci_high']:+.2f}], p<0.001"
+    assert rows["better"][1] == expected and better["p"] < 0.001
+    assert "Nadeau-Bengio corrected" in markdown
+    # the paper's table above is unchanged: mean ± std cells only
+    assert re.fullmatch(r"\**\d+\.\d\d ± \d+\.\d\d\**", table_rows(markdown)[2][1])
+    frame = table_frame(study, results).set_index("arm")
+    assert frame.loc["better", "accuracy_diff"] == pytest.approx(100 * by_name["better"].comparisons["accuracy"]["mean_diff"])
+    assert np.isnan(frame.loc["base", "accuracy_diff"])
+
+
+def test_table_comparison_p_values_are_roughly_uniform_without_a_difference(tmp_path):
+    ps = []
+    for repetition in range(40):
+        _, results = comparison_study(tmp_path / str(repetition), {"base": 0.0, "same": 0.0}, seed=repetition)
+        ps.append(results[1].comparisons["accuracy"]["p"])
+    # Under the null the corrected test is conservative: few small p-values, none far below 0.01.
+    assert np.mean(np.array(ps) < 0.05) <= 0.1 and np.median(ps) > 0.2
+
+
+def test_unpaired_arms_are_not_compared_and_say_why(tmp_path):
+    from tus.studies.tables import render_markdown
+
+    study, _ = comparison_study(tmp_path, {"base": 0.0, "short": 0.05})
+    runs = pd.read_csv(tmp_path / "short" / "finetune" / "runs.csv")
+    runs[runs["seed"] < 3].to_csv(tmp_path / "short" / "finetune" / "runs.csv", index=False)
+    from tus.studies.tables import collect_results
+
+    results = collect_results(study, tmp_path)
+    assert "missing from arm" in results[1].comparisons["accuracy"]["error"]
+    assert "Not compared: runs do not pair on (fold, seed)" in render_markdown(study, results)

@@ -23,8 +23,9 @@ from tus.data.pools import PretrainDataConfig, PretrainDataModule, split_heldout
 from tus.data.views import ViewConfig, ViewPairTransform
 from tus.losses.contrastive import nt_xent_loss, organ_ce_loss
 from tus.methods.classifier import FineTuneModule, FineTuneOptimConfig
-from tus.methods.simclr_organ import PretrainLossConfig, PretrainModelConfig, PretrainModule
-from tus.models.backbones import BackboneConfig, CheckpointError, create_backbone
+from tus.methods.simclr_organ import PretrainLossConfig, PretrainModelConfig, SimCLROrgan, SimCLROrganConfig
+from tus.models.backbones import BackboneConfig, create_backbone
+from tus.models.weights import CheckpointError
 from tus.optim import LarsConfig, ScheduleConfig, build_lars, lars_param_groups, lr_multiplier, scaled_lr
 from tus.stages.pretrain import PretrainConfig
 
@@ -58,9 +59,9 @@ def tiny_model(**overrides) -> PretrainModelConfig:
     return PretrainModelConfig(**{**fields, **overrides})
 
 
-def tiny_module(loss: PretrainLossConfig, **model_overrides) -> PretrainModule:
+def tiny_module(loss: PretrainLossConfig, **model_overrides) -> SimCLROrgan:
     torch.manual_seed(0)
-    return PretrainModule(tiny_model(**model_overrides), loss, LarsConfig(), ScheduleConfig(), num_organs=2, batch_size=4)
+    return SimCLROrgan(SimCLROrganConfig(tiny_model(**model_overrides), loss, LarsConfig(), ScheduleConfig()), num_organs=2, batch_size=4)
 
 
 def random_batch(count: int = 4, size: int = 32) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -146,7 +147,7 @@ def test_loss_weights_are_validated():
     with pytest.raises(ValueError, match="at least one"):
         PretrainLossConfig(contrastive_weight=0.0, organ_weight=0.0)
     with pytest.raises(ValueError, match="temperature"):
-        load_config(PretrainConfig, None, ["loss.temperature=0"])
+        load_config(PretrainConfig, None, ["method.loss.temperature=0"])
 
 
 # --- LARS and schedules -------------------------------------------------------------------
@@ -287,10 +288,10 @@ def cli_overrides(manifest: Path, out: Path) -> list[str]:
         f"data.sources=[{{manifest: '{manifest}'}}]",
         f"output_root={out}",
         "data.image_size=32", "data.batch_size=8", "data.num_workers=0",
-        "model.backbone.name=test_resnet", "model.projection_hidden_dim=32", "model.projection_output_dim=16",
+        "method.model.backbone.name=test_resnet", "method.model.projection_hidden_dim=32", "method.model.projection_output_dim=16",
         "trainer.accelerator=cpu", "trainer.devices=1", "trainer.strategy=auto", "trainer.precision=bf16-mixed",
         "trainer.max_steps=2", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
-        "schedule.warmup_steps=1", "checkpoint_every_n_steps=1",
+        "method.schedule.warmup_steps=1", "checkpoint_every_n_steps=1",
         "monitor.every_n_steps=2", "monitor.holdout_per_organ=2", "monitor.bank_per_organ=8", "monitor.knn_k=3",
         "logging.wandb=false",
     ]
@@ -305,7 +306,7 @@ def pretrained_run(tmp_path_factory) -> Path:
     (run_dir,) = (root / "runs").iterdir()
     first = json.loads((run_dir / "summary.json").read_text())
     assert first["steps"] == 2 and [p["step"] for p in first["probe"]] == [0, 2]
-    assert main(["--resume", str(run_dir), "trainer.max_steps=4"]) == 0
+    assert main(["--resume", str(run_dir), "--allow-config-change", "--trainer.max_steps=4"]) == 0
     assert list((root / "runs").iterdir()) == [run_dir]  # resumed in place, no new run dir
     return run_dir
 
@@ -335,9 +336,9 @@ def test_resume_checkpoint_is_plain_and_carries_the_step(pretrained_run: Path):
 
 
 def test_exported_encoder_reproduces_the_features(pretrained_run: Path):
-    meta = json.loads((pretrained_run / "encoder.json").read_text())
-    assert meta["backbone"] == "test_resnet" and meta["in_chans"] == 1 and meta["organ_classes"] == list(ORGANS)
-    weights = str(pretrained_run / "encoder.safetensors")
+    meta = json.loads((pretrained_run / "encoder" / "config.json").read_text())
+    assert meta["kind"] == "encoder" and meta["architecture"]["name"] == "test_resnet" and meta["in_chans"] == 1 and meta["organ_classes"] == list(ORGANS)
+    weights = str(pretrained_run / "encoder")
     loaded = create_backbone(BackboneConfig(name="test_resnet", init="tus", weights=weights)).eval()
     checkpoint = torch.load(pretrained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     trained = create_backbone(BackboneConfig(name="test_resnet", init="scratch")).eval()
@@ -359,7 +360,7 @@ def test_exported_encoder_reproduces_the_features(pretrained_run: Path):
     ],
 )
 def test_a_mismatched_encoder_is_refused(pretrained_run: Path, backbone: BackboneConfig, message: str):
-    backbone.weights = str(pretrained_run / "encoder.safetensors")
+    backbone.weights = str(pretrained_run / "encoder" / "model.safetensors")
     with pytest.raises(CheckpointError, match=message):
         create_backbone(backbone)
     with pytest.raises(CheckpointError, match=message):
@@ -382,12 +383,12 @@ def test_runner_refuses_organ_loss_without_organs_and_epoch_budgets(tmp_path: Pa
 def test_experiment_configs_load():
     paper = load_config(PretrainConfig, REPO / "experiments/pretrain/paper.yaml")
     assert paper.data.batch_size * paper.trainer.devices == 1024
-    assert (paper.data.image_size, paper.trainer.precision, paper.trainer.strategy) == (224, "bf16-mixed", "ddp")
-    assert (paper.loss.contrastive_weight, paper.loss.organ_weight) == (1.0, 0.2)
-    assert (paper.optimizer.momentum, paper.optimizer.weight_decay) == (0.9, 1e-6)
-    assert paper.model.backbone.name == "resnet18" and paper.model.backbone.in_chans == 1
+    assert (paper.data.image_size, paper.trainer.precision, paper.trainer.strategy) == (224, "auto", "ddp")
+    assert (paper.method["loss"]["contrastive_weight"], paper.method["loss"]["organ_weight"]) == (1.0, 0.2)
+    assert (paper.method["optimizer"]["momentum"], paper.method["optimizer"]["weight_decay"]) == (0.9, 1e-6)
+    assert paper.method["model"]["backbone"]["name"] == "resnet18" and paper.method["model"]["backbone"]["in_chans"] == 1
     cpu = load_config(PretrainConfig, REPO / "experiments/pretrain/cpu.yaml")
     assert cpu.trainer.accelerator == "cpu" and cpu.trainer.devices == 1 and cpu.data.image_size <= 64
     assert 0 < cpu.trainer.max_steps <= 500
-    with pytest.raises(ConfigError, match="loss.lambda"):
-        load_config(PretrainConfig, REPO / "experiments/pretrain/cpu.yaml", ["loss.lambda=0.2"])
+    with pytest.raises(ConfigError, match="method.loss.lambda"):
+        load_config(PretrainConfig, REPO / "experiments/pretrain/cpu.yaml", ["method.loss.lambda=0.2"])

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tests.test_pretrain import make_pool
 from tus.config import load_config
 from tus.losses.contrastive import nt_xent_loss
-from tus.methods.simclr_organ import PretrainLossConfig, PretrainModelConfig, PretrainModule
+from tus.methods.simclr_organ import PretrainLossConfig, PretrainModelConfig, SimCLROrgan, SimCLROrganConfig
 from tus.models.backbones import BackboneConfig
 from tus.optim import LarsConfig, ScheduleConfig
 from tus.stages.pretrain import PretrainConfig
@@ -71,7 +71,7 @@ class Recorder(Callback):
         torch.save(record, self.out / f"rank{trainer.global_rank}-step{trainer.global_step}.pt")
 
 
-def new_module(batch_size: int) -> PretrainModule:
+def new_module(batch_size: int) -> SimCLROrgan:
     torch.manual_seed(0)
     model = PretrainModelConfig(
         backbone=BackboneConfig(name="test_convnext", init="scratch"),
@@ -82,7 +82,7 @@ def new_module(batch_size: int) -> PretrainModule:
     loss = PretrainLossConfig(contrastive_weight=1.0, organ_weight=0.2, temperature=TEMPERATURE, gather_distributed=True)
     # A large learning rate so that one step visibly moves every parameter.
     optimizer = LarsConfig(lr_per_256=32.0, weight_decay=1e-4, trust_coeff=0.02)
-    return PretrainModule(model, loss, optimizer, ScheduleConfig(decay="constant"), num_organs=2, batch_size=batch_size)
+    return SimCLROrgan(SimCLROrganConfig(model, loss, optimizer, ScheduleConfig(decay="constant")), num_organs=2, batch_size=batch_size)
 
 
 def fit(out: Path, devices: int, batch_size: int, order: list[int] | None = None) -> None:
@@ -152,9 +152,9 @@ def test_tus_pretrain_under_ddp_shares_one_run_dir_and_scales_the_learning_rate(
         sys.executable, "-m", "tus.cli.main", "pretrain", "--config", str(REPO / "experiments/pretrain/cpu.yaml"),
         f"data.sources=[{{manifest: '{manifest}'}}]", f"output_root={tmp_path / 'runs'}",
         "data.image_size=32", f"data.batch_size={PER_RANK}", "data.num_workers=0",
-        "model.backbone.name=test_resnet", "model.projection_hidden_dim=32", "model.projection_output_dim=16",
+        "method.model.backbone.name=test_resnet", "method.model.projection_hidden_dim=32", "method.model.projection_output_dim=16",
         "trainer.accelerator=cpu", f"trainer.devices={WORLD_SIZE}", "trainer.strategy=ddp", "trainer.max_steps=2",
-        "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "schedule.warmup_steps=0",
+        "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "method.schedule.warmup_steps=0",
         "monitor.every_n_steps=2", "monitor.holdout_per_organ=2", "monitor.bank_per_organ=8", "monitor.knn_k=3",
         "logging.wandb=false",
     ]
@@ -163,8 +163,8 @@ def test_tus_pretrain_under_ddp_shares_one_run_dir_and_scales_the_learning_rate(
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
-    assert (run_dir / "encoder.safetensors").is_file()
+    assert (run_dir / "encoder" / "model.safetensors").is_file()
     metrics = pd.read_csv(run_dir / "metrics.csv")
     config = load_config(PretrainConfig, run_dir / "config.yaml")
-    expected_lr = config.optimizer.lr_per_256 * PER_RANK * WORLD_SIZE / 256
+    expected_lr = config.method["optimizer"]["lr_per_256"] * PER_RANK * WORLD_SIZE / 256
     assert metrics["lr-Lars/lars_adapted"].dropna().iloc[0] == pytest.approx(expected_lr)

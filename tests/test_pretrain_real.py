@@ -41,12 +41,12 @@ def test_short_pretraining_on_breast_and_thyroid_learns_the_organ(shared_data: P
         "data.sources=[" + ", ".join(f"{{manifest: '{m}'}}" for m in sources) + "]",
         f"output_root={tmp_path / 'runs'}",
         "data.batch_size=16",
-        "model.projection_hidden_dim=128",
-        "loss.organ_weight=1.0",
+        "method.model.projection_hidden_dim=128",
+        "method.loss.organ_weight=1.0",
         f"trainer.max_steps={STEPS}",
         "trainer.log_every_n_steps=1",
         "trainer.enable_progress_bar=false",
-        "schedule.warmup_steps=5",
+        "method.schedule.warmup_steps=5",
         "checkpoint_every_n_steps=null",
         "monitor.every_n_steps=30",
         "monitor.holdout_per_organ=40",
@@ -72,4 +72,4 @@ def test_short_pretraining_on_breast_and_thyroid_learns_the_organ(shared_data: P
     assert probe[0]["probe/head_organ_acc"] <= 0.6
     assert final["probe/head_organ_acc"] >= 0.7, probe
     assert final["probe/knn_organ_acc"] >= 0.75, probe
-    assert (run_dir / "encoder.safetensors").is_file()
+    assert (run_dir / "encoder" / "model.safetensors").is_file()

@@ -16,7 +16,8 @@ from tus.data.images import read_grayscale
 from tus.data.manifest import load_manifest
 from tus.losses.gaussian_diffusion import NoiseSchedule
 from tus.methods.iddpm import ProcessConfig, UNetConfig, UNetExport, build_unet, export_stem, save_unet_export
-from tus.samplers.base import diffusers_scheduler, sample_images
+from tus.samplers import sample_images
+from tus.samplers.solvers import diffusers_scheduler
 from tus.stages.sample import generate
 
 # 50 training steps keep the full ancestral chain cheap; the samplers do not depend on T.

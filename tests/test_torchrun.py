@@ -29,8 +29,8 @@ def pretrain_command(pool: Path, out: Path) -> list[str]:
         "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "trainer.precision=32-true",
         f"trainer.max_steps={STEPS}", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
         "data.image_size=32", "data.batch_size=4", "data.num_workers=0",
-        "model.projection_hidden_dim=32", "model.projection_output_dim=16",
-        "schedule.warmup_steps=1", "monitor.every_n_steps=0", "monitor.holdout_per_organ=0", "checkpoint_every_n_steps=null",
+        "method.model.projection_hidden_dim=32", "method.model.projection_output_dim=16",
+        "method.schedule.warmup_steps=1", "monitor.every_n_steps=0", "monitor.holdout_per_organ=0", "checkpoint_every_n_steps=null",
         f"output_root={out}",
     ]
 
@@ -44,9 +44,11 @@ def launch(arguments: list[str], tmp_path: Path) -> str:
 
 
 def finished_run(out: Path) -> Path:
-    runs = [encoder.parent for encoder in out.glob("*/encoder.safetensors")]
-    assert len(runs) == 1, f"expected one finished run under {out}, found {runs}"
-    return runs[0]
+    """The one run dir under ``out``: a 2-process run makes exactly one, and nothing else."""
+    entries = list(out.iterdir())
+    assert len(entries) == 1 and entries[0].is_dir(), f"expected exactly one run dir under {out}, found {entries}"
+    assert (entries[0] / "summary.json").is_file()
+    return entries[0]
 
 
 @pytest.mark.slow
@@ -65,7 +67,7 @@ def test_torchrun_and_lightning_ddp_launch_pretrain_identically(tmp_path):
     assert summaries[0]["last"].keys() == summaries[1]["last"].keys() and "train/loss" in summaries[0]["last"]
     for name, value in summaries[0]["last"].items():
         assert value == pytest.approx(summaries[1]["last"][name], rel=1e-5, abs=1e-6), name
-    weights = [load_file(str(run / "encoder.safetensors")) for run in (by_torchrun, by_lightning)]
+    weights = [load_file(str(run / "encoder" / "model.safetensors")) for run in (by_torchrun, by_lightning)]
     assert weights[0].keys() == weights[1].keys()
     for name in weights[0]:
         torch.testing.assert_close(weights[0][name], weights[1][name], rtol=1e-5, atol=1e-6, msg=name)

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 from timm.optim import Lars
 from torch import nn
@@ -44,7 +45,8 @@ class ScheduleConfig:
 
     warmup_steps: int = 0
     decay: Literal["cosine", "poly", "constant"] = "cosine"
-    poly_power: float = 2.0
+    # (1 - progress) ** poly_power; the reference code's polynomial decay uses power 1 (linear).
+    poly_power: float = 1.0
     min_lr_ratio: float = 0.0
 
 

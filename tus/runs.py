@@ -8,45 +8,92 @@ resumed run continues the same W&B run.
 
 from __future__ import annotations
 
+import copy
 import csv
+import inspect
 import json
 import os
 import time
+import types
+import typing
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
+import torch
+import yaml
 from lightning.fabric.loggers.logger import rank_zero_experiment
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import (
+    Callback,
+    LearningRateMonitor,
+    ModelCheckpoint,
+)
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 
-from tus.config import to_dict, write_text_atomic
+from tus.callbacks.performance import ChannelsLast, CompileModel
+from tus.callbacks.progress import StageProgressBar, active_stage_bar
+from tus.config import (
+    ConfigError,
+    changed_keys,
+    save_config,
+    to_dict,
+    write_text_atomic,
+)
+from tus.hardware import detect_caps, resolve_precision
+
+# Trainer arguments tus sets itself (run dir, loggers, callbacks, checkpointing) or that take
+# objects rather than values; every other Lightning Trainer argument is a config option.
+_TRAINER_MANAGED = {"logger", "callbacks", "plugins", "default_root_dir", "enable_checkpointing", "model_registry"}
+# tus's defaults where they differ from Lightning's: precision by the hardware (issue 13), a
+# bounded budget, quiet model summaries (one progress bar per stage).
+_TUS_TRAINER_DEFAULTS: dict[str, Any] = {"precision": "auto", "max_epochs": 30, "log_every_n_steps": 10, "enable_model_summary": False, "enable_progress_bar": True, "devices": 1}
+_PLAIN_TYPES = (int, float, str, bool, type(None))
 
 
-@dataclass
-class TrainerConfig:
-    """The Lightning Trainer options tus exposes (the rest keep Lightning's defaults)."""
+def _config_type(annotation: Any) -> Any:
+    """A Lightning annotation as a config type: object alternatives (Strategy, Profiler,
+    timedelta, ...) are given by name, and int comes before float so ``1`` stays one batch."""
+    members = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    kept: list[Any] = []
+    for member in members:
+        origin = typing.get_origin(member)
+        if member in _PLAIN_TYPES or origin in (list, typing.Literal):
+            kept.append(member)
+        elif origin is dict:
+            continue
+        elif str not in kept:
+            kept.append(str)
+    kept.sort(key=lambda m: {int: 0, float: 1}.get(m, 2))
+    return kept[0] if len(kept) == 1 else typing.Union[tuple(kept)]  # noqa: UP007 (built at run time)
 
-    accelerator: str = "auto"
-    devices: int | str = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-    precision: str = "32-true"
-    max_epochs: int = 30
-    max_steps: int = -1
-    log_every_n_steps: int = 10
-    gradient_clip_val: float | None = None
-    accumulate_grad_batches: int = 1
-    deterministic: bool = False
-    enable_progress_bar: bool = True
-    limit_train_batches: float | int = 1.0
-    limit_val_batches: float | int = 1.0
-    check_val_every_n_epoch: int = 1
-    val_check_interval: float | int | None = None
+
+def _trainer_fields() -> list[tuple[str, Any, Any]]:
+    fields_ = []
+    for name, parameter in inspect.signature(L.Trainer.__init__).parameters.items():
+        if name in ("self", *_TRAINER_MANAGED) or parameter.kind is not inspect.Parameter.KEYWORD_ONLY:
+            continue
+        default = _TUS_TRAINER_DEFAULTS.get(name, parameter.default)
+        kind = str if name == "precision" else _config_type(parameter.annotation)
+        fields_.append((name, kind, field(default_factory=lambda d=default: copy.deepcopy(d)) if isinstance(default, (list, dict)) else default))
+    # Not Trainer arguments: tus compiles the model itself when asked, and converts
+    # convolutional models and their batches to channels_last where that is faster.
+    fields_.append(("compile", bool, False))
+    fields_.append(("channels_last", typing.Union[bool, typing.Literal["auto"]], "auto"))  # noqa: UP007
+    return fields_
+
+
+TrainerConfig = make_dataclass("TrainerConfig", _trainer_fields())
+TrainerConfig.__module__ = __name__
+TrainerConfig.__doc__ = """Every Lightning Trainer argument (Lightning's defaults, except ``precision: auto``, which picks
+bf16/16-mixed/32-true from the hardware), plus ``compile`` (torch.compile the model) and ``channels_last`` (true/false/auto: convolutional
+models on CPU and GPU)."""
+LIGHTNING_TRAINER_DEFAULTS = {name: p.default for name, p in inspect.signature(L.Trainer.__init__).parameters.items()}
 
 
 @dataclass
@@ -63,12 +110,39 @@ class LoggingConfig:
 
 
 class _AppendingExperimentWriter(ExperimentWriter):
-    """Keeps an existing ``metrics.csv`` (Lightning's writer deletes it) and extends its header."""
+    """Keeps an existing ``metrics.csv`` (Lightning's writer deletes it) and extends its header.
+
+    The first rows this writer saves mark where this attempt starts: rows already in the file
+    at or past their step were logged by an attempt killed after its last checkpoint, and are
+    about to be logged again, so they are dropped first (no duplicated steps after a resume).
+    Both attempts log on the same schedule, so no row of the killed one lies between the
+    checkpoint's step and the resumed attempt's first row.
+    """
 
     def _check_log_dir_exists(self) -> None:
-        if self._fs.isfile(self.metrics_file_path):
+        self._resumed_from_file = self._fs.isfile(self.metrics_file_path)
+        if self._resumed_from_file:
             with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
                 self.metrics_keys = sorted(next(csv.reader(handle), []))
+
+    def save(self) -> None:
+        if self._resumed_from_file and self.metrics:
+            self._resumed_from_file = False
+            self._drop_rows_from(min(int(row["step"]) for row in self.metrics))
+        super().save()
+
+    def _drop_rows_from(self, step: int) -> None:
+        with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        kept = [row for row in rows if not row.get("step") or int(float(row["step"])) < step]
+        if len(kept) == len(rows):
+            return
+        tmp = f"{self.metrics_file_path}.tmp"
+        with self._fs.open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(kept)
+        self._fs.mv(tmp, self.metrics_file_path)
 
 
 class AppendingCSVLogger(CSVLogger):
@@ -87,6 +161,18 @@ def wandb_mode(config: LoggingConfig) -> str:
     return os.environ.get("WANDB_MODE") or config.mode or "offline"
 
 
+# The launching process publishes its run dir here: Lightning's "ddp" strategy re-runs the
+# command in each worker process, which joins this dir instead of making its own.
+RUN_DIR_ENV = "TUS_RUN_DIR"
+LOCK_FILE = "run.lock"
+CONFIG_CHANGES_FILE = "config_changes.yaml"
+RENDEZVOUS_TIMEOUT_S = 300
+
+
+class RunDirError(ValueError):
+    """A run dir cannot be used: missing, locked by another process, or not a run dir."""
+
+
 def new_run_dir(root: str | Path, name: str) -> Path:
     """Create and return a fresh ``root/<timestamp>-<name>`` folder (never reuses one)."""
     root = Path(root)
@@ -100,24 +186,183 @@ def new_run_dir(root: str | Path, name: str) -> Path:
             return candidate
         except FileExistsError:
             continue
-    raise RuntimeError(f"could not create a new run directory under {root}")
+    raise RunDirError(f"could not create a new run directory under {root}")
 
 
-def resolve_run_dir(output_root: str | Path, name: str, run_dir: str | Path | None, env_var: str) -> Path:
-    """The given run dir (resume), the one rank 0 made (a DDP worker process), or a new one.
+@contextmanager
+def open_run(
+    config: Any,
+    *,
+    output_root: str | Path,
+    name: str,
+    resume: str | Path | None = None,
+    allow_config_change: bool = False,
+    create: bool = False,
+) -> Iterator[Path]:
+    """The run skeleton every stage uses; yields the run dir.
 
-    Lightning's "ddp" strategy re-runs the command in each worker process; rank 0 publishes
-    its run dir in ``env_var`` so the workers join it instead of each making a new one.
+    - New run: rank 0 creates ``output_root/<time>-<name>`` and saves the resolved config;
+      other ranks join it (Lightning's relaunched workers through ``TUS_RUN_DIR``, torchrun's
+      through a rendezvous file), so a 2-process run makes exactly one run dir.
+    - Resume: the saved ``config.yaml`` must equal ``config``; a change is refused naming
+      the changed keys, unless ``allow_config_change``, which records it in
+      ``config_changes.yaml`` and saves the new config.
+    - ``create``: ``resume`` names where a new run goes when it does not exist yet (a
+      study's fixed layout); otherwise a missing ``resume`` dir is an error, never a new run.
+    - Rank 0 holds ``run.lock`` (its pid) while the run is open: a second writer is refused.
     """
-    if run_dir is not None:
-        run_dir = Path(run_dir)
-        if not run_dir.is_dir():
-            raise FileNotFoundError(f"{run_dir}: run directory to resume not found")
-        return run_dir
-    inherited = os.environ.get(env_var)
-    if inherited and rank_zero_only.rank > 0:
+    rank = rank_zero_only.rank
+    rendezvous: Path | None = None
+    if resume is not None and create and not (Path(resume) / "config.yaml").is_file():
+        run_dir = Path(resume)
+        if rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, run_dir / "config.yaml")
+    elif resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise RunDirError(f"{run_dir}: not a run dir to resume (no config.yaml)")
+        if rank == 0:
+            check_config_change(run_dir, config, allow_config_change)
+    elif rank > 0:
+        run_dir = _joined_run_dir(Path(output_root), name)
+    else:
+        run_dir = new_run_dir(output_root, name)
+        save_config(config, run_dir / "config.yaml")
+        rendezvous = _publish_for_torchrun(Path(output_root), name, run_dir)
+    lock = RunLock(run_dir) if rank == 0 else None
+    if lock:
+        lock.acquire()
+    previous = os.environ.get(RUN_DIR_ENV)
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    try:
+        yield run_dir
+    finally:
+        if previous is None:
+            os.environ.pop(RUN_DIR_ENV, None)
+        else:
+            os.environ[RUN_DIR_ENV] = previous
+        if lock:
+            lock.release()
+        if rendezvous is not None:  # every rank read it before training started
+            rendezvous.unlink(missing_ok=True)
+
+
+def check_config_change(run_dir: Path, config: Any, allow: bool) -> None:
+    """Refuse (or, allowed, record) a resume whose config differs from the saved one."""
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    current = to_dict(config)
+    changed = changed_keys(saved, current)
+    if not changed:
+        return
+    if not allow:
+        raise ConfigError(f"{run_dir}: the config differs from the one this run was started with ({', '.join(changed)}); resume without those overrides, add --allow-config-change, or start a new run")
+    record = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "changes": {key: {"was": _dig(saved, key), "now": _dig(current, key)} for key in changed}}
+    log = run_dir / CONFIG_CHANGES_FILE
+    history = (yaml.safe_load(log.read_text()) or []) if log.is_file() else []
+    write_text_atomic(log, yaml.safe_dump([*history, record], sort_keys=False))
+    save_config(config, run_dir / "config.yaml")
+
+
+def _dig(tree: Any, dotted: str) -> Any:
+    for key in dotted.split("."):
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
+
+
+def _rendezvous_file(output_root: Path, name: str) -> Path | None:
+    """Where rank 0 of a torchrun job tells its peers the run dir (None outside torchrun)."""
+    job = os.environ.get("TORCHELASTIC_RUN_ID")
+    if not job:
+        return None
+    return output_root / f".rendezvous-{name}-{job}-{os.environ.get('MASTER_PORT', '')}"
+
+
+def _publish_for_torchrun(output_root: Path, name: str, run_dir: Path) -> Path | None:
+    path = _rendezvous_file(output_root, name)
+    if path is None or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    write_text_atomic(path, str(run_dir))
+    return path
+
+
+def _joined_run_dir(output_root: Path, name: str) -> Path:
+    """A worker's run dir: the one rank 0 made (inherited env var, or torchrun's rendezvous)."""
+    inherited = os.environ.get(RUN_DIR_ENV)
+    if inherited:
         return Path(inherited)
-    return new_run_dir(output_root, name)
+    path = _rendezvous_file(output_root, name)
+    if path is None:
+        raise RunDirError(f"rank {rank_zero_only.rank}: no run dir from rank 0 ({RUN_DIR_ENV} unset, not under torchrun)")
+    deadline = time.monotonic() + RENDEZVOUS_TIMEOUT_S
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise RunDirError(f"rank {rank_zero_only.rank}: rank 0 did not publish its run dir in {path} within {RENDEZVOUS_TIMEOUT_S} s")
+        time.sleep(0.2)
+    return Path(path.read_text().strip())
+
+
+class RunLock:
+    """``run.lock`` holding the writer's pid: a second process writing the same run dir (or
+    output folder) is refused with the holder's pid; a lock left by a killed process is taken over."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / LOCK_FILE
+        self.held = False
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and holder != os.getpid() and _alive(holder):
+                    raise RunDirError(f"{self.path.parent}: in use by another tus process (pid {holder}); wait for it or use another folder") from None
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(handle, "w") as file:
+                file.write(str(os.getpid()))
+            self.held = True
+            return
+        raise RunDirError(f"{self.path}: could not take the lock")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def _holder(self) -> int | None:
+        try:
+            return int(self.path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def finish_loggers(loggers: list[Logger]) -> None:
+    """End the W&B run of each W&B logger (a stage's run is over)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()
 
 
 def build_loggers(
@@ -158,31 +403,55 @@ def build_trainer(
     callbacks: list[Callback] = (),
     checkpoint_every_n_steps: int | None = None,
 ) -> L.Trainer:
-    """A Trainer writing checkpoints (``last.ckpt`` for resume) under ``run_dir/checkpoints``."""
+    """A Trainer writing checkpoints (``last.ckpt`` for resume) under ``run_dir/checkpoints``:
+    at every epoch end, or every ``checkpoint_every_n_steps`` optimiser steps when given."""
+    # One checkpoint named "last", replaced each time. Not ``save_last`` with ``save_top_k=0``:
+    # Lightning 2.6 writes that "last" at an epoch end only when a top-k checkpoint was written
+    # at the same step, i.e. never, so a killed fine-tuning fold restarted from epoch 0.
     checkpoint = ModelCheckpoint(
         dirpath=str(run_dir / "checkpoints"),
-        save_last=True,
-        save_top_k=0,
+        filename="last",
+        save_top_k=1,
         every_n_train_steps=checkpoint_every_n_steps,
     )
-    all_callbacks: list[Callback] = [checkpoint, *callbacks]
+    all_callbacks: list[Callback] = [checkpoint, ChannelsLast(trainer.channels_last), *callbacks]
+    if trainer.compile:
+        all_callbacks.append(CompileModel())
     if trainer.enable_progress_bar:
-        all_callbacks.append(TQDMProgressBar(refresh_rate=1))
+        all_callbacks.append(StageProgressBar(active_stage_bar(), desc=run_dir.name))
     if loggers:
         all_callbacks.append(LearningRateMonitor(logging_interval="step"))
+    options = trainer_options(trainer)
+    write_json_atomic(run_dir / "runtime.json", runtime_report(trainer, options["precision"]))
+    return L.Trainer(**options, logger=loggers, callbacks=all_callbacks, default_root_dir=str(run_dir))
+
+
+def trainer_options(trainer: TrainerConfig) -> dict:
+    """The keyword arguments for ``L.Trainer``: precision resolved for this hardware, and only
+    values that differ from Lightning's defaults (an explicit default makes Lightning print a
+    notice for each, e.g. "limit_train_batches=1.0 was configured")."""
     options = to_dict(trainer)
-    # Pass only what differs from Lightning's defaults: an explicit default makes Lightning
-    # print a notice for each (e.g. "limit_train_batches=1.0 was configured").
-    for name, default in (("limit_train_batches", 1.0), ("limit_val_batches", 1.0), ("val_check_interval", None)):
-        if options[name] == default:
-            del options[name]
-    return L.Trainer(
-        **options,
-        logger=loggers,
-        callbacks=all_callbacks,
-        default_root_dir=str(run_dir),
-        enable_model_summary=False,
-    )
+    options.pop("compile")
+    options.pop("channels_last")
+    options["precision"] = resolve_precision(str(options["precision"]), str(options["accelerator"]))
+    return {name: value for name, value in options.items() if name == "precision" or value != LIGHTNING_TRAINER_DEFAULTS.get(name)}
+
+
+def runtime_report(trainer: TrainerConfig, precision: str) -> dict:
+    """What the run ran on: recorded in ``runtime.json`` and printed once."""
+    caps = detect_caps()
+    report = {
+        "precision_requested": str(trainer.precision),
+        "precision": precision,
+        "cuda": caps.cuda,
+        "cuda_bf16": caps.cuda_bf16,
+        "cpu_native_bf16": caps.cpu_native_bf16,
+        "torch": torch.__version__,
+        "lightning": L.__version__,
+    }
+    if rank_zero_only.rank == 0 and str(trainer.precision) == "auto":
+        print(f"precision: auto -> {precision}", flush=True)
+    return report
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:

@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from tus.models.backbones import CheckpointError
 from tus.models.vit import (
     create_vit_encoder,
     interpolate_pos_embed,
@@ -18,6 +17,7 @@ from tus.models.vit import (
     load_vit_weights,
     mae_checkpoint_to_timm,
 )
+from tus.models.weights import CheckpointError
 
 TINY = {"img_size": 32, "patch_size": 8, "depth": 2}
 

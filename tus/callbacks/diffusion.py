@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -15,16 +14,10 @@ from lightning.pytorch.loggers import WandbLogger
 from torchvision.utils import make_grid
 
 from tus.data.images import write_grayscale
-from tus.methods.iddpm import (
-    DiffusionModule,
-    ProcessConfig,
-    UNetConfig,
-    UNetExport,
-    derive_seed,
-    export_stem,
-    save_unet_export,
-)
-from tus.samplers.base import sample_images, to_uint8
+from tus.data.seeding import derive_seed
+from tus.methods.iddpm import DiffusionModule, ProcessConfig, UNetConfig, UNetExport, export_stem, save_unet_export
+from tus.samplers import sample_images
+from tus.samplers.base import to_uint8
 
 
 @dataclass
@@ -33,7 +26,7 @@ class SampleGridConfig:
 
     every_n_steps: int = 10000
     num_images: int = 16
-    sampler: Literal["ddpm", "respaced", "ddim", "dpm"] = "respaced"
+    sampler: str = "respaced"  # a name in tus.samplers.SAMPLERS (or a class path)
     steps: int = 50
     seed: int = 0
 
@@ -82,7 +75,7 @@ class SampleGridCallback(Callback):
 
 
 class ExportEma(Callback):
-    """When training ends, rank 0 exports the EMA U-Net for ``tus sample``.
+    """When training ends, rank 0 exports the EMA U-Net for ``tus sample`` (the folder ``export/ema_unet_stepN/``).
 
     Done inside the training process, where the step count is right under every strategy
     (``ddp_spawn`` hands the launcher back the weights but not the step).
@@ -93,7 +86,7 @@ class ExportEma(Callback):
         self.run_dir = run_dir
 
     def on_train_end(self, trainer: L.Trainer, pl_module: DiffusionModule) -> None:
-        stem = export_stem(self.run_dir, trainer.global_step)
+        folder = export_stem(self.run_dir, trainer.global_step)
         # A resume that had no step left to train ends where the last export already is.
-        if trainer.is_global_zero and not stem.with_suffix(".safetensors").exists():
-            save_unet_export(pl_module.ema.module, replace(self.export, step=trainer.global_step), stem)
+        if trainer.is_global_zero and not folder.exists():
+            save_unet_export(pl_module.ema.module, replace(self.export, step=trainer.global_step), folder)

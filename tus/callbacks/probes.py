@@ -1,14 +1,29 @@
-"""Representation probes during pretraining: a k-NN classifier of held-out images on the current
-encoder's features, logged every N steps (how separable the organs are, for any method)."""
+"""Representation probes during pretraining, logged every N steps for any method: a k-NN classifier of
+held-out images' organs on the current encoder's features (:class:`OrganProbe`), and a k-NN or
+logistic-regression probe of a labelled downstream task (:class:`DownstreamProbe`), so a user sees
+whether the encoder gets better for *their* task, not only for organs."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Literal
+
 import lightning as L
 import numpy as np
+import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Callback
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader, Dataset
+
+from tus.data.datasets import ManifestDataset
+from tus.data.folds import assign_folds
+from tus.data.manifest import load_manifest
+from tus.data.transforms import eval_transform
 
 
 @torch.no_grad()
@@ -83,5 +98,108 @@ class OrganProbe(Callback):
         self.history.append({"step": step, **results})
         # Straight to the loggers (rank zero only): Lightning's self.log is not allowed in
         # on_train_start, and these are point measurements, not step aggregates.
+        for logger in trainer.loggers:
+            logger.log_metrics(results, step=step)
+
+
+ProbeClassifier = Literal["knn", "logistic"]
+
+
+@torch.no_grad()
+def embed(module: L.LightningModule, dataset: Dataset, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(pooled ``module.encoder`` features, labels) of a labelled single-view dataset, in eval mode."""
+    was_training = module.training
+    module.eval()
+    features, labels = [], []
+    try:
+        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            encoded = module.encoder(batch["image"].to(module.device))
+            # An encoder that keeps spatial (or token) axes is average-pooled to one vector per image.
+            features.append((encoded.flatten(2).mean(-1) if encoded.ndim > 2 else encoded).float().cpu())
+            labels.append(batch["label"])
+    finally:
+        module.train(was_training)
+    return torch.cat(features).numpy(), torch.cat(labels).numpy()
+
+
+def probe_auroc(features: np.ndarray, labels: np.ndarray, folds: np.ndarray, classifier: ProbeClassifier, k: int = 20, seed: int = 0) -> float:
+    """Mean over folds of the test-fold AUROC of a probe fitted on the other folds.
+
+    ``knn``: cosine k-NN with distance-weighted votes (the positive-class vote share is the score);
+    ``logistic``: L2 logistic regression (sklearn's default C=1) on standardised features.
+    """
+    scores = []
+    for fold in np.unique(folds):
+        train, test = folds != fold, folds == fold
+        if classifier == "knn":
+            model = KNeighborsClassifier(n_neighbors=min(k, int(train.sum())), metric="cosine", weights="distance")
+        else:
+            model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed))
+        model.fit(features[train], labels[train])
+        scores.append(roc_auc_score(labels[test], model.predict_proba(features[test])[:, 1]))
+    return float(np.mean(scores))
+
+
+class DownstreamProbe(Callback):
+    """At the start, every ``every_n_steps`` optimizer steps and after the last, probe a labelled task.
+
+    The labelled ``manifest`` (binary ``label``, ``patient_id``) is split into ``num_folds``
+    patient-grouped, class-stratified folds (:func:`tus.data.folds.assign_folds` with ``seed``);
+    each probe embeds every image with the current encoder (eval transform, ``image_size``), fits
+    ``classifier`` on the other folds and scores each fold. Logs ``probe/downstream_auroc`` (the
+    mean over folds) to the loggers; ``history`` keeps every result. The probe never updates the
+    encoder, so probing images that were left out of the pool leaks nothing into training.
+    """
+
+    def __init__(
+        self,
+        manifest: str | Path | pd.DataFrame,
+        *,
+        every_n_steps: int,
+        image_size: int,
+        classifier: ProbeClassifier = "knn",
+        k: int = 20,
+        num_folds: int = 3,
+        seed: int = 0,
+        batch_size: int = 256,
+        cache: bool = True,
+    ):
+        if every_n_steps <= 0:
+            raise ValueError(f"every_n_steps must be > 0, got {every_n_steps}")
+        if classifier not in ("knn", "logistic"):
+            raise ValueError(f"classifier must be 'knn' or 'logistic', got {classifier!r}")
+        frame = manifest if isinstance(manifest, pd.DataFrame) else load_manifest(manifest, require_labels=True, num_folds=num_folds)
+        if frame["label"].nunique() != 2:
+            raise ValueError(f"the downstream probe needs a binary label; found classes {sorted(frame['label'].unique().tolist())}")
+        self.folds = assign_folds(frame, num_folds, seed)
+        self.dataset = ManifestDataset(frame, eval_transform(), image_size=image_size, cache=cache)
+        self.every_n_steps = every_n_steps
+        self.classifier: ProbeClassifier = classifier
+        self.k = k
+        self.seed = seed
+        self.batch_size = batch_size
+        self.history: list[dict] = []
+        self._last_probed_step = -1
+
+    def evaluate(self, module: L.LightningModule) -> dict[str, float]:
+        features, labels = embed(module, self.dataset, self.batch_size)
+        return {"probe/downstream_auroc": probe_auroc(features, labels, self.folds, self.classifier, self.k, self.seed)}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == 0:
+            self._probe(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        due = step % self.every_n_steps == 0 or step == trainer.max_steps
+        if due and step != self._last_probed_step:
+            self._probe(trainer, pl_module)
+
+    def _probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        self._last_probed_step = step
+        results = self.evaluate(pl_module)
+        self.history.append({"step": step, **results})
+        # As OrganProbe: point measurements straight to the loggers (self.log is refused in on_train_start).
         for logger in trainer.loggers:
             logger.log_metrics(results, step=step)

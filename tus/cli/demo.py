@@ -1,8 +1,9 @@
 """``tus demo``: the whole pipeline on the generated phantom dataset, CPU-sized.
 
-Each step is the same code a user runs stage by stage (the stage configs in
-``experiments/`` with CPU-sized overrides); everything goes into one new folder, and
-``REPORT.md`` there collects the tables, numbers and plots.
+Each step calls the same stage function a user runs stage by stage (the packaged stage
+configs ``pretrain/cpu``, ``finetune/cpu`` and ``diffusion/cpu`` with CPU-sized overrides), so
+``tus demo`` works from any folder; everything goes into one new folder, and ``REPORT.md``
+there collects the tables, numbers and plots.
 """
 
 from __future__ import annotations
@@ -28,17 +29,19 @@ def stage(title: str, timings: dict):
     print(f"--- {title}: {timings[title]:.0f} s", flush=True)
 
 
-def run_demo(out_root: Path, experiments: Path, *, label_noise: float, seeds: str) -> Path:
-    from tus.cli.explain import main as explain_main
-    from tus.cli.noisy_labels import main as noisy_labels_main
-    from tus.cli.sample import main as sample_main
-    from tus.cli.synthetic import filter_main, metrics_main
+def run_demo(out_root: Path, *, label_noise: float, seeds: str) -> Path:
     from tus.config import load_config
     from tus.data.manifest import load_manifest, summarize
     from tus.data.phantom import generate_phantom
+    from tus.eval.explain import format_summary
+    from tus.eval.noisy_labels import FlaggingRule, find_loss_tables, format_report, read_losses
+    from tus.eval.noisy_labels import write_report as write_noisy_label_report
     from tus.stages.diffusion import DiffusionConfig, run_diffusion
-    from tus.stages.finetune_cv import FineTuneCVConfig, finetune_callbacks, run_cv
+    from tus.stages.explain import run_explain
+    from tus.stages.finetune_cv import FineTuneCVConfig, run_cv
     from tus.stages.pretrain import PretrainConfig, run_pretraining
+    from tus.stages.sample import generate
+    from tus.stages.synthetic import format_filter_report, format_metrics_report, run_filter, run_metrics
 
     demo = new_run_dir(out_root, "demo")
     timings: dict[str, float] = {}
@@ -51,41 +54,45 @@ def run_demo(out_root: Path, experiments: Path, *, label_noise: float, seeds: st
         print(summarize(load_manifest(data.unlabeled_manifest, require_labels=False)))
 
     with stage("2. organ-supervised contrastive pretraining", timings):
-        pretrain = load_config(PretrainConfig, experiments / "pretrain" / "cpu.yaml", [
+        pretrain = load_config(PretrainConfig, "pretrain/cpu", [
             f"data.sources=[{{manifest: {data.unlabeled_manifest}}}]", f"output_root={demo}",
             "trainer.max_steps=100", "monitor.every_n_steps=50", *quiet,
         ])
         pretrain_dir = run_pretraining(pretrain)
 
     with stage("3. fine-tuning: 3 patient-grouped folds x seeds, init from the pretrained encoder", timings):
-        finetune = load_config(FineTuneCVConfig, experiments / "finetune" / "cpu.yaml", [
+        finetune = load_config(FineTuneCVConfig, "finetune/cpu", [
             f"data.manifest={data.labeled_manifest}", f"output_root={demo}", f"seeds={seeds}",
-            "model.init=tus", f"model.weights={pretrain_dir / 'encoder.safetensors'}", *quiet,
+            "model.init=tus", f"model.weights={pretrain_dir / 'encoder'}", *quiet,
         ])
-        cv_dir = run_cv(finetune, callback_factory=finetune_callbacks)
+        cv_dir = run_cv(finetune)
         print((cv_dir / "summary.md").read_text())
 
     with stage("4. improved-DDPM training", timings):
-        diffusion = load_config(DiffusionConfig, experiments / "diffusion" / "cpu.yaml", [
+        diffusion = load_config(DiffusionConfig, "diffusion/cpu", [
             f"data.sources=[{{manifest: {data.labeled_manifest}}}]", f"output_root={demo}", "trainer.max_steps=200", *quiet,
         ])
         diffusion_dir = run_diffusion(diffusion)
 
     samples = demo / "samples"
     with stage("5. sampling (DDIM, 25 steps)", timings):
-        sample_main(["--checkpoint", str(diffusion_dir), "--n", "32", "--out", str(samples), "--sampler", "ddim", "--steps", "25", "--no-progress"])
+        manifest = generate(diffusion_dir, samples, 32, sampler="ddim", steps=25, progress=False)
+        print(f"32 images in {samples} (manifest: {manifest})")
 
     with stage("6. synthetic metrics + k-NN manifold filter", timings):
-        real = str(data.labeled_manifest)
-        cache = ["--cache", str(demo / "feature_cache")]
-        metrics_main(["--real", real, "--generated", str(samples), "--out", str(demo / "synthetic_metrics.json"), *cache])
-        filter_main(["--real", real, "--generated", str(samples), "--k", "10", "--out", str(demo / "filtered"), "--organ", "testicle", *cache])
+        features = {"cache_dir": demo / "feature_cache", "progress": True}
+        metrics_file = demo / "synthetic_metrics.json"
+        print(format_metrics_report(run_metrics(data.labeled_manifest, samples, metrics_file, **features), metrics_file))
+        print(format_filter_report(run_filter(data.labeled_manifest, samples, demo / "filtered", k=10, organ="testicle", **features)))
 
     with stage("7. noisy-label detection from the recorded per-sample losses", timings):
-        noisy_labels_main([str(cv_dir), "--out", str(demo / "noisy_labels")])
+        # The CV run's own labelled manifest; the rule is the reference one (tus noisy-labels' defaults).
+        losses = read_losses(find_loss_tables([cv_dir]))
+        print(format_report(write_noisy_label_report(losses, data.labeled_manifest, FlaggingRule(), demo / "noisy_labels")))
 
     with stage("8. Grad-CAM++ and marker sensitivity", timings):
-        explain_main(["--checkpoint", str(cv_dir / "runs" / "fold0-seed0" / "model.safetensors"), "--images", *_test_images(cv_dir, 8), "--out", str(demo / "explain")])
+        model = cv_dir / "runs" / "fold0-seed0" / "model.safetensors"
+        print(format_summary(run_explain(model, _test_images(cv_dir, 8), demo / "explain")))
 
     write_report(demo, cv_dir, pretrain_dir, diffusion_dir, timings)
     print(f"\n{(demo / 'REPORT.md').read_text()}")
@@ -141,9 +148,8 @@ def write_report(demo: Path, cv_dir: Path, pretrain_dir: Path, diffusion_dir: Pa
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tus demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs", help="a new demo folder is created under this one")
-    parser.add_argument("--experiments", default="experiments", help="the folder of stage configs")
     parser.add_argument("--label-noise", type=float, default=0.0, help="labels flipped on purpose in the phantom set")
     parser.add_argument("--seeds", default="[0]", help="fine-tuning seeds, as a YAML list")
     args = parser.parse_args(argv)
-    run_demo(Path(args.out), Path(args.experiments), label_noise=args.label_noise, seeds=args.seeds)
+    run_demo(Path(args.out), label_noise=args.label_noise, seeds=args.seeds)
     return 0

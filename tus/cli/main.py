@@ -7,6 +7,7 @@ Stage subcommands live next to their code and are imported only when called, so
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 import warnings
 
@@ -27,21 +28,62 @@ STAGES = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Library deprecation chatter (Lightning's pytree use) says nothing to a tus user.
+    """Run one subcommand. Expected errors (bad config, bad data, bad weights) print one line
+    and exit 2 (usage/config) or 1 (data); ``--debug`` shows the traceback instead."""
+    # Library chatter (Lightning's pytree deprecation, "GPU available" banners, tips) says
+    # nothing to a tus user; warnings tus itself raises still show.
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    quiet_libraries()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
         usage = "\n".join(f"  {name:<13} {help_text}" for name, (_, help_text) in STAGES.items())
         print(f"usage: tus <command> [options]\n\ncommands:\n{usage}\n\n'tus <command> --help' for a command's options.")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    debug = "--debug" in argv
     target, _ = STAGES[argv[0]]
     module_name, function_name = target.split(":")
     function = getattr(importlib.import_module(module_name), function_name)
-    return int(function(argv[1:]) or 0)
+    try:
+        return int(function([a for a in argv[1:] if a != "--debug"]) or 0)
+    except Exception as error:  # noqa: BLE001 - the one place that turns errors into exit codes
+        code = exit_code(error)
+        if debug or code is None:
+            raise
+        print(f"tus {argv[0]}: error: {one_line(error)}", file=sys.stderr)
+        return code
 
 
+def exit_code(error: BaseException) -> int | None:
+    """2 for usage and config errors, 1 for data/weights/run-dir errors, None: a bug (traceback)."""
+    from tus.config import ConfigError
+
+    if isinstance(error, ConfigError):
+        return 2
+    if isinstance(error, (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError, UnicodeError)):
+        return 1
+    return None
 
 
+def one_line(error: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return text or type(error).__name__
+
+
+# Lightning's per-Trainer banners: said once per fold x seed they bury the progress bar.
+_LIBRARY_CHATTER = re.compile(r"^(GPU available|TPU available|HPU available|LOCAL_RANK|💡 Tip|You are using a CUDA device|Seed set to|`Trainer\.fit` stopped)")
+
+
+def quiet_libraries() -> None:
+    """Drop Lightning's banners ("GPU available", tips, LOCAL_RANK, seed lines); keep its
+    warnings and DDP start-up messages."""
+    import logging
+
+    class DropChatter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not _LIBRARY_CHATTER.match(record.getMessage())
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.seed"):
+        logging.getLogger(name).addFilter(DropChatter())
 
 
 if __name__ == "__main__":

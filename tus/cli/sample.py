@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from tus.samplers.base import DEFAULT_STEPS, SAMPLERS
+from tus.samplers import SAMPLERS
 from tus.stages.sample import generate
 
 
@@ -13,8 +13,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="export .safetensors, Lightning .ckpt, or a diffusion run dir")
     parser.add_argument("--n", type=int, required=True, help="number of images the folder should hold")
     parser.add_argument("--out", required=True, help="output folder (new, or one to continue)")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
-    parser.add_argument("--steps", type=int, default=None, help=f"steps (defaults: ddpm all, {DEFAULT_STEPS})")
+    parser.add_argument("--sampler", default="ddpm", help=f"a registered sampler ({', '.join(SAMPLERS)}) or a class path")
+    parser.add_argument("--steps", type=int, default=None, help="steps (default: the sampler's; ddpm runs all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")

@@ -1,4 +1,5 @@
-"""Command lines ``tus metrics`` and ``tus filter`` (argparse; mounted by tus.cli)."""
+"""Command lines ``tus metrics`` and ``tus filter``: argv -> :func:`tus.stages.synthetic.run_metrics` /
+:func:`tus.stages.synthetic.run_filter` (which check every option before any feature is computed)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,10 @@ import argparse
 import os
 from pathlib import Path
 
-from tus.eval.features import WEIGHTS_ENV_VAR, EncoderExtractor, FeatureExtractor, InceptionExtractor, load_tus_encoder
-from tus.eval.filtering import FILTER_K, LINK_MODES, filter_generated, sweep
-from tus.eval.metrics import PRC_K, compute_metrics, format_metrics_table, image_paths, save_metrics
-
-DEFAULT_ENCODER_IMAGE_SIZE = 224
+from tus.eval.features import WEIGHTS_ENV_VAR
+from tus.eval.filtering import FILTER_K, LINK_MODES
+from tus.eval.metrics import PRC_K
+from tus.stages.synthetic import format_filter_report, format_metrics_report, run_filter, run_metrics
 
 
 def default_cache_dir() -> Path:
@@ -25,7 +25,7 @@ def _add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--extractor",
         default="inception",
-        help="'inception' (FID Inception-v3) or a tus encoder export (encoder.safetensors from tus pretrain)",
+        help="'inception' (FID Inception-v3) or a tus encoder export (the encoder/ folder of a tus pretrain run)",
     )
     parser.add_argument("--weights", help=f"Inception weights file (default: ${WEIGHTS_ENV_VAR}, else the packaged copy)")
     parser.add_argument("--image-size", type=int, help="encoder input size (default: the export's, else 224)")
@@ -35,16 +35,12 @@ def _add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
 
 
-def _extractor(args: argparse.Namespace) -> FeatureExtractor:
-    if args.extractor == "inception":
-        return InceptionExtractor(args.weights)
-    encoder, meta = load_tus_encoder(args.extractor)
-    image_size = args.image_size or meta.get("image_size") or DEFAULT_ENCODER_IMAGE_SIZE
-    return EncoderExtractor(encoder, image_size=image_size, name=meta["backbone"])
-
-
-def _cache(args: argparse.Namespace) -> Path | None:
-    return None if args.no_cache else args.cache
+def _extraction_options(args: argparse.Namespace) -> dict:
+    return {
+        "extractor": args.extractor, "weights": args.weights, "image_size": args.image_size,
+        "cache_dir": None if args.no_cache else args.cache, "batch_size": args.batch_size, "device": args.device,
+        "progress": True,
+    }
 
 
 def metrics_main(argv: list[str] | None = None) -> int:
@@ -55,20 +51,8 @@ def metrics_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prc-k", type=int, default=PRC_K, help="neighbours for precision/recall")
     parser.add_argument("--seed", type=int, default=0, help="seed for drawing the real reference batches")
     args = parser.parse_args(argv)
-    metrics = compute_metrics(
-        image_paths(args.real),
-        image_paths(args.generated),
-        _extractor(args),
-        prc_k=args.prc_k,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        device=args.device,
-        cache_dir=_cache(args),
-        progress=True,
-    )
-    print(format_metrics_table(metrics))
-    if args.out:
-        print(f"wrote {save_metrics(metrics, args.out)}")
+    metrics = run_metrics(args.real, args.generated, args.out, prc_k=args.prc_k, seed=args.seed, **_extraction_options(args))
+    print(format_metrics_report(metrics, args.out))
     return 0
 
 
@@ -89,13 +73,9 @@ def filter_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--organ", help="organ column for the kept images' manifest")
     parser.add_argument("--sweep", type=_ks, help="also sweep these k (e.g. 10,20,50,100) into OUT/sweep")
     args = parser.parse_args(argv)
-    extractor = _extractor(args)
-    common = dict(extractor=extractor, cache_dir=_cache(args), batch_size=args.batch_size, device=args.device, progress=True)
-    result = filter_generated(args.real, args.generated, args.out, k=args.k, link=args.link, organ=args.organ, **common)
-    print(f"k={args.k}: kept {result.kept}, rejected {result.rejected} of {len(result.table)}; wrote {result.out_dir}")
-    if args.sweep:
-        report = sweep(args.real, args.generated, args.out / "sweep", ks=args.sweep, highlight_k=args.k, **common)
-        for row in report["sweep"]:
-            print(f"k={row['k']}: kept {row['kept']}, rejected {row['rejected']}")
-        print(f"wrote {args.out / 'sweep'}")
+    report = run_filter(
+        args.real, args.generated, args.out, k=args.k, organ=args.organ, sweep=args.sweep, link=args.link,
+        **_extraction_options(args),
+    )
+    print(format_filter_report(report))
     return 0

@@ -13,8 +13,9 @@ any image of the same size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import albumentations as A
 import cv2

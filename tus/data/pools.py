@@ -1,9 +1,16 @@
 """DataModules over unlabelled image pools for the generative and self-supervised stages:
-pretraining (two views per image, organ-balanced draws, a held-out probe slice) and diffusion
-(epochs of a fixed number of steps drawn with replacement, resumable exactly)."""
+pretraining (two views per image, organ-balanced draws, a held-out probe slice; resumable exactly,
+mid-epoch included) and diffusion
+(epochs of a fixed number of steps drawn with replacement, resumable exactly).
+
+Both pools can leave out the labelled images (``exclude_labeled``): the reference's pools contain
+the labelled set, so its test-fold images reach pretraining and diffusion training. The images
+left out are found by :mod:`tus.data.overlap` and listed in :meth:`pool_report` (``pool.json``).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,11 +20,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from tus.data.datamodules import ImagePoolDataModule, ImageSourceConfig
 from tus.data.datasets import ManifestDataset
+from tus.data.manifest import load_manifest
+from tus.data.overlap import EXCLUDE_MODES, ExcludeLabeled, exclude_labeled, find_overlap, labeled_folds, overlap_report
+from tus.data.seeding import derive_seed
 from tus.data.transforms import eval_transform
 from tus.data.views import ViewConfig, ViewPairTransform
-from tus.methods.iddpm import (
-    derive_seed,
-)
 
 
 @dataclass
@@ -33,6 +40,65 @@ class DiffusionDataConfig:
     # Optimiser steps per "epoch": checkpoints are written at epoch ends only, where a
     # resume replays the same draws as an uninterrupted run.
     steps_per_epoch: int = 1000
+    # Leakage guard (see LabeledExclusion); "none" keeps the reference's pool.
+    exclude_labeled: ExcludeLabeled = "none"
+    labeled_manifest: str | None = None
+    test_folds: list[int] | None = None
+
+
+@dataclass(frozen=True)
+class LabeledExclusion:
+    """Which labelled images to leave out of a pool.
+
+    ``exclude_labeled``: ``none`` (the reference), ``test_folds`` (pool images equal to a labelled
+    image of ``test_folds``; the labelled manifest needs a ``fold`` column, e.g. a CV run's
+    folds.csv) or ``all`` (every pool image equal to a labelled image).
+    """
+
+    exclude_labeled: ExcludeLabeled = "none"
+    labeled_manifest: str | None = None
+    test_folds: tuple[int, ...] | None = None
+
+    @classmethod
+    def of(cls, config) -> LabeledExclusion:
+        folds = getattr(config, "test_folds", None)
+        return cls(getattr(config, "exclude_labeled", "none"), getattr(config, "labeled_manifest", None), tuple(folds) if folds is not None else None)
+
+    def __post_init__(self) -> None:
+        if self.exclude_labeled not in EXCLUDE_MODES:
+            raise ValueError(f"exclude_labeled must be one of {', '.join(EXCLUDE_MODES)}, got {self.exclude_labeled!r}")
+        if self.exclude_labeled != "none" and not self.labeled_manifest:
+            raise ValueError(f"exclude_labeled: {self.exclude_labeled} needs labeled_manifest")
+        if self.exclude_labeled == "test_folds" and not self.test_folds:
+            raise ValueError("exclude_labeled: test_folds needs test_folds (e.g. [0, 1, 2])")
+
+    def apply(self, frames: list[pd.DataFrame], sources: list[ImageSourceConfig]) -> tuple[list[pd.DataFrame], dict]:
+        """(frames without the excluded images, the record for pool.json)."""
+        record: dict = {"exclude_labeled": self.exclude_labeled}
+        if self.exclude_labeled == "none":
+            return frames, record
+        labeled = load_manifest(self.labeled_manifest, require_labels=False, decode_images=False)
+        if self.exclude_labeled == "test_folds" and "fold" not in labeled.columns:
+            raise ValueError(f"{self.labeled_manifest}: exclude_labeled: test_folds needs a 'fold' column (give the CV run's folds.csv)")
+        folds = labeled_folds(labeled) if "fold" in labeled.columns else np.full(len(labeled), -1)
+        kept, excluded, reports = [], [], {}
+        for source, frame in zip(sources, frames):
+            overlap = find_overlap(frame, labeled, folds)
+            reports[str(source.manifest or source.folder)] = overlap_report(overlap, folds, len(frame))
+            frame, dropped = exclude_labeled(frame, overlap, self.exclude_labeled, list(self.test_folds or []))
+            if frame.empty:
+                raise ValueError(f"{source.manifest or source.folder}: no images left after exclude_labeled: {self.exclude_labeled}")
+            kept.append(frame)
+            excluded.append(dropped.assign(source=str(source.manifest or source.folder)))
+        excluded_rows = pd.concat(excluded, ignore_index=True)
+        record.update({
+            "labeled_manifest": str(self.labeled_manifest),
+            "test_folds": list(self.test_folds) if self.test_folds else None,
+            "overlap_per_source": reports,
+            "excluded_images": int(excluded_rows[["source", "pool_row"]].drop_duplicates().shape[0]),
+            "excluded": excluded_rows.drop(columns="pool_row").drop_duplicates(["source", "pool_path"]).to_dict("records"),
+        })
+        return kept, record
 
 
 def to_signed_unit(image: np.ndarray) -> torch.Tensor:
@@ -70,6 +136,22 @@ class DiffusionDataModule(ImagePoolDataModule):
             num_workers=config.num_workers, cache_images=config.cache_images, seed=seed,
         )
         self.steps_per_epoch = config.steps_per_epoch
+        self.exclusion = LabeledExclusion.of(config)
+        self.excluded: dict | None = None
+
+    def prepare_frames(self) -> list[pd.DataFrame]:
+        if self.excluded is None:
+            frames = super().prepare_frames()
+            self.frames, self.excluded = self.exclusion.apply(frames, self.sources)
+        return self.frames
+
+    def pool_report(self) -> dict:
+        """Images per source, and the labelled images left out of the pool (``exclude_labeled``)."""
+        frames = self.prepare_frames()
+        return {
+            "images_per_source": {str(s.manifest or s.folder): len(f) for s, f in zip(self.sources, frames)},
+            "excluded_labeled": self.excluded,
+        }
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
@@ -98,6 +180,10 @@ class PretrainDataConfig:
     cache_images: bool = True
     samples_per_epoch: int | None = None
     views: ViewConfig = field(default_factory=ViewConfig)
+    # Leakage guard (see LabeledExclusion); "none" keeps the reference's pool.
+    exclude_labeled: ExcludeLabeled = "none"
+    labeled_manifest: str | None = None
+    test_folds: list[int] | None = None
 
 
 def split_heldout(frames: list[pd.DataFrame], per_organ: int, seed: int) -> tuple[list[pd.DataFrame], pd.DataFrame]:
@@ -139,13 +225,16 @@ class PretrainDataModule(ImagePoolDataModule):
     """The weighted image pool through a :class:`ViewPairTransform`, minus a held-out slice.
 
     The held-out slice (``holdout_per_organ`` images per organ) and a bank of pool images
-    feed the :class:`OrganProbe`. Each DDP rank gets its own stream of view draws.
+    feed the :class:`OrganProbe`. Images and views are drawn as a function of (seed, epoch,
+    position) (see :class:`ImagePoolDataModule`): a run resumed from a checkpoint, mid-epoch
+    included, trains on exactly the batches the uninterrupted run would have.
     """
 
-    def __init__(self, config: PretrainDataConfig, *, seed: int, holdout_per_organ: int = 0):
+    def __init__(self, config: PretrainDataConfig, *, seed: int, holdout_per_organ: int = 0, transform: Callable | None = None):
+        # ``transform``: the pretraining method's per-image transform (two views by default).
         super().__init__(
             config.sources,
-            ViewPairTransform(config.views, config.image_size, seed=seed),
+            transform if transform is not None else ViewPairTransform(config.views, config.image_size, seed=seed),
             image_size=config.image_size,
             batch_size=config.batch_size,
             num_workers=config.num_workers,
@@ -157,10 +246,13 @@ class PretrainDataModule(ImagePoolDataModule):
         )
         self.holdout_per_organ = holdout_per_organ
         self.heldout: pd.DataFrame | None = None
+        self.exclusion = LabeledExclusion.of(config)
+        self.excluded: dict | None = None
 
     def prepare_frames(self) -> list[pd.DataFrame]:
         if self.heldout is None:
-            frames = super().prepare_frames()
+            # Labelled images leave first, so neither the pool nor the probe slice holds them.
+            frames, self.excluded = self.exclusion.apply(super().prepare_frames(), self.sources)
             self.frames, self.heldout = split_heldout(frames, self.holdout_per_organ, self.seed)
             for source, frame in zip(self.sources, self.frames):
                 if frame.empty:
@@ -169,16 +261,9 @@ class PretrainDataModule(ImagePoolDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
-        self.transform.set_rank(self.trainer.global_rank if self.trainer is not None else 0)
-
-    def train_dataloader(self):
-        # Lightning asks for the loader after restoring a checkpoint: folding the step into the
-        # seeds makes a resumed run draw new images (and, without workers, new views) instead
-        # of replaying the start of the run. Workers reseed their views from torch's seed.
-        step = self.trainer.global_step if self.trainer is not None else 0
-        self.transform.reseed(self.seed + step)
-        self.reseed_sampler(self.seed + step)
-        return super().train_dataloader()
+        # Per-rank view streams for transforms that draw their own randomness (contract of tus.methods.base).
+        if hasattr(self.transform, "set_rank"):
+            self.transform.set_rank(self.trainer.global_rank if self.trainer is not None else 0)
 
     def probe_datasets(self, bank_per_organ: int) -> tuple[ManifestDataset, ManifestDataset]:
         """(bank from the pool, held-out slice), single views under the eval transform."""
@@ -204,6 +289,7 @@ class PretrainDataModule(ImagePoolDataModule):
             "draw_share_per_organ": {k: round(v, 4) for k, v in sorted(share.items())},
             "images_per_source": {str(s.manifest or s.folder): len(f) for s, f in zip(self.sources, frames)},
             "heldout_per_organ": {k: int(v) for k, v in self.heldout["organ"].value_counts().sort_index().items()},
+            "excluded_labeled": self.excluded,
         }
 
 

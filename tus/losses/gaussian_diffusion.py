@@ -23,8 +23,8 @@ Images are in [-1, 1].
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -92,7 +92,7 @@ class NoiseSchedule:
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * alphas.sqrt() / (1.0 - self.alphas_cumprod)
 
     @classmethod
-    def cosine(cls, num_timesteps: int = 1000) -> "NoiseSchedule":
+    def cosine(cls, num_timesteps: int = 1000) -> NoiseSchedule:
         return cls(cosine_betas(num_timesteps))
 
 

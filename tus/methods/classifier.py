@@ -8,30 +8,88 @@ forward pass.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score, BinaryPrecision, BinaryRecall
 
 from tus.config import from_dict, to_dict
-from tus.models.backbones import BackboneConfig, CheckpointError, create_backbone, read_state_dict
+from tus.models.backbones import BackboneConfig, create_backbone
+from tus.models.export import WEIGHTS_FILE, classifier_normalization, load_export, save_export
+from tus.models.vit import layerwise_lr_decay_groups
+from tus.models.weights import CheckpointError
+from tus.optim import ScheduleConfig, schedule_lambda
 
 METRIC_NAMES = ("accuracy", "f1", "precision", "recall", "auroc")
+# Output index -> class name of the binary task (positive class 1 = inhomogeneous); written into exports.
+LABEL_NAMES = ("homogeneous", "inhomogeneous")
 
 
 @dataclass
 class FineTuneOptimConfig:
-    """AdamW with separate learning rates for the pretrained backbone and the new head."""
+    """AdamW with separate learning rates for the pretrained backbone and the new head.
+
+    ``backbone_lr_scale``: when set, the backbone's rate is ``lr_head * backbone_lr_scale`` and
+    ``lr_backbone`` is ignored. ``weight_decay`` is AdamW's (decoupled) decay on every
+    parameter; the reference code fine-tunes with 1e-5.
+
+    ``schedule`` (per optimiser step): ``constant`` (the reference: no scheduler), ``cosine``
+    (cosine decay to 0) or ``onecycle`` (``torch.optim.lr_scheduler.OneCycleLR``, learning rate
+    only: momentum is not cycled). Warmup is ``warmup_epochs`` epochs or a ``warmup_fraction``
+    of all steps (give at most one), linear from ~0 to the peak; ``onecycle`` uses it as its
+    rising phase (``pct_start``), 0.3 of the steps (torch's default) when neither is given.
+
+    ``layer_decay`` (ViT backbones only; None = off): layer-wise learning-rate decay as in MAE/BEiT fine-tuning
+    (He et al. 2022, Appendix A.1; 0.65-0.75 there). The head and the final norm train at ``lr_head``, block
+    ``i`` of ``n`` at ``lr_head * layer_decay ** (n - i)``, the patch and position embeddings at
+    ``lr_head * layer_decay ** (n + 1)`` (:func:`tus.models.vit.layerwise_lr_decay_groups`); ``lr_backbone`` and
+    ``backbone_lr_scale`` are then unused, and norms, biases, tokens and position embeddings get no weight decay.
+    Every schedule scales each group's own learning rate, so warmup and decay keep the per-layer ratios.
+    """
 
     lr_backbone: float = 1e-5
     lr_head: float = 1e-4
     weight_decay: float = 0.01
+    backbone_lr_scale: float | None = None
+    schedule: Literal["constant", "cosine", "onecycle"] = "constant"
+    warmup_epochs: float = 0.0
+    warmup_fraction: float | None = None
+    layer_decay: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.schedule not in FINETUNE_SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {', '.join(FINETUNE_SCHEDULES)}, got {self.schedule!r}")
+        if self.warmup_epochs < 0 or (self.warmup_fraction is not None and not 0 <= self.warmup_fraction < 1):
+            raise ValueError(f"need warmup_epochs >= 0 and 0 <= warmup_fraction < 1, got {self.warmup_epochs}, {self.warmup_fraction}")
+        if self.warmup_epochs and self.warmup_fraction:
+            raise ValueError("give optim.warmup_epochs or optim.warmup_fraction, not both")
+        if self.backbone_lr_scale is not None and self.backbone_lr_scale < 0:
+            raise ValueError(f"optim.backbone_lr_scale must be >= 0, got {self.backbone_lr_scale}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ValueError(f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
+
+    @property
+    def backbone_lr(self) -> float:
+        return self.lr_head * self.backbone_lr_scale if self.backbone_lr_scale is not None else self.lr_backbone
+
+    def warmup_steps(self, total_steps: int, steps_per_epoch: float) -> int:
+        """Warmup length in optimiser steps (rounded up, so a requested warmup is never empty)."""
+        if self.warmup_fraction:
+            return min(total_steps, math.ceil(self.warmup_fraction * total_steps))
+        return min(total_steps, math.ceil(self.warmup_epochs * steps_per_epoch))
+
+
+FINETUNE_SCHEDULES = ("constant", "cosine", "onecycle")
+ONECYCLE_DEFAULT_PCT_START = 0.3
 
 
 def binary_metrics(prefix: str) -> MetricCollection:
@@ -93,25 +151,80 @@ class FineTuneModule(L.LightningModule):
         self.log_dict(self.test_metrics.compute())
         self.test_metrics.reset()
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(
-            [
-                {"params": self.backbone.parameters(), "lr": self.optim_config.lr_backbone},
-                {"params": self.head.parameters(), "lr": self.optim_config.lr_head},
-            ],
-            weight_decay=self.optim_config.weight_decay,
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict:
+        trainer = self.trainer
+        total = int(trainer.estimated_stepping_batches)
+        epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+        return self.build_optimizers(total, total / epochs if epochs else None)
+
+    def build_optimizers(self, total_steps: int, steps_per_epoch: float | None) -> torch.optim.Optimizer | dict:
+        """AdamW over (backbone, head) or, with ``layer_decay``, over the ViT's per-layer groups, and the
+        learning-rate scheduler (stepped per optimiser step; it scales each group's learning rate)."""
+        config = self.optim_config
+        optimizer = torch.optim.AdamW(self.param_groups(), weight_decay=config.weight_decay)
+        if config.warmup_epochs and steps_per_epoch is None:
+            raise ValueError("optim.warmup_epochs needs trainer.max_epochs; use optim.warmup_fraction with a step budget")
+        warmup = config.warmup_steps(total_steps, steps_per_epoch or 0.0)
+        if config.schedule == "constant" and warmup == 0:
+            return optimizer  # the reference: a fixed learning rate
+        if config.schedule == "onecycle":
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps,
+                pct_start=warmup / total_steps if warmup else ONECYCLE_DEFAULT_PCT_START, cycle_momentum=False,
+            )
+        else:
+            decay = "cosine" if config.schedule == "cosine" else "constant"
+            lr_lambda = schedule_lambda(total_steps, ScheduleConfig(warmup_steps=warmup, decay=decay))
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def param_groups(self) -> list[dict]:
+        """The optimiser's parameter groups, each with its peak learning rate (see :class:`FineTuneOptimConfig`)."""
+        config = self.optim_config
+        if config.layer_decay is None:
+            return [
+                {"name": "backbone", "params": list(self.backbone.parameters()), "lr": config.backbone_lr},
+                {"name": "head", "params": list(self.head.parameters()), "lr": config.lr_head},
+            ]
+        if not isinstance(self.backbone, VisionTransformer):
+            raise ValueError(
+                f"optim.layer_decay needs a ViT backbone, but {type(self.backbone).__name__} has no transformer blocks; "
+                "set optim.layer_decay=null"
+            )
+        return layerwise_lr_decay_groups(
+            self.backbone, self.head, config.lr_head, config.weight_decay, layer_decay=config.layer_decay
         )
 
 
-def save_finetuned(module: FineTuneModule, path) -> None:
-    """Export the trained classifier as safetensors plus its hyperparameters as JSON."""
-    path = Path(path).with_suffix(".safetensors")
-    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(path))
-    path.with_suffix(".json").write_text(json.dumps(dict(module.hparams), indent=2))
+def save_finetuned(
+    module: FineTuneModule, path: str | Path, image_size: int | None = None, label_names: Sequence[str] = LABEL_NAMES
+) -> Path:
+    """Export the trained classifier as a folder: ``model.safetensors`` + ``config.json`` (:mod:`tus.models.export`).
+
+    ``path`` is the folder; ``<folder>/model`` or ``<folder>/model.safetensors`` (what ``tus finetune-cv`` passes
+    for a fold's run dir) name the same folder, so a fold's ``model.safetensors`` keeps its place. The config
+    holds the module's constructor arguments (``hparams``), the architecture, ``image_size`` (when given) and
+    ``label_names`` (output index -> class). Returns the folder.
+    """
+    path = Path(path)
+    folder = path.parent if path.name in ("model", WEIGHTS_FILE) else path
+    hparams = json.loads(json.dumps(dict(module.hparams)))  # plain JSON types (tuples -> lists)
+    backbone = hparams["backbone"]
+    config = {
+        "architecture": {"library": "timm", "name": backbone["name"], "kwargs": {"drop_rate": backbone.get("drop_rate", 0.0)}},
+        "in_chans": backbone.get("in_chans", 1),
+        "image_size": image_size,
+        "normalization": classifier_normalization(backbone.get("in_chans", 1)),
+        "label_names": list(label_names),
+        "num_classes": hparams.get("num_classes", 2),
+        "hparams": hparams,
+    }
+    return save_export(folder, "classifier", module, config)
 
 
-def load_finetuned(path) -> FineTuneModule:
-    """Rebuild a classifier from :func:`save_finetuned` output or a Lightning checkpoint.
+def load_finetuned(path: str | Path) -> FineTuneModule:
+    """Rebuild a classifier from :func:`save_finetuned` output (its folder, ``config.json`` or ``model.safetensors``;
+    an old ``model.safetensors`` + ``model.json`` too) or a Lightning checkpoint.
 
     The backbone is built empty (``init=scratch``) and then receives the saved weights, so
     loading never needs the original pretrained files or a model hub.
@@ -126,12 +239,11 @@ def load_finetuned(path) -> FineTuneModule:
         if not hparams or state is None:
             raise CheckpointError(f"{path}: not a tus fine-tuning checkpoint (no hyper_parameters/state_dict)")
     else:
-        meta = path.with_suffix(".json")
-        if not meta.is_file():
-            raise CheckpointError(f"{path}: no {meta.name} beside it; is this a tus fine-tuned model?")
-        hparams, state = json.loads(meta.read_text()), read_state_dict(path)
-    backbone = {**hparams["backbone"], "init": "scratch", "weights": None}
-    module = FineTuneModule(backbone, hparams["optim"], hparams.get("num_classes", 2))
+        config, state = load_export(path, "classifier")
+        hparams = config["hparams"]
+    hparams = dict(hparams)
+    hparams["backbone"] = {**hparams["backbone"], "init": "scratch", "weights": None}
+    module = FineTuneModule(**hparams)
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")

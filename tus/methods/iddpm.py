@@ -20,14 +20,16 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
-import numpy as np
 import torch
 from diffusers import UNet2DModel
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
 from timm.utils import ModelEmaV3
 
 from tus.config import from_dict
+from tus.data.seeding import derive_seed
 from tus.losses.gaussian_diffusion import NoiseSchedule, hybrid_loss, q_sample, timestep_sampler
+from tus.models.export import read_export_config, save_export, unet_normalization
+from tus.models.weights import CheckpointError, load_weights
 
 
 class DiffusionCheckpointError(ValueError):
@@ -136,10 +138,6 @@ class Float32Ema(ModelEmaV3):
         return {**self.__dict__, "_sr_generator": None}
 
 
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed mixed from integers (NumPy's SeedSequence), e.g. (seed, epoch, batch, rank)."""
-    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
 
 
 class DiffusionModule(L.LightningModule):
@@ -220,49 +218,70 @@ class UNetExport:
 
 
 def save_unet_export(unet: UNet2DModel, export: UNetExport, path: str | Path) -> Path:
-    """Write ``path.safetensors`` (weights) and ``path.json`` (configs); returns the .safetensors path."""
-    path = Path(path)
-    weights = path.with_suffix(".safetensors")
-    if weights.exists():
-        raise FileExistsError(f"{weights}: exists; an export is never overwritten")
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}, str(weights))
-    path.with_suffix(".json").write_text(json.dumps(asdict(export), indent=2))
-    return weights
+    """Write the export folder ``path`` with diffusers' ``save_pretrained`` (``diffusion_pytorch_model.safetensors``
+    + ``config.json``, the tus keys under ``"_tus"``, see :mod:`tus.models.export`); returns the folder."""
+    folder = Path(path)
+    folder = folder.with_suffix("") if folder.suffix == ".safetensors" else folder
+    if folder.exists():
+        raise FileExistsError(f"{folder}: exists; an export is never overwritten")
+    config = {
+        "architecture": {"library": "diffusers", "name": type(unet).__name__},
+        "in_chans": export.unet.in_channels,
+        "image_size": export.unet.sample_size,
+        "normalization": unet_normalization(export.unet.in_channels),
+        **json.loads(json.dumps(asdict(export))),  # unet, process, step as plain JSON types
+    }
+    return save_export(folder, "unet", unet, config)
 
 
 def export_stem(run_dir: str | Path, step: int) -> Path:
-    """Where a run that reached ``step`` keeps its sampling model (``.safetensors`` + ``.json``)."""
+    """The export folder of a run that reached ``step``."""
     return Path(run_dir) / "export" / f"ema_unet_step{step:07d}"
 
 
 def latest_export(run_dir: str | Path) -> Path | None:
-    """The run's export with the most training steps (a resumed run exports again when it ends)."""
-    exports = sorted((Path(run_dir) / "export").glob("ema_unet_step*.safetensors"))
-    return exports[-1] if exports else None
+    """The run's export with the most training steps (a resumed run exports again when it ends): an export folder,
+    or an old ``ema_unet_step*.safetensors`` file."""
+    exports = [p for p in (Path(run_dir) / "export").glob("ema_unet_step*") if p.is_dir() or p.suffix == ".safetensors"]
+    # Zero-padded steps sort as text; at the same step the folder (the current format) wins.
+    return max(exports, key=lambda p: (p.name.removesuffix(".safetensors"), p.is_dir()), default=None)
 
 
 def load_unet_export(path: str | Path) -> tuple[UNet2DModel, UNetExport]:
-    """Read an export written by :func:`save_unet_export` (give the .safetensors or .json path)."""
-    path = Path(path)
-    weights, meta = path.with_suffix(".safetensors"), path.with_suffix(".json")
-    for needed in (weights, meta):
-        if not needed.is_file():
-            raise DiffusionCheckpointError(f"{needed}: missing (an export is a .safetensors file with a .json beside it)")
-    export = from_dict(UNetExport, json.loads(meta.read_text()), where=str(meta))
-    unet = build_unet(export.unet)
-    _load_state(unet, load_file(str(weights)), weights)
+    """Read an export written by :func:`save_unet_export`: its folder, ``config.json`` or weights file, or an old
+    ``NAME.safetensors`` + ``NAME.json``.
+
+    A folder is read by diffusers' ``from_pretrained`` from the local files only and from safetensors only (never a
+    pickle, never the hub); an old export's weights go through :func:`tus.models.weights.load_weights`. An export of
+    another kind (an encoder, a fine-tuned classifier) is refused saying which kind it is.
+    """
+    try:
+        weights, config = read_export_config(path, "unet")
+    except CheckpointError as error:
+        raise DiffusionCheckpointError(str(error)) from error
+    export = from_dict(UNetExport, {k: config[k] for k in ("unet", "process", "step") if k in config}, where=str(path))
+    if config["format_version"] == 0:
+        unet = build_unet(export.unet)
+        _load_state(unet, _read_weights(weights), weights)
+        return unet, export
+    try:
+        unet = UNet2DModel.from_pretrained(
+            str(weights.parent), use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False
+        )
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise DiffusionCheckpointError(f"{weights}: not a loadable diffusers U-Net export ({detail})") from error
     return unet, export
 
 
 def load_ema_from_checkpoint(path: str | Path) -> tuple[UNet2DModel, UNetExport]:
-    """The EMA U-Net of a Lightning checkpoint of :class:`DiffusionModule` (``weights_only`` load)."""
+    """The EMA U-Net of a Lightning checkpoint of :class:`DiffusionModule` (read by ``load_weights``)."""
     path = Path(path)
     if not path.is_file():
         raise DiffusionCheckpointError(f"{path}: checkpoint not found")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    hparams = checkpoint.get("hyper_parameters", {})
-    if "unet" not in hparams or "state_dict" not in checkpoint:
+    checkpoint = _read_weights(path)
+    hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
+    if not isinstance(hparams, dict) or "unet" not in hparams or "state_dict" not in checkpoint:
         raise DiffusionCheckpointError(f"{path}: not a DiffusionModule checkpoint (no 'unet' hyper-parameters)")
     export = UNetExport(
         unet=from_dict(UNetConfig, hparams["unet"], where=f"{path}:unet"),
@@ -276,11 +295,23 @@ def load_ema_from_checkpoint(path: str | Path) -> tuple[UNet2DModel, UNetExport]
     return unet, export
 
 
+def _read_weights(path: Path) -> dict:
+    """A safely loaded weights file (no TorchScript: a U-Net is never one), as DiffusionCheckpointError."""
+    try:
+        loaded = load_weights(path)
+    except CheckpointError as error:
+        raise DiffusionCheckpointError(str(error)) from error
+    if not isinstance(loaded, dict):
+        raise DiffusionCheckpointError(f"{path}: holds a {type(loaded).__name__}, not diffusion weights")
+    return loaded
+
+
 def _load_state(unet: UNet2DModel, state: dict, source: Path) -> None:
     try:
         missing, unexpected = unet.load_state_dict(state, strict=False)
-    except RuntimeError as error:  # tensor shapes differ from the config's
-        raise DiffusionCheckpointError(f"{source}: weights do not fit the U-Net config ({error})") from error
+    except RuntimeError as error:  # tensor shapes differ from the config's; torch lists each on its own line
+        details = "; ".join(line.strip() for line in str(error).splitlines()[1:4] if line.strip()) or str(error)
+        raise DiffusionCheckpointError(f"{source}: weights do not fit the U-Net config ({details})") from error
     if missing or unexpected:
         raise DiffusionCheckpointError(
             f"{source}: weights do not fit the U-Net config (missing: {missing[:5]}, unexpected: {unexpected[:5]})"

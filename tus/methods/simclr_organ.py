@@ -18,16 +18,20 @@ loss/gradient equal those of one process seeing the global batch (see ``nt_xent_
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
 
-import lightning as L
 import torch
 from lightly.models.modules import SimCLRProjectionHead
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from tus.config import to_dict
+from tus.data.pools import PretrainDataConfig
+from tus.data.views import ViewPairTransform
 from tus.losses.contrastive import nt_xent_loss, organ_accuracy, organ_ce_loss
-from tus.models.backbones import BackboneConfig, create_backbone
+from tus.methods.base import PretrainingMethod
+from tus.models.backbones import BackboneConfig, create_backbone, save_encoder
 from tus.optim import LarsConfig, ScheduleConfig, build_lars, scaled_lr, schedule_lambda
 
 
@@ -50,6 +54,9 @@ class PretrainLossConfig:
     organ_weight: float = 0.2
     temperature: float = 0.2
     gather_distributed: bool = True
+    # The organ CE over the two views: "mean" (lambda as written in the paper) or "sum" (the
+    # authors' code adds the two views' losses, doubling lambda's effect).
+    organ_views: Literal["mean", "sum"] = "mean"
 
     def __post_init__(self) -> None:
         if self.contrastive_weight < 0 or self.organ_weight < 0:
@@ -60,13 +67,17 @@ class PretrainLossConfig:
             raise ValueError(f"loss.temperature must be > 0, got {self.temperature}")
 
 
+@dataclass
+class SimCLROrganConfig:
+    """The ``method:`` block of ``method.name: simclr_organ``."""
+
+    model: PretrainModelConfig = field(default_factory=PretrainModelConfig)
+    loss: PretrainLossConfig = field(default_factory=PretrainLossConfig)
+    optimizer: LarsConfig = field(default_factory=LarsConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
 
-
-
-
-
-class PretrainModule(L.LightningModule):
+class SimCLROrgan(PretrainingMethod):
     """f, g, h trained with ``L_con + lambda * L_sup``, LARS and a warmup + decay schedule.
 
     ``batch_size`` is per device; the learning rate is ``optimizer.lr_per_256`` scaled by the
@@ -74,17 +85,11 @@ class PretrainModule(L.LightningModule):
     ``trainer.max_steps`` optimizer steps.
     """
 
-    def __init__(
-        self,
-        model: PretrainModelConfig,
-        loss: PretrainLossConfig,
-        optimizer: LarsConfig,
-        schedule: ScheduleConfig,
-        *,
-        num_organs: int,
-        batch_size: int,
-    ):
+    Config = SimCLROrganConfig
+
+    def __init__(self, config: SimCLROrganConfig, *, num_organs: int, batch_size: int):
         super().__init__()
+        model, loss, optimizer, schedule = config.model, config.loss, config.optimizer, config.schedule
         self.save_hyperparameters({
             "model": to_dict(model),
             "loss": to_dict(loss),
@@ -113,6 +118,14 @@ class PretrainModule(L.LightningModule):
         self.projection_head.requires_grad_(loss.contrastive_weight > 0)
         self.organ_head.requires_grad_(loss.organ_weight > 0)
 
+    @classmethod
+    def train_transform(cls, config: SimCLROrganConfig, data: PretrainDataConfig, seed: int) -> ViewPairTransform:
+        """Two independently augmented views per image (SimCLR)."""
+        return ViewPairTransform(data.views, data.image_size, seed=seed)
+
+    def export_encoder(self, path: Path, extra: dict) -> None:
+        save_encoder(self.encoder, self.model_config.backbone, path, extra=extra)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Encoder features f(x) (what is exported and fine-tuned)."""
         return self.encoder(images)
@@ -132,7 +145,7 @@ class PretrainModule(L.LightningModule):
         with torch.autocast(features.device.type, enabled=False):
             terms = {
                 "loss_con": nt_xent_loss(z1, z2, self.loss_config.temperature, self.loss_config.gather_distributed),
-                "loss_sup": organ_ce_loss(logits, targets),
+                "loss_sup": organ_ce_loss(logits, targets) * (len(views) if self.loss_config.organ_views == "sum" else 1),
             }
         weights = {"loss_con": self.loss_config.contrastive_weight, "loss_sup": self.loss_config.organ_weight}
         total = sum(weights[name] * term for name, term in terms.items() if weights[name] > 0)
@@ -162,9 +175,5 @@ class PretrainModule(L.LightningModule):
         optimizer = build_lars(self, self.optimizer_config, scaled_lr(self.optimizer_config.lr_per_256, self.global_batch_size()))
         scheduler = LambdaLR(optimizer, schedule_lambda(total_steps, self.schedule_config))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
-
-
-
-
 
 

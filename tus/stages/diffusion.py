@@ -5,7 +5,7 @@ a resumed run appends to it),
 ``checkpoints/last.ckpt`` (written every ``data.steps_per_epoch`` steps, with the EMA and the
 step, so ``--resume RUN_DIR`` continues it exactly), ``sample_grids/step_XXXXXXX.png`` (grids
 drawn with the EMA weights, also logged to W&B) and, when training ends,
-``export/ema_unet_stepXXXXXXX.safetensors`` + ``.json``: the EMA U-Net that ``tus sample``
+``export/ema_unet_stepXXXXXXX/`` (a diffusers ``save_pretrained`` folder): the EMA U-Net that ``tus sample``
 reads without Lightning.
 
 Images come from the manifests/folders of ``data.sources`` (labels ignored), resized to
@@ -18,16 +18,14 @@ plain dataloaders mid-epoch).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from tus.callbacks.diffusion import ExportEma, SampleGridCallback, SampleGridConfig
-from tus.config import save_config, to_dict
+from tus.config import ConfigError, to_dict
 from tus.data.pools import DiffusionDataConfig, DiffusionDataModule
 from tus.methods.iddpm import (
     DiffusionModule,
@@ -36,16 +34,8 @@ from tus.methods.iddpm import (
     ProcessConfig,
     UNetConfig,
 )
-from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, last_checkpoint, resolve_run_dir
-from tus.samplers.base import resolve_steps
-
-# Lightning's "ddp" strategy re-runs the command in each worker process; they find the run
-# directory the launching process created here instead of each making a new one.
-RUN_DIR_ENV = "TUS_DIFFUSION_RUN_DIR"
-
-
-
-
+from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, finish_loggers, last_checkpoint, open_run, write_json_atomic
+from tus.samplers import resolve_steps
 
 
 def _default_trainer() -> TrainerConfig:
@@ -79,47 +69,26 @@ class DiffusionConfig:
 
 
 
-def latest_run_config(run_dir: str | Path) -> Path:
-    """The config the run last ran with: its highest ``config.resumeN.yaml``, else ``config.yaml``."""
-    run_dir = Path(run_dir)
-    resumes = sorted(run_dir.glob("config.resume*.yaml"), key=lambda p: int(p.stem.removeprefix("config.resume")))
-    return resumes[-1] if resumes else run_dir / "config.yaml"
+def run_diffusion(config: DiffusionConfig, run_dir: str | Path | None = None, *, allow_config_change: bool = False, create: bool = False) -> Path:
+    """Train (or, given a ``run_dir`` with a checkpoint, resume) and export the EMA U-Net; returns the run dir.
 
-
-def _save_run_config(config: DiffusionConfig, run_dir: Path) -> None:
-    """``config.yaml`` for a new run; resume N adds ``config.resumeN.yaml`` (what it ran with)."""
-    path = run_dir / "config.yaml"
-    attempt = 0
-    while path.exists():
-        attempt += 1
-        path = run_dir / f"config.resume{attempt}.yaml"
-    save_config(config, path)
-
-
-def run_diffusion(config: DiffusionConfig, run_dir: str | Path | None = None) -> Path:
-    """Train (or, given a ``run_dir`` with a checkpoint, resume) and export the EMA U-Net; returns the run dir."""
+    A resume must run the saved config (see :func:`tus.runs.open_run`); extending a run's
+    ``trainer.max_steps`` is a config change that ``allow_config_change`` records.
+    """
     if config.trainer.max_steps <= 0:
-        raise ValueError("trainer.max_steps must be > 0: diffusion training is bounded by steps")
+        raise ConfigError("trainer.max_steps must be > 0: diffusion training is bounded by steps")
     if config.samples.every_n_steps > 0:
         resolve_steps(config.samples.sampler, config.samples.steps, config.process.num_timesteps)
-    run_dir = resolve_run_dir(config.output_root, config.name, run_dir, RUN_DIR_ENV)
-    checkpoint = last_checkpoint(run_dir)
-    if rank_zero_only.rank == 0:
-        _save_run_config(config, run_dir)
-    L.seed_everything(config.seed, workers=True)
-    module = DiffusionModule(config.unet, config.process, config.optim, config.ema, seed=config.seed, hflip=config.data.hflip)
     data = DiffusionDataModule(config.data, seed=config.seed)
-    loggers = build_loggers(run_dir, config.logging, name=run_dir.name, config=to_dict(config), tags=["diffusion"])
-    callbacks = [SampleGridCallback(config.samples, run_dir / "sample_grids"), ExportEma(config.unet, config.process, run_dir)]
-    trainer = build_trainer(
-        config.trainer, run_dir, loggers=loggers, callbacks=callbacks, checkpoint_every_n_steps=config.data.steps_per_epoch
-    )
-    os.environ[RUN_DIR_ENV] = str(run_dir)
-    try:
+    with open_run(config, output_root=config.output_root, name=config.name, resume=run_dir, allow_config_change=allow_config_change, create=create) as run_dir:
+        if rank_zero_only.rank == 0:
+            write_json_atomic(run_dir / "pool.json", data.pool_report())
+        checkpoint = last_checkpoint(run_dir)
+        L.seed_everything(config.seed, workers=True)
+        module = DiffusionModule(config.unet, config.process, config.optim, config.ema, seed=config.seed, hflip=config.data.hflip)
+        loggers = build_loggers(run_dir, config.logging, name=run_dir.name, config=to_dict(config), tags=["diffusion"])
+        callbacks = [SampleGridCallback(config.samples, run_dir / "sample_grids"), ExportEma(config.unet, config.process, run_dir)]
+        trainer = build_trainer(config.trainer, run_dir, loggers=loggers, callbacks=callbacks, checkpoint_every_n_steps=config.data.steps_per_epoch)
         trainer.fit(module, datamodule=data, ckpt_path=str(checkpoint) if checkpoint else None)
-    finally:
-        os.environ.pop(RUN_DIR_ENV, None)
-    for logger in loggers:
-        if isinstance(logger, WandbLogger):
-            logger.experiment.finish()
+        finish_loggers(loggers)
     return run_dir

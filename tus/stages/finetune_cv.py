@@ -3,42 +3,45 @@
 ``run_cv`` writes one run directory::
 
     config.yaml         the resolved config (a resumed run must match it)
-    folds.csv           sample_id, path, patient_id, label, fold
+    folds.csv           sample_id, path, patient_id, label, fold, content_hash
     runs/fold<F>-seed<S>/   metrics.csv, checkpoints/ (while running), model.safetensors,
                             predictions.csv, losses.csv, metrics.json (written last = done)
     runs.csv            one row per fold x seed with every test metric
     summary.json / summary.md   mean +- std per metric and the non-informative baselines
 
 Re-running on the same directory skips runs whose ``metrics.json`` exists and resumes an
-unfinished run from its ``last.ckpt``.
+unfinished run from its ``last.ckpt`` (written at every epoch end); the training stream of
+an epoch is seeded by (seed, epoch), so a resumed run trains exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
-from tqdm.auto import tqdm
 
 from tus.callbacks.gradcam import GradCAMConfig, GradCAMPlusPlusLogger
 from tus.callbacks.loss_recorder import PerSampleLossRecorder
-from tus.config import save_config, to_dict, write_text_atomic
+from tus.callbacks.progress import stage_progress
+from tus.config import ConfigError, to_dict, write_text_atomic
 from tus.data.datamodules import LabeledDataConfig, LabeledDataModule
 from tus.data.folds import assign_folds, fold_table
+from tus.data.images import content_hash
 from tus.data.manifest import load_manifest
+from tus.data.seeding import derive_seed
 from tus.eval.cv_summary import collect_runs, write_summary
 from tus.methods.classifier import METRIC_NAMES, FineTuneModule, FineTuneOptimConfig, save_finetuned
 from tus.models.backbones import BackboneConfig
-from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, last_checkpoint, new_run_dir
+from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, last_checkpoint, open_run
 
 
 @dataclass
@@ -64,73 +67,122 @@ class FineTuneCVConfig:
 
 
 class ResumeMismatchError(ValueError):
-    """A run directory was resumed with a different config or fold table."""
+    """A run directory was resumed with a different fold table (another manifest)."""
 
 
-# Extra callbacks per run, given (config, run_info, run_dir); the CLI adds stage callbacks here.
+# Extra callbacks per run, given (config, run_info, run_dir); the stage's own come from the config.
 CallbackFactory = Callable[[FineTuneCVConfig, dict, Path], list[Callback]]
 
 
-def prepare_run_dir(config: FineTuneCVConfig, run_dir: str | Path | None) -> Path:
-    """A new run dir, or the given one after checking it was made by the same config."""
-    if run_dir is None:
-        run_dir = new_run_dir(config.output_root, config.name)
-        save_config(config, run_dir / "config.yaml")
-        return run_dir
-    run_dir = Path(run_dir)
-    saved = run_dir / "config.yaml"
-    if saved.exists():
-        previous = yaml.safe_load(saved.read_text())
-        if previous != to_dict(config):
-            changed = sorted(_diff_keys(previous, to_dict(config)))
-            raise ResumeMismatchError(f"{run_dir}: config differs from the one it was started with ({', '.join(changed[:5])}); start a new run dir instead")
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, saved)
-    return run_dir
-
-
-def _diff_keys(a, b, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        keys = []
-        for key in set(a) | set(b):
-            keys += _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")
-        return keys
-    return [] if a == b else [prefix.rstrip(".")]
-
-
 def write_or_check_folds(run_dir: Path, frame: pd.DataFrame, folds: np.ndarray) -> None:
-    table = fold_table(frame, folds)
+    """Write ``folds.csv`` (with each image file's ``content_hash``), or, resuming, check that the
+    manifest still gives the same table: the same images in the same folds with the same labels
+    and file contents. A change is refused naming it (sample ids, and whether fold, label or
+    content changed): finished folds were trained on the old data."""
+    table = fold_table(frame, folds).assign(content_hash=[content_hash(p) for p in frame["abs_path"]])
+    table["sample_id"] = table["sample_id"].astype(str)
     path = run_dir / "folds.csv"
-    if path.exists():
-        previous = pd.read_csv(path, dtype={"sample_id": str, "patient_id": str, "path": str})
-        if previous[["sample_id", "fold"]].astype(str).values.tolist() != table[["sample_id", "fold"]].astype(str).values.tolist():
-            raise ResumeMismatchError(f"{path}: the fold table changed since this run dir was started (different manifest?)")
+    if not path.exists():
+        write_text_atomic(path, table.to_csv(index=False))
         return
-    write_text_atomic(path, table.to_csv(index=False))
+    previous = pd.read_csv(path, dtype={"sample_id": str, "patient_id": str, "path": str, "content_hash": str})
+    hint = "resume with the manifest this run was started with, or start a new run"
+    removed = sorted(set(previous["sample_id"]) - set(table["sample_id"]))
+    added = sorted(set(table["sample_id"]) - set(previous["sample_id"]))
+    if removed or added:
+        changes = [f"{what} {_some(ids)}" for what, ids in (("removed", removed), ("added", added)) if ids]
+        raise ResumeMismatchError(f"{path}: the manifest's images changed since this run dir was started ({'; '.join(changes)}); {hint}")
+    previous = previous.set_index("sample_id").loc[table["sample_id"]]
+    changes = []
+    # Run dirs from before content hashes were recorded are checked on folds and labels only.
+    for column, what in (("fold", "fold"), ("label", "label"), ("content_hash", "image content")):
+        if column in previous.columns:
+            differs = previous[column].astype(str).to_numpy() != table[column].astype(str).to_numpy()
+            if differs.any():
+                changes.append(f"{what} of {_some(table.loc[differs, 'sample_id'].tolist())}")
+    if changes:
+        raise ResumeMismatchError(f"{path}: the manifest changed since this run dir was started ({'; '.join(changes)}); {hint}")
+
+
+def _some(ids: list[str], shown: int = 5) -> str:
+    """``ids`` for a message: the first few, and how many in all."""
+    more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
+    return f"{len(ids)} image(s): {', '.join(ids[:shown])}{more}"
 
 
 def run_cv(
     config: FineTuneCVConfig,
     run_dir: str | Path | None = None,
     callback_factory: CallbackFactory | None = None,
+    *,
+    allow_config_change: bool = False,
+    create: bool = False,
 ) -> Path:
-    """Run every fold x seed (skipping finished ones) and write the summary; return run dir."""
+    """Run every fold x seed (skipping finished ones) and write the summary; return run dir.
+
+    ``run_dir`` resumes that run (its config must match, see :func:`tus.runs.open_run`), or,
+    with ``create`` and no run there yet, is where a new run goes (studies use fixed folders).
+    The callbacks each run gets come from the config (:func:`finetune_callbacks`), plus those
+    of ``callback_factory``.
+    """
+    if not config.seeds:
+        raise ConfigError("seeds: give at least one seed")
+    if len(set(config.seeds)) != len(config.seeds):
+        raise ConfigError(f"seeds: {config.seeds} repeats a seed (each fold x seed run must be distinct)")
     frame = load_manifest(config.data.manifest, require_labels=True, num_folds=config.data.num_folds)
-    run_dir = prepare_run_dir(config, run_dir)
     folds = assign_folds(frame, config.data.num_folds, config.data.fold_seed)
-    write_or_check_folds(run_dir, frame, folds)
-    jobs = [(fold, seed) for seed in config.seeds for fold in range(config.data.num_folds)]
-    progress = tqdm(jobs, desc=f"{config.name}: folds x seeds", unit="run")
-    for fold, seed in progress:
-        progress.set_postfix(fold=fold, seed=seed)
-        sub = run_dir / "runs" / f"fold{fold}-seed{seed}"
-        if (sub / "metrics.json").exists():
-            continue
-        run_single(config, frame, folds, fold, seed, sub, callback_factory)
-    runs = collect_runs(run_dir)
-    write_summary(run_dir, runs, frame, config)
+    with open_run(config, output_root=config.output_root, name=config.name, resume=run_dir, allow_config_change=allow_config_change, create=create) as run_dir:
+        write_or_check_folds(run_dir, frame, folds)
+        jobs = [(fold, seed) for seed in config.seeds for fold in range(config.data.num_folds)]
+        todo = [(fold, seed) for fold, seed in jobs if not (run_dir / "runs" / f"fold{fold}-seed{seed}" / "metrics.json").exists()]
+        # One bar over every remaining epoch of every fold x seed: the ETA is the whole CV's.
+        with stage_progress(len(todo) * max(config.trainer.max_epochs or 1, 1), desc=f"{config.name}: {len(todo)} of {len(jobs)} folds x seeds", enabled=config.trainer.enable_progress_bar is not False):
+            for fold, seed in todo:
+                run_single(config, frame, folds, fold, seed, run_dir / "runs" / f"fold{fold}-seed{seed}", _with_stage_callbacks(callback_factory))
+        runs = collect_runs(run_dir)
+        write_summary(run_dir, runs, frame, config)
     return run_dir
+
+
+def _with_stage_callbacks(extra: CallbackFactory | None) -> CallbackFactory:
+    def factory(config: FineTuneCVConfig, run_info: dict, run_dir: Path) -> list[Callback]:
+        return [*finetune_callbacks(config, run_info, run_dir), *(extra(config, run_info, run_dir) if extra else [])]
+
+    return factory
+
+
+class _EpochSeededStream(Callback):
+    """Make an epoch's training stream a function of (seed, epoch), so a run resumed from an
+    epoch-end ``last.ckpt`` draws the samples and augmentations of the uninterrupted run.
+
+    Epoch 0 runs on the streams as seeded at the start; epoch ``e`` > 0 on the sampler's (and
+    loader's: one object) generator, the augmentation and torch's global generator reseeded from
+    (seed, e). Lightning makes an epoch's iterator (and prefetches its first batch) after
+    ``on_train_epoch_end`` of the epoch before, but for the first epoch of a resumed fit before any
+    epoch hook: so the reseed happens at the previous epoch's end, and when a checkpoint is loaded.
+    Exact with ``num_workers: 0``; persistent workers keep the streams they started with.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loader = trainer.train_dataloader
+        self._reseed(trainer.current_epoch + 1, loader.generator, getattr(loader.dataset, "transform", None))
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # Fine-tuning checkpoints are written at epoch ends: the resumed fit starts the next epoch.
+        datamodule = trainer.datamodule
+        datamodule.setup("fit")
+        self._reseed(checkpoint["epoch"] + 1, datamodule._sampler.generator, datamodule.train_set.transform)
+
+    def _reseed(self, epoch: int, generator: torch.Generator | None, transform: object) -> None:
+        seed = derive_seed(self.seed, epoch) % (2**32)
+        torch.manual_seed(seed)
+        if generator is not None:
+            generator.manual_seed(seed)
+        if hasattr(transform, "reseed"):
+            transform.reseed(seed)
 
 
 def run_single(
@@ -142,14 +194,18 @@ def run_single(
     run_dir: Path,
     callback_factory: CallbackFactory | None = None,
 ) -> dict:
-    """Train on all folds but ``fold``, test on it; write metrics.json last (= finished)."""
+    """Train on all folds but ``fold``, test on it; write metrics.json last (= finished).
+
+    A ``last.ckpt`` left in ``run_dir/checkpoints`` by a killed attempt is resumed from; the
+    checkpoints are deleted once the run is finished (``model.safetensors`` stays).
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(seed, workers=True)
     inner = config.selection == "inner_val"
     datamodule = LabeledDataModule(config.data, frame, folds, fold, seed, inner_validation=inner)
     module = FineTuneModule(config.model, config.optim)
     run_info = {"fold": fold, "seed": seed, "init": config.init_label or config.model.init}
-    callbacks = list(callback_factory(config, run_info, run_dir)) if callback_factory else []
+    callbacks = [_EpochSeededStream(seed), *(callback_factory(config, run_info, run_dir) if callback_factory else [])]
     selector = None
     if inner:
         selector = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="best", monitor=config.selection_metric, mode="min" if config.selection_metric.endswith("loss") else "max", save_top_k=1)
@@ -170,7 +226,7 @@ def run_single(
     metrics = {name: float(results[f"test/{name}"]) for name in METRIC_NAMES}
     if trainer.is_global_zero:
         predict(module, datamodule.test_dataloader()).to_csv(run_dir / "predictions.csv", index=False)
-        save_finetuned(module, run_dir / "model")
+        save_finetuned(module, run_dir / "model", image_size=config.data.image_size)
         _drop_training_state(run_dir)
         record = {**run_info, **metrics, "epochs": trainer.current_epoch, "selection": config.selection}
         write_text_atomic(run_dir / "metrics.json", json.dumps(record, indent=2))

@@ -8,7 +8,7 @@ One run directory per run::
     metrics.csv               losses, organ accuracy, learning rates, probe accuracies
     checkpoints/last.ckpt     resume point (model, optimiser, scheduler, step)
     wandb_id.txt, wandb/      the W&B run (offline unless WANDB_MODE says otherwise)
-    encoder.safetensors/.json the encoder f, for ``tus finetune-cv model.init=tus model.weights=...``
+    encoder/                  the encoder f (model.safetensors + config.json), for ``--model.weights=<run>/encoder``
     summary.json              steps done, last losses, the probe history
 
 The budget is ``trainer.max_steps`` optimizer steps, not epochs, so pools of different sizes
@@ -18,40 +18,39 @@ from its last checkpoint with the same W&B run.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import lightning as L
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 
-from tus.callbacks.probes import OrganProbe
-from tus.config import save_config, to_dict
+from tus.callbacks.probes import DownstreamProbe, OrganProbe
+from tus.config import ConfigError, to_dict
 from tus.data.pools import PretrainDataConfig, PretrainDataModule
-from tus.methods.simclr_organ import PretrainLossConfig, PretrainModelConfig, PretrainModule
-from tus.models.backbones import save_encoder
-from tus.optim import LarsConfig, ScheduleConfig
-from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, last_checkpoint, resolve_run_dir
-
-# Lightning's "ddp" strategy relaunches this command for ranks 1..N-1; they read the run
-# directory rank 0 created from here instead of creating their own.
-RUN_DIR_ENV = "TUS_PRETRAIN_RUN_DIR"
-
-
+from tus.methods import method_options, resolved_method_block
+from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, finish_loggers, last_checkpoint, open_run, write_json_atomic
 
 
 @dataclass
 class MonitorConfig:
-    """The held-out organ probe: ``holdout_per_organ`` images per organ never trained on."""
+    """The held-out organ probe: ``holdout_per_organ`` images per organ never trained on.
+
+    ``downstream_manifest``: a labelled (binary) manifest probed every ``downstream_every_n_steps``
+    steps with a ``downstream_classifier`` (knn or logistic) on patient-grouped folds
+    (:class:`tus.callbacks.probes.DownstreamProbe`); logs ``probe/downstream_auroc``.
+    """
 
     every_n_steps: int = 100
     holdout_per_organ: int = 64
     bank_per_organ: int = 256
     knn_k: int = 20
     batch_size: int = 256
+    downstream_manifest: str | None = None
+    downstream_every_n_steps: int = 100
+    downstream_classifier: Literal["knn", "logistic"] = "knn"
+    downstream_num_folds: int = 3
 
 
 @dataclass
@@ -64,14 +63,15 @@ class PretrainConfig:
     # conversion needs GPUs; it is skipped in a single process).
     sync_batchnorm: bool = False
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
-    model: PretrainModelConfig = field(default_factory=PretrainModelConfig)
-    loss: PretrainLossConfig = field(default_factory=PretrainLossConfig)
-    optimizer: LarsConfig = field(default_factory=LarsConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    # The pretraining method: ``name`` (a registry name such as simclr_organ or mae, or an
+    # importable class path) plus that method's own options (see tus.methods).
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "simclr_organ"})
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(max_epochs=-1, max_steps=1000))
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
+    def __post_init__(self) -> None:
+        self.method = resolved_method_block(self.method)
 
 
 
@@ -81,58 +81,55 @@ class PretrainConfig:
 
 
 
-def run_pretraining(config: PretrainConfig, run_dir: str | Path | None = None) -> Path:
-    """Pretrain, export ``encoder.safetensors`` and return the run directory."""
+
+def run_pretraining(config: PretrainConfig, run_dir: str | Path | None = None, *, allow_config_change: bool = False, create: bool = False) -> Path:
+    """Pretrain with ``config.method``, export the encoder and return the run directory.
+
+    ``run_dir`` resumes that run from its last checkpoint (same config, see
+    :func:`tus.runs.open_run`), or with ``create`` is where a new run goes (a study's layout).
+    Data and method are checked before any run dir is made.
+    """
     if not config.data.sources:
-        raise ValueError("data.sources is empty: give at least one manifest or folder of images")
+        raise ConfigError("data.sources is empty: give at least one manifest or folder of images")
     if config.trainer.max_steps <= 0:
-        raise ValueError("trainer.max_steps must be > 0: pretraining runs a fixed number of steps")
+        raise ConfigError("trainer.max_steps must be > 0: pretraining runs a fixed number of steps")
+    method_cls, method = method_options(config.method)
     L.seed_everything(config.seed, workers=False)
-    run_dir = resolve_run_dir(config.output_root, config.name, run_dir, RUN_DIR_ENV)
-    is_rank_zero = rank_zero_only.rank == 0
-
-    datamodule = PretrainDataModule(config.data, seed=config.seed, holdout_per_organ=config.monitor.holdout_per_organ)
-    datamodule.prepare_frames()
-    if config.loss.organ_weight > 0 and not datamodule.organ_classes:
-        raise ValueError("loss.organ_weight > 0 but no image has an organ: add an 'organ' column, set the source's organ, or use loss.organ_weight=0")
-    report = datamodule.pool_report()
-    if is_rank_zero:
-        save_config(config, run_dir / "config.yaml")
-        (run_dir / "pool.json").write_text(json.dumps(report, indent=2))
-        print(f"pretraining pool: {report['images_per_organ']} images per organ; expected draw share {report['draw_share_per_organ']}; held out {report['heldout_per_organ']}")
-
-    module = PretrainModule(
-        config.model,
-        config.loss,
-        config.optimizer,
-        config.schedule,
-        num_organs=len(datamodule.organ_classes),
-        batch_size=config.data.batch_size,
+    datamodule = PretrainDataModule(
+        config.data,
+        seed=config.seed,
+        holdout_per_organ=config.monitor.holdout_per_organ,
+        transform=method_cls.train_transform(method, config.data, config.seed),
     )
-    callbacks = []
-    probe = None
-    if config.monitor.every_n_steps > 0 and len(datamodule.heldout):
-        bank, heldout = datamodule.probe_datasets(config.monitor.bank_per_organ)
-        probe = OrganProbe(bank, heldout, every_n_steps=config.monitor.every_n_steps, k=config.monitor.knn_k, batch_size=config.monitor.batch_size)
-        callbacks.append(probe)
-    loggers = build_loggers(run_dir, config.logging, name=config.name, config={**to_dict(config), "pool": report}, tags=["pretrain"])
-    trainer = build_trainer(config.trainer, run_dir, loggers=loggers, callbacks=callbacks, checkpoint_every_n_steps=config.checkpoint_every_n_steps)
-    if config.sync_batchnorm and trainer.world_size > 1:
-        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    os.environ[RUN_DIR_ENV] = str(run_dir)
-    try:
+    datamodule.prepare_frames()
+    if getattr(getattr(method, "loss", None), "organ_weight", 0) > 0 and not datamodule.organ_classes:
+        raise ConfigError("method.loss.organ_weight > 0 but no image has an organ: add an 'organ' column, set the source's organ, or use --method.loss.organ_weight=0")
+    report = datamodule.pool_report()
+    with open_run(config, output_root=config.output_root, name=config.name, resume=run_dir, allow_config_change=allow_config_change, create=create) as run_dir:
+        if rank_zero_only.rank == 0:
+            write_json_atomic(run_dir / "pool.json", report)
+            print(f"pretraining pool: {report['images_per_organ']} images per organ; expected draw share {report['draw_share_per_organ']}; held out {report['heldout_per_organ']}")
+        module = method_cls(method, num_organs=len(datamodule.organ_classes), batch_size=config.data.batch_size)
+        callbacks = []
+        probe = None
+        if config.monitor.every_n_steps > 0 and len(datamodule.heldout):
+            bank, heldout = datamodule.probe_datasets(config.monitor.bank_per_organ)
+            probe = OrganProbe(bank, heldout, every_n_steps=config.monitor.every_n_steps, k=config.monitor.knn_k, batch_size=config.monitor.batch_size)
+            callbacks.append(probe)
+        downstream = None
+        if config.monitor.downstream_manifest:
+            downstream = DownstreamProbe(config.monitor.downstream_manifest, every_n_steps=config.monitor.downstream_every_n_steps, image_size=config.data.image_size, classifier=config.monitor.downstream_classifier, k=config.monitor.knn_k, num_folds=config.monitor.downstream_num_folds, seed=config.seed, batch_size=config.monitor.batch_size)
+            callbacks.append(downstream)
+        loggers = build_loggers(run_dir, config.logging, name=config.name, config={**to_dict(config), "pool": report}, tags=["pretrain", method_cls.__name__])
+        trainer = build_trainer(config.trainer, run_dir, loggers=loggers, callbacks=callbacks, checkpoint_every_n_steps=config.checkpoint_every_n_steps)
+        if config.sync_batchnorm and trainer.world_size > 1:
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
         trainer.fit(module, datamodule=datamodule, ckpt_path=last_checkpoint(run_dir))
-    finally:
-        os.environ.pop(RUN_DIR_ENV, None)
-    for logger in loggers:
-        if isinstance(logger, WandbLogger):
-            logger.experiment.finish()
-    if trainer.is_global_zero:
-        export = {"organ_classes": list(datamodule.organ_classes), "steps": trainer.global_step, "image_size": config.data.image_size, "pretrain_run": run_dir.name}
-        save_encoder(module.encoder, config.model.backbone, run_dir / "encoder", extra=export)
-        last = {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("train/")}
-        summary = {"steps": trainer.global_step, "last": last, "probe": probe.history if probe else []}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        finish_loggers(loggers)
+        if trainer.is_global_zero:
+            export = {"organ_classes": list(datamodule.organ_classes), "steps": trainer.global_step, "image_size": config.data.image_size, "pretrain_run": run_dir.name, "method": config.method["name"]}
+            module.export_encoder(run_dir / "encoder", export)
+            last = {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("train/")}
+            summary = {"steps": trainer.global_step, "last": last, "probe": probe.history if probe else [], "downstream_probe": downstream.history if downstream else []}
+            write_json_atomic(run_dir / "summary.json", summary)
     return run_dir
-
-

@@ -22,24 +22,20 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from diffusers import UNet2DModel
 from tqdm import tqdm
 
-from tus.data.images import write_grayscale
-from tus.methods.iddpm import (
-    DiffusionCheckpointError,
-    UNetExport,
-    derive_seed,
-    latest_export,
-    load_ema_from_checkpoint,
-    load_unet_export,
-)
+from tus.data.images import UsageError, write_grayscale
+from tus.data.seeding import derive_seed
+from tus.methods.iddpm import DiffusionCheckpointError, UNetExport, latest_export, load_ema_from_checkpoint, load_unet_export
+from tus.models.export import CONFIG_FILE, read_export_config
 from tus.runs import last_checkpoint
-from tus.samplers.base import resolve_steps, sample_images, to_uint8
+from tus.samplers import resolve_steps, sample_images
+from tus.samplers.base import to_uint8
 
 SETTINGS_FILE = "sampling.json"
 MANIFEST_FILE = "manifest.csv"
@@ -47,20 +43,31 @@ MANIFEST_COLUMNS = ("index", "seed", "sampler", "steps", "path", "sample_id")
 
 
 def load_sampling_model(path: str | Path) -> tuple[UNet2DModel, UNetExport, Path]:
-    """The EMA U-Net from an export (.safetensors/.json), a Lightning .ckpt, or a run directory.
+    """The EMA U-Net from an export (its folder, config.json or weights; an old .safetensors/.json), a Lightning
+    .ckpt, or a run directory.
 
     A run directory uses its latest export when training finished, else ``checkpoints/last.ckpt``.
     Returns (unet in eval mode, its configs, the weights file actually read).
     """
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not (path / CONFIG_FILE).is_file():
         source = latest_export(path) or last_checkpoint(path)
         if source is None:
-            raise DiffusionCheckpointError(f"{path}: neither export/ema_unet_step*.safetensors nor checkpoints/last.ckpt found")
+            raise DiffusionCheckpointError(f"{path}: neither an export in export/ema_unet_step* nor checkpoints/last.ckpt found")
+    elif not path.exists():
+        raise DiffusionCheckpointError(f"{path}: --checkpoint not found")
+    elif path.is_file() and path.suffix not in (".ckpt", ".safetensors", ".json"):
+        raise DiffusionCheckpointError(
+            f"{path}: --checkpoint must be an export (a folder, or .safetensors + .json), a Lightning .ckpt or a diffusion run folder"
+        )
     else:
         source = path
-    unet, config = load_ema_from_checkpoint(source) if source.suffix == ".ckpt" else load_unet_export(source)
-    return unet.eval(), config, source.with_suffix(".safetensors") if source.suffix == ".json" else source
+    if source.suffix == ".ckpt":
+        unet, config = load_ema_from_checkpoint(source)
+        return unet.eval(), config, source
+    unet, config = load_unet_export(source)
+    weights, _ = read_export_config(source)
+    return unet.eval(), config, weights
 
 
 
@@ -144,7 +151,7 @@ def generate(
 ) -> Path:
     """Make sure ``out_dir`` holds images 0..n-1; returns the manifest path."""
     if n < 1 or batch_size < 1:
-        raise ValueError(f"--n and --batch-size must be >= 1, got {n} and {batch_size}")
+        raise UsageError(f"--n and --batch-size must be >= 1, got --n {n} and --batch-size {batch_size}")
     unet, export, source = load_sampling_model(checkpoint)
     schedule = export.process.schedule()
     steps = resolve_steps(sampler, steps, schedule.num_timesteps)

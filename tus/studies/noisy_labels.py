@@ -1,19 +1,26 @@
-"""The noisy-label protocol as a study: CV runs recording per-sample losses, flag suspicious
-labels, then re-run CV on the filtered and the flipped manifests (TesticulUS Tab. 1)."""
+"""The noisy-label study type: CV runs recording per-sample losses flag suspicious labels,
+then a study's arms fine-tune on the filtered or flipped manifests (TesticulUS Tab. 1); run by
+:func:`tus.studies.runner.run_study` for a study with a ``noisy_labels:`` block.
+
+``protocol: reference`` filters/flips the flagged samples everywhere, test folds included, as
+the paper does: a test label can be changed by a rule that saw its loss, so those rows are
+optimistic. ``protocol: fold_safe`` changes the training folds only: for each test fold k it
+writes ``fold_safe/fold<k>.csv`` (fold k as it was, the other folds filtered or flipped, the
+flagging CVs' folds in a ``fold`` column) and trains run (k, seed) on it.
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
+import numpy as np
 import pandas as pd
 import yaml
 
-from tus.config import ConfigError, apply_overrides, deep_merge, from_dict, load_yaml, to_dict
-from tus.eval.noisy_labels import HISTOGRAM_MIN_EXCEED, PAPER_TABLE1, VARIANTS, FlaggingRule, LossTableError, find_loss_tables, format_report, read_losses, write_report
+from tus.config import save_config
+from tus.eval.noisy_labels import FlaggingRule, LossTableError, find_loss_tables, format_report, read_losses, write_report
 
 
 def training_manifest(run_dirs: list[str | Path]) -> Path:
@@ -30,146 +37,97 @@ def training_manifest(run_dirs: list[str | Path]) -> Path:
     return Path(manifests.pop())
 
 
-@dataclass
-class NoisyLabelsProtocol:
-    """The ``noisy_labels:`` section of a protocol config; the rest is a fine-tuning config.
-
-    ``inits`` maps a name to the fine-tuning options that make that initialisation, as a
-    nested mapping or with dotted keys, e.g. ``{imagenet: {model.init: timm}, uscl:
-    {model: {init: uscl, weights: PATH}}}``. ``evaluation`` holds options applied to the
-    three final fine-tuning CVs only.
-    """
-
-    inits: dict[str, dict] = field(default_factory=lambda: {"imagenet": {"model": {"init": "timm"}}})
-    threshold: float = 1.0
-    min_exceed: int = 3
-    min_fraction: float = 1.0
-    histogram_min_exceed: list[int] = field(default_factory=lambda: list(HISTOGRAM_MIN_EXCEED))
-    variants: list[Literal["complete", "filtered", "flipped"]] = field(default_factory=lambda: list(VARIANTS))
-    evaluation: dict = field(default_factory=dict)
 
 
-def expand_dotted(options: dict) -> dict:
-    """``{"model.init": "timm"}`` -> ``{"model": {"init": "timm"}}`` (nested keys also expanded)."""
-    expanded: dict = {}
-    for key, value in options.items():
-        value = expand_dotted(value) if isinstance(value, dict) else value
-        for part in reversed(str(key).split(".")):
-            value = {part: value}
-        expanded = deep_merge(expanded, value)
-    return expanded
 
 
-def load_protocol(path: str | Path, overrides: list[str] = ()) -> tuple[dict, NoisyLabelsProtocol]:
-    """(fine-tuning config mapping, protocol) from a protocol YAML plus ``key=value`` overrides."""
-    from tus.stages.finetune_cv import FineTuneCVConfig
-
-    data = apply_overrides(load_yaml(path), list(overrides))
-    protocol = from_dict(NoisyLabelsProtocol, data.pop("noisy_labels", None), "noisy_labels")
-    if not protocol.inits:
-        raise ConfigError("noisy_labels.inits: give at least one initialisation")
-    from_dict(FineTuneCVConfig, data)  # fail now, not after hours of training
-    for name, options in {**protocol.inits, "evaluation": protocol.evaluation}.items():
-        where = f"noisy_labels.inits.{name}" if name in protocol.inits else "noisy_labels.evaluation"
-        if not isinstance(options, dict):
-            raise ConfigError(f"{where}: expected a mapping of fine-tuning options, got {options!r}")
-        try:
-            from_dict(FineTuneCVConfig, deep_merge(data, expand_dotted(options)))
-        except ConfigError as error:
-            raise ConfigError(f"{where}: {error}") from error
-    return data, protocol
 
 
-def run_protocol(finetune: dict, protocol: NoisyLabelsProtocol, out_dir: str | Path | None = None) -> Path:
-    """Flagging CVs, flagging, complete/filtered/flipped CVs and Tab. 1; resumable in ``out_dir``."""
+
+
+FLAGGING_DIR = "_flagging"
+FLAGS_DIR = "flags"
+
+
+def flag_labels(configs: dict, flagging_root: Path, flags_dir: Path, rule: FlaggingRule, histogram_min_exceed: list[int]) -> Path:
+    """Run (or resume) one flagging CV per initialisation, then write the flags: ``report.json``,
+    ``flagged.csv``, ``manifest_filtered.csv``, ``manifest_flipped.csv`` and the figures.
+
+    Finished flags are the product: once ``flags/report.json`` exists they are reused as they
+    are (delete the folder to flag again), so the arms of a study always see the same flags."""
     from tus.models.backbones import create_backbone
-    from tus.runs import new_run_dir
-    from tus.stages.finetune_cv import FineTuneCVConfig, finetune_callbacks, run_cv
+    from tus.stages.finetune_cv import run_cv
 
-    base = from_dict(FineTuneCVConfig, finetune)
-    out_dir = Path(out_dir) if out_dir else new_run_dir(base.output_root, base.name)
-    _save_or_check(out_dir / "protocol.yaml", {**finetune, "noisy_labels": to_dict(protocol)})
-
-    flagging = {}
-    for name, options in protocol.inits.items():
-        options = deep_merge(expand_dotted(options), {"name": f"{base.name}-flag-{name}", "init_label": name, "record_losses": True})
-        flagging[name] = from_dict(FineTuneCVConfig, deep_merge(finetune, options))
-        create_backbone(flagging[name].model)  # a missing weights file fails now, not after the first init's runs
-    flag_dirs = [run_cv(config, out_dir / "flagging" / name, callback_factory=finetune_callbacks) for name, config in flagging.items()]
-
-    flags_dir = out_dir / "flags"
+    if (flags_dir / "report.json").is_file():
+        return flags_dir
+    for config in configs.values():
+        create_backbone(config.model)  # a missing weights file fails now, not after the first init's runs
+    run_dirs = [run_cv(config, flagging_root / name, create=True) for name, config in configs.items()]
     if not (flags_dir / "report.json").is_file():
-        partial = out_dir / "flags.partial"
+        partial = flags_dir.with_name(flags_dir.name + ".partial")
         if partial.exists():  # an interrupted earlier attempt of this same step
             shutil.rmtree(partial)
-        rule = FlaggingRule(protocol.threshold, protocol.min_exceed, protocol.min_fraction)
-        write_report(read_losses(find_loss_tables(flag_dirs)), base.data.manifest, rule, partial, protocol.histogram_min_exceed)
+        manifest = next(iter(configs.values())).data.manifest
+        write_report(read_losses(find_loss_tables(run_dirs)), manifest, rule, partial, histogram_min_exceed)
         partial.rename(flags_dir)
-    report = json.loads((flags_dir / "report.json").read_text())
-    print(format_report(report))
-
-    manifests = {"complete": base.data.manifest, "filtered": str(flags_dir / "manifest_filtered.csv"), "flipped": str(flags_dir / "manifest_flipped.csv")}
-    results = {}
-    for variant in protocol.variants:
-        options = deep_merge(expand_dotted(protocol.evaluation), {"name": f"{base.name}-{variant}", "data": {"manifest": manifests[variant]}})
-        cv_dir = run_cv(from_dict(FineTuneCVConfig, deep_merge(finetune, options)), out_dir / "evaluation" / variant, callback_factory=finetune_callbacks)
-        results[variant] = json.loads((cv_dir / "summary.json").read_text())
-    if results:
-        table = table1(results, report)
-        table.to_csv(out_dir / "table1.csv", index=False)
-        (out_dir / "table1.md").write_text(render_table1(table, report))
-        print((out_dir / "table1.md").read_text())
-    print(f"run dir: {out_dir}")
-    return out_dir
+    print(format_report(json.loads((flags_dir / "report.json").read_text())))
+    return flags_dir
 
 
-def _save_or_check(path: Path, resolved: dict) -> None:
-    if path.is_file():
-        if yaml.safe_load(path.read_text()) != resolved:
-            raise ConfigError(f"{path}: this protocol dir was started with another config; start a new one (omit --out)")
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(resolved, sort_keys=False))
+def fold_safe_manifests(manifest: pd.DataFrame, folds: np.ndarray, flagged: set[str], variant: str, out_dir: Path) -> dict[int, Path]:
+    """Write one manifest per test fold k: fold k unchanged, the training folds filtered or flipped.
+
+    Every manifest carries the folds in a ``fold`` column, so the split is the flagging CVs' one
+    whatever rows were dropped. Returns {fold: path}; existing files (a resumed study) are kept.
+    """
+    if variant not in ("filtered", "flipped"):
+        raise ValueError(f"fold-safe manifests are for the filtered and flipped variants, not {variant!r}")
+    from tus.data.manifest import write_manifest
+
+    table = manifest.assign(fold=np.asarray(folds, dtype=int))
+    is_flagged = table["sample_id"].astype(str).isin(flagged)
+    paths = {}
+    for fold in sorted(np.unique(folds).tolist()):
+        changed = is_flagged & (table["fold"] != fold)
+        if variant == "filtered":
+            rows = table[~changed]
+        else:
+            rows = table.copy()
+            rows.loc[changed, "label"] = 1 - rows.loc[changed, "label"]
+        path = out_dir / f"fold{fold}.csv"
+        if not path.is_file():
+            write_manifest(rows, path)
+        paths[int(fold)] = path
+    return paths
 
 
-def table1(results: dict[str, dict], report: dict) -> pd.DataFrame:
-    """Accuracy and F1 (mean, sample std over fold x seed runs) per dataset variant."""
-    images = {"complete": report["samples"], "filtered": report["samples"] - report["flagged"], "flipped": report["samples"]}
-    rows = []
-    for variant, summary in results.items():
-        metrics = summary["metrics"]
-        rows.append({
-            "dataset": variant,
-            "images": images[variant],
-            "changed": 0 if variant == "complete" else report["flagged"],
-            "runs": summary["runs"],
-            "accuracy_mean": metrics["accuracy"]["mean"],
-            "accuracy_std": metrics["accuracy"]["std"],
-            "f1_mean": metrics["f1"]["mean"],
-            "f1_std": metrics["f1"]["std"],
-        })
-    return pd.DataFrame(rows)
+def run_fold_safe_cv(config, manifest_path: str | Path, flagged: set[str], variant: str, cv_dir: Path) -> Path:
+    """The folds x seeds of ``config`` where run (k, seed) trains on ``fold_safe/fold<k>.csv``.
+
+    The folds are those of the complete manifest under ``config.data`` (the flagging CVs' folds);
+    finished runs (``metrics.json``) are skipped, so the study resumes.
+    """
+    from tus.data.folds import assign_folds
+    from tus.data.manifest import load_manifest
+    from tus.eval.cv_summary import collect_runs, write_summary
+    from tus.stages.finetune_cv import finetune_callbacks, run_single
+
+    complete = load_manifest(manifest_path, require_labels=True, num_folds=config.data.num_folds)
+    folds = assign_folds(complete, config.data.num_folds, config.data.fold_seed)
+    paths = fold_safe_manifests(complete, folds, flagged, variant, cv_dir / "fold_safe")
+    if not (cv_dir / "config.yaml").is_file():
+        save_config(config, cv_dir / "config.yaml")
+    for seed in config.seeds:
+        for fold, path in paths.items():
+            run_dir = cv_dir / "runs" / f"fold{fold}-seed{seed}"
+            if (run_dir / "metrics.json").exists():
+                continue
+            frame = load_manifest(path, require_labels=True)
+            run_single(config, frame, frame["fold"].astype(int).to_numpy(), fold, seed, run_dir, finetune_callbacks)
+    write_summary(cv_dir, collect_runs(cv_dir), complete, config)
+    return cv_dir
 
 
-def render_table1(table: pd.DataFrame, report: dict) -> str:
-    from tus.eval.cv_summary import format_mean_std
 
-    lines = [
-        "# Noisy labels: fine-tuning on the complete, filtered and flipped data (TesticulUS Tab. 1)",
-        "",
-        "| Dataset | Images | Removed/flipped | Accuracy | F1-Score | Paper accuracy | Paper F1 |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in table.itertuples():
-        accuracy = format_mean_std({"mean": row.accuracy_mean, "std": row.accuracy_std})
-        f1 = format_mean_std({"mean": row.f1_mean, "std": row.f1_std})
-        paper_accuracy, paper_f1 = PAPER_TABLE1[row.dataset]
-        lines.append(f"| {row.dataset.capitalize()} | {row.images} | {row.changed} | {accuracy} | {f1} | {paper_accuracy} | {paper_f1} |")
-    return "\n".join([
-        *lines,
-        "",
-        "Mean ± sample std (%) over each CV's fold x seed runs. Paper: 880 images, 72 flagged.",
-        "",
-        "Flagging: " + format_report(report).replace("\n", "; "),
-        "",
-    ])
+
+

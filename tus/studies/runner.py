@@ -28,19 +28,24 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
+import pandas as pd
 import torch
 import yaml
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from tus.config import ConfigError, load_config, to_dict
+from tus.data.images import content_hash, list_images
+from tus.data.manifest import load_manifest
+from tus.eval.noisy_labels import FlaggingRule
 from tus.runs import read_json, write_json_atomic
-from tus.stages.finetune_cv import FineTuneCVConfig, ResumeMismatchError, finetune_callbacks, run_cv
+from tus.stages.finetune_cv import FineTuneCVConfig, ResumeMismatchError, run_cv
 from tus.stages.pretrain import PretrainConfig, run_pretraining
 from tus.studies.markers import evaluate_markers
+from tus.studies.noisy_labels import FLAGGING_DIR, FLAGS_DIR, flag_labels, run_fold_safe_cv
 from tus.studies.schema import PRETRAIN_ROOT, StageOverrides, Study, StudyError, substitute
 from tus.studies.tables import write_table
 
@@ -83,6 +88,10 @@ class ArmPlan:
     pretrain: PretrainConfig | None
     pretrain_dir: Path | None
     overrides: dict[str, list[str]]
+    labels: str = "complete"
+    label_protocol: str = "reference"
+    # The labelled manifest before any flagging (fold-safe arms and the flags start from it).
+    complete_manifest: str = ""
 
     @property
     def finetune_dir(self) -> Path:
@@ -136,10 +145,11 @@ def plan_study(
     for name in selected:
         arm = config.arms[name]
         names: set[str] = set()
-        finetune = [substitute(o, variables, names) for o in [*config.finetune, *arm.finetune, *shrunk.finetune, *extra.finetune]]
+        arm_shrunk = arm.shrink if shrink and arm.shrink is not None else StageOverrides()
+        finetune = [substitute(o, variables, names) for o in [*config.finetune, *arm.finetune, *shrunk.finetune, *arm_shrunk.finetune, *extra.finetune]]
         pretrain = None
         if arm.pretrain is not None:
-            pretrain = [substitute(o, variables, names) for o in [*config.pretrain, *arm.pretrain, *shrunk.pretrain, *extra.pretrain]]
+            pretrain = [substitute(o, variables, names) for o in [*config.pretrain, *arm.pretrain, *shrunk.pretrain, *arm_shrunk.pretrain, *extra.pretrain]]
         for variable in names:
             missing.setdefault(variable, set()).add(name)
         resolved[name] = {"finetune": finetune, "pretrain": pretrain}
@@ -154,7 +164,7 @@ def plan_study(
         group = f"{study_dir.name}/{name}"
         pretrain_config = pretrain_dir = None
         if resolved[name]["pretrain"] is not None:
-            pretrain_config = _load_stage(PretrainConfig, study, name, "pretrain", config.pretrain_config, resolved[name]["pretrain"])
+            pretrain_config = _load_stage(PretrainConfig, study, name, "pretrain", config.arms[name].pretrain_config or config.pretrain_config, resolved[name]["pretrain"])
             pretrain_dir = out / PRETRAIN_ROOT / pretrain_key(pretrain_config)
             pretrain_config = dataclasses.replace(
                 pretrain_config,
@@ -162,19 +172,56 @@ def plan_study(
                 output_root=str(out / PRETRAIN_ROOT),
                 logging=_tagged(pretrain_config.logging, group, "pretrain", tags),
             )
-        finetune_config = _load_stage(FineTuneCVConfig, study, name, "finetune", config.finetune_config, resolved[name]["finetune"])
+        finetune_config = _load_stage(FineTuneCVConfig, study, name, "finetune", config.arms[name].finetune_config or config.finetune_config, resolved[name]["finetune"])
         model = finetune_config.model
         if pretrain_dir is not None:
-            model = dataclasses.replace(model, init="tus", weights=str(pretrain_dir / "encoder.safetensors"))
+            model = dataclasses.replace(model, init="tus", weights=str(pretrain_dir / "encoder"))
+        arm = config.arms[name]
+        complete = finetune_config.data.manifest
+        data = finetune_config.data
+        if arm.labels != "complete" and arm.label_protocol == "reference":
+            data = dataclasses.replace(data, manifest=str(study_dir / FLAGS_DIR / f"manifest_{arm.labels}.csv"))
         finetune_config = dataclasses.replace(
             finetune_config,
             name=f"{study_dir.name}-{name}",
             output_root=str(study_dir),
             model=model,
+            data=data,
             logging=_tagged(finetune_config.logging, group, "finetune", tags),
         )
-        plans.append(ArmPlan(name, study_dir / name, finetune_config, pretrain_config, pretrain_dir, resolved[name]))
+        plans.append(ArmPlan(name, study_dir / name, finetune_config, pretrain_config, pretrain_dir, resolved[name], arm.labels, arm.label_protocol, complete))
     return plans
+
+
+def plan_flagging(study: Study, out: str | Path, *, variables: Mapping[str, str] | None = None, shrink: bool = False, extra: StageOverrides | None = None) -> dict[str, FineTuneCVConfig]:
+    """The flagging CVs of the study's ``noisy_labels:`` block, one per initialisation, each
+    recording per-sample losses; resolved like arms (study <- init <- shrink <- extra)."""
+    config = study.config
+    assert config.noisy_labels is not None
+    variables = dict(os.environ) if variables is None else variables
+    extra = extra or StageOverrides()
+    shrunk = config.shrink if shrink else StageOverrides()
+    study_dir = study.output_dir(Path(out), shrink)
+    configs = {}
+    for name, overrides in config.noisy_labels.inits.items():
+        missing: set[str] = set()
+        resolved = [substitute(o, variables, missing) for o in [*config.finetune, *overrides, *shrunk.finetune, *extra.finetune]]
+        if missing:
+            raise StudyError(f"{study.path}: noisy_labels.inits.{name}: variable(s) not set: {', '.join(sorted(missing))}")
+        finetune = _load_stage(FineTuneCVConfig, study, f"noisy_labels.inits.{name}", "finetune", config.finetune_config, resolved)
+        tags = [study.name, f"flag-{name}", *(["shrink"] if shrink else [])]
+        configs[name] = dataclasses.replace(
+            finetune,
+            name=f"{study_dir.name}-flag-{name}",
+            output_root=str(study_dir),
+            init_label=name,
+            record_losses=True,
+            logging=_tagged(finetune.logging, f"{study_dir.name}/flagging", "flagging", tags),
+        )
+    manifests = {c.data.manifest for c in configs.values()}
+    if len(manifests) > 1:
+        raise StudyError(f"{study.path}: noisy_labels.inits fine-tune on different manifests {sorted(manifests)}")
+    return configs
 
 
 def _load_stage(cls, study: Study, arm: str, stage: str, relative: str, overrides: list[str]):
@@ -216,6 +263,8 @@ def run_study(
     if rank_zero:
         for plan in plans:
             write_arm_record(plan, study)
+    if rank_zero and stage != "finetune":
+        warn_pool_overlap(plans)
     if stage != "finetune":
         for plan in plans:
             if plan.pretrain is not None and _takes_part(plan.pretrain.trainer):
@@ -224,17 +273,49 @@ def run_study(
     study_dir = study.output_dir(Path(out), shrink)
     if stage == "pretrain":
         return study_dir
+    flags_dir = None
+    if study.config.noisy_labels is not None and any(plan.labels != "complete" for plan in plans):
+        flagging = plan_flagging(study, out, variables=variables, shrink=shrink, extra=extra)
+        block = study.config.noisy_labels
+        rule = FlaggingRule(block.threshold, block.min_exceed, block.min_fraction, block.counting)
+        flags_dir = flag_labels(flagging, study_dir / FLAGGING_DIR, study_dir / FLAGS_DIR, rule, block.histogram_min_exceed)
     for plan in plans:
         if not _takes_part(plan.finetune.trainer):
             continue
         if plan.pretrain_dir is not None and not (plan.pretrain_dir / "summary.json").is_file():
             raise StudyError(f"{study.path}: arm '{plan.name}' needs its pretraining ({plan.pretrain_dir}); run --stage pretrain (or all) first, with the same --pretrain overrides")
-        ensure_finetuned(plan, study)
+        ensure_finetuned(plan, study, flags_dir)
         if study.config.marker_eval is not None and rank_zero:
             evaluate_markers(plan.finetune_dir, study.config.marker_eval, plan.markers_dir)
     if rank_zero:
         write_table(study, study_dir)
     return study_dir
+
+
+def warn_pool_overlap(plans: list[ArmPlan]) -> None:
+    """Warn when an arm pretrains on a pool holding labelled images it will be tested on.
+
+    The reference's pools contain its labelled set, so test-fold images reach pretraining. This
+    compares file contents (fast; ``tus data overlap`` also finds re-encoded copies); arms that
+    set ``data.exclude_labeled`` are not checked, since their pool is cleaned when it is built."""
+    checked: dict[str, int] = {}
+    for plan in plans:
+        if plan.pretrain is None or plan.pretrain.data.exclude_labeled != "none":
+            continue
+        key = pretrain_key(plan.pretrain)
+        if key not in checked:
+            labeled = {content_hash(p) for p in load_manifest(plan.complete_manifest or plan.finetune.data.manifest)["abs_path"]}
+            pool = [content_hash(p) for source in plan.pretrain.data.sources for p in _source_paths(source)]
+            checked[key] = sum(h in labeled for h in pool)
+        if checked[key]:
+            print(f"warning: arm '{plan.name}': {checked[key]} images of its pretraining pool are labelled images it is tested on "
+                  f"(test-fold leakage, as in the reference); add --pretrain data.exclude_labeled=all data.labeled_manifest=<labelled manifest> to leave them out", flush=True)
+
+
+def _source_paths(source) -> list[str]:
+    if source.manifest:
+        return load_manifest(source.manifest, require_labels=False)["abs_path"].tolist()
+    return [str(p) for p in list_images(source.folder)]
 
 
 def _takes_part(trainer) -> bool:
@@ -286,11 +367,14 @@ def ensure_pretrained(plan: ArmPlan) -> None:
     if (plan.pretrain_dir / "summary.json").is_file():
         return
     plan.pretrain_dir.mkdir(parents=True, exist_ok=True)
-    run_pretraining(plan.pretrain, plan.pretrain_dir)
+    run_pretraining(plan.pretrain, plan.pretrain_dir, create=True)
 
 
-def ensure_finetuned(plan: ArmPlan, study: Study) -> None:
-    """Run (or resume) the arm's CV unless its summary shows every fold x seed finished."""
+def ensure_finetuned(plan: ArmPlan, study: Study, flags_dir: Path | None = None) -> None:
+    """Run (or resume) the arm's CV unless its summary shows every fold x seed finished.
+
+    A fold-safe arm trains run (k, seed) on the manifest whose training folds (not fold k)
+    had the flagged samples removed or flipped (:func:`run_fold_safe_cv`)."""
     summary = read_json(plan.finetune_dir / "summary.json")
     if summary is not None and summary.get("runs") == summary.get("expected_runs"):
         changed = _changed_keys(yaml.safe_load((plan.finetune_dir / "config.yaml").read_text()), to_dict(plan.finetune))
@@ -298,7 +382,13 @@ def ensure_finetuned(plan: ArmPlan, study: Study) -> None:
             raise StudyError(f"{study.path}: arm '{plan.name}' finished with a different config ({', '.join(changed[:5])}); use another --out or remove {plan.dir}")
         return
     try:
-        run_cv(plan.finetune, plan.finetune_dir, callback_factory=finetune_callbacks)
+        if plan.label_protocol == "fold_safe":
+            assert flags_dir is not None
+            flagged = set(pd.read_csv(flags_dir / "flagged.csv", dtype={"sample_id": str})["sample_id"])
+            config = dataclasses.replace(plan.finetune, data=dataclasses.replace(plan.finetune.data, manifest=plan.complete_manifest))
+            run_fold_safe_cv(config, plan.complete_manifest, flagged, plan.labels, plan.finetune_dir)
+        else:
+            run_cv(plan.finetune, plan.finetune_dir, create=True)
     except ResumeMismatchError as error:
         raise StudyError(f"{study.path}: arm '{plan.name}': {error}; use another --out or remove {plan.dir}") from error
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import yaml
 
-from tus.config import ConfigError, from_dict, load_yaml
+from tus.config import ConfigError, build_config, from_dict, load_yaml, resolve_config_path
 from tus.data.markers import MarkerConfig
 
 PRETRAIN_ROOT = "_pretrain"
@@ -47,6 +48,12 @@ class StudyError(ValueError):
 
 
 @dataclass
+class StageOverrides:
+    pretrain: list[str] = field(default_factory=list)
+    finetune: list[str] = field(default_factory=list)
+
+
+@dataclass
 class ArmConfig:
     """One row of the table: its cells, and its overrides of the study's stage configs.
 
@@ -57,6 +64,34 @@ class ArmConfig:
     row: dict[str, Any] = field(default_factory=dict)
     pretrain: list[str] | None = None
     finetune: list[str] = field(default_factory=list)
+    # An arm's own stage configs (relative to the study file), where its family needs one: a
+    # ViT fine-tuning recipe, MAE instead of SimCLR pretraining. Default: the study's.
+    finetune_config: str | None = None
+    pretrain_config: str | None = None
+    # Applied after the study's shrink overrides (e.g. method options of its own pretraining).
+    shrink: StageOverrides | None = None
+    # With the study's ``noisy_labels:`` block: fine-tune on the labelled set as it is, without
+    # the flagged samples, or with their labels flipped; ``reference`` changes them in every
+    # fold (the paper; its test folds saw the rule), ``fold_safe`` in the training folds only.
+    labels: Literal["complete", "filtered", "flipped"] = "complete"
+    label_protocol: Literal["reference", "fold_safe"] = "reference"
+
+
+@dataclass
+class NoisyLabelsStudy:
+    """A study's ``noisy_labels:`` block: before its arms, flag suspicious labels from the
+    per-sample losses of fine-tuning CVs, one per initialisation (TesticulUS Sec. 3; thesis
+    Sec. 3.2). ``inits`` maps a name to fine-tuning overrides (like an arm's ``finetune``);
+    a sample is flagged when its loss exceeds ``threshold`` in >= ``min_exceed`` epochs in
+    >= ``min_fraction`` of its evaluations. Arms then choose ``labels: filtered|flipped``.
+    """
+
+    inits: dict[str, list[str]] = field(default_factory=lambda: {"imagenet": ["model.init=timm"]})
+    threshold: float = 1.0
+    min_exceed: int = 3
+    min_fraction: float = 1.0
+    counting: Literal["per_epoch", "per_draw"] = "per_epoch"
+    histogram_min_exceed: list[int] = field(default_factory=lambda: [1, 3, 5])
 
 
 @dataclass
@@ -72,10 +107,6 @@ class TableConfig:
     digits: int = 2
 
 
-@dataclass
-class StageOverrides:
-    pretrain: list[str] = field(default_factory=list)
-    finetune: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -106,13 +137,15 @@ class StudyConfig:
     finetune: list[str] = field(default_factory=list)
     pretrain: list[str] = field(default_factory=list)
     marker_eval: MarkerEvalConfig | None = None
+    noisy_labels: NoisyLabelsStudy | None = None
     table: TableConfig = field(default_factory=TableConfig)
     shrink: StageOverrides = field(default_factory=StageOverrides)
-    arms: dict[str, ArmConfig] = field(default_factory=dict)
+    # Built per arm in __post_init__, so an error names the arm (arms.<name>.<key>).
+    arms: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # from_dict leaves mapping values raw; build (and strictly check) each arm here.
-        self.arms = {name: arm if isinstance(arm, ArmConfig) else from_dict(ArmConfig, arm, f"arms.{name}") for name, arm in self.arms.items()}
+        self.arms = {name: arm if isinstance(arm, ArmConfig) else build_config(ArmConfig, arm, key_prefix=f"arms.{name}.") for name, arm in self.arms.items()}
         known = {**CV_METRICS, **(MARKER_METRICS if self.marker_eval is not None else {})}
         unknown = [m for m in self.table.metrics if m not in known]
         if unknown:
@@ -124,8 +157,12 @@ class StudyConfig:
             cells = set(arm.row)
             if cells != set(self.table.columns):
                 raise ConfigError(f"{where}.row: needs exactly the table's columns {self.table.columns}; missing {sorted(set(self.table.columns) - cells)}, unknown {sorted(cells - set(self.table.columns))}")
+            if arm.labels != "complete" and self.noisy_labels is None:
+                raise ConfigError(f"{where}.labels: '{arm.labels}' needs the study's noisy_labels: block (which flags the samples)")
+            if arm.label_protocol == "fold_safe" and arm.labels == "complete":
+                raise ConfigError(f"{where}.label_protocol: fold_safe applies to labels: filtered or flipped")
             if arm.pretrain is not None:
-                if self.pretrain_config is None:
+                if (arm.pretrain_config or self.pretrain_config) is None:
                     raise ConfigError(f"{where}: pretrains, but the study names no pretrain_config")
                 owned = [o for o in arm.finetune if o.split("=", 1)[0].strip() in ("model.init", "model.weights")]
                 if owned:
@@ -139,16 +176,26 @@ class Study:
     config: StudyConfig
 
     def config_path(self, relative: str) -> Path:
-        return (self.path.parent / relative).resolve()
+        """A stage config named by the study: relative to the study file, else a packaged
+        config of that name (so a study outside tus/configs can ``base:`` a packaged one)."""
+        path = (self.path.parent / relative).resolve()
+        if path.is_file():
+            return path
+        packaged = Path(*[part for part in Path(relative).parts if part not in ("..", ".")])
+        try:
+            return resolve_config_path(packaged)
+        except ConfigError:
+            return path
 
     def output_dir(self, out: Path, shrink: bool) -> Path:
         return Path(out) / f"{self.name}{SHRINK_SUFFIX if shrink else ''}"
 
 
 def load_study(path: str | Path) -> Study:
-    """Read and validate a study file (its ``base:`` files merged first)."""
-    path = Path(path)
+    """Read and validate a study file, a path or a packaged name such as ``studies/tab2``
+    (its ``base:`` files merged first)."""
     try:
+        path = resolve_config_path(path)
         config = from_dict(StudyConfig, load_yaml(path))
     except (ConfigError, yaml.YAMLError) as error:
         raise StudyError(f"{path}: {error}") from error

@@ -1,0 +1,156 @@
+"""Synthetic-image evaluation stages: :func:`run_metrics` and :func:`run_filter`, callable from a notebook.
+
+``run_metrics`` scores generated images against real ones (FID, Inception Score, improved
+precision/recall; TesticulUS Sec. 4.2, see :mod:`tus.eval.metrics`); ``run_filter`` keeps the
+generated images inside the k-NN manifold of the real ones (Kynkäänniemi et al. 2019's
+improved precision applied per sample, see :mod:`tus.eval.filtering`).
+
+Every option is checked before any weights are loaded or features computed, so a mistake costs
+no extraction: a wrong option raises :class:`~tus.data.images.UsageError` (exit code 2 on the
+command line), a wrong input file a ``DataError`` (exit code 1). Messages name the command-line
+option (``--batch-size``) as :func:`tus.stages.sample.generate` does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from tus.data.images import UsageError
+from tus.eval import filtering
+from tus.eval.features import EncoderExtractor, FeatureExtractor, InceptionExtractor, load_tus_encoder
+from tus.eval.filtering import FILTER_K, LINK_MODES, check_filter_arguments, filter_generated
+from tus.eval.metrics import PRC_K, compute_metrics, format_metrics_table, image_paths, save_metrics
+
+DEFAULT_ENCODER_IMAGE_SIZE = 224
+
+ExtractorSpec = str | Path | FeatureExtractor
+
+
+def check_extraction_options(
+    extractor: ExtractorSpec, weights: str | Path | None, image_size: int | None, batch_size: int
+) -> None:
+    """The feature-extraction options, checked without loading anything."""
+    for option, value in (("--batch-size", batch_size), ("--image-size", image_size)):
+        if value is not None and value < 1:
+            raise UsageError(f"{option} must be >= 1, got {value}")
+    if weights and (isinstance(extractor, FeatureExtractor) or str(extractor) != "inception"):
+        raise UsageError("--weights sets the Inception weights; it cannot be combined with --extractor ENCODER")
+    if image_size is not None and isinstance(extractor, FeatureExtractor):
+        raise UsageError("--image-size sets a tus encoder's input size; a FeatureExtractor object brings its own")
+
+
+def build_extractor(
+    extractor: ExtractorSpec, weights: str | Path | None = None, image_size: int | None = None
+) -> FeatureExtractor:
+    """``'inception'`` (FID Inception-v3 from ``weights``, else ``$TUS_INCEPTION_WEIGHTS``, else the packaged
+    copy), a tus encoder export (its input size: ``image_size``, else the export's, else 224), or an extractor
+    object, returned as it is."""
+    if isinstance(extractor, FeatureExtractor):
+        return extractor
+    if str(extractor) == "inception":
+        return InceptionExtractor(weights)
+    encoder, meta = load_tus_encoder(extractor)
+    size = image_size or meta.get("image_size") or DEFAULT_ENCODER_IMAGE_SIZE
+    return EncoderExtractor(encoder, image_size=size, name=meta["architecture"]["name"])
+
+
+def run_metrics(
+    real: str | Path,
+    generated: str | Path,
+    out: str | Path | None = None,
+    *,
+    extractor: ExtractorSpec = "inception",
+    weights: str | Path | None = None,
+    image_size: int | None = None,
+    cache_dir: str | Path | None = None,
+    batch_size: int = 32,
+    device: str = "cpu",
+    prc_k: int = PRC_K,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:
+    """FID, Inception Score and precision/recall of the images in ``generated`` against ``real`` (a manifest
+    CSV or an image folder); the metrics dict, also written as JSON to the file ``out`` when given.
+
+    ``cache_dir`` keeps features between calls (None: compute every feature); ``seed`` draws the real
+    reference batches of precision/recall.
+    """
+    check_extraction_options(extractor, weights, image_size, batch_size)
+    if prc_k < 1:
+        raise UsageError(f"--prc-k must be >= 1, got {prc_k}")
+    if out is not None and Path(out).is_dir():
+        raise UsageError(f"--out {out}: is a folder; give a file name for the metrics JSON")
+    real_paths, generated_paths = image_paths(real), image_paths(generated)
+    metrics = compute_metrics(
+        real_paths,
+        generated_paths,
+        build_extractor(extractor, weights, image_size),
+        prc_k=prc_k,
+        seed=seed,
+        batch_size=batch_size,
+        device=device,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
+    if out is not None:
+        save_metrics(metrics, out)
+    return metrics
+
+
+def format_metrics_report(metrics: dict, out: str | Path | None = None) -> str:
+    """What ``tus metrics`` prints: the metrics table, then where it was written."""
+    return format_metrics_table(metrics) + (f"\nwrote {out}" if out is not None else "")
+
+
+def run_filter(
+    real: str | Path,
+    generated: str | Path,
+    out: str | Path,
+    *,
+    k: int = FILTER_K,
+    organ: str | None = None,
+    sweep: Sequence[int] | None = None,
+    link: str = "hardlink",
+    extractor: ExtractorSpec = "inception",
+    weights: str | Path | None = None,
+    image_size: int | None = None,
+    cache_dir: str | Path | None = None,
+    batch_size: int = 32,
+    device: str = "cpu",
+    progress: bool = False,
+) -> dict:
+    """Keep the images of ``generated`` inside the k-NN manifold of ``real`` into the new folder ``out``.
+
+    ``out`` gets ``images/`` (kept images, hard-linked or copied per ``link``), ``manifest.csv`` (with an
+    ``organ`` column when ``organ`` is given), ``filter.csv`` and ``filter.json``; it is written in a hidden
+    sibling folder renamed to ``out`` only when complete. With ``sweep`` (e.g. ``[10, 20, 50, 100]``),
+    ``out/sweep`` also gets the metrics of the kept set for each of those k (:func:`tus.eval.filtering.sweep`).
+    Returns the content of ``filter.json`` plus ``out_dir`` and ``sweep`` (the sweep report, or None).
+    """
+    check_extraction_options(extractor, weights, image_size, batch_size)
+    if link not in LINK_MODES:
+        raise UsageError(f"--link must be one of {', '.join(LINK_MODES)}, got {link!r}")
+    check_filter_arguments(real, generated, out, k, sweep)
+    common = {
+        "extractor": build_extractor(extractor, weights, image_size),
+        "cache_dir": cache_dir,
+        "batch_size": batch_size,
+        "device": device,
+        "progress": progress,
+    }
+    result = filter_generated(real, generated, out, k=k, link=link, organ=organ, **common)
+    report = json.loads((result.out_dir / "filter.json").read_text(encoding="utf-8"))
+    report["out_dir"] = str(result.out_dir)
+    report["sweep"] = filtering.sweep(real, generated, result.out_dir / "sweep", ks=sweep, highlight_k=k, **common) if sweep else None
+    return report
+
+
+def format_filter_report(report: dict) -> str:
+    """What ``tus filter`` prints: kept/rejected counts at k (and at each swept k) and where they went."""
+    lines = [f"k={report['k']}: kept {report['kept']}, rejected {report['rejected']} of {report['num_generated']}; wrote {report['out_dir']}"]
+    if report.get("sweep"):
+        lines += [f"k={row['k']}: kept {row['kept']}, rejected {row['rejected']}" for row in report["sweep"]["sweep"]]
+        lines.append(f"wrote {Path(report['out_dir']) / 'sweep'}")
+    return "\n".join(lines)
