@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -228,7 +229,7 @@ def plot(results: dict[str, pd.DataFrame], path: Path, title: str) -> None:
         ax.set_xticks(range(len(results)), list(results), rotation=30)
         ax.set_ylabel(f"test {metric.upper()} (%)")
         ax.grid(axis="y", alpha=0.3)
-    figure.suptitle(title, fontsize=9)
+    figure.suptitle(textwrap.fill(title, 110), fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

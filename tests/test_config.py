@@ -95,7 +95,7 @@ def test_base_cycles_and_yaml_errors_name_the_file(tmp_path: Path):
 def test_limit_train_batches_one_trains_one_batch_per_epoch(labeled_manifest: Path, tmp_path: Path):
     import pandas as pd
 
-    from tests.test_cv import tiny_config
+    from tests.stages.test_finetune_cv import tiny_config
     from tus.stages.finetune_cv import run_cv
 
     config = tiny_config(labeled_manifest, tmp_path / "runs", "--trainer.max_epochs=3", "--trainer.limit_train_batches=1", "--data.num_folds=2")
@@ -103,3 +103,17 @@ def test_limit_train_batches_one_trains_one_batch_per_epoch(labeled_manifest: Pa
     losses = pd.read_csv(run_dir / "runs" / "fold0-seed0" / "losses.csv")
     assert sorted(losses["step"].unique()) == [0, 1, 2]  # one optimizer step in each of 3 epochs
     assert losses.groupby("step").size().max() <= config.data.batch_size
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--data.image_size=0", "data.image_size must be >= 1, got 0"),
+    ("--data.batch_size=-4", "data.batch_size must be >= 1, got -4"),
+    ("--data.num_folds=1", "data.num_folds must be >= 2, got 1"),
+    ("--seeds=[]", None),  # refused when the CV starts (see test_cv), not by the schema
+])
+def test_out_of_range_values_fail_naming_the_key(override: str, message: str | None):
+    if message is None:
+        assert load_config(FineTuneCVConfig, "finetune/cpu", [override]).seeds == []
+        return
+    with pytest.raises(ConfigError, match=message):
+        load_config(FineTuneCVConfig, "finetune/cpu", [override])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import re
 import typing
 import uuid
@@ -251,6 +252,31 @@ def _one_line(error: BaseException, where: str, key_prefix: str = "") -> str:
     else:
         message = " ".join(line.strip() for line in text.splitlines() if line.strip())
     return f"{where}: {message}" if where else message
+
+
+def require_at_least(config: Any, prefix: str, minimum: int = 1, *names: str) -> None:
+    """Refuse a config whose fields ``names`` are below ``minimum``, naming the dotted key (a
+    zero image size or a negative batch would otherwise fail deep inside a library)."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value < minimum:
+            raise ConfigError(f"{prefix}{name} must be >= {minimum}, got {value}")
+
+
+def resolve_class(name: str, registry: dict[str, str], base: type, what: str) -> type:
+    """A class by registry name (``registry[name]`` is ``"module:Class"``) or by an importable
+    ``package.module.Class`` path, checked to subclass ``base``: how plug-ins are named."""
+    target = registry.get(name)
+    if target is None and "." not in name:
+        raise ConfigError(f"unknown {what} {name!r}; registered: {', '.join(sorted(registry))}, or give a class path such as my_package.module.MyClass")
+    module_name, _, class_name = target.partition(":") if target else name.replace(":", ".").rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as error:
+        raise ConfigError(f"cannot import {what} {name!r} ({error})") from error
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ConfigError(f"{name!r} is not a {base.__module__}.{base.__qualname__} subclass")
+    return cls
 
 
 # ------------------------------------------------------------------------------- output

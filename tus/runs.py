@@ -437,6 +437,9 @@ def trainer_options(trainer: TrainerConfig) -> dict:
     return {name: value for name, value in options.items() if name == "precision" or value != LIGHTNING_TRAINER_DEFAULTS.get(name)}
 
 
+_ANNOUNCED: set[str] = set()
+
+
 def runtime_report(trainer: TrainerConfig, precision: str) -> dict:
     """What the run ran on: recorded in ``runtime.json`` and printed once."""
     caps = detect_caps()
@@ -449,7 +452,8 @@ def runtime_report(trainer: TrainerConfig, precision: str) -> dict:
         "torch": torch.__version__,
         "lightning": L.__version__,
     }
-    if rank_zero_only.rank == 0 and str(trainer.precision) == "auto":
+    if rank_zero_only.rank == 0 and str(trainer.precision) == "auto" and precision not in _ANNOUNCED:
+        _ANNOUNCED.add(precision)  # once per process, not once per fold x seed
         print(f"precision: auto -> {precision}", flush=True)
     return report
 

@@ -32,17 +32,6 @@ def start(stage: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen(tus_command(stage, *args), cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def finish(process: subprocess.Popen, timeout: float = 300) -> str:
-    """Wait for ``process``; its output, after asserting it succeeded."""
-    output, _ = process.communicate(timeout=timeout)
-    assert process.returncode == 0, output[-4000:]
-    return output
-
-
-def run(stage: str, *args: str) -> str:
-    return finish(start(stage, *args))
-
-
 def kill_after_first_checkpoint(process: subprocess.Popen, root: Path, rng: random.Random, window_s: float) -> float:
     """SIGKILL ``process`` ``U(0, window_s)`` seconds after a ``checkpoints/last.ckpt`` first
     appears under ``root``; the delay used. Fails if the process ended before it was killed."""

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.faults import Killer, assert_no_duplicated_steps, assert_same_log, assert_same_weights, finish, only_run_dir, start, tus_in_process
-from tests.test_diffusion_module import disk_manifest
+from tests.methods.test_iddpm import disk_manifest
+from tests.reliability.faults import Killer, assert_no_duplicated_steps, assert_same_log, assert_same_weights, only_run_dir, start, tus_in_process
 
 
 def overrides(manifest: Path, out: Path) -> list[str]:
@@ -27,12 +27,12 @@ def overrides(manifest: Path, out: Path) -> list[str]:
 def test_killed_diffusion_resumes_to_the_uninterrupted_run(tmp_path: Path):
     manifest = disk_manifest(tmp_path / "data")
     killed = start("diffusion", *overrides(manifest, tmp_path / "killed"))
-    killer = Killer(killed, tmp_path / "killed", random.Random(3), window_s=3.0)
+    killer = Killer(killed, tmp_path / "killed", random.Random(3), window_s=1.5)
     tus_in_process("diffusion", *overrides(manifest, tmp_path / "straight"))
     killer.join()
     run_dir, straight = only_run_dir(tmp_path / "killed"), only_run_dir(tmp_path / "straight")
     assert not (run_dir / "export").exists()  # killed before the end-of-training export
-    finish(start("diffusion", "--resume", str(run_dir)))
+    tus_in_process("diffusion", "--resume", str(run_dir))
 
     (exported,) = (run_dir / "export").iterdir()
     (reference,) = (straight / "export").iterdir()

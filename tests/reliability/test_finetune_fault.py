@@ -16,7 +16,6 @@ from tests.reliability.faults import (
     assert_no_duplicated_steps,
     assert_same_log,
     assert_same_weights,
-    finish,
     only_run_dir,
     start,
     tus_in_process,
@@ -36,13 +35,13 @@ def overrides(manifest: Path, out: Path) -> list[str]:
 def test_killed_fold_resumes_to_the_uninterrupted_result(tmp_path: Path):
     manifest = make_labeled_dataset(tmp_path / "data", patients=12)
     killed = start("finetune-cv", *overrides(manifest, tmp_path / "killed"))
-    killer = Killer(killed, tmp_path / "killed", random.Random(11), window_s=2.0)
+    killer = Killer(killed, tmp_path / "killed", random.Random(11), window_s=1.0)
     tus_in_process("finetune-cv", *overrides(manifest, tmp_path / "straight"))
     killer.join()
     run_dir = only_run_dir(tmp_path / "killed")
     left = [p.parent.parent.name for p in run_dir.glob("runs/*/checkpoints/last.ckpt")]
     assert not (run_dir / "summary.json").exists()
-    finish(start("finetune-cv", "--run-dir", str(run_dir)))
+    tus_in_process("finetune-cv", "--run-dir", str(run_dir))
 
     straight = only_run_dir(tmp_path / "straight")
     folds = sorted(p.name for p in (straight / "runs").iterdir())

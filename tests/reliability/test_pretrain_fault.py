@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.reliability.faults import Killer, assert_no_duplicated_steps, assert_same_log, assert_same_weights, finish, only_run_dir, start, tus_in_process
-from tests.test_pretrain import make_pool
+from tests.reliability.faults import Killer, assert_no_duplicated_steps, assert_same_log, assert_same_weights, only_run_dir, start, tus_in_process
+from tests.stages.test_pretrain import make_pool
 from tus.data.datamodules import ImageSourceConfig, PositionedWeightedSampler, SeededDraws
 from tus.data.pools import PretrainDataConfig, PretrainDataModule
+
+STEPS = 90  # long enough that a kill within 1 s of the first checkpoint lands mid-run
 
 
 def overrides(manifest: Path, out: Path) -> list[str]:
@@ -22,7 +24,7 @@ def overrides(manifest: Path, out: Path) -> list[str]:
         "--config", "pretrain/cpu", f"--data.sources=[{{manifest: '{manifest}'}}]", f"--output_root={out}",
         "--data.image_size=32", "--data.batch_size=8", "--data.num_workers=0", "--data.cache_images=false",
         "--method.model.backbone.name=test_resnet", "--method.model.projection_hidden_dim=32", "--method.model.projection_output_dim=16",
-        "--trainer.precision=32-true", "--trainer.max_steps=30", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
+        "--trainer.precision=32-true", f"--trainer.max_steps={STEPS}", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
         "--method.schedule.warmup_steps=2", "--checkpoint_every_n_steps=3",
         "--monitor.every_n_steps=5", "--monitor.holdout_per_organ=2", "--monitor.bank_per_organ=8", "--monitor.knn_k=3",
         "--logging.wandb=false",
@@ -35,21 +37,21 @@ def test_killed_pretraining_resumes_to_the_uninterrupted_run(tmp_path: Path):
     # checkpoints fall mid-epoch, where Lightning restarts a plain loader at the epoch's start.
     manifest = make_pool(tmp_path / "pool")
     killed = start("pretrain", *overrides(manifest, tmp_path / "killed"))
-    killer = Killer(killed, tmp_path / "killed", random.Random(7), window_s=3.0)
+    killer = Killer(killed, tmp_path / "killed", random.Random(7), window_s=1.0)
     tus_in_process("pretrain", *overrides(manifest, tmp_path / "straight"))
     killer.join()
     run_dir, straight = only_run_dir(tmp_path / "killed"), only_run_dir(tmp_path / "straight")
     assert not (run_dir / "encoder").exists()
     step = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
-    assert 0 < step < 30
-    finish(start("pretrain", "--resume", str(run_dir)))
+    assert 0 < step < STEPS
+    tus_in_process("pretrain", "--resume", str(run_dir))
 
     assert_same_weights(run_dir / "encoder" / "model.safetensors", straight / "encoder" / "model.safetensors")
     assert_no_duplicated_steps(run_dir / "metrics.csv")
     assert_same_log(run_dir / "metrics.csv", straight / "metrics.csv")
     resumed_summary, straight_summary = (json.loads((d / "summary.json").read_text()) for d in (run_dir, straight))
     # The probe history in summary.json is the last attempt's (metrics.csv above holds every point).
-    assert resumed_summary["steps"] == straight_summary["steps"] == 30
+    assert resumed_summary["steps"] == straight_summary["steps"] == STEPS
     assert resumed_summary["last"] == straight_summary["last"]
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.test_gradcam import tiny_classifier
-from tests.test_synthetic_metrics import (
+from tests.callbacks.test_gradcam import tiny_classifier
+from tests.eval.test_synthetic_metrics import (
     EXPECTED_INSIDE,
     REAL_POINTS,
     PixelExtractor,

@@ -80,8 +80,10 @@ class OrganProbe(Callback):
         }
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # The starting point (random or given init), so later numbers have a baseline.
-        if trainer.global_step == 0:
+        # The starting point (random or given init), so later numbers have a baseline; a run
+        # resumed from a checkpoint taken on a probe step probes again, since the probe of the
+        # killed attempt ran after that checkpoint and its log row was dropped on resume.
+        if trainer.global_step % self.every_n_steps == 0:
             self._probe(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
@@ -186,7 +188,8 @@ class DownstreamProbe(Callback):
         return {"probe/downstream_auroc": probe_auroc(features, labels, self.folds, self.classifier, self.k, self.seed)}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step == 0:
+        # As OrganProbe: at the start, and again when resuming on a probe step.
+        if trainer.global_step % self.every_n_steps == 0:
             self._probe(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:

@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     # Library chatter (Lightning's pytree deprecation, "GPU available" banners, tips) says
     # nothing to a tus user; warnings tus itself raises still show.
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    # The diffusion EMA copy and frozen heads are in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
     quiet_libraries()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
@@ -70,7 +72,7 @@ def one_line(error: BaseException) -> str:
 
 
 # Lightning's per-Trainer banners: said once per fold x seed they bury the progress bar.
-_LIBRARY_CHATTER = re.compile(r"^(GPU available|TPU available|HPU available|LOCAL_RANK|💡 Tip|You are using a CUDA device|Seed set to|`Trainer\.fit` stopped)")
+_LIBRARY_CHATTER = re.compile(r"^(GPU available|TPU available|HPU available|LOCAL_RANK|💡 Tip|You are using a CUDA device|Seed set to|`Trainer\.fit` stopped|Loading `train_dataloader` to estimate)")
 
 
 def quiet_libraries() -> None:

@@ -19,6 +19,7 @@ import torch
 from sklearn.model_selection import StratifiedGroupKFold
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, WeightedRandomSampler
 
+from tus.config import ConfigError, require_at_least
 from tus.data.cache import cached_images
 from tus.data.datasets import ManifestDataset
 from tus.data.images import list_images
@@ -50,6 +51,13 @@ class LabeledDataConfig:
     # Share of the training patients held out for model selection when selection=inner_val.
     inner_val_fraction: float = 0.2
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        require_at_least(self, "data.", 1, "image_size", "batch_size", "eval_batch_size")
+        require_at_least(self, "data.", 2, "num_folds")
+        require_at_least(self, "data.", 0, "num_workers")
+        if not 0 < self.inner_val_fraction < 1:
+            raise ConfigError(f"data.inner_val_fraction must be in (0, 1), got {self.inner_val_fraction}")
 
 
 class SamplerGenerator:
@@ -358,6 +366,8 @@ class ImagePoolDataModule(L.LightningDataModule):
         return np.concatenate(weights)
 
     def train_dataloader(self) -> DataLoader:
+        if self.dataset is None:
+            raise RuntimeError("ImagePoolDataModule.train_dataloader() before setup()")
         trainer = self.trainer
         world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         weights = self.sample_weights()

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from tus.config import require_at_least
 from tus.data.datamodules import ImagePoolDataModule, ImageSourceConfig
 from tus.data.datasets import ManifestDataset
 from tus.data.manifest import load_manifest
@@ -44,6 +45,10 @@ class DiffusionDataConfig:
     exclude_labeled: ExcludeLabeled = "none"
     labeled_manifest: str | None = None
     test_folds: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        require_at_least(self, "data.", 1, "image_size", "batch_size", "steps_per_epoch")
+        require_at_least(self, "data.", 0, "num_workers")
 
 
 @dataclass(frozen=True)
@@ -184,6 +189,10 @@ class PretrainDataConfig:
     exclude_labeled: ExcludeLabeled = "none"
     labeled_manifest: str | None = None
     test_folds: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        require_at_least(self, "data.", 1, "image_size", "batch_size", "samples_per_epoch")
+        require_at_least(self, "data.", 0, "num_workers")
 
 
 def split_heldout(frames: list[pd.DataFrame], per_organ: int, seed: int) -> tuple[list[pd.DataFrame], pd.DataFrame]:

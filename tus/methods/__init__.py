@@ -9,10 +9,9 @@ method plugs in without editing tus. Adding one to tus: a file here with the mod
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Any
 
-from tus.config import ConfigError, build_config, to_dict
+from tus.config import ConfigError, build_config, resolve_class, to_dict
 
 # name -> "module:Class", imported on first use so a method's dependencies load only when used.
 PRETRAINING_METHODS: dict[str, str] = {
@@ -25,17 +24,10 @@ def pretraining_method(name: str) -> Any:
     """The method class of a registry name or an importable ``package.module.Class`` path."""
     from tus.methods.base import PretrainingMethod
 
-    target = PRETRAINING_METHODS.get(name)
-    if target is None and "." not in name:
-        raise ConfigError(f"method.name: unknown pretraining method {name!r}; registered: {', '.join(sorted(PRETRAINING_METHODS))}, or give a class path such as my_package.module.MyMethod")
-    module_name, _, class_name = (target or name.replace(":", ".")).rpartition(":" if target else ".")
     try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as error:
-        raise ConfigError(f"method.name: cannot import {name!r} ({error})") from error
-    if not (isinstance(cls, type) and issubclass(cls, PretrainingMethod)):
-        raise ConfigError(f"method.name: {name!r} is not a tus.methods.base.PretrainingMethod subclass")
-    return cls
+        return resolve_class(name, PRETRAINING_METHODS, PretrainingMethod, "pretraining method")
+    except ConfigError as error:
+        raise ConfigError(f"method.name: {error}") from error
 
 
 def method_options(block: dict[str, Any]) -> tuple[type, Any]:

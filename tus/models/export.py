@@ -143,7 +143,7 @@ def resolve_export(path: str | Path) -> tuple[Path, Path, bool]:
             return _weights_in(path.parent), path, False
         return path.with_suffix(".safetensors"), path, True
     if not path.exists():
-        raise CheckpointError(f"{path}: missing, no export there")
+        raise CheckpointError(f"{path}: not found (no export there)")
     if path.suffix == ".safetensors":
         if path.with_suffix(".json").is_file():
             return path, path.with_suffix(".json"), True

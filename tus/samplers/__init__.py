@@ -7,14 +7,13 @@ find it by name. A sampler outside tus: ``--sampler my_package.module.MySampler`
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from contextlib import nullcontext
 
 import torch
 from diffusers import UNet2DModel
 
-from tus.config import ConfigError
+from tus.config import resolve_class
 from tus.losses.gaussian_diffusion import NoiseSchedule
 from tus.samplers.base import Sampler
 
@@ -29,17 +28,7 @@ SAMPLERS: dict[str, str] = {
 
 def get_sampler(name: str) -> Sampler:
     """A new sampler by registry name or ``package.module.Class`` path."""
-    target = SAMPLERS.get(name)
-    if target is None and "." not in name:
-        raise ConfigError(f"unknown sampler '{name}'; choose one of {', '.join(SAMPLERS)} or give a class path")
-    module_name, _, class_name = target.partition(":") if target else name.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as error:
-        raise ConfigError(f"cannot import sampler '{name}' ({error})") from error
-    if not (isinstance(cls, type) and issubclass(cls, Sampler)):
-        raise ConfigError(f"'{name}' is not a tus.samplers.base.Sampler subclass")
-    return cls()
+    return resolve_class(name, SAMPLERS, Sampler, "sampler")()
 
 
 def resolve_steps(sampler: str, steps: int | None, num_timesteps: int) -> int:

@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
+from torch.utils.data import DataLoader
 
 from tus.callbacks.gradcam import GradCAMConfig, GradCAMPlusPlusLogger
 from tus.callbacks.loss_recorder import PerSampleLossRecorder
@@ -168,6 +169,7 @@ class _EpochSeededStream(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         loader = trainer.train_dataloader
+        assert isinstance(loader, DataLoader)  # LabeledDataModule's single training loader
         self._reseed(trainer.current_epoch + 1, loader.generator, getattr(loader.dataset, "transform", None))
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:

@@ -19,7 +19,7 @@ from tus.eval.noisy_labels import FlaggingRule, LossTableError, find_loss_tables
 from tus.studies.noisy_labels import fold_safe_manifests
 from tus.studies.schema import StageOverrides, StudyError, load_study
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 

@@ -17,7 +17,7 @@ import pytest
 from tus.config import load_config
 from tus.stages.pretrain import PretrainConfig, run_pretraining
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PER_ORGAN = 150
 STEPS = 60
 

@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from tests.test_pretrain import make_pool
+from tests.stages.test_pretrain import make_pool
 from tus.config import load_config
 from tus.losses.contrastive import nt_xent_loss
 from tus.methods.simclr_organ import PretrainLossConfig, PretrainModelConfig, SimCLROrgan, SimCLROrganConfig
@@ -35,7 +35,7 @@ from tus.models.backbones import BackboneConfig
 from tus.optim import LarsConfig, ScheduleConfig
 from tus.stages.pretrain import PretrainConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 WORLD_SIZE = 2
 PER_RANK = 4

@@ -6,7 +6,6 @@ import copy
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -29,7 +28,7 @@ from tus.models.weights import CheckpointError
 from tus.optim import LarsConfig, ScheduleConfig, build_lars, lars_param_groups, lr_multiplier, scaled_lr
 from tus.stages.pretrain import PretrainConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ORGANS = ("testicle", "thyroid")
 
 
@@ -224,20 +223,6 @@ def test_views_are_single_channel_and_each_image_and_view_gets_its_own_draw(tmp_
             assert not torch.equal(first[i], first[j])  # identical images, different draws
 
 
-def test_a_resumed_run_draws_new_images_and_views(tmp_path: Path):
-    manifest = make_pool(tmp_path / "pool")
-    config = PretrainDataConfig(sources=[ImageSourceConfig(manifest=str(manifest))], image_size=32, batch_size=8, num_workers=0)
-
-    def first_batch(step: int) -> dict:
-        datamodule = PretrainDataModule(config, seed=0)
-        datamodule.trainer = SimpleNamespace(global_step=step, global_rank=0)
-        datamodule.setup("fit")
-        return next(iter(datamodule.train_dataloader()))
-
-    start, again, resumed = first_batch(0), first_batch(0), first_batch(100)
-    assert torch.equal(start["image"][0], again["image"][0]) and torch.equal(start["index"], again["index"])
-    assert not torch.equal(start["index"], resumed["index"])
-    assert not torch.equal(start["image"][0], resumed["image"][0])
 
 
 def test_view_draws_are_reproducible_and_differ_across_ranks():

@@ -16,7 +16,7 @@ from tus.eval.features import InceptionExtractor, InceptionWeightsNotFound
 from tus.eval.filtering import filter_generated
 from tus.eval.metrics import image_paths, metrics_from_features
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 pytestmark = [pytest.mark.shared_data, pytest.mark.slow]
 
 

@@ -30,7 +30,7 @@ from tus.methods.iddpm import (
 from tus.models.export import load_export
 from tus.stages.diffusion import DiffusionConfig, run_diffusion
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY_UNET = UNetConfig(
     sample_size=16, base_channels=16, channel_mults=(1, 2), layers_per_block=1,
     attention_resolutions=(8,), attention_head_dim=16, norm_num_groups=8,
@@ -207,7 +207,7 @@ def test_epoch_sampler_redraws_per_epoch_and_splits_ranks():
 
 
 def test_bad_checkpoints_are_named(tmp_path):
-    with pytest.raises(DiffusionCheckpointError, match="missing"):
+    with pytest.raises(DiffusionCheckpointError, match="not found"):
         load_unet_export(tmp_path / "nothing.safetensors")
     not_diffusion = tmp_path / "other.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1.0}}, not_diffusion)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from tus.data.phantom import generate_phantom
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STEPS = 3
 
 

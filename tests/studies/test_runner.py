@@ -33,7 +33,7 @@ from tus.stages.diffusion import DiffusionConfig
 from tus.stages.finetune_cv import FineTuneCVConfig
 from tus.stages.pretrain import PretrainConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STUDIES = REPO / "experiments" / "studies"
 STUDY_NAMES = ("tab1", "tab2", "tab3", "tab4", "markers")
 # Arms run per study (None: all). The rest must still appear in the table, as not run.
