@@ -18,7 +18,6 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from tus.callbacks.performance import ChannelsLast
 from tus.hardware import detect_caps
 from tus.runs import TrainerConfig, build_trainer
 
@@ -110,13 +109,14 @@ class StepTimer(Callback):
 
 
 def tus_trainer(run_dir: Path, device: torch.device, max_steps: int, timer: StepTimer, **options) -> L.Trainer:
-    """A Trainer as the stages build it (tus.runs.build_trainer, precision 'auto') plus the
-    ChannelsLast('auto') callback every stage gets; no loggers, no progress bar."""
+    """A Trainer as the stages build it (tus.runs.build_trainer: precision 'auto', and the
+    ChannelsLast callback of ``trainer.channels_last``, 'auto' unless ``options`` say otherwise);
+    no loggers, no progress bar."""
     config = TrainerConfig(
         accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision="auto", max_steps=max_steps,
         enable_progress_bar=False, **options,
     )
-    return build_trainer(config, run_dir, loggers=[], callbacks=[ChannelsLast("auto"), timer])
+    return build_trainer(config, run_dir, loggers=[], callbacks=[timer])
 
 
 def report(tus_name: str, tus_images_per_s: float, plain: dict[str, float], target: float) -> None:

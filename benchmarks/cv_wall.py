@@ -70,7 +70,8 @@ def plain_cv(manifest: Path, args) -> None:
     labels = frame["label"].astype(int).to_numpy()
     bf16 = resolve_precision("auto", "cpu").startswith("bf16")
     # finetune/cpu.yaml's learning rates, so both runs train the same way.
-    optim = FineTuneOptimConfig(lr_backbone=3e-3, lr_head=3e-3)
+    # finetune/cpu's recipe: AdamW, peak 3e-3, weight decay 0.05, one-cycle over every step.
+    optim = FineTuneOptimConfig(lr_backbone=3e-3, lr_head=3e-3, weight_decay=0.05, schedule="onecycle")
     for seed in args.seeds:
         for fold in range(3):
             torch.manual_seed(seed)
@@ -78,13 +79,14 @@ def plain_cv(manifest: Path, args) -> None:
             test = np.flatnonzero(folds == fold)
             transform = finetune_train_transform(AugmentConfig(), seed=seed)
             model = FineTuneModule(BackboneConfig(name=args.model, init="scratch"), optim).to(memory_format=torch.channels_last)
-            optimizer = model.configure_optimizers()
+            optimizer = torch.optim.AdamW(model.param_groups(), weight_decay=optim.weight_decay)
             counts = np.bincount(labels[train])
             sampler = WeightedRandomSampler((1.0 / counts[labels[train]]).tolist(), len(train), replacement=True)
             loader = DataLoader(
                 [(i, int(labels[i])) for i in train], batch_size=args.batch_size, sampler=sampler, drop_last=len(train) > args.batch_size,
                 collate_fn=lambda rows, augment=transform: (torch.stack([augment(images[i]) for i, _ in rows]), torch.tensor([y for _, y in rows])),
             )
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=args.epochs * len(loader))
             model.train()
             for _ in range(args.epochs):
                 for x, y in loader:
@@ -93,6 +95,7 @@ def plain_cv(manifest: Path, args) -> None:
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
+                    scheduler.step()
             model.eval()
             evaluate = eval_transform()
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

@@ -27,6 +27,7 @@ from common import (
     tus_trainer,
 )
 
+from tus.config import load_config
 from tus.data.cache import CACHE_DIR_ENV
 from tus.data.datamodules import ImageSourceConfig
 from tus.data.phantom import generate_phantom
@@ -39,6 +40,7 @@ from tus.methods.iddpm import (
     ProcessConfig,
     UNetConfig,
 )
+from tus.stages.diffusion import DiffusionConfig
 
 
 def new_module(args) -> DiffusionModule:
@@ -83,7 +85,9 @@ def tus_throughput(manifest: Path, run_dir: Path, device: torch.device, args) ->
         num_workers=args.num_workers, steps_per_epoch=args.warmup + args.steps,
     )
     timer = StepTimer(args.warmup)
-    trainer = tus_trainer(run_dir, device, args.warmup + args.steps, timer)
+    # The memory format the diffusion stage's config asks for on this device (diffusion/cpu on CPU).
+    stage = load_config(DiffusionConfig, "diffusion/cpu" if device.type == "cpu" else "diffusion/paper")
+    trainer = tus_trainer(run_dir, device, args.warmup + args.steps, timer, channels_last=stage.trainer.channels_last)
     trainer.fit(new_module(args), datamodule=DiffusionDataModule(data, seed=0))
     return args.steps * args.batch_size / timer.seconds()
 

@@ -34,6 +34,7 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
 from tus.callbacks.performance import ChannelsLast, CompileModel
@@ -423,7 +424,9 @@ def build_trainer(
         all_callbacks.append(LearningRateMonitor(logging_interval="step"))
     options = trainer_options(trainer)
     write_json_atomic(run_dir / "runtime.json", runtime_report(trainer, options["precision"]))
-    return L.Trainer(**options, logger=loggers, callbacks=all_callbacks, default_root_dir=str(run_dir))
+    # Checkpoints are written every epoch for exact resume; a background thread writes them
+    # while training goes on (Lightning waits for the last write before the run ends).
+    return L.Trainer(**options, logger=loggers, callbacks=all_callbacks, default_root_dir=str(run_dir), plugins=[AsyncCheckpointIO()])
 
 
 def trainer_options(trainer: TrainerConfig) -> dict:

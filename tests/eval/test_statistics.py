@@ -259,3 +259,20 @@ def test_format_p_and_markers() -> None:
     assert {p: format_p(p) for p in cases} == cases
     markers = [significance_marker(p) for p in (0.0004, 0.004, 0.03, 0.05, 0.2, math.nan)]
     assert markers == ["***", "**", "*", "", "", ""]
+
+
+def test_vectorised_bootstrap_equals_the_per_replicate_metrics():
+    from tus.eval.statistics import METRIC_FNS, patient_bootstrap_ci, patient_bootstrap_cis
+
+    rng = np.random.default_rng(5)
+    rows = 90
+    frame = pd.DataFrame({
+        "patient_id": rng.integers(0, 25, rows).astype(str),
+        "label": rng.integers(0, 2, rows),
+        # rounded so that ties between scores occur, as they do with saved probabilities
+        "prob": np.round(rng.random(rows), 1),
+    })
+    frame["pred"] = (frame["prob"] > 0.5).astype(int)
+    fast = patient_bootstrap_cis(frame, list(METRIC_FNS), n_boot=300, seed=3)
+    for name, metric in METRIC_FNS.items():
+        np.testing.assert_allclose(fast[name], patient_bootstrap_ci(frame, metric, n_boot=300, seed=3), rtol=0, atol=1e-12, err_msg=name)

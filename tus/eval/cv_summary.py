@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from tus.eval.statistics import METRIC_FNS, paper_spread, patient_bootstrap_ci
+from tus.eval.statistics import paper_spread, patient_bootstrap_cis
 from tus.methods.classifier import METRIC_NAMES
 
 CI_BOOTSTRAPS = 1000
@@ -85,11 +85,7 @@ def pooled_predictions(run_dir: Path, frame: pd.DataFrame) -> pd.DataFrame:
 
 def bootstrap_cis(predictions: pd.DataFrame, metrics=METRIC_NAMES, n_boot: int = CI_BOOTSTRAPS, alpha: float = CI_ALPHA, seed: int = 0) -> dict:
     """Percentile CI of each metric over the pooled predictions, resampling patients (clusters)."""
-    cis = {}
-    for name in metrics:
-        low, high = patient_bootstrap_ci(predictions, METRIC_FNS[name], n_boot=n_boot, alpha=alpha, seed=seed)
-        cis[name] = {"low": low, "high": high}
-    return cis
+    return {name: {"low": low, "high": high} for name, (low, high) in patient_bootstrap_cis(predictions, list(metrics), n_boot=n_boot, alpha=alpha, seed=seed).items()}
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -261,6 +261,68 @@ def patient_bootstrap_ci(
     return float(low), float(high)
 
 
+
+def replicate_metrics(predictions: pd.DataFrame, metrics: Sequence[str], counts: np.ndarray, codes: np.ndarray) -> dict[str, np.ndarray]:
+    """Every bootstrap replicate's metrics at once: replicate b holds each row of patient i
+    ``counts[b, i]`` times (``codes`` maps rows to patients), which is what concatenating the
+    drawn patients' rows gives, so the values equal :data:`METRIC_FNS` on the replicates.
+
+    Confusion counts are one matrix product; AUROC is the weighted Mann-Whitney statistic
+    (ties count one half, as ``roc_auc_score``), NaN where a replicate has one class only.
+    """
+    label = predictions["label"].to_numpy().astype(bool)
+    weights = counts[:, codes].astype(float)  # (n_boot, n_rows): how often each row is drawn
+    out: dict[str, np.ndarray] = {}
+    if set(metrics) - {"auroc"}:
+        pred = predictions["pred"].to_numpy().astype(bool)
+        tp, fp = weights @ (label & pred), weights @ (~label & pred)
+        fn, tn = weights @ (label & ~pred), weights @ (~label & ~pred)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios = {
+                "accuracy": (tp + tn) / (tp + tn + fp + fn),
+                "precision": np.where(tp + fp > 0, tp / (tp + fp), 0.0),
+                "recall": np.where(tp + fn > 0, tp / (tp + fn), 0.0),
+                "f1": np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0),
+            }
+        out.update({name: ratios[name] for name in metrics if name in ratios})
+    if "auroc" in metrics:
+        scores, tie_group = np.unique(predictions["prob"].to_numpy(), return_inverse=True)
+        groups = np.zeros((len(tie_group), len(scores)))
+        groups[np.arange(len(tie_group)), tie_group] = 1.0
+        positives, negatives = (weights * label) @ groups, (weights * ~label) @ groups  # per score, ascending
+        below = np.cumsum(negatives, axis=1) - negatives
+        with np.errstate(divide="ignore", invalid="ignore"):
+            auc = (positives * (below + 0.5 * negatives)).sum(axis=1) / (positives.sum(axis=1) * negatives.sum(axis=1))
+        out["auroc"] = np.where((positives.sum(axis=1) > 0) & (negatives.sum(axis=1) > 0), auc, np.nan)
+    return out
+
+
+def patient_bootstrap_cis(
+    predictions: pd.DataFrame, metrics: Sequence[str], n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
+) -> dict[str, tuple[float, float]]:
+    """:func:`patient_bootstrap_ci` of several built-in metrics with the same draws, vectorised
+    (a CV summary's five metrics x 1000 replicates took ~20 s through sklearn, now well under 1 s)."""
+    unknown = set(metrics) - set(METRIC_FNS)
+    if unknown:
+        raise ValueError(f"no vectorised form for metric(s) {sorted(unknown)}")
+    if len(predictions) == 0:
+        raise ValueError("no predictions to bootstrap")
+    patients, codes = np.unique(predictions["patient_id"].to_numpy(), return_inverse=True)
+    draws = np.random.default_rng(seed).integers(0, len(patients), (n_boot, len(patients)))
+    counts = np.zeros((n_boot, len(patients)), dtype=np.int64)
+    np.add.at(counts, (np.repeat(np.arange(n_boot), len(patients)), draws.ravel()), 1)
+    cis = {}
+    for name, values in replicate_metrics(predictions, metrics, counts, codes).items():
+        valid = values[~np.isnan(values)]
+        if len(valid) == 0:
+            raise ValueError(f"{name} is undefined (NaN) on every bootstrap replicate")
+        if len(valid) < n_boot:
+            warnings.warn(f"{name}: skipped {n_boot - len(valid)} of {n_boot} bootstrap replicates where it is undefined", stacklevel=2)
+        low, high = np.quantile(valid, [alpha / 2, 1 - alpha / 2])
+        cis[name] = (float(low), float(high))
+    return cis
+
+
 def format_p(p: float) -> str:
     """A p-value for a table: ``p<0.001``; three decimals below 0.01 (``p=0.004``); else two (``p=0.03``).
 
