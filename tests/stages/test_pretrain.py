@@ -307,7 +307,7 @@ def test_bf16_run_logs_finite_losses_and_probe(pretrained_run: Path):
     assert any(c.startswith("lr-") for c in metrics.columns)
     summary = json.loads((pretrained_run / "summary.json").read_text())
     assert summary["steps"] == 4
-    assert [p["step"] for p in summary["probe"]] == [4]  # the resumed process probes at its steps
+    assert [p["step"] for p in summary["probe"]] == [2, 4]  # the resumed process probes where it starts (step 2) and at its steps
     assert 0.0 <= summary["probe"][0]["probe/knn_organ_acc"] <= 1.0
     pool = json.loads((pretrained_run / "pool.json").read_text())
     assert pool["organ_classes"] == list(ORGANS)
