@@ -372,6 +372,8 @@ def build_loggers(
     """A CSV logger always, plus a W&B logger (resumable by the id kept in the run dir)."""
     loggers: list[Logger] = [AppendingCSVLogger(save_dir=str(run_dir), name="", version="")]
     mode = wandb_mode(logging)
+    # W&B's banner would be printed for every fold x seed; the run dir says where runs are.
+    os.environ.setdefault("WANDB_SILENT", "true")
     if logging.wandb and mode != "disabled":
         from lightning.pytorch.loggers import WandbLogger
 

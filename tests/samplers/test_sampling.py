@@ -160,3 +160,21 @@ def test_command_line_reads_a_run_directory(export, tmp_path):
     assert main(["--checkpoint", str(run_dir), "--n", "3", "--out", str(out), "--sampler", "dpm", "--steps", "3", "--batch-size", "2", "--no-progress"]) == 0
     assert len(list(out.glob("*.png"))) == 3
     assert (out / "sampling.json").read_text().count(export.name) == 1
+
+
+def test_a_second_writer_on_one_output_folder_is_refused(tmp_path):
+    import os
+
+    import pytest
+
+    from tus.runs import LOCK_FILE, RunDirError, RunLock
+
+    out = tmp_path / "samples"
+    out.mkdir()
+    (out / LOCK_FILE).write_text(str(os.getppid()))  # a live process (pytest's parent) holds it
+    with pytest.raises(RunDirError, match=f"pid {os.getppid()}"):
+        RunLock(out).acquire()
+    (out / LOCK_FILE).write_text("999999999")  # a process that is gone: the lock is taken over
+    with RunLock(out):
+        assert (out / LOCK_FILE).read_text() == str(os.getpid())
+    assert not (out / LOCK_FILE).exists()

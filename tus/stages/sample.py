@@ -33,7 +33,7 @@ from tus.data.images import UsageError, write_grayscale
 from tus.data.seeding import derive_seed
 from tus.methods.iddpm import DiffusionCheckpointError, UNetExport, latest_export, load_ema_from_checkpoint, load_unet_export
 from tus.models.export import CONFIG_FILE, read_export_config
-from tus.runs import last_checkpoint
+from tus.runs import RunLock, last_checkpoint
 from tus.samplers import resolve_steps, sample_images
 from tus.samplers.base import to_uint8
 
@@ -161,28 +161,30 @@ def generate(
     }
     out_dir = Path(out_dir)
     prepare_output(out_dir, settings)
-    manifest = out_dir / MANIFEST_FILE
-    listed = manifest_indices(manifest)
-    present = {i for i in range(n) if (out_dir / image_name(i)).is_file()}
-    # Images written by an interrupted call just before its manifest rows.
-    append_manifest_rows(manifest, sorted(present - listed), settings)
-    missing = [i for i in range(n) if i not in present]
-    device = pick_device(device)
-    unet.to(device)
-    # Batches sit on a fixed grid of indices, so a resumed call redraws the same batches.
-    batches: dict[int, list[int]] = {}
-    for index in missing:
-        batches.setdefault(index // batch_size, []).append(index)
-    with tqdm(total=n, initial=n - len(missing), unit="img", disable=not progress, desc=f"{sampler} {steps} steps") as bar:
-        for indices in batches.values():
-            images = to_uint8(sample_images(
-                unet, schedule, sampler, steps, [derive_seed(seed, i) for i in indices], device, precision
-            ))
-            for index, image in zip(indices, images):
-                final = out_dir / image_name(index)
-                partial = out_dir / f".{index:06d}.partial.png"
-                write_grayscale(partial, image)
-                os.replace(partial, final)
-            append_manifest_rows(manifest, [i for i in indices if i not in listed], settings)
-            bar.update(len(indices))
+    # One writer per output folder: a second `tus sample --out` on it is refused (holder's pid).
+    with RunLock(out_dir):
+        manifest = out_dir / MANIFEST_FILE
+        listed = manifest_indices(manifest)
+        present = {i for i in range(n) if (out_dir / image_name(i)).is_file()}
+        # Images written by an interrupted call just before its manifest rows.
+        append_manifest_rows(manifest, sorted(present - listed), settings)
+        missing = [i for i in range(n) if i not in present]
+        device = pick_device(device)
+        unet.to(device)
+        # Batches sit on a fixed grid of indices, so a resumed call redraws the same batches.
+        batches: dict[int, list[int]] = {}
+        for index in missing:
+            batches.setdefault(index // batch_size, []).append(index)
+        with tqdm(total=n, initial=n - len(missing), unit="img", disable=not progress, desc=f"{sampler} {steps} steps") as bar:
+            for indices in batches.values():
+                images = to_uint8(sample_images(
+                    unet, schedule, sampler, steps, [derive_seed(seed, i) for i in indices], device, precision
+                ))
+                for index, image in zip(indices, images):
+                    final = out_dir / image_name(index)
+                    partial = out_dir / f".{index:06d}.partial.png"
+                    write_grayscale(partial, image)
+                    os.replace(partial, final)
+                append_manifest_rows(manifest, [i for i in indices if i not in listed], settings)
+                bar.update(len(indices))
     return manifest
