@@ -1,7 +1,7 @@
 # tus: one target per stage. Every target sets up the virtual environment first.
 #   make demo        whole pipeline on the generated phantom dataset (CPU, < 10 min)
 #   make test        lint + the test suite
-#   make lint        ruff (lint) + mypy (types)
+#   make lint        ruff (lint + format check) + mypy (types)
 # Stage targets take DATA=path/to/manifest.csv (default: the phantom set) and
 # ARGS="--key=value ..." config overrides, e.g. make finetune DATA=my/manifest.csv ARGS="--seeds=[0]".
 # Configs are named as shipped in the package (tus/configs, browsable as experiments/).
@@ -36,6 +36,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 
 lint: setup
 	$(BIN)/ruff check tus tests benchmarks
+	$(BIN)/ruff format --check tus tests benchmarks
 	$(BIN)/mypy
 
 test: setup lint

@@ -53,10 +53,7 @@ def machine_line(device: torch.device) -> str:
     caps = detect_caps()
     gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     native = caps.cuda_bf16 if device.type == "cuda" else caps.cpu_native_bf16
-    return (
-        f"machine: {cpu_model()}, {torch.get_num_threads()} torch thread(s){gpu}; torch {torch.__version__}; "
-        f"native bf16 on {device.type}: {native}"
-    )
+    return f"machine: {cpu_model()}, {torch.get_num_threads()} torch thread(s){gpu}; torch {torch.__version__}; native bf16 on {device.type}: {native}"
 
 
 def plain_settings(device: torch.device) -> list[Setting]:
@@ -113,8 +110,12 @@ def tus_trainer(run_dir: Path, device: torch.device, max_steps: int, timer: Step
     ChannelsLast callback of ``trainer.channels_last``, 'auto' unless ``options`` say otherwise);
     no loggers, no progress bar."""
     config = TrainerConfig(
-        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision="auto", max_steps=max_steps,
-        enable_progress_bar=False, **options,
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        precision="auto",
+        max_steps=max_steps,
+        enable_progress_bar=False,
+        **options,
     )
     return build_trainer(config, run_dir, loggers=[], callbacks=[timer])
 

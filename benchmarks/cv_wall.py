@@ -28,18 +28,43 @@ def tus_command(manifest: Path, output_root: Path, args) -> list[str]:
     """The ``tus finetune-cv`` command line (the one place to update when the CLI changes)."""
     seeds = "[" + ",".join(str(s) for s in args.seeds) + "]"
     return [
-        sys.executable, "-m", "tus.cli", "finetune-cv", "--config", "finetune/cpu",
-        f"--data.manifest={manifest}", f"--output_root={output_root}", f"--seeds={seeds}",
-        "--data.num_folds=3", f"--data.image_size={args.image_size}", f"--data.batch_size={args.batch_size}",
-        f"--model.name={args.model}", f"--trainer.max_epochs={args.epochs}", "--trainer.enable_progress_bar=false",
-        "--logging.wandb=false", "--record_losses=false", "--gradcam.enabled=false",
+        sys.executable,
+        "-m",
+        "tus.cli",
+        "finetune-cv",
+        "--config",
+        "finetune/cpu",
+        f"--data.manifest={manifest}",
+        f"--output_root={output_root}",
+        f"--seeds={seeds}",
+        "--data.num_folds=3",
+        f"--data.image_size={args.image_size}",
+        f"--data.batch_size={args.batch_size}",
+        f"--model.name={args.model}",
+        f"--trainer.max_epochs={args.epochs}",
+        "--trainer.enable_progress_bar=false",
+        "--logging.wandb=false",
+        "--record_losses=false",
+        "--gradcam.enabled=false",
     ]
 
 
 def plain_command(manifest: Path, args) -> list[str]:
     return [
-        sys.executable, __file__, "--plain-worker", str(manifest), "--model", args.model, "--image-size", str(args.image_size),
-        "--batch-size", str(args.batch_size), "--epochs", str(args.epochs), "--seeds", *map(str, args.seeds),
+        sys.executable,
+        __file__,
+        "--plain-worker",
+        str(manifest),
+        "--model",
+        args.model,
+        "--image-size",
+        str(args.image_size),
+        "--batch-size",
+        str(args.batch_size),
+        "--epochs",
+        str(args.epochs),
+        "--seeds",
+        *map(str, args.seeds),
     ]
 
 
@@ -83,7 +108,10 @@ def plain_cv(manifest: Path, args) -> None:
             counts = np.bincount(labels[train])
             sampler = WeightedRandomSampler((1.0 / counts[labels[train]]).tolist(), len(train), replacement=True)
             loader = DataLoader(
-                [(i, int(labels[i])) for i in train], batch_size=args.batch_size, sampler=sampler, drop_last=len(train) > args.batch_size,
+                [(i, int(labels[i])) for i in train],
+                batch_size=args.batch_size,
+                sampler=sampler,
+                drop_last=len(train) > args.batch_size,
                 collate_fn=lambda rows, augment=transform: (torch.stack([augment(images[i]) for i, _ in rows]), torch.tensor([y for _, y in rows])),
             )
             scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=args.epochs * len(loader))

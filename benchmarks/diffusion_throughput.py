@@ -46,8 +46,11 @@ from tus.stages.diffusion import DiffusionConfig
 def new_module(args) -> DiffusionModule:
     torch.manual_seed(0)
     unet = UNetConfig(
-        sample_size=args.image_size, base_channels=args.base_channels, channel_mults=tuple(args.channel_mults),
-        layers_per_block=1, attention_resolutions=(args.image_size // 2 ** (len(args.channel_mults) - 1),),
+        sample_size=args.image_size,
+        base_channels=args.base_channels,
+        channel_mults=tuple(args.channel_mults),
+        layers_per_block=1,
+        attention_resolutions=(args.image_size // 2 ** (len(args.channel_mults) - 1),),
         attention_head_dim=args.base_channels,
     )
     return DiffusionModule(unet, ProcessConfig(), OptimConfig(), EmaConfig(), seed=0)
@@ -81,8 +84,11 @@ def plain_throughput(setting: Setting, device: torch.device, args) -> float:
 
 def tus_throughput(manifest: Path, run_dir: Path, device: torch.device, args) -> float:
     data = DiffusionDataConfig(
-        sources=[ImageSourceConfig(manifest=str(manifest))], image_size=args.image_size, batch_size=args.batch_size,
-        num_workers=args.num_workers, steps_per_epoch=args.warmup + args.steps,
+        sources=[ImageSourceConfig(manifest=str(manifest))],
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        steps_per_epoch=args.warmup + args.steps,
     )
     timer = StepTimer(args.warmup)
     # The memory format the diffusion stage's config asks for on this device (diffusion/cpu on CPU).
@@ -105,10 +111,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     print(machine_line(device))
-    print(
-        f"diffusion U-Net {args.base_channels}x{args.channel_mults}, {args.image_size}px, batch {args.batch_size}, "
-        f"{args.steps} timed steps after {args.warmup}"
-    )
+    print(f"diffusion U-Net {args.base_channels}x{args.channel_mults}, {args.image_size}px, batch {args.batch_size}, {args.steps} timed steps after {args.warmup}")
     plain = {s.name: plain_throughput(s, device, args) for s in plain_settings(device)}
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault(CACHE_DIR_ENV, str(Path(tmp) / "cache"))

@@ -58,13 +58,15 @@ def _blocked(n_real: int, n_generated: int, k: int, chunk: int, block_size: int 
         done += len(generated)
         if n_generated >= 100_000 and (done // chunk) % max(1, (n_generated // chunk) // 10) == 0:
             print(f"    blocked {n_real} x {n_generated}: {done}/{n_generated} after {membership_s:.0f} s", flush=True)
-    results.put({
-        "radii_s": radii_s,
-        "membership_s": membership_s,
-        "inside": np.concatenate(inside_parts),
-        "start_rss_mib": start_rss,
-        "peak_rss_mib": _peak_rss_mib(),
-    })
+    results.put(
+        {
+            "radii_s": radii_s,
+            "membership_s": membership_s,
+            "inside": np.concatenate(inside_parts),
+            "start_rss_mib": start_rss,
+            "peak_rss_mib": _peak_rss_mib(),
+        }
+    )
 
 
 def _naive(n_real: int, n_generated: int, k: int, chunk: int, results) -> None:
@@ -76,13 +78,15 @@ def _naive(n_real: int, n_generated: int, k: int, chunk: int, results) -> None:
     radii_s = time.perf_counter() - began
     began = time.perf_counter()
     inside = (torch.cdist(generated, real) / radii).amin(dim=1) <= 1.0
-    results.put({
-        "radii_s": radii_s,
-        "membership_s": time.perf_counter() - began,
-        "inside": inside.numpy(),
-        "start_rss_mib": start_rss,
-        "peak_rss_mib": _peak_rss_mib(),
-    })
+    results.put(
+        {
+            "radii_s": radii_s,
+            "membership_s": time.perf_counter() - began,
+            "inside": inside.numpy(),
+            "start_rss_mib": start_rss,
+            "peak_rss_mib": _peak_rss_mib(),
+        }
+    )
 
 
 def _in_fresh_process(target, *args) -> dict:
@@ -128,12 +132,9 @@ def main() -> None:
         _report("naive", naive)
         agree = int((naive["inside"] == blocked["inside"]).sum())
         time_ratio = (naive["radii_s"] + naive["membership_s"]) / (blocked["radii_s"] + blocked["membership_s"])
-        memory_ratio = (naive["peak_rss_mib"] - naive["start_rss_mib"]) / max(
-            1.0, blocked["peak_rss_mib"] - blocked["start_rss_mib"]
-        )
+        memory_ratio = (naive["peak_rss_mib"] - naive["start_rss_mib"]) / max(1.0, blocked["peak_rss_mib"] - blocked["start_rss_mib"])
         print(
-            f"  naive / blocked: time x{time_ratio:.2f}, extra memory x{memory_ratio:.2f}; "
-            f"same decision for {agree}/{n_generated} generated",
+            f"  naive / blocked: time x{time_ratio:.2f}, extra memory x{memory_ratio:.2f}; same decision for {agree}/{n_generated} generated",
             flush=True,
         )
 

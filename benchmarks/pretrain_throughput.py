@@ -107,9 +107,14 @@ def new_module(args) -> SimCLROrgan | MaskedAutoencoder:
     torch.manual_seed(0)
     if args.method == "mae":
         config = MaskedAutoencoderConfig(
-            encoder=args.model, image_size=args.image_size, patch_size=args.patch_size,
-            decoder_depth=args.decoder_depth, decoder_embed_dim=args.decoder_dim, decoder_num_heads=args.decoder_heads,
-            schedule=ScheduleConfig(warmup_steps=2), reconstruction_every_n_steps=0,
+            encoder=args.model,
+            image_size=args.image_size,
+            patch_size=args.patch_size,
+            decoder_depth=args.decoder_depth,
+            decoder_embed_dim=args.decoder_dim,
+            decoder_num_heads=args.decoder_heads,
+            schedule=ScheduleConfig(warmup_steps=2),
+            reconstruction_every_n_steps=0,
         )
         return MaskedAutoencoder(config, num_organs=2, batch_size=args.batch_size)
     model = PretrainModelConfig(backbone=BackboneConfig(name=args.model, init="scratch"))
@@ -223,8 +228,10 @@ def main() -> None:
     device = torch.device(args.device)
     print(machine_line(device))
     if args.method == "mae":
-        print(f"MAE pretraining {args.model} (patch {args.patch_size}, decoder {args.decoder_depth} x {args.decoder_dim}) "
-              f"{args.image_size}px, batch {args.batch_size}, {args.threads} thread(s), {args.steps} timed steps")
+        print(
+            f"MAE pretraining {args.model} (patch {args.patch_size}, decoder {args.decoder_depth} x {args.decoder_dim}) "
+            f"{args.image_size}px, batch {args.batch_size}, {args.threads} thread(s), {args.steps} timed steps"
+        )
     else:
         print(f"SimCLR pretraining {args.model} {args.image_size}px, batch {args.batch_size} x 2 views, {args.threads} thread(s), {args.steps} timed steps")
     settings: list[Setting | None] = [*plain_settings(device), None]

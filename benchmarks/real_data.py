@@ -113,11 +113,19 @@ def prepare_data(data_root: Path, out: Path) -> tuple[Path, Path, list[str]]:
 
 def finetune_config(args, manifest: Path, name: str, recipe: str, extra: list[str] = ()) -> FineTuneCVConfig:
     overrides = [
-        f"--data.manifest={manifest}", f"--output_root={args.out / 'arms'}", f"--name={name}",
-        f"--seeds=[{','.join(str(s) for s in args.seeds)}]", f"--data.num_folds={args.folds}",
-        f"--data.image_size={args.image_size}", f"--data.batch_size={args.batch_size}", f"--model.name={args.model}",
-        f"--trainer.max_epochs={args.epochs}", "--trainer.enable_progress_bar=false", "--logging.wandb=false",
-        "--record_losses=false", "--gradcam.enabled=false",
+        f"--data.manifest={manifest}",
+        f"--output_root={args.out / 'arms'}",
+        f"--name={name}",
+        f"--seeds=[{','.join(str(s) for s in args.seeds)}]",
+        f"--data.num_folds={args.folds}",
+        f"--data.image_size={args.image_size}",
+        f"--data.batch_size={args.batch_size}",
+        f"--model.name={args.model}",
+        f"--trainer.max_epochs={args.epochs}",
+        "--trainer.enable_progress_bar=false",
+        "--logging.wandb=false",
+        "--record_losses=false",
+        "--gradcam.enabled=false",
     ]
     if recipe == "sched":
         overrides += [f"--optim.schedule={args.schedule}", f"--optim.weight_decay={args.weight_decay}"]
@@ -129,9 +137,14 @@ def pretrain(args, arm: str, busi: Path, ddti: Path, folds_csv: Path, test_folds
     packaged, method = PRETRAINING[arm]
     tag = "all" if test_folds is None else "fold" + "".join(map(str, test_folds))
     overrides = [
-        f"--output_root={args.out / 'pretrain'}", f"--name={arm}-{tag}", f"--trainer.max_steps={args.pretrain_steps}",
-        f"--data.image_size={args.image_size}", "--logging.wandb=false", "--trainer.enable_progress_bar=false",
-        f"--monitor.every_n_steps={args.pretrain_steps}", f"--checkpoint_every_n_steps={args.pretrain_steps}",
+        f"--output_root={args.out / 'pretrain'}",
+        f"--name={arm}-{tag}",
+        f"--trainer.max_steps={args.pretrain_steps}",
+        f"--data.image_size={args.image_size}",
+        "--logging.wandb=false",
+        "--trainer.enable_progress_bar=false",
+        f"--monitor.every_n_steps={args.pretrain_steps}",
+        f"--checkpoint_every_n_steps={args.pretrain_steps}",
         *method,
     ]
     # The CNN arms pretrain the fine-tuned backbone; MAE pretrains its own ViT at the input size.
@@ -176,8 +189,12 @@ def run_arm(args, arm: str, busi: Path, ddti: Path, frame: pd.DataFrame, folds: 
         return pd.read_csv(arm_dir / "runs.csv")
     if arm == "plain":
         config = PlainConfig(
-            model=args.model, image_size=args.image_size, batch_size=args.batch_size, epochs=args.epochs,
-            lr=args.lr, weight_decay=args.weight_decay,
+            model=args.model,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            epochs=args.epochs,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
         )
         runs = pd.DataFrame([train_and_test(config, frame, folds, fold, seed) for seed in args.seeds for fold in range(args.folds)])
         arm_dir.mkdir(parents=True, exist_ok=True)

@@ -92,12 +92,24 @@ def main() -> None:
     train_manifest = write_manifest(frame, out / "train_manifest.csv")
 
     if args.model is None:
-        config = load_config(DiffusionConfig, REPO / "experiments" / "diffusion" / "cpu.yaml", [
-            f"data.sources=[{{manifest: {train_manifest}}}]", f"output_root={out}", f"data.image_size={args.image_size}",
-            f"unet.sample_size={args.image_size}", f"unet.base_channels={args.base_channels}", "unet.attention_head_dim=32",
-            f"trainer.max_steps={args.train_steps}", f"data.steps_per_epoch={args.train_steps}", "samples.every_n_steps=0",
-            "trainer.enable_progress_bar=false", "logging.wandb=false", "optim.lr=2e-4",
-        ])
+        config = load_config(
+            DiffusionConfig,
+            REPO / "experiments" / "diffusion" / "cpu.yaml",
+            [
+                f"data.sources=[{{manifest: {train_manifest}}}]",
+                f"output_root={out}",
+                f"data.image_size={args.image_size}",
+                f"unet.sample_size={args.image_size}",
+                f"unet.base_channels={args.base_channels}",
+                "unet.attention_head_dim=32",
+                f"trainer.max_steps={args.train_steps}",
+                f"data.steps_per_epoch={args.train_steps}",
+                "samples.every_n_steps=0",
+                "trainer.enable_progress_bar=false",
+                "logging.wandb=false",
+                "optim.lr=2e-4",
+            ],
+        )
         start = time.perf_counter()
         model = latest_export(run_diffusion(config))
         train_seconds = time.perf_counter() - start
@@ -133,12 +145,16 @@ def main() -> None:
     print(f"FD noise floor (real vs real, {n} vs {n} images): {noise_floor:.4f}")
     print(f"{'sampler':<10}{'steps':>6}{'s/image':>10}{'speed-up':>10}{'FD vs DDPM-1000':>17}{'FD vs real':>12}")
     for row in rows:
-        print(f"{row['sampler']:<10}{row['steps']:>6}{row['seconds_per_image']:>10.3f}{row['speedup_vs_ddpm1000']:>9.1f}x"
-              f"{row['fd_vs_ddpm1000']:>17.4f}{row['fd_vs_real']:>12.4f}")
+        print(f"{row['sampler']:<10}{row['steps']:>6}{row['seconds_per_image']:>10.3f}{row['speedup_vs_ddpm1000']:>9.1f}x{row['fd_vs_ddpm1000']:>17.4f}{row['fd_vs_real']:>12.4f}")
     report = {
-        "data": str(args.data), "model": model_note, "image_size": args.image_size, "train_seconds": train_seconds,
+        "data": str(args.data),
+        "model": model_note,
+        "image_size": args.image_size,
+        "train_seconds": train_seconds,
         "num_images": args.num_images,
-        "threads": args.threads, "fd_features": "16 pixel statistics (not Inception)", "fd_noise_floor_real_vs_real": noise_floor,
+        "threads": args.threads,
+        "fd_features": "16 pixel statistics (not Inception)",
+        "fd_noise_floor_real_vs_real": noise_floor,
         "samplers": [{k: v for k, v in row.items() if k != "features"} for row in rows],
     }
     (out / "sampling_benchmark.json").write_text(json.dumps(report, indent=2))

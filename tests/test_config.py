@@ -74,7 +74,9 @@ def test_packaged_configs_resolve_from_any_folder(tmp_path: Path, monkeypatch: p
 
     monkeypatch.chdir(tmp_path)
     assert load_config(FineTuneCVConfig, "finetune/cpu").data.image_size == 64
-    result = subprocess.run([sys.executable, "-m", "tus.cli", "finetune-cv", "--config", "finetune/cpu", "--data.manifest=x.csv", "--print_config"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "tus.cli", "finetune-cv", "--config", "finetune/cpu", "--data.manifest=x.csv", "--print_config"], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     printed = yaml.safe_load(result.stdout)
     assert printed["data"]["manifest"] == "x.csv" and printed["trainer"]["precision"] == "auto"
@@ -105,12 +107,15 @@ def test_limit_train_batches_one_trains_one_batch_per_epoch(labeled_manifest: Pa
     assert losses.groupby("step").size().max() <= config.data.batch_size
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--data.image_size=0", "data.image_size must be >= 1, got 0"),
-    ("--data.batch_size=-4", "data.batch_size must be >= 1, got -4"),
-    ("--data.num_folds=1", "data.num_folds must be >= 2, got 1"),
-    ("--seeds=[]", None),  # refused when the CV starts (see test_cv), not by the schema
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--data.image_size=0", "data.image_size must be >= 1, got 0"),
+        ("--data.batch_size=-4", "data.batch_size must be >= 1, got -4"),
+        ("--data.num_folds=1", "data.num_folds must be >= 2, got 1"),
+        ("--seeds=[]", None),  # refused when the CV starts (see test_cv), not by the schema
+    ],
+)
 def test_out_of_range_values_fail_naming_the_key(override: str, message: str | None):
     if message is None:
         assert load_config(FineTuneCVConfig, "finetune/cpu", [override]).seeds == []

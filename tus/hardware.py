@@ -71,8 +71,7 @@ def resolve_precision(requested: str, accelerator: str, caps: HardwareCaps | Non
     if requested != "auto":
         if requested in BF16_PRECISIONS and not on_gpu and not caps.cpu_native_bf16:
             warnings.warn(
-                f"precision={requested!r} on a CPU without native bf16 (AVX512-BF16/AMX) is emulated "
-                "and ~100x slower than 32-true",
+                f"precision={requested!r} on a CPU without native bf16 (AVX512-BF16/AMX) is emulated and ~100x slower than 32-true",
                 stacklevel=2,
             )
         return requested

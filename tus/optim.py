@@ -76,21 +76,25 @@ def lars_param_groups(model: nn.Module, config: LarsConfig) -> list[dict]:
             excluded.append(parameter)
         else:
             adapted.append(parameter)
-    groups = [{
-        "name": "lars_adapted",
-        "params": adapted,
-        "weight_decay": config.weight_decay,
-        "always_adapt": True,
-        "trust_clip": config.trust_clip,
-    }]
+    groups = [
+        {
+            "name": "lars_adapted",
+            "params": adapted,
+            "weight_decay": config.weight_decay,
+            "always_adapt": True,
+            "trust_clip": config.trust_clip,
+        }
+    ]
     if excluded:
-        groups.append({
-            "name": "lars_excluded",
-            "params": excluded,
-            "weight_decay": 0.0,
-            "always_adapt": False,
-            "trust_clip": False,
-        })
+        groups.append(
+            {
+                "name": "lars_excluded",
+                "params": excluded,
+                "weight_decay": 0.0,
+                "always_adapt": False,
+                "trust_clip": False,
+            }
+        )
     return [g for g in groups if g["params"]]
 
 

@@ -366,9 +366,7 @@ def finish_loggers(loggers: list[Logger]) -> None:
             logger.experiment.finish()
 
 
-def build_loggers(
-    run_dir: Path, logging: LoggingConfig, *, name: str, config: dict, tags: list[str] = ()
-) -> list[Logger]:
+def build_loggers(run_dir: Path, logging: LoggingConfig, *, name: str, config: dict, tags: list[str] = ()) -> list[Logger]:
     """A CSV logger always, plus a W&B logger (resumable by the id kept in the run dir)."""
     loggers: list[Logger] = [AppendingCSVLogger(save_dir=str(run_dir), name="", version="")]
     mode = wandb_mode(logging)
@@ -382,19 +380,21 @@ def build_loggers(
         if run_id is None:
             run_id = uuid.uuid4().hex[:8]
             id_file.write_text(run_id)
-        loggers.append(WandbLogger(
-            project=logging.project,
-            entity=logging.entity,
-            group=logging.group,
-            job_type=logging.job_type,
-            tags=[*logging.tags, *tags],
-            name=name,
-            id=run_id,
-            resume="allow",
-            save_dir=str(run_dir),
-            mode=mode,
-            config=config,
-        ))
+        loggers.append(
+            WandbLogger(
+                project=logging.project,
+                entity=logging.entity,
+                group=logging.group,
+                job_type=logging.job_type,
+                tags=[*logging.tags, *tags],
+                name=name,
+                id=run_id,
+                resume="allow",
+                save_dir=str(run_dir),
+                mode=mode,
+                config=config,
+            )
+        )
     return loggers
 
 

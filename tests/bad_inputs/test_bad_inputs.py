@@ -67,8 +67,7 @@ def write_payload(path: Path, marker: Path, form: str = "torch-zip") -> Path:
 
 
 def tiny_unet_config() -> dict:
-    return asdict(UNetConfig(sample_size=16, base_channels=32, channel_mults=(1,), attention_resolutions=(),
-                             attention_head_dim=32, layers_per_block=1))
+    return asdict(UNetConfig(sample_size=16, base_channels=32, channel_mults=(1,), attention_resolutions=(), attention_head_dim=32, layers_per_block=1))
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +101,7 @@ class Case:
 
 
 def hash_tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def run_tus(argv: list[str], capsys) -> tuple[int, str]:
@@ -128,6 +126,7 @@ def run_tus(argv: list[str], capsys) -> tuple[int, str]:
 def manifest_text(text: str) -> Callable[[Path, Path], None]:
     def setup(inputs: Path, marker: Path) -> None:
         (inputs / "bad.csv").write_bytes(text.encode("utf-8") if isinstance(text, str) else text)
+
     return setup
 
 
@@ -150,6 +149,7 @@ def bad_image(kind: str) -> Callable[[Path, Path], None]:
             write_grayscale(target, np.zeros((400, 400), dtype=np.uint8))
         frame.loc[1, "path"] = f"images/{target.name}"
         frame.to_csv(inputs / "manifest.csv", index=False)
+
     return setup
 
 
@@ -158,6 +158,7 @@ def payload_at(relative: str, form: str = "torch-zip", meta: dict | None = None)
         path = write_payload(inputs / relative, marker, form)
         if meta is not None:
             path.with_suffix(".json").write_text(json.dumps(meta))
+
     return setup
 
 
@@ -167,6 +168,7 @@ def files(contents: dict[str, bytes | str]) -> Callable[[Path, Path], None]:
             path = inputs / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(content.encode() if isinstance(content, str) else content)
+
     return setup
 
 
@@ -194,134 +196,111 @@ SYN = ["--real", "{in}/manifest.csv", "--generated", "{in}/generated", "--no-cac
 
 CASES = [
     # tus data check
-    Case("check-duplicate-label-column", ["data", "check", "{in}/bad.csv"],
-         manifest_text("path,label,patient_id,label\nimages/i0.png,0,P0,1\n"), 1, ("bad.csv", "'label'")),
-    Case("check-duplicate-path-column", ["data", "check", "{in}/bad.csv"],
-         manifest_text("path,path,label,patient_id\nimages/i0.png,images/i1.png,0,P0\n"), 1, ("bad.csv", "'path'")),
+    Case("check-duplicate-label-column", ["data", "check", "{in}/bad.csv"], manifest_text("path,label,patient_id,label\nimages/i0.png,0,P0,1\n"), 1, ("bad.csv", "'label'")),
+    Case("check-duplicate-path-column", ["data", "check", "{in}/bad.csv"], manifest_text("path,path,label,patient_id\nimages/i0.png,images/i1.png,0,P0\n"), 1, ("bad.csv", "'path'")),
     Case("check-empty-csv", ["data", "check", "{in}/bad.csv"], manifest_text(""), 1, ("bad.csv", "empty")),
     Case("check-blank-lines-csv", ["data", "check", "{in}/bad.csv"], manifest_text("\n\n"), 1, ("bad.csv", "header")),
     Case("check-missing-manifest", ["data", "check", "{in}/nope.csv"], None, 1, ("nope.csv",)),
-    Case("check-latin1-csv", ["data", "check", "{in}/bad.csv"], manifest_text(b"path,label\n\xe9t\xe9.png,0\n"), 1,
-         ("bad.csv", "UTF-8")),
-    Case("check-reserved-column", ["data", "check", "{in}/bad.csv"],
-         manifest_text("path,abs_path,label,patient_id\nimages/i0.png,x,0,P0\n"), 1, ("bad.csv", "abs_path")),
-    Case("check-no-path-column", ["data", "check", "{in}/bad.csv"], manifest_text("file,label\nimages/i0.png,0\n"),
-         1, ("bad.csv", "'path'")),
-    Case("check-multipage-tiff", ["data", "check", "{in}/manifest.csv"], bad_image("multipage"), 1,
-         ("line 3", "i1.tif", "multi-page")),
-    Case("check-nan-float-tiff", ["data", "check", "{in}/manifest.csv"], bad_image("nan"), 1,
-         ("line 3", "i1.tif", "NaN")),
+    Case("check-latin1-csv", ["data", "check", "{in}/bad.csv"], manifest_text(b"path,label\n\xe9t\xe9.png,0\n"), 1, ("bad.csv", "UTF-8")),
+    Case("check-reserved-column", ["data", "check", "{in}/bad.csv"], manifest_text("path,abs_path,label,patient_id\nimages/i0.png,x,0,P0\n"), 1, ("bad.csv", "abs_path")),
+    Case("check-no-path-column", ["data", "check", "{in}/bad.csv"], manifest_text("file,label\nimages/i0.png,0\n"), 1, ("bad.csv", "'path'")),
+    Case("check-multipage-tiff", ["data", "check", "{in}/manifest.csv"], bad_image("multipage"), 1, ("line 3", "i1.tif", "multi-page")),
+    Case("check-nan-float-tiff", ["data", "check", "{in}/manifest.csv"], bad_image("nan"), 1, ("line 3", "i1.tif", "NaN")),
     Case("check-corrupt-png", ["data", "check", "{in}/manifest.csv"], bad_image("corrupt"), 1, ("line 3", "i1.png")),
-    Case("check-decompression-bomb", ["data", "check", "{in}/manifest.csv"], bad_image("bomb"), 1,
-         ("line 3", "i1.png", "limit")),
+    Case("check-decompression-bomb", ["data", "check", "{in}/manifest.csv"], bad_image("bomb"), 1, ("line 3", "i1.png", "limit")),
     # tus data crop
-    Case("crop-box-three-numbers", ["data", "crop", "{in}/manifest.csv", "--out", "{out}", "--box", "1,2,3"], None, 2,
-         ("--box", "1,2,3")),
-    Case("crop-box-inverted", ["data", "crop", "{in}/manifest.csv", "--out", "{out}", "--box", "9,9,1,1"], None, 2,
-         ("--box", "9,9,1,1")),
-    Case("crop-box-outside-image", ["data", "crop", "{in}/manifest.csv", "--out", "{out}", "--box", "0,0,99,9"], None,
-         1, ("manifest.csv line 2", "does not fit")),
-    Case("crop-duplicate-column", ["data", "crop", "{in}/bad.csv", "--out", "{out}"],
-         manifest_text("path,label,label\nimages/i0.png,0,1\n"), 1, ("bad.csv", "'label'")),
-    Case("crop-empty-csv", ["data", "crop", "{in}/bad.csv", "--out", "{out}"], manifest_text(""), 1,
-         ("bad.csv", "empty")),
+    Case("crop-box-three-numbers", ["data", "crop", "{in}/manifest.csv", "--out", "{out}", "--box", "1,2,3"], None, 2, ("--box", "1,2,3")),
+    Case("crop-box-inverted", ["data", "crop", "{in}/manifest.csv", "--out", "{out}", "--box", "9,9,1,1"], None, 2, ("--box", "9,9,1,1")),
+    Case("crop-box-outside-image", ["data", "crop", "{in}/manifest.csv", "--out", "{out}", "--box", "0,0,99,9"], None, 1, ("manifest.csv line 2", "does not fit")),
+    Case("crop-duplicate-column", ["data", "crop", "{in}/bad.csv", "--out", "{out}"], manifest_text("path,label,label\nimages/i0.png,0,1\n"), 1, ("bad.csv", "'label'")),
+    Case("crop-empty-csv", ["data", "crop", "{in}/bad.csv", "--out", "{out}"], manifest_text(""), 1, ("bad.csv", "empty")),
     Case("crop-out-occupied", ["data", "crop", "{in}/manifest.csv", "--out", "{out}"], occupied_out, 2, ("out",)),
-    Case("crop-multipage-tiff", ["data", "crop", "{in}/manifest.csv", "--out", "{out}"], bad_image("multipage"), 1,
-         ("line 3", "i1.tif", "multi-page")),
-    Case("crop-corrupt-image", ["data", "crop", "{in}/manifest.csv", "--out", "{out}"], bad_image("corrupt"), 1,
-         ("line 3", "i1.png")),
+    Case("crop-multipage-tiff", ["data", "crop", "{in}/manifest.csv", "--out", "{out}"], bad_image("multipage"), 1, ("line 3", "i1.tif", "multi-page")),
+    Case("crop-corrupt-image", ["data", "crop", "{in}/manifest.csv", "--out", "{out}"], bad_image("corrupt"), 1, ("line 3", "i1.png")),
     # tus data phantom (tus.data.phantom validates; any non-zero code)
-    Case("phantom-label-noise-above-one", ["data", "phantom", "--out", "{out}", "--label-noise", "2"], None, None,
-         ("label_noise",)),
+    Case("phantom-label-noise-above-one", ["data", "phantom", "--out", "{out}", "--label-noise", "2"], None, None, ("label_noise",)),
     # tus metrics
-    Case("metrics-weights-pickle-payload", ["metrics", *SYN, "--weights", "{in}/incep.pt"], payload_at("incep.pt"), 1,
-         ("incep.pt", "refused")),
-    Case("metrics-weights-raw-pickle", ["metrics", *SYN, "--weights", "{in}/incep.pkl"],
-         payload_at("incep.pkl", "pickle"), 1, ("incep.pkl", "refused")),
-    Case("metrics-env-weights-payload", ["metrics", *SYN], payload_at("incep.pth", "torch-legacy"), 1,
-         ("incep.pth", "refused"), env={"TUS_INCEPTION_WEIGHTS": "{in}/incep.pth"}),
-    Case("metrics-weights-text-file", ["metrics", *SYN, "--weights", "{in}/notes.txt"],
-         files({"notes.txt": "these are my notes\n"}), 1, ("notes.txt", "text file")),
-    Case("metrics-weights-json-file", ["metrics", *SYN, "--weights", "{in}/encoder/config.json"], None, 1,
-         ("encoder/config.json", "JSON")),
-    Case("metrics-weights-empty-file", ["metrics", *SYN, "--weights", "{in}/empty.pt"], files({"empty.pt": b""}), 1,
-         ("empty.pt", "empty")),
+    Case("metrics-weights-pickle-payload", ["metrics", *SYN, "--weights", "{in}/incep.pt"], payload_at("incep.pt"), 1, ("incep.pt", "refused")),
+    Case("metrics-weights-raw-pickle", ["metrics", *SYN, "--weights", "{in}/incep.pkl"], payload_at("incep.pkl", "pickle"), 1, ("incep.pkl", "refused")),
+    Case("metrics-env-weights-payload", ["metrics", *SYN], payload_at("incep.pth", "torch-legacy"), 1, ("incep.pth", "refused"), env={"TUS_INCEPTION_WEIGHTS": "{in}/incep.pth"}),
+    Case("metrics-weights-text-file", ["metrics", *SYN, "--weights", "{in}/notes.txt"], files({"notes.txt": "these are my notes\n"}), 1, ("notes.txt", "text file")),
+    Case("metrics-weights-json-file", ["metrics", *SYN, "--weights", "{in}/encoder/config.json"], None, 1, ("encoder/config.json", "JSON")),
+    Case("metrics-weights-empty-file", ["metrics", *SYN, "--weights", "{in}/empty.pt"], files({"empty.pt": b""}), 1, ("empty.pt", "empty")),
     Case("metrics-weights-missing", ["metrics", *SYN, "--weights", "{in}/missing.pt"], None, 1, ("missing.pt",)),
-    Case("metrics-weights-wrong-network", ["metrics", *SYN, "--weights", "{in}/encoder/model.safetensors"], None, 1,
-         ("encoder/model.safetensors", "Inception")),
-    Case("metrics-encoder-payload", ["metrics", *SYN, "--extractor", "{in}/enc.safetensors"],
-         payload_at("enc.safetensors", meta=ENCODER_META), 1, ("enc.safetensors", "refused")),
-    Case("metrics-encoder-without-json", ["metrics", *SYN, "--extractor", "{in}/lone.safetensors"],
-         files({"lone.safetensors": b"x"}), 1, ("lone.safetensors", "lone.json")),
-    Case("metrics-encoder-missing", ["metrics", *SYN, "--extractor", "{in}/missing.safetensors"], None, 1,
-         ("missing.safetensors", "not found")),
-    Case("metrics-extractor-is-diffusion-export", ["metrics", *SYN, "--extractor", "{in}/unet.safetensors"],
-         payload_at("unet.safetensors", meta=UNET_META), 1, ("unet.safetensors", "diffusion U-Net export")),
-    Case("metrics-encoder-json-claims-one-channel", ["metrics", *SYN, "--extractor", "{in}/rgb"],
-         three_channel_encoder_claiming_one, 1, ("rgb", "in_chans=1", "3 channel")),
-    Case("metrics-real-missing", ["metrics", "--real", "{in}/none", "--generated", "{in}/generated"], None, 1,
-         ("none",)),
-    Case("metrics-generated-empty", ["metrics", "--real", "{in}/manifest.csv", "--generated", "{in}/empty_dir"],
-         files({"empty_dir/note.txt": "not an image"}), 1, ("empty_dir", "no images")),
-    Case("metrics-real-duplicate-column", ["metrics", "--real", "{in}/bad.csv", "--generated", "{in}/generated"],
-         manifest_text("path,path\nimages/i0.png,images/i1.png\n"), 1, ("bad.csv", "'path'")),
+    Case("metrics-weights-wrong-network", ["metrics", *SYN, "--weights", "{in}/encoder/model.safetensors"], None, 1, ("encoder/model.safetensors", "Inception")),
+    Case("metrics-encoder-payload", ["metrics", *SYN, "--extractor", "{in}/enc.safetensors"], payload_at("enc.safetensors", meta=ENCODER_META), 1, ("enc.safetensors", "refused")),
+    Case("metrics-encoder-without-json", ["metrics", *SYN, "--extractor", "{in}/lone.safetensors"], files({"lone.safetensors": b"x"}), 1, ("lone.safetensors", "lone.json")),
+    Case("metrics-encoder-missing", ["metrics", *SYN, "--extractor", "{in}/missing.safetensors"], None, 1, ("missing.safetensors", "not found")),
+    Case(
+        "metrics-extractor-is-diffusion-export",
+        ["metrics", *SYN, "--extractor", "{in}/unet.safetensors"],
+        payload_at("unet.safetensors", meta=UNET_META),
+        1,
+        ("unet.safetensors", "diffusion U-Net export"),
+    ),
+    Case("metrics-encoder-json-claims-one-channel", ["metrics", *SYN, "--extractor", "{in}/rgb"], three_channel_encoder_claiming_one, 1, ("rgb", "in_chans=1", "3 channel")),
+    Case("metrics-real-missing", ["metrics", "--real", "{in}/none", "--generated", "{in}/generated"], None, 1, ("none",)),
+    Case("metrics-generated-empty", ["metrics", "--real", "{in}/manifest.csv", "--generated", "{in}/empty_dir"], files({"empty_dir/note.txt": "not an image"}), 1, ("empty_dir", "no images")),
+    Case("metrics-real-duplicate-column", ["metrics", "--real", "{in}/bad.csv", "--generated", "{in}/generated"], manifest_text("path,path\nimages/i0.png,images/i1.png\n"), 1, ("bad.csv", "'path'")),
     Case("metrics-batch-size-zero", ["metrics", *SYN, "--batch-size", "0"], None, 2, ("--batch-size",)),
     Case("metrics-out-is-a-folder", ["metrics", *SYN, "--out", "{in}/images"], None, 2, ("--out",)),
     # tus filter
-    Case("filter-weights-payload", ["filter", *SYN, "--out", "{out}", "--k", "2", "--weights", "{in}/incep.pt"],
-         payload_at("incep.pt"), 1, ("incep.pt", "refused")),
-    Case("filter-env-weights-payload", ["filter", *SYN, "--out", "{out}", "--k", "2"],
-         payload_at("incep.pt", "pickle-text"), 1, ("incep.pt",), env={"TUS_INCEPTION_WEIGHTS": "{in}/incep.pt"}),
-    Case("filter-out-occupied", ["filter", *SYN, "--out", "{out}", "--k", "2", "--weights", "{in}/missing.pt"],
-         occupied_out, 2, ("out", "not empty")),
-    Case("filter-out-inside-generated", ["filter", *SYN, "--out", "{in}/generated/kept", "--k", "2"], None, 2,
-         ("generated",)),
+    Case("filter-weights-payload", ["filter", *SYN, "--out", "{out}", "--k", "2", "--weights", "{in}/incep.pt"], payload_at("incep.pt"), 1, ("incep.pt", "refused")),
+    Case("filter-env-weights-payload", ["filter", *SYN, "--out", "{out}", "--k", "2"], payload_at("incep.pt", "pickle-text"), 1, ("incep.pt",), env={"TUS_INCEPTION_WEIGHTS": "{in}/incep.pt"}),
+    Case("filter-out-occupied", ["filter", *SYN, "--out", "{out}", "--k", "2", "--weights", "{in}/missing.pt"], occupied_out, 2, ("out", "not empty")),
+    Case("filter-out-inside-generated", ["filter", *SYN, "--out", "{in}/generated/kept", "--k", "2"], None, 2, ("generated",)),
     Case("filter-empty-sweep", ["filter", *SYN, "--out", "{out}", "--k", "2", "--sweep", ","], None, 2, ("--sweep",)),
-    Case("filter-sweep-k-too-large", ["filter", *SYN, "--out", "{out}", "--k", "2", "--sweep", "2,50"], None, 2,
-         ("--sweep", "50")),
+    Case("filter-sweep-k-too-large", ["filter", *SYN, "--out", "{out}", "--k", "2", "--sweep", "2,50"], None, 2, ("--sweep", "50")),
     Case("filter-k-zero", ["filter", *SYN, "--out", "{out}", "--k", "0"], None, 2, ("k must be",)),
-    Case("filter-non-utf8-file-name", ["filter", *SYN, "--out", "{out}", "--k", "2"], non_utf8_generated_name, 1,
-         ("g\\xff.png", "UTF-8")),
-    Case("filter-generated-missing", ["filter", "--real", "{in}/manifest.csv", "--generated", "{in}/nothing",
-                                      "--out", "{out}"], None, 1, ("nothing",)),
+    Case("filter-non-utf8-file-name", ["filter", *SYN, "--out", "{out}", "--k", "2"], non_utf8_generated_name, 1, ("g\\xff.png", "UTF-8")),
+    Case("filter-generated-missing", ["filter", "--real", "{in}/manifest.csv", "--generated", "{in}/nothing", "--out", "{out}"], None, 1, ("nothing",)),
     # tus explain
-    Case("explain-encoder-export", ["explain", "--checkpoint", "{in}/encoder/model.safetensors", "--images", "{in}/images",
-                                    "--out", "{out}", "--image-size", "32"], None, 1,
-         ("encoder/model.safetensors", "encoder export", "not a fine-tuned classifier")),
-    Case("explain-ckpt-payload", ["explain", "--checkpoint", "{in}/model.ckpt", "--images", "{in}/images",
-                                  "--out", "{out}", "--image-size", "32"], payload_at("model.ckpt"), 1,
-         ("model.ckpt", "refused")),
-    Case("explain-export-payload", ["explain", "--checkpoint", "{in}/model.safetensors", "--images", "{in}/images",
-                                    "--out", "{out}", "--image-size", "32"],
-         payload_at("model.safetensors", "pickle", meta=CLASSIFIER_META), 1, ("model.safetensors", "refused")),
-    Case("explain-diffusion-export", ["explain", "--checkpoint", "{in}/unet.json", "--images", "{in}/images",
-                                      "--out", "{out}", "--image-size", "32"],
-         payload_at("unet.safetensors", meta=UNET_META), 1, ("unet.safetensors", "diffusion U-Net export")),
-    Case("explain-checkpoint-missing", ["explain", "--checkpoint", "{in}/gone.ckpt", "--images", "{in}/images",
-                                        "--out", "{out}"], None, 1, ("--checkpoint", "gone.ckpt")),
-    Case("explain-text-ckpt", ["explain", "--checkpoint", "{in}/model.ckpt", "--images", "{in}/images",
-                               "--out", "{out}", "--image-size", "32"], files({"model.ckpt": "epoch: 3\n"}), 1,
-         ("model.ckpt", "text file")),
-    Case("explain-out-occupied", ["explain", "--checkpoint", "{in}/encoder", "--images", "{in}/images",
-                                  "--out", "{out}"], occupied_out, 2, ("--out",)),
-    Case("explain-image-size-zero", ["explain", "--checkpoint", "{in}/encoder", "--images",
-                                     "{in}/images", "--out", "{out}", "--image-size", "0"], None, 2,
-         ("--image-size",)),
+    Case(
+        "explain-encoder-export",
+        ["explain", "--checkpoint", "{in}/encoder/model.safetensors", "--images", "{in}/images", "--out", "{out}", "--image-size", "32"],
+        None,
+        1,
+        ("encoder/model.safetensors", "encoder export", "not a fine-tuned classifier"),
+    ),
+    Case(
+        "explain-ckpt-payload",
+        ["explain", "--checkpoint", "{in}/model.ckpt", "--images", "{in}/images", "--out", "{out}", "--image-size", "32"],
+        payload_at("model.ckpt"),
+        1,
+        ("model.ckpt", "refused"),
+    ),
+    Case(
+        "explain-export-payload",
+        ["explain", "--checkpoint", "{in}/model.safetensors", "--images", "{in}/images", "--out", "{out}", "--image-size", "32"],
+        payload_at("model.safetensors", "pickle", meta=CLASSIFIER_META),
+        1,
+        ("model.safetensors", "refused"),
+    ),
+    Case(
+        "explain-diffusion-export",
+        ["explain", "--checkpoint", "{in}/unet.json", "--images", "{in}/images", "--out", "{out}", "--image-size", "32"],
+        payload_at("unet.safetensors", meta=UNET_META),
+        1,
+        ("unet.safetensors", "diffusion U-Net export"),
+    ),
+    Case("explain-checkpoint-missing", ["explain", "--checkpoint", "{in}/gone.ckpt", "--images", "{in}/images", "--out", "{out}"], None, 1, ("--checkpoint", "gone.ckpt")),
+    Case(
+        "explain-text-ckpt",
+        ["explain", "--checkpoint", "{in}/model.ckpt", "--images", "{in}/images", "--out", "{out}", "--image-size", "32"],
+        files({"model.ckpt": "epoch: 3\n"}),
+        1,
+        ("model.ckpt", "text file"),
+    ),
+    Case("explain-out-occupied", ["explain", "--checkpoint", "{in}/encoder", "--images", "{in}/images", "--out", "{out}"], occupied_out, 2, ("--out",)),
+    Case("explain-image-size-zero", ["explain", "--checkpoint", "{in}/encoder", "--images", "{in}/images", "--out", "{out}", "--image-size", "0"], None, 2, ("--image-size",)),
     # tus sample
-    Case("sample-export-payload", ["sample", "--checkpoint", "{in}/ema.safetensors", "--n", "1", "--out", "{out}"],
-         payload_at("ema.safetensors", meta=UNET_META), 1, ("ema.safetensors", "refused")),
-    Case("sample-ckpt-payload", ["sample", "--checkpoint", "{in}/last.ckpt", "--n", "1", "--out", "{out}"],
-         payload_at("last.ckpt", "torch-legacy"), 1, ("last.ckpt", "refused")),
-    Case("sample-encoder-export", ["sample", "--checkpoint", "{in}/encoder", "--n", "1", "--out",
-                                   "{out}"], None, 1, ("encoder", "encoder export")),
-    Case("sample-checkpoint-missing", ["sample", "--checkpoint", "{in}/gone.safetensors", "--n", "1", "--out",
-                                       "{out}"], None, 1, ("gone.safetensors", "not found")),
-    Case("sample-checkpoint-wrong-suffix", ["sample", "--checkpoint", "{in}/manifest.csv", "--n", "1", "--out",
-                                            "{out}"], None, 1, ("manifest.csv", "--checkpoint")),
-    Case("sample-empty-run-dir", ["sample", "--checkpoint", "{in}/images", "--n", "1", "--out", "{out}"], None, 1,
-         ("images", "last.ckpt")),
-    Case("sample-n-zero", ["sample", "--checkpoint", "{in}/ema.safetensors", "--n", "0", "--out", "{out}"], None, 2,
-         ("--n",)),
+    Case("sample-export-payload", ["sample", "--checkpoint", "{in}/ema.safetensors", "--n", "1", "--out", "{out}"], payload_at("ema.safetensors", meta=UNET_META), 1, ("ema.safetensors", "refused")),
+    Case("sample-ckpt-payload", ["sample", "--checkpoint", "{in}/last.ckpt", "--n", "1", "--out", "{out}"], payload_at("last.ckpt", "torch-legacy"), 1, ("last.ckpt", "refused")),
+    Case("sample-encoder-export", ["sample", "--checkpoint", "{in}/encoder", "--n", "1", "--out", "{out}"], None, 1, ("encoder", "encoder export")),
+    Case("sample-checkpoint-missing", ["sample", "--checkpoint", "{in}/gone.safetensors", "--n", "1", "--out", "{out}"], None, 1, ("gone.safetensors", "not found")),
+    Case("sample-checkpoint-wrong-suffix", ["sample", "--checkpoint", "{in}/manifest.csv", "--n", "1", "--out", "{out}"], None, 1, ("manifest.csv", "--checkpoint")),
+    Case("sample-empty-run-dir", ["sample", "--checkpoint", "{in}/images", "--n", "1", "--out", "{out}"], None, 1, ("images", "last.ckpt")),
+    Case("sample-n-zero", ["sample", "--checkpoint", "{in}/ema.safetensors", "--n", "0", "--out", "{out}"], None, 2, ("--n",)),
 ]
 
 
@@ -379,6 +358,7 @@ def _create_backbone(init: str, name: str = "resnet10t") -> Callable[[Path], obj
         if init == "tus":
             path.with_suffix(".json").write_text(json.dumps({"backbone": name, "in_chans": 1}))
         return create_backbone(BackboneConfig(name=name, init=init, weights=str(path)))
+
     return load
 
 

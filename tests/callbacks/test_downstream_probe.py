@@ -123,8 +123,13 @@ def test_logs_every_n_steps_to_the_loggers(labelled, tmp_path):
     probe = DownstreamProbe(manifest, every_n_steps=2, image_size=SIZE, classifier="knn", k=5, num_folds=3, seed=7, cache=False)
     expected = reference_auroc(reference_features(values), frame["label"].to_numpy(), reference_folds(frame, 3, 7), "knn", k=5)
     trainer = L.Trainer(
-        max_steps=3, logger=CSVLogger(tmp_path / "logs", name="", version=""), callbacks=[probe],
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+        max_steps=3,
+        logger=CSVLogger(tmp_path / "logs", name="", version=""),
+        callbacks=[probe],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
     )
     trainer.fit(FixedEncoderModule())
     # The start (step 0), every 2nd step, and the last step.

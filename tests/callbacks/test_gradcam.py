@@ -36,8 +36,6 @@ SIZE = 32
 PATCH = 8  # 8 x 8 of 32 x 32: 6.25% of the pixels
 
 
-
-
 def patch_images(count: int, with_patch: bool, seed: int) -> tuple[torch.Tensor, np.ndarray]:
     """Dim noise images, optionally with a bright square at a random place; the squares' masks."""
     rng = np.random.default_rng(seed)
@@ -56,10 +54,15 @@ def patch_detector() -> nn.Module:
     """A small CNN trained until it calls 'positive' exactly when a bright patch is present."""
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 2),
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     positives, _ = patch_images(32, True, seed=1)
@@ -78,10 +81,7 @@ def patch_detector() -> nn.Module:
 
 
 def hook_counts(model: nn.Module) -> list[int]:
-    return [
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(m._backward_pre_hooks)
-        for m in model.modules()
-    ]
+    return [len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(m._backward_pre_hooks) for m in model.modules()]
 
 
 def test_cam_mass_concentrates_on_the_planted_patch(patch_detector):
@@ -182,8 +182,14 @@ def test_logger_runs_in_validation_and_test_and_leaves_no_hooks(tmp_path):
     logger = GradCAMPlusPlusLogger(tmp_path / "gradcam", num_images=3)
     csv = L.pytorch.loggers.CSVLogger(str(tmp_path), name="", version="")
     trainer = L.Trainer(
-        accelerator="cpu", max_epochs=2, logger=csv, callbacks=[logger], enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=1,
+        accelerator="cpu",
+        max_epochs=2,
+        logger=csv,
+        callbacks=[logger],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=1,
     )
     trainer.fit(module, datamodule=TinyData())
     trainer.test(module, datamodule=TinyData(), verbose=False)
@@ -240,8 +246,15 @@ def test_logger_under_ddp_explains_on_rank_zero_only(tmp_path, monkeypatch):
     # Lightning's launcher sets MASTER_PORT in this process; keep it from leaking to later tests.
     monkeypatch.setenv("MASTER_PORT", str(find_free_network_port()))
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_fork", max_epochs=2, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_fork",
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
         callbacks=[GradCAMPlusPlusLogger(tmp_path / "gradcam", num_images=2)],
     )
     trainer.fit(tiny_classifier(), datamodule=TinyData())

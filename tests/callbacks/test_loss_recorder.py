@@ -25,8 +25,6 @@ SAMPLER_SEED = 7
 RUN_INFO = {"fold": 1, "seed": 3, "init": "scratch"}
 
 
-
-
 class TinyLabelledImages(Dataset):
     """In-memory 32 px images with a few positives, batched like ManifestDataset."""
 
@@ -81,8 +79,14 @@ class ManualForward(Callback):
 
 def trainer(tmp_path: Path, max_epochs: int, callbacks: list, **kwargs) -> L.Trainer:
     return L.Trainer(
-        accelerator="cpu", max_epochs=max_epochs, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=str(tmp_path), callbacks=callbacks, **kwargs,
+        accelerator="cpu",
+        max_epochs=max_epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        callbacks=callbacks,
+        **kwargs,
     )
 
 
@@ -124,9 +128,7 @@ def test_resume_keeps_earlier_epochs_and_drops_uncovered_rows(tmp_path):
     uncovered.to_csv(path, mode="a", header=False, index=False)
 
     checkpoints = ModelCheckpoint(dirpath=str(tmp_path / "checkpoints"), save_last=True, save_top_k=0)
-    trainer(tmp_path, 2, [checkpoints, PerSampleLossRecorder(path, RUN_INFO)]).fit(
-        tiny_module(), datamodule=WeightedTinyData(), ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt")
-    )
+    trainer(tmp_path, 2, [checkpoints, PerSampleLossRecorder(path, RUN_INFO)]).fit(tiny_module(), datamodule=WeightedTinyData(), ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))
     table = read_losses(path)
     assert table.groupby("epoch").size().to_dict() == {0: NUM_SAMPLES, 1: NUM_SAMPLES}
     assert 99 not in set(table["step"])

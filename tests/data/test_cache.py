@@ -94,9 +94,7 @@ def test_cached_pixels_equal_direct_decoding(images: list[Path], tmp_path: Path)
     assert not list((tmp_path / "cache").glob("*.tmp"))  # the temporary file was renamed away
 
 
-def test_second_cache_reuses_file_without_decoding_or_hashing(
-    images: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_second_cache_reuses_file_without_decoding_or_hashing(images: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = DecodedImageCache(images, 32, tmp_path / "cache")
     written = first.file.stat().st_mtime_ns
     # Same process: the memo hands back the very same mapping (all folds x seeds share it).
@@ -126,9 +124,7 @@ def test_same_images_elsewhere_share_the_cache(images: list[Path], tmp_path: Pat
     assert DecodedImageCache(copies[::-1], 32, tmp_path / "cache").key != first.key
 
 
-def test_changed_bytes_invalidate_even_with_same_size_and_mtime(
-    images: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_changed_bytes_invalidate_even_with_same_size_and_mtime(images: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = DecodedImageCache(images, 32, tmp_path / "cache")
     old_rows = np.array(first.array)
     changed = images.index(next(p for p in images if p.suffix == ".bmp"))
@@ -163,9 +159,7 @@ def test_two_sizes_side_by_side(images: list[Path], tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "cache").glob("*.npy")) == sorted([small.file.name, large.file.name])
 
 
-def test_cache_location_from_argument_env_and_xdg(
-    images: list[Path], tmp_path: Path, isolated_cache: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_cache_location_from_argument_env_and_xdg(images: list[Path], tmp_path: Path, isolated_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert default_cache_dir() == isolated_cache
     assert DecodedImageCache(images, 16).file.parent == isolated_cache
     assert DecodedImageCache(images, 16, tmp_path / "explicit").file.parent == tmp_path / "explicit"
@@ -223,14 +217,10 @@ def test_concurrent_builds_decode_once(images: list[Path], tmp_path: Path) -> No
     assert sorted(decoded for decoded, _ in outcomes) == [0, len(images)]
     assert len({key for _, key in outcomes}) == 1
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
-    assert np.array_equal(
-        DecodedImageCache(images, 32, tmp_path / "cache").array, np.stack([direct(p, 32) for p in images])
-    )
+    assert np.array_equal(DecodedImageCache(images, 32, tmp_path / "cache").array, np.stack([direct(p, 32) for p in images]))
 
 
-def test_touched_but_unchanged_file_is_rehashed_and_reuses_the_cache(
-    images: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_touched_but_unchanged_file_is_rehashed_and_reuses_the_cache(images: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = DecodedImageCache(images, 32, tmp_path / "cache")
     os.utime(images[0], ns=(0, 10**18))  # new mtime, same bytes
     counter = DecodeCounter(monkeypatch)

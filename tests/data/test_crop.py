@@ -87,8 +87,7 @@ def test_crop_manifest_writes_one_row_per_view_inheriting_the_source(source_data
     assert manifest == tmp_path / "cropped" / "manifest.csv"
     crops = pd.read_csv(manifest)
     assert len(crops) == 10
-    assert list(crops.columns) == ["path", "patient_id", "label", "site", "source_path", "view_index", "box",
-                                   "sample_id"]
+    assert list(crops.columns) == ["path", "patient_id", "label", "site", "source_path", "view_index", "box", "sample_id"]
     assert crops["sample_id"].is_unique
     assert crops["sample_id"].iloc[0] == "images/shot_0.png#view0"
     assert crops["sample_id"].iloc[1] == "images/shot_0.png#view1"

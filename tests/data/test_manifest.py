@@ -139,7 +139,7 @@ def test_rgb_and_16bit_images_read_as_single_channel(tmp_path: Path):
     Image.fromarray(rgb).save(tmp_path / "rgb.png")
     gray = read_grayscale(tmp_path / "rgb.png")
     assert gray.shape == (8, 10) and gray.dtype == np.uint8 and int(gray[0, 0]) == 76  # ITU-R 601 luma of pure red
-    deep = (np.arange(80, dtype=np.uint16).reshape(8, 10) * 500 + 1000)
+    deep = np.arange(80, dtype=np.uint16).reshape(8, 10) * 500 + 1000
     Image.fromarray(deep).save(tmp_path / "deep.png")
     image = read_grayscale(tmp_path / "deep.png")
     assert image.dtype == np.uint8 and image.min() == 0 and image.max() == 255

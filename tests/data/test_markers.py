@@ -58,8 +58,7 @@ def test_every_marker_type_draws_something(marker_type, shape):
 
 
 def test_marker_config_ranges_are_respected():
-    config = MarkerConfig(types=("cross_plus",), min_count=3, max_count=3, intensity_range=(230, 231),
-                          size_range=(0.1, 0.1), thickness_range=(1, 1))
+    config = MarkerConfig(types=("cross_plus",), min_count=3, max_count=3, intensity_range=(230, 231), size_range=(0.1, 0.1), thickness_range=(1, 1))
     marked, mask = draw_markers(np.zeros((100, 100), np.uint8), np.random.default_rng(0), config)
     assert set(np.unique(marked[mask]).tolist()) <= {230, 231}
     # Three 1-px plus signs with arms of 5 px cover at most 3 * 21 pixels.
@@ -212,9 +211,16 @@ def test_callback_reaches_the_steps_inside_a_real_trainer():
     images = normalised_batch(7, count=4, size=32)
     loader = torch.utils.data.DataLoader([{"image": image[0:1]} for image in images], batch_size=2)
     module = RecordingModule()
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", callbacks=[MarkerInjector(stages=("train",), seed=0)],
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        callbacks=[MarkerInjector(stages=("train",), seed=0)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, loader, loader)
     assert [has_mask for has_mask, _ in module.seen["train"]] == [True, True]
     assert [has_mask for has_mask, _ in module.seen["val"]] == [False, False]

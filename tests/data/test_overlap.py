@@ -91,7 +91,9 @@ def test_pools_drop_exactly_the_labelled_images_and_record_them(tmp_path):
     assert sorted(Path(r["pool_path"]).name for r in record["excluded"]) == ["copy_lab0.png", "recoded_lab3.png"]
     assert record["overlap_per_source"][str(pool_path)]["labeled_in_pool"] == 3
 
-    diffusion = DiffusionDataModule(DiffusionDataConfig(sources=[ImageSourceConfig(manifest=str(pool_path))], image_size=16, cache_images=False, exclude_labeled="all", labeled_manifest=str(labeled_path)), seed=0)
+    diffusion = DiffusionDataModule(
+        DiffusionDataConfig(sources=[ImageSourceConfig(manifest=str(pool_path))], image_size=16, cache_images=False, exclude_labeled="all", labeled_manifest=str(labeled_path)), seed=0
+    )
     assert sorted(Path(p).name for p in diffusion.prepare_frames()[0]["abs_path"]) == [f"own{i}.png" for i in range(5)]
     assert diffusion.pool_report()["excluded_labeled"]["excluded_images"] == 3
 

@@ -12,10 +12,7 @@ LABELED_COLUMNS = ["path", "patient_id", "label", "class_name", "organ", "has_ma
 
 def fingerprint(paths) -> dict:
     """Every file of a generated dataset, by content."""
-    return {
-        str(path.relative_to(paths.root)): content_hash(path)
-        for path in sorted(paths.root.rglob("*")) if path.is_file()
-    }
+    return {str(path.relative_to(paths.root)): content_hash(path) for path in sorted(paths.root.rglob("*")) if path.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +127,7 @@ def test_field_of_view_is_black_outside_and_depth_is_partially_compensated():
         for corner in (image[:2, :2], image[:2, -2:]):
             assert (corner == 0).all()
         rows = np.nonzero(mask.any(axis=1))[0]
-        top, bottom = rows[: len(rows) // 4], rows[-(len(rows) // 4):]
+        top, bottom = rows[: len(rows) // 4], rows[-(len(rows) // 4) :]
         differences.append(image[top][mask[top]].mean() - image[bottom][mask[bottom]].mean())
     # Attenuation darkens deep organ tissue, but TGC leaves only a mild residual slope.
     assert 1.0 < np.mean(differences) < 25.0
@@ -140,10 +137,7 @@ def test_images_of_a_patient_share_organ_size_but_vary_in_detail():
     areas = []
     for patient in range(12):
         traits = sample_patient_traits(np.random.default_rng([patient, 99]))
-        images, masks = zip(*(
-            render_bmode_with_mask(np.random.default_rng([patient, view]), 96, "testicle", True, traits)
-            for view in range(4)
-        ))
+        images, masks = zip(*(render_bmode_with_mask(np.random.default_rng([patient, view]), 96, "testicle", True, traits) for view in range(4)))
         areas.append([mask.sum() for mask in masks])
         assert all((images[0] != other).mean() > 0.5 for other in images[1:])
     areas = np.array(areas, dtype=float)

@@ -34,8 +34,13 @@ def fake_cv(root: Path) -> tuple[Path, pd.DataFrame]:
             precision = tp / (tp + fp) if tp + fp else 0.0
             recall = tp / (tp + fn)
             metrics = {
-                "fold": fold, "seed": seed, "accuracy": float((pred == label).mean()), "precision": precision, "recall": recall,
-                "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0, "auroc": 0.5 + 0.1 * seed + 0.05 * fold,
+                "fold": fold,
+                "seed": seed,
+                "accuracy": float((pred == label).mean()),
+                "precision": precision,
+                "recall": recall,
+                "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+                "auroc": 0.5 + 0.1 * seed + 0.05 * fold,
             }
             (run / "metrics.json").write_text(json.dumps(metrics))
     return root, frame

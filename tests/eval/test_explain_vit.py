@@ -97,9 +97,7 @@ def test_vit_target_layer_and_reshape_are_chosen_automatically(vit_patch_detecto
 def test_cam_mass_concentrates_on_the_planted_patch(vit_patch_detector: ViTClassifier, method: str) -> None:
     images, masks = patch_images(8, True, seed=3)
     name, layer = resolve_target_layer(vit_patch_detector, None, images)
-    cams, logits = class_activation_maps(
-        vit_patch_detector, images, layer, method, token_reshape_transform(vit_patch_detector, name)
-    )
+    cams, logits = class_activation_maps(vit_patch_detector, images, layer, method, token_reshape_transform(vit_patch_detector, name))
     assert cams.shape == (8, SIZE, SIZE) and (logits.argmax(1) == 1).all()
     share = cam_mass_share(cams, masks)
     area = masks.reshape(8, -1).mean(1)

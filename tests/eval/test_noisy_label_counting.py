@@ -33,11 +33,13 @@ def test_one_exceedance_in_each_of_three_epochs_counts_three():
 
 
 def test_epoch_means_are_per_run_epoch_and_sample():
-    losses = pd.DataFrame([
-        *rows("a", "s", [(0, 1.0), (0, 2.0), (1, 4.0)]),
-        *rows("b", "s", [(0, 3.0)]),
-        *rows("a", "t", [(0, 0.5), (0, 0.7)], label=0),
-    ])
+    losses = pd.DataFrame(
+        [
+            *rows("a", "s", [(0, 1.0), (0, 2.0), (1, 4.0)]),
+            *rows("b", "s", [(0, 3.0)]),
+            *rows("a", "t", [(0, 0.5), (0, 0.7)], label=0),
+        ]
+    )
     means = epoch_means(losses).set_index(["run", "epoch", "sample_id"])
     assert means["loss"].to_dict() == {("a", 0, "s"): 1.5, ("a", 0, "t"): pytest.approx(0.6), ("a", 1, "s"): 4.0, ("b", 0, "s"): 3.0}
     assert means["draws"].to_dict() == {("a", 0, "s"): 2, ("a", 0, "t"): 2, ("a", 1, "s"): 1, ("b", 0, "s"): 1}

@@ -221,9 +221,7 @@ def test_patient_bootstrap_equals_hand_coded_reference() -> None:
         }
     )
     f1 = METRIC_FNS["f1"]
-    assert patient_bootstrap_ci(frame, f1, n_boot=150, alpha=0.1, seed=5) == pytest.approx(
-        _reference_patient_bootstrap(frame, f1, n_boot=150, alpha=0.1, seed=5)
-    )
+    assert patient_bootstrap_ci(frame, f1, n_boot=150, alpha=0.1, seed=5) == pytest.approx(_reference_patient_bootstrap(frame, f1, n_boot=150, alpha=0.1, seed=5))
 
 
 def test_patient_bootstrap_skips_single_class_replicates_for_auroc() -> None:
@@ -266,12 +264,14 @@ def test_vectorised_bootstrap_equals_the_per_replicate_metrics():
 
     rng = np.random.default_rng(5)
     rows = 90
-    frame = pd.DataFrame({
-        "patient_id": rng.integers(0, 25, rows).astype(str),
-        "label": rng.integers(0, 2, rows),
-        # rounded so that ties between scores occur, as they do with saved probabilities
-        "prob": np.round(rng.random(rows), 1),
-    })
+    frame = pd.DataFrame(
+        {
+            "patient_id": rng.integers(0, 25, rows).astype(str),
+            "label": rng.integers(0, 2, rows),
+            # rounded so that ties between scores occur, as they do with saved probabilities
+            "prob": np.round(rng.random(rows), 1),
+        }
+    )
     frame["pred"] = (frame["prob"] > 0.5).astype(int)
     fast = patient_bootstrap_cis(frame, list(METRIC_FNS), n_boot=300, seed=3)
     for name, metric in METRIC_FNS.items():

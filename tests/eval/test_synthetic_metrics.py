@@ -71,9 +71,7 @@ def _random_images(folder: Path, count: int, seed: int, sizes=((8, 8),)) -> list
 
 def _small_encoder() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 6, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten()
-    )
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 6, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[str, int]]:
@@ -237,10 +235,13 @@ def test_fid_of_a_shifted_set_is_the_squared_shift(tmp_path):
     assert len(metrics["precision_per_batch"]) == 3 and metrics["precision_mean"] < 1.0
 
 
-@pytest.mark.parametrize("num_real, batches, size, note", [
-    (100, 1, 64, "only 100 real images: 1 reference batch(es) of 64 instead of 3"),
-    (30, 1, 30, "only 30 real images: one reference batch of all of them instead of 3 x 64"),
-])
+@pytest.mark.parametrize(
+    "num_real, batches, size, note",
+    [
+        (100, 1, 64, "only 100 real images: 1 reference batch(es) of 64 instead of 3"),
+        (30, 1, 30, "only 30 real images: one reference batch of all of them instead of 3 x 64"),
+    ],
+)
 def test_few_real_images_shrink_the_reference_batches_and_say_so(num_real, batches, size, note):
     real = _points(num_real, seed=2).astype(np.float32)
     generated = _points(90, seed=3).astype(np.float32)
@@ -281,9 +282,7 @@ def test_too_few_generated_images_make_metrics_unavailable():
 
 def test_metrics_table_shows_values_and_notes(tmp_path):
     points = _points(300, seed=1)
-    metrics = compute_metrics(
-        _write_points(tmp_path / "r", points, "r"), _write_points(tmp_path / "g", points + 20, "g"), PixelExtractor()
-    )
+    metrics = compute_metrics(_write_points(tmp_path / "r", points, "r"), _write_points(tmp_path / "g", points + 20, "g"), PixelExtractor())
     table = format_metrics_table(metrics)
     assert "FID" in table and f"{metrics['fid']:.2f}" in table
     assert "Inception Score" in table and "unavailable" in table
@@ -371,8 +370,7 @@ def test_sweep_reports_non_decreasing_kept_counts_and_writes_plots(tmp_path):
     generated_dir = tmp_path / "generated"
     _write_points(generated_dir, rng.integers(40, 160, size=(120, 6)), "gen")
     before = _snapshot(generated_dir)
-    report = sweep(tmp_path / "real", generated_dir, tmp_path / "sweep", ks=[8, 1, 2, 4], highlight_k=4,
-                   extractor=PixelExtractor(), reference_batch_size=16)
+    report = sweep(tmp_path / "real", generated_dir, tmp_path / "sweep", ks=[8, 1, 2, 4], highlight_k=4, extractor=PixelExtractor(), reference_batch_size=16)
     assert _snapshot(generated_dir) == before
     kept = [row["kept"] for row in report["sweep"]]
     assert [row["k"] for row in report["sweep"]] == [1, 2, 4, 8]
@@ -395,8 +393,7 @@ def test_metrics_and_filter_command_lines_with_an_exported_encoder(tmp_path, cap
     _random_images(generated_dir, 30, seed=10)
     config = BackboneConfig(name="resnet18", in_chans=1, init="scratch")
     encoder_file = save_encoder(create_backbone(config), config, tmp_path / "export" / "encoder", extra={"image_size": 32})
-    common = ["--real", str(real[0].parent), "--generated", str(generated_dir), "--extractor", str(encoder_file),
-              "--cache", str(tmp_path / "cache")]
+    common = ["--real", str(real[0].parent), "--generated", str(generated_dir), "--extractor", str(encoder_file), "--cache", str(tmp_path / "cache")]
 
     assert metrics_main([*common, "--out", str(tmp_path / "metrics.json")]) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())

@@ -14,8 +14,7 @@ LR, DECAY, DEPTH = 1e-3, 0.75, 12  # vit_tiny has 12 blocks
 
 
 def vit_module(**optim: object) -> FineTuneModule:
-    backbone = BackboneConfig(name="vit_tiny_patch16_224", init="scratch", img_size=32, patch_size=8,
-                              global_pool="avg", drop_path_rate=0.1)
+    backbone = BackboneConfig(name="vit_tiny_patch16_224", init="scratch", img_size=32, patch_size=8, global_pool="avg", drop_path_rate=0.1)
     return FineTuneModule(backbone, FineTuneOptimConfig(lr_head=LR, layer_decay=DECAY, weight_decay=0.05, **optim))
 
 

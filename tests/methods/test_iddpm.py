@@ -32,11 +32,14 @@ from tus.stages.diffusion import DiffusionConfig, run_diffusion
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_UNET = UNetConfig(
-    sample_size=16, base_channels=16, channel_mults=(1, 2), layers_per_block=1,
-    attention_resolutions=(8,), attention_head_dim=16, norm_num_groups=8,
+    sample_size=16,
+    base_channels=16,
+    channel_mults=(1, 2),
+    layers_per_block=1,
+    attention_resolutions=(8,),
+    attention_head_dim=16,
+    norm_num_groups=8,
 )
-
-
 
 
 def disk_images(count: int, size: int, seed: int = 0) -> np.ndarray:
@@ -119,12 +122,25 @@ def test_hybrid_loss_of_a_tiny_model_falls_on_toy_images():
 
 def tiny_config(tmp_path: Path, manifest: Path, **overrides) -> DiffusionConfig:
     values = [
-        f"data.sources=[{{manifest: {manifest}}}]", f"output_root={tmp_path / 'runs'}",
-        "data.image_size=16", "data.batch_size=4", "data.steps_per_epoch=3", "data.num_workers=0",
-        "unet.sample_size=16", "unet.base_channels=16", "unet.channel_mults=[1, 2]", "unet.attention_resolutions=[8]",
-        "unet.attention_head_dim=16", "samples.every_n_steps=0", "trainer.max_steps=6",
-        "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "logging.wandb=false", "optim.lr=1e-3",
-        "ema.decay=0.9", *[f"{k}={v}" for k, v in overrides.items()],
+        f"data.sources=[{{manifest: {manifest}}}]",
+        f"output_root={tmp_path / 'runs'}",
+        "data.image_size=16",
+        "data.batch_size=4",
+        "data.steps_per_epoch=3",
+        "data.num_workers=0",
+        "unet.sample_size=16",
+        "unet.base_channels=16",
+        "unet.channel_mults=[1, 2]",
+        "unet.attention_resolutions=[8]",
+        "unet.attention_head_dim=16",
+        "samples.every_n_steps=0",
+        "trainer.max_steps=6",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        "logging.wandb=false",
+        "optim.lr=1e-3",
+        "ema.decay=0.9",
+        *[f"{k}={v}" for k, v in overrides.items()],
     ]
     return load_config(DiffusionConfig, REPO / "experiments" / "diffusion" / "cpu.yaml", values)
 

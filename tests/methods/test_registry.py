@@ -76,12 +76,22 @@ def test_method_options_are_checked_against_the_methods_own_schema():
 @pytest.mark.slow
 def test_a_users_method_runs_through_the_unchanged_pretraining_stage(tmp_path: Path):
     pool = generate_phantom(tmp_path / "phantom", num_patients=4, image_size=32, pool_size=24).unlabeled_manifest
-    config = load_config(PretrainConfig, "pretrain/cpu", [
-        f"--method={{name: {__name__}.ToyMethod, width: 3}}",
-        f"--data.sources=[{{manifest: '{pool}'}}]", "--data.image_size=32", "--data.batch_size=4",
-        "--trainer.max_steps=3", "--trainer.enable_progress_bar=false", "--monitor.every_n_steps=0",
-        "--monitor.holdout_per_organ=0", "--checkpoint_every_n_steps=null", f"--output_root={tmp_path / 'runs'}",
-    ])
+    config = load_config(
+        PretrainConfig,
+        "pretrain/cpu",
+        [
+            f"--method={{name: {__name__}.ToyMethod, width: 3}}",
+            f"--data.sources=[{{manifest: '{pool}'}}]",
+            "--data.image_size=32",
+            "--data.batch_size=4",
+            "--trainer.max_steps=3",
+            "--trainer.enable_progress_bar=false",
+            "--monitor.every_n_steps=0",
+            "--monitor.holdout_per_organ=0",
+            "--checkpoint_every_n_steps=null",
+            f"--output_root={tmp_path / 'runs'}",
+        ],
+    )
     run_dir = run_pretraining(config)
     weights = load_file(str(run_dir / "encoder.safetensors"))
     assert weights["0.weight"].shape == (3, 1, 3, 3)

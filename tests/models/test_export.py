@@ -26,8 +26,7 @@ from tus.models.backbones import BackboneConfig, create_backbone, save_encoder
 from tus.models.export import load_export
 from tus.models.weights import CheckpointError
 
-TINY_UNET = UNetConfig(sample_size=16, base_channels=32, channel_mults=(1,), attention_resolutions=(),
-                       attention_head_dim=32, layers_per_block=1)
+TINY_UNET = UNetConfig(sample_size=16, base_channels=32, channel_mults=(1,), attention_resolutions=(), attention_head_dim=32, layers_per_block=1)
 ENCODER = BackboneConfig(name="resnet10t", init="scratch")
 
 

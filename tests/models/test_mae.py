@@ -26,12 +26,7 @@ def test_sincos_pos_embed_matches_formula() -> None:
     omegas = [10000 ** (-k / (dim / 4)) for k in range(dim // 4)]
     for index in range(grid_h * grid_w):
         h, w = divmod(index, grid_w)  # patches are row-major
-        expected = (
-            [math.sin(h * o) for o in omegas]
-            + [math.sin(w * o) for o in omegas]
-            + [math.cos(h * o) for o in omegas]
-            + [math.cos(w * o) for o in omegas]
-        )
+        expected = [math.sin(h * o) for o in omegas] + [math.sin(w * o) for o in omegas] + [math.cos(h * o) for o in omegas] + [math.cos(w * o) for o in omegas]
         assert embed[0, 1 + index].tolist() == pytest.approx(expected, abs=1e-6)
     assert sincos_pos_embed_2d(dim, grid_h, grid_w, cls_token=False).shape == (1, grid_h * grid_w, dim)
 
@@ -127,10 +122,6 @@ def test_no_weight_decay_on_norms_biases_and_tokens() -> None:
     model = tiny_mae()
     names = {id(p): n for n, p in model.named_parameters()}
     groups = {g["name"]: {names[id(p)] for p in g["params"]} for g in mae_param_groups(model, weight_decay=0.05)}
-    assert {"encoder.cls_token", "mask_token", "encoder.blocks.0.norm1.weight", "decoder_pred.bias"} <= groups[
-        "no_decay"
-    ]
-    assert {"encoder.blocks.0.attn.qkv.weight", "encoder.patch_embed.proj.weight", "decoder_pred.weight"} <= groups[
-        "decay"
-    ]
+    assert {"encoder.cls_token", "mask_token", "encoder.blocks.0.norm1.weight", "decoder_pred.bias"} <= groups["no_decay"]
+    assert {"encoder.blocks.0.attn.qkv.weight", "encoder.patch_embed.proj.weight", "decoder_pred.weight"} <= groups["decay"]
     assert all(not n.endswith(".bias") and "norm" not in n for n in groups["decay"])

@@ -14,11 +14,27 @@ from tests.reliability.faults import Killer, assert_no_duplicated_steps, assert_
 
 def overrides(manifest: Path, out: Path) -> list[str]:
     return [
-        "--config", "diffusion/cpu", f"--data.sources=[{{manifest: '{manifest}'}}]", f"--output_root={out}",
-        "--data.image_size=16", "--data.batch_size=4", "--data.steps_per_epoch=3", "--data.num_workers=0", "--data.cache_images=false",
-        "--unet.sample_size=16", "--unet.base_channels=16", "--unet.channel_mults=[1, 2]", "--unet.attention_resolutions=[8]",
-        "--unet.attention_head_dim=16", "--samples.every_n_steps=0", "--trainer.max_steps=30", "--trainer.precision=32-true",
-        "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false", "--logging.wandb=false", "--optim.lr=1e-3",
+        "--config",
+        "diffusion/cpu",
+        f"--data.sources=[{{manifest: '{manifest}'}}]",
+        f"--output_root={out}",
+        "--data.image_size=16",
+        "--data.batch_size=4",
+        "--data.steps_per_epoch=3",
+        "--data.num_workers=0",
+        "--data.cache_images=false",
+        "--unet.sample_size=16",
+        "--unet.base_channels=16",
+        "--unet.channel_mults=[1, 2]",
+        "--unet.attention_resolutions=[8]",
+        "--unet.attention_head_dim=16",
+        "--samples.every_n_steps=0",
+        "--trainer.max_steps=30",
+        "--trainer.precision=32-true",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false",
+        "--logging.wandb=false",
+        "--optim.lr=1e-3",
         "--ema.decay=0.9",
     ]
 

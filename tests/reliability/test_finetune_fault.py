@@ -24,10 +24,20 @@ from tests.reliability.faults import (
 
 def overrides(manifest: Path, out: Path) -> list[str]:
     return [
-        "--config", "finetune/cpu", f"--data.manifest={manifest}", f"--output_root={out}",
-        "--data.image_size=32", "--data.batch_size=8", "--data.num_workers=0", "--data.cache_images=false",
-        "--trainer.max_epochs=6", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
-        "--seeds=[0]", "--logging.wandb=false", "--data.augment.markers_p=0.5",
+        "--config",
+        "finetune/cpu",
+        f"--data.manifest={manifest}",
+        f"--output_root={out}",
+        "--data.image_size=32",
+        "--data.batch_size=8",
+        "--data.num_workers=0",
+        "--data.cache_images=false",
+        "--trainer.max_epochs=6",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false",
+        "--seeds=[0]",
+        "--logging.wandb=false",
+        "--data.augment.markers_p=0.5",
     ]
 
 

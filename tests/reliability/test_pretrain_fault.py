@@ -21,12 +21,27 @@ STEPS = 90  # long enough that a kill within 1 s of the first checkpoint lands m
 
 def overrides(manifest: Path, out: Path) -> list[str]:
     return [
-        "--config", "pretrain/cpu", f"--data.sources=[{{manifest: '{manifest}'}}]", f"--output_root={out}",
-        "--data.image_size=32", "--data.batch_size=8", "--data.num_workers=0", "--data.cache_images=false",
-        "--method.model.backbone.name=test_resnet", "--method.model.projection_hidden_dim=32", "--method.model.projection_output_dim=16",
-        "--trainer.precision=32-true", f"--trainer.max_steps={STEPS}", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
-        "--method.schedule.warmup_steps=2", "--checkpoint_every_n_steps=3",
-        "--monitor.every_n_steps=5", "--monitor.holdout_per_organ=2", "--monitor.bank_per_organ=8", "--monitor.knn_k=3",
+        "--config",
+        "pretrain/cpu",
+        f"--data.sources=[{{manifest: '{manifest}'}}]",
+        f"--output_root={out}",
+        "--data.image_size=32",
+        "--data.batch_size=8",
+        "--data.num_workers=0",
+        "--data.cache_images=false",
+        "--method.model.backbone.name=test_resnet",
+        "--method.model.projection_hidden_dim=32",
+        "--method.model.projection_output_dim=16",
+        "--trainer.precision=32-true",
+        f"--trainer.max_steps={STEPS}",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false",
+        "--method.schedule.warmup_steps=2",
+        "--checkpoint_every_n_steps=3",
+        "--monitor.every_n_steps=5",
+        "--monitor.holdout_per_organ=2",
+        "--monitor.bank_per_organ=8",
+        "--monitor.knn_k=3",
         "--logging.wandb=false",
     ]
 

@@ -23,11 +23,14 @@ from tus.stages.sample import generate
 # 50 training steps keep the full ancestral chain cheap; the samplers do not depend on T.
 STEPS = 50
 TINY_UNET = UNetConfig(
-    sample_size=16, base_channels=16, channel_mults=(1, 2), layers_per_block=1,
-    attention_resolutions=(8,), attention_head_dim=16, norm_num_groups=8,
+    sample_size=16,
+    base_channels=16,
+    channel_mults=(1, 2),
+    layers_per_block=1,
+    attention_resolutions=(8,),
+    attention_head_dim=16,
+    norm_num_groups=8,
 )
-
-
 
 
 @pytest.fixture(scope="module")

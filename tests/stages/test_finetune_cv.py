@@ -19,14 +19,25 @@ CPU_CONFIG = Path(__file__).resolve().parents[2] / "experiments" / "finetune" / 
 
 
 def tiny_config(manifest: Path, out: Path, *overrides: str) -> FineTuneCVConfig:
-    return load_config(FineTuneCVConfig, CPU_CONFIG, [
-        f"data.manifest={manifest}", f"output_root={out}", "data.image_size=32", "data.batch_size=8",
-        "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "seeds=[0]", "logging.wandb=false",
-        "model.name=resnet10t",
-        # These tests check the pipeline, not the recipe: over 2 epochs one-cycle spends most
-        # steps warming up, and extending a one-cycle run changes its schedule.
-        "optim.schedule=constant", *overrides,
-    ])
+    return load_config(
+        FineTuneCVConfig,
+        CPU_CONFIG,
+        [
+            f"data.manifest={manifest}",
+            f"output_root={out}",
+            "data.image_size=32",
+            "data.batch_size=8",
+            "trainer.max_epochs=2",
+            "trainer.enable_progress_bar=false",
+            "seeds=[0]",
+            "logging.wandb=false",
+            "model.name=resnet10t",
+            # These tests check the pipeline, not the recipe: over 2 epochs one-cycle spends most
+            # steps warming up, and extending a one-cycle run changes its schedule.
+            "optim.schedule=constant",
+            *overrides,
+        ],
+    )
 
 
 def test_aggregate_mean_and_sample_std():

@@ -71,6 +71,7 @@ def random_batch(count: int = 4, size: int = 32) -> tuple[list[torch.Tensor], to
 
 # --- losses -----------------------------------------------------------------------------
 
+
 def reference_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> float:
     """Eq. 1-2 of the paper, literally: views interleaved as x_{2i-1}, x_{2i}; loop over pairs."""
     n = z1.shape[0]
@@ -151,6 +152,7 @@ def test_loss_weights_are_validated():
 
 # --- LARS and schedules -------------------------------------------------------------------
 
+
 def lars_toy() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
@@ -208,6 +210,7 @@ def test_warmup_then_cosine_or_poly_decay():
 
 # --- views ---------------------------------------------------------------------------------
 
+
 def test_views_are_single_channel_and_each_image_and_view_gets_its_own_draw(tmp_path: Path):
     image = np.tile((np.arange(40, dtype=np.uint8) * 6)[None, :], (40, 1))
     for i in range(8):
@@ -223,10 +226,9 @@ def test_views_are_single_channel_and_each_image_and_view_gets_its_own_draw(tmp_
             assert not torch.equal(first[i], first[j])  # identical images, different draws
 
 
-
-
 def test_view_draws_are_reproducible_and_differ_across_ranks():
     image = np.random.default_rng(0).integers(0, 255, size=(48, 48), dtype=np.uint8)
+
     def views(transform: ViewPairTransform) -> torch.Tensor:
         return torch.cat(transform(image))
 
@@ -249,6 +251,7 @@ def test_markers_go_into_views_when_asked():
 
 # --- pool ----------------------------------------------------------------------------------
 
+
 def test_heldout_slice_keeps_patients_whole_and_reports_the_draw_shares(tmp_path: Path):
     manifest = make_pool(tmp_path / "pool", per_organ=12)
     extra = make_pool(tmp_path / "extra", per_organ=4, seed=1)
@@ -268,16 +271,30 @@ def test_heldout_slice_keeps_patients_whole_and_reports_the_draw_shares(tmp_path
 
 # --- the runner: bf16, resume, export --------------------------------------------------------
 
+
 def cli_overrides(manifest: Path, out: Path) -> list[str]:
     return [
         f"data.sources=[{{manifest: '{manifest}'}}]",
         f"output_root={out}",
-        "data.image_size=32", "data.batch_size=8", "data.num_workers=0",
-        "method.model.backbone.name=test_resnet", "method.model.projection_hidden_dim=32", "method.model.projection_output_dim=16",
-        "trainer.accelerator=cpu", "trainer.devices=1", "trainer.strategy=auto", "trainer.precision=bf16-mixed",
-        "trainer.max_steps=2", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
-        "method.schedule.warmup_steps=1", "checkpoint_every_n_steps=1",
-        "monitor.every_n_steps=2", "monitor.holdout_per_organ=2", "monitor.bank_per_organ=8", "monitor.knn_k=3",
+        "data.image_size=32",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "method.model.backbone.name=test_resnet",
+        "method.model.projection_hidden_dim=32",
+        "method.model.projection_output_dim=16",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        "trainer.strategy=auto",
+        "trainer.precision=bf16-mixed",
+        "trainer.max_steps=2",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        "method.schedule.warmup_steps=1",
+        "checkpoint_every_n_steps=1",
+        "monitor.every_n_steps=2",
+        "monitor.holdout_per_organ=2",
+        "monitor.bank_per_organ=8",
+        "monitor.knn_k=3",
         "logging.wandb=false",
     ]
 

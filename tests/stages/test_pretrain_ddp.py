@@ -110,6 +110,7 @@ def fit(out: Path, devices: int, batch_size: int, order: list[int] | None = None
 def test_two_process_ddp_matches_one_process_on_the_whole_batch(tmp_path: Path):
     initial = {name: p.detach().clone() for name, p in new_module(PER_RANK).named_parameters()}
     fit(tmp_path / "ddp", devices=WORLD_SIZE, batch_size=PER_RANK)
+
     # The single process sees, at each step, the union of what the ranks saw at that step
     # (Lightning's distributed sampler decides the split).
     def load(run: str, rank: int, step: int) -> dict:
@@ -149,13 +150,31 @@ def test_tus_pretrain_under_ddp_shares_one_run_dir_and_scales_the_learning_rate(
     must join rank 0's run dir (not make its own); the lr is scaled by the global batch."""
     manifest = make_pool(tmp_path / "pool")
     command = [
-        sys.executable, "-m", "tus.cli.main", "pretrain", "--config", str(REPO / "experiments/pretrain/cpu.yaml"),
-        f"data.sources=[{{manifest: '{manifest}'}}]", f"output_root={tmp_path / 'runs'}",
-        "data.image_size=32", f"data.batch_size={PER_RANK}", "data.num_workers=0",
-        "method.model.backbone.name=test_resnet", "method.model.projection_hidden_dim=32", "method.model.projection_output_dim=16",
-        "trainer.accelerator=cpu", f"trainer.devices={WORLD_SIZE}", "trainer.strategy=ddp", "trainer.max_steps=2",
-        "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "method.schedule.warmup_steps=0",
-        "monitor.every_n_steps=2", "monitor.holdout_per_organ=2", "monitor.bank_per_organ=8", "monitor.knn_k=3",
+        sys.executable,
+        "-m",
+        "tus.cli.main",
+        "pretrain",
+        "--config",
+        str(REPO / "experiments/pretrain/cpu.yaml"),
+        f"data.sources=[{{manifest: '{manifest}'}}]",
+        f"output_root={tmp_path / 'runs'}",
+        "data.image_size=32",
+        f"data.batch_size={PER_RANK}",
+        "data.num_workers=0",
+        "method.model.backbone.name=test_resnet",
+        "method.model.projection_hidden_dim=32",
+        "method.model.projection_output_dim=16",
+        "trainer.accelerator=cpu",
+        f"trainer.devices={WORLD_SIZE}",
+        "trainer.strategy=ddp",
+        "trainer.max_steps=2",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        "method.schedule.warmup_steps=0",
+        "monitor.every_n_steps=2",
+        "monitor.holdout_per_organ=2",
+        "monitor.bank_per_organ=8",
+        "monitor.knn_k=3",
         "logging.wandb=false",
     ]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}

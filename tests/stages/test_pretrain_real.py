@@ -31,8 +31,6 @@ def organ_subset(shared_data: Path, name: str, out: Path) -> Path:
     return manifest
 
 
-
-
 @pytest.mark.slow
 @pytest.mark.shared_data
 def test_short_pretraining_on_breast_and_thyroid_learns_the_organ(shared_data: Path, tmp_path: Path):

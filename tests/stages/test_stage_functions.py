@@ -59,8 +59,7 @@ def test_run_metrics_checks_options_before_embedding(tmp_path):
 def test_run_filter_keeps_the_planted_inside_images_and_sweeps(planted, tmp_path):  # noqa: F811 - the fixture
     manifest, generated_dir, generated_paths = planted
     out = tmp_path / "filtered"
-    report = run_filter(manifest, generated_dir, out, k=1, organ="testis", sweep=[1, 2], link="copy",
-                        extractor=PixelExtractor())
+    report = run_filter(manifest, generated_dir, out, k=1, organ="testis", sweep=[1, 2], link="copy", extractor=PixelExtractor())
     expected_kept = [p.name for p, keep in zip(generated_paths, EXPECTED_INSIDE) if keep]
     assert (report["k"], report["kept"], report["rejected"], report["num_generated"]) == (1, 4, 3, 7)
     assert report["out_dir"] == str(out) and report["link"] == "copy"
@@ -105,16 +104,14 @@ def test_run_explain_returns_the_written_summary(tmp_path):
         run_explain(tmp_path / "model.safetensors", tmp_path / "images", out, method="gradcam", image_size=32)
     assert not out.exists()
 
-    summary = run_explain(tmp_path / "model.safetensors", tmp_path / "images", out, image_size=32, rows_per_page=2,
-                          batch_size=2, seed=3)
+    summary = run_explain(tmp_path / "model.safetensors", tmp_path / "images", out, image_size=32, rows_per_page=2, batch_size=2, seed=3)
     assert sorted(p.name for p in out.iterdir()) == ["marker_sensitivity.json", "overlays-000.png", "overlays-001.png", "per_image.csv"]
     assert json.loads((out / "marker_sensitivity.json").read_text()) == summary
     per_image = pd.read_csv(out / "per_image.csv")
     assert per_image["image"].tolist() == [str(tmp_path / "images" / f"v{i}.png") for i in range(3)]
     assert (summary["num_images"], summary["image_size"], summary["seed"], summary["method"]) == (3, 32, 3, "gradcam++")
     assert summary["prediction_change_rate"] == pytest.approx((per_image["predicted_clean"] != per_image["predicted_marked"]).mean())
-    assert summary["mean_probability_shift"] == pytest.approx(
-        (per_image["probability_marked"] - per_image["probability_clean"]).abs().mean(), rel=1e-5)
+    assert summary["mean_probability_shift"] == pytest.approx((per_image["probability_marked"] - per_image["probability_clean"]).abs().mean(), rel=1e-5)
     assert summary["checkpoint"] == str((tmp_path / "model.safetensors").resolve())
     with pytest.raises(OutputExistsError):  # never writes into a non-empty folder
         run_explain(tmp_path / "model.safetensors", tmp_path / "images", out, image_size=32)

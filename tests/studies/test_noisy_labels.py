@@ -22,17 +22,15 @@ from tus.studies.schema import StageOverrides, StudyError, load_study
 REPO = Path(__file__).resolve().parents[2]
 
 
-
-
 # Per sample and run: the recorded losses, one per occurrence (None = not trained in that run).
 TRAJECTORIES = {
     #            run a                       run b                      run c
-    "always":   ([2.0, 1.5, 1.2, 0.9],      [1.1, 1.3, 1.01, 0.2],     [3.0, 2.0, 1.5, 1.2, 1.1]),
-    "twice":    ([2.0, 1.5, 1.2, 0.9],      [1.1, 1.3, 1.01, 0.2],     [0.3, 0.2, 0.1]),
-    "at_one":   ([1.0, 1.0, 1.0, 1.0],      [1.0, 1.0, 1.0],           [1.0, 1.0, 1.0]),  # not *above*
-    "two_runs": ([5.0, 4.0, 3.0, 2.0, 1.5], None,                      [1.5, 1.5, 1.5, 1.5, 1.5]),
-    "once":     ([1.5, 0.4, 0.3],           [0.2, 0.1],                [1.2, 0.3]),
-    "clean":    ([0.6, 0.3, 0.1],           [0.5, 0.2],                [0.4, 0.1, 0.05]),
+    "always": ([2.0, 1.5, 1.2, 0.9], [1.1, 1.3, 1.01, 0.2], [3.0, 2.0, 1.5, 1.2, 1.1]),
+    "twice": ([2.0, 1.5, 1.2, 0.9], [1.1, 1.3, 1.01, 0.2], [0.3, 0.2, 0.1]),
+    "at_one": ([1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]),  # not *above*
+    "two_runs": ([5.0, 4.0, 3.0, 2.0, 1.5], None, [1.5, 1.5, 1.5, 1.5, 1.5]),
+    "once": ([1.5, 0.4, 0.3], [0.2, 0.1], [1.2, 0.3]),
+    "clean": ([0.6, 0.3, 0.1], [0.5, 0.2], [0.4, 0.1, 0.05]),
 }
 LABELS = {"always": 1, "twice": 0, "at_one": 0, "two_runs": 0, "once": 1, "clean": 0}
 # the phantom-style truth: "always", "two_runs" and "once" carry flipped labels
@@ -153,8 +151,11 @@ def test_noisy_label_studies_compose_and_name_their_inits(tmp_path):
     assert study.noisy_labels.inits == {"imagenet": ["model.init=timm"], "uscl": ["model.init=uscl", "model.weights=${USCL_WEIGHTS}"]}
     assert (study.noisy_labels.threshold, study.noisy_labels.min_exceed, study.noisy_labels.min_fraction, study.noisy_labels.counting) == (1.0, 3, 1.0, "per_epoch")
     assert {name: (arm.labels, arm.label_protocol) for name, arm in study.arms.items()} == {
-        "complete": ("complete", "reference"), "filtered": ("filtered", "reference"), "flipped": ("flipped", "reference"),
-        "filtered_fold_safe": ("filtered", "fold_safe"), "flipped_fold_safe": ("flipped", "fold_safe"),
+        "complete": ("complete", "reference"),
+        "filtered": ("filtered", "reference"),
+        "flipped": ("flipped", "reference"),
+        "filtered_fold_safe": ("filtered", "fold_safe"),
+        "flipped_fold_safe": ("flipped", "fold_safe"),
     }
     cpu = load_study("studies/noisy_labels_cpu")
     assert cpu.config.finetune_config == "../finetune/cpu.yaml" and set(cpu.config.noisy_labels.inits) == {"resnet18", "resnet10t"}
@@ -166,7 +167,6 @@ def test_noisy_label_studies_compose_and_name_their_inits(tmp_path):
     no_block.write_text(f"base: {cpu.path.parent / '_base.yaml'}\ntable: {{columns: [D]}}\narms: {{f: {{row: {{D: x}}, labels: filtered}}}}\n")
     with pytest.raises(StudyError, match="needs the study's noisy_labels"):
         load_study(no_block)
-
 
 
 @pytest.mark.parametrize("variant", ["filtered", "flipped"])
@@ -206,8 +206,11 @@ def test_noisy_label_study_on_a_phantom_with_flipped_labels(tmp_path, capsys):
     manifest = generate_phantom(tmp_path / "phantom", num_patients=40, image_size=64, label_noise=0.1, pool_size=0, seed=1).labeled_manifest
     study_file = tmp_path / "noisy.yaml"
     cpu = load_study("studies/noisy_labels_cpu").path.read_text()
-    study_file.write_text(cpu.replace("base: _base.yaml", f"base: {load_study('studies/noisy_labels_cpu').path.parent / '_base.yaml'}").replace(
-        "    resnet18: [model.name=resnet18, model.init=scratch]\n    resnet10t: [model.name=resnet10t, model.init=scratch]", "    tiny: [model.name=test_resnet]"))
+    study_file.write_text(
+        cpu.replace("base: _base.yaml", f"base: {load_study('studies/noisy_labels_cpu').path.parent / '_base.yaml'}").replace(
+            "    resnet18: [model.name=resnet18, model.init=scratch]\n    resnet10t: [model.name=resnet10t, model.init=scratch]", "    tiny: [model.name=test_resnet]"
+        )
+    )
     study = load_study(study_file)
     assert list(study.config.noisy_labels.inits) == ["tiny"]
     common = ["seeds=[0]", "data.batch_size=16", "optim.lr_backbone=3e-3", "optim.lr_head=3e-3", "logging.wandb=false", "trainer.enable_progress_bar=false", "model.name=test_resnet"]
@@ -252,5 +255,4 @@ def test_noisy_label_study_on_a_phantom_with_flipped_labels(tmp_path, capsys):
     runner.run_study(study, tmp_path / "out", arms=arms, variables=variables, extra=StageOverrides(finetune=[*common, "trainer.max_epochs=1"]))
     assert {p: p.stat().st_mtime_ns for p in finished} == finished
     with capsys.disabled():
-        print(f"\nphantom flagging: precision {quality['precision']:.2f}, recall {quality['recall']:.2f}, "
-              f"{clean_flagged} of {clean_samples} clean samples flagged")
+        print(f"\nphantom flagging: precision {quality['precision']:.2f}, recall {quality['recall']:.2f}, {clean_flagged} of {clean_samples} clean samples flagged")

@@ -147,7 +147,7 @@ def test_each_study_renders_the_papers_table_with_every_arm(study_runs, name):
     run = RUN_ARMS[name] or list(study.config.arms)
     for arm, row in zip(study.config.arms, rows):
         assert row[: len(study.config.table.columns)] == [str(study.config.arms[arm].row[c]).replace("{pretrain_images}", row[1]) for c in study.config.table.columns]
-        metric_cells = row[len(study.config.table.columns):]
+        metric_cells = row[len(study.config.table.columns) :]
         if arm not in run:
             assert metric_cells == ["—"] * len(metric_cells)
             continue

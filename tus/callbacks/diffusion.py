@@ -31,7 +31,6 @@ class SampleGridConfig:
     seed: int = 0
 
 
-
 def save_sample_grid(module: DiffusionModule, config: SampleGridConfig, path: Path) -> np.ndarray:
     """Draw ``config.num_images`` EMA samples (fixed seeds, so grids compare across steps) into a PNG grid."""
     ema = module.ema.module

@@ -84,8 +84,15 @@ class GradCAMPlusPlusLogger(Callback):
     @classmethod
     def from_config(cls, config: GradCAMConfig, out_dir: str | Path, marker_config: MarkerConfig | None = None) -> GradCAMPlusPlusLogger:
         return cls(
-            out_dir, config.num_images, config.target_layer, marker_config, config.marker_seed, config.every_n_epochs,
-            config.on_validation, config.on_test, config.method,
+            out_dir,
+            config.num_images,
+            config.target_layer,
+            marker_config,
+            config.marker_seed,
+            config.every_n_epochs,
+            config.on_validation,
+            config.on_test,
+            config.method,
         )
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

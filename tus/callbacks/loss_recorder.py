@@ -106,8 +106,7 @@ class PerSampleLossRecorder(Callback):
             return
         if not isinstance(outputs, dict) or self.loss_key not in outputs:
             raise KeyError(
-                f"{type(pl_module).__name__}.training_step must return a dict with '{self.loss_key}' "
-                f"(the unreduced per-sample loss) for {type(self).__name__}; got {type(outputs).__name__}"
+                f"{type(pl_module).__name__}.training_step must return a dict with '{self.loss_key}' (the unreduced per-sample loss) for {type(self).__name__}; got {type(outputs).__name__}"
             )
         losses = outputs[self.loss_key].detach()
         if losses.shape != (len(sample_ids),):

@@ -18,8 +18,6 @@ from tus.data.markers import MarkerConfig, inject_markers_into_batch
 STAGES = ("train", "val", "test")
 
 
-
-
 class MarkerInjector(L.Callback):
     """Marks ``batch["image"]`` in place at the start of each batch of the given stages.
 
@@ -63,17 +61,11 @@ class MarkerInjector(L.Callback):
         if isinstance(batch, dict):
             batch["marker_mask"] = masks
 
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self.mark(batch, "train", trainer.current_epoch, batch_idx, 0)
 
-    def on_validation_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.mark(batch, "val", 0, batch_idx, dataloader_idx)
 
-    def on_test_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
+    def on_test_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.mark(batch, "test", 0, batch_idx, dataloader_idx)

@@ -50,34 +50,19 @@ def knn_accuracy(bank_features: np.ndarray, bank_labels: np.ndarray, features: n
     return float((classifier.predict(features) == labels).mean())
 
 
-class OrganProbe(Callback):
-    """At the start, every ``every_n_steps`` optimizer steps and after the last, score the organ on held-out images.
+class PeriodicProbe(Callback):
+    """Runs ``evaluate(module)`` at the start of training and every ``every_n_steps`` optimizer
+    steps (and at the last step), keeps ``history`` and logs each result to the loggers."""
 
-    ``bank`` (training-pool images) and ``heldout`` (images kept out of training) are
-    single-view datasets under the eval transform, with known organs. Logs
-    ``probe/knn_organ_acc`` (k-NN on encoder features: the representation itself) and
-    ``probe/head_organ_acc`` (the organ head h). Every rank computes the same numbers (the
-    weights are identical), which keeps the ranks in step. ``history`` keeps every result.
-    """
-
-    def __init__(self, bank: Dataset, heldout: Dataset, *, every_n_steps: int, k: int = 20, batch_size: int = 256):
+    def __init__(self, every_n_steps: int):
         if every_n_steps <= 0:
             raise ValueError(f"every_n_steps must be > 0, got {every_n_steps}")
-        self.bank = bank
-        self.heldout = heldout
         self.every_n_steps = every_n_steps
-        self.k = k
-        self.batch_size = batch_size
         self.history: list[dict] = []
         self._last_probed_step = -1
 
     def evaluate(self, module: L.LightningModule) -> dict[str, float]:
-        bank_features, _, bank_organs = encode(module, self.bank, self.batch_size)
-        features, predictions, organs = encode(module, self.heldout, self.batch_size)
-        return {
-            "probe/knn_organ_acc": knn_accuracy(bank_features, bank_organs, features, organs, self.k),
-            "probe/head_organ_acc": float((predictions == organs).mean()),
-        }
+        raise NotImplementedError
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The starting point (random or given init), so later numbers have a baseline; a run
@@ -102,6 +87,32 @@ class OrganProbe(Callback):
         # on_train_start, and these are point measurements, not step aggregates.
         for logger in trainer.loggers:
             logger.log_metrics(results, step=step)
+
+
+class OrganProbe(PeriodicProbe):
+    """At the start, every ``every_n_steps`` optimizer steps and after the last, score the organ on held-out images.
+
+    ``bank`` (training-pool images) and ``heldout`` (images kept out of training) are
+    single-view datasets under the eval transform, with known organs. Logs
+    ``probe/knn_organ_acc`` (k-NN on encoder features: the representation itself) and
+    ``probe/head_organ_acc`` (the organ head h). Every rank computes the same numbers (the
+    weights are identical), which keeps the ranks in step. ``history`` keeps every result.
+    """
+
+    def __init__(self, bank: Dataset, heldout: Dataset, *, every_n_steps: int, k: int = 20, batch_size: int = 256):
+        super().__init__(every_n_steps)
+        self.bank = bank
+        self.heldout = heldout
+        self.k = k
+        self.batch_size = batch_size
+
+    def evaluate(self, module: L.LightningModule) -> dict[str, float]:
+        bank_features, _, bank_organs = encode(module, self.bank, self.batch_size)
+        features, predictions, organs = encode(module, self.heldout, self.batch_size)
+        return {
+            "probe/knn_organ_acc": knn_accuracy(bank_features, bank_organs, features, organs, self.k),
+            "probe/head_organ_acc": float((predictions == organs).mean()),
+        }
 
 
 ProbeClassifier = Literal["knn", "logistic"]
@@ -142,7 +153,7 @@ def probe_auroc(features: np.ndarray, labels: np.ndarray, folds: np.ndarray, cla
     return float(np.mean(scores))
 
 
-class DownstreamProbe(Callback):
+class DownstreamProbe(PeriodicProbe):
     """At the start, every ``every_n_steps`` optimizer steps and after the last, probe a labelled task.
 
     The labelled ``manifest`` (binary ``label``, ``patient_id``) is split into ``num_folds``
@@ -166,8 +177,7 @@ class DownstreamProbe(Callback):
         batch_size: int = 256,
         cache: bool = True,
     ):
-        if every_n_steps <= 0:
-            raise ValueError(f"every_n_steps must be > 0, got {every_n_steps}")
+        super().__init__(every_n_steps)
         if classifier not in ("knn", "logistic"):
             raise ValueError(f"classifier must be 'knn' or 'logistic', got {classifier!r}")
         frame = manifest if isinstance(manifest, pd.DataFrame) else load_manifest(manifest, require_labels=True, num_folds=num_folds)
@@ -175,34 +185,11 @@ class DownstreamProbe(Callback):
             raise ValueError(f"the downstream probe needs a binary label; found classes {sorted(frame['label'].unique().tolist())}")
         self.folds = assign_folds(frame, num_folds, seed)
         self.dataset = ManifestDataset(frame, eval_transform(), image_size=image_size, cache=cache)
-        self.every_n_steps = every_n_steps
         self.classifier: ProbeClassifier = classifier
         self.k = k
         self.seed = seed
         self.batch_size = batch_size
-        self.history: list[dict] = []
-        self._last_probed_step = -1
 
     def evaluate(self, module: L.LightningModule) -> dict[str, float]:
         features, labels = embed(module, self.dataset, self.batch_size)
         return {"probe/downstream_auroc": probe_auroc(features, labels, self.folds, self.classifier, self.k, self.seed)}
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # As OrganProbe: at the start, and again when resuming on a probe step.
-        if trainer.global_step % self.every_n_steps == 0:
-            self._probe(trainer, pl_module)
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        step = trainer.global_step
-        due = step % self.every_n_steps == 0 or step == trainer.max_steps
-        if due and step != self._last_probed_step:
-            self._probe(trainer, pl_module)
-
-    def _probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        step = trainer.global_step
-        self._last_probed_step = step
-        results = self.evaluate(pl_module)
-        self.history.append({"step": step, **results})
-        # As OrganProbe: point measurements straight to the loggers (self.log is refused in on_train_start).
-        for logger in trainer.loggers:
-            logger.log_metrics(results, step=step)

@@ -54,24 +54,46 @@ def run_demo(out_root: Path, *, label_noise: float, seeds: str) -> Path:
         print(summarize(load_manifest(data.unlabeled_manifest, require_labels=False)))
 
     with stage("2. organ-supervised contrastive pretraining", timings):
-        pretrain = load_config(PretrainConfig, "pretrain/cpu", [
-            f"data.sources=[{{manifest: {data.unlabeled_manifest}}}]", f"output_root={demo}",
-            "trainer.max_steps=100", "monitor.every_n_steps=50", *quiet,
-        ])
+        pretrain = load_config(
+            PretrainConfig,
+            "pretrain/cpu",
+            [
+                f"data.sources=[{{manifest: {data.unlabeled_manifest}}}]",
+                f"output_root={demo}",
+                "trainer.max_steps=100",
+                "monitor.every_n_steps=50",
+                *quiet,
+            ],
+        )
         pretrain_dir = run_pretraining(pretrain)
 
     with stage("3. fine-tuning: 3 patient-grouped folds x seeds, init from the pretrained encoder", timings):
-        finetune = load_config(FineTuneCVConfig, "finetune/cpu", [
-            f"data.manifest={data.labeled_manifest}", f"output_root={demo}", f"seeds={seeds}",
-            "model.init=tus", f"model.weights={pretrain_dir / 'encoder'}", *quiet,
-        ])
+        finetune = load_config(
+            FineTuneCVConfig,
+            "finetune/cpu",
+            [
+                f"data.manifest={data.labeled_manifest}",
+                f"output_root={demo}",
+                f"seeds={seeds}",
+                "model.init=tus",
+                f"model.weights={pretrain_dir / 'encoder'}",
+                *quiet,
+            ],
+        )
         cv_dir = run_cv(finetune)
         print((cv_dir / "summary.md").read_text())
 
     with stage("4. improved-DDPM training", timings):
-        diffusion = load_config(DiffusionConfig, "diffusion/cpu", [
-            f"data.sources=[{{manifest: {data.labeled_manifest}}}]", f"output_root={demo}", "trainer.max_steps=200", *quiet,
-        ])
+        diffusion = load_config(
+            DiffusionConfig,
+            "diffusion/cpu",
+            [
+                f"data.sources=[{{manifest: {data.labeled_manifest}}}]",
+                f"output_root={demo}",
+                "trainer.max_steps=200",
+                *quiet,
+            ],
+        )
         diffusion_dir = run_diffusion(diffusion)
 
     samples = demo / "samples"
@@ -118,29 +140,54 @@ def write_report(demo: Path, cv_dir: Path, pretrain_dir: Path, diffusion_dir: Pa
     flags = read(demo / "noisy_labels" / "report.json")
     markers = read(demo / "explain" / "marker_sensitivity.json")
     lines = [
-        "# tus demo report", "", "Produced by `make demo` on the generated phantom dataset.", "",
-        (cv_dir / "summary.md").read_text().replace("# ", "## Fine-tuning: ", 1), "",
-        "## Pretraining", "",
-        f"{pretrain['steps']} steps; last values: " + ", ".join(f"{k} {v:.3f}" for k, v in pretrain["last"].items()), "",
-        "## Synthetic images", "",
+        "# tus demo report",
+        "",
+        "Produced by `make demo` on the generated phantom dataset.",
+        "",
+        (cv_dir / "summary.md").read_text().replace("# ", "## Fine-tuning: ", 1),
+        "",
+        "## Pretraining",
+        "",
+        f"{pretrain['steps']} steps; last values: " + ", ".join(f"{k} {v:.3f}" for k, v in pretrain["last"].items()),
+        "",
+        "## Synthetic images",
+        "",
         "The demo's diffusion model trains for a few CPU minutes, so its samples are far from the",
-        "real images; the numbers show the pipeline, not a generator worth using.", "",
-        "```", format_metrics_table(read(demo / "synthetic_metrics.json")), "```", "",
-        f"k-NN manifold filter (k = {filtered['k']}): kept {filtered['kept']} of {filtered['num_generated']} samples.", "",
-        "## Noisy labels", "",
+        "real images; the numbers show the pipeline, not a generator worth using.",
+        "",
+        "```",
+        format_metrics_table(read(demo / "synthetic_metrics.json")),
+        "```",
+        "",
+        f"k-NN manifold filter (k = {filtered['k']}): kept {filtered['kept']} of {filtered['num_generated']} samples.",
+        "",
+        "## Noisy labels",
+        "",
         f"{flags['flagged']} of {flags['samples']} samples flagged (loss > {flags['rule']['threshold']} at least "
-        f"{flags['rule']['min_exceed']} times in every run that trained on them); see `noisy_labels/`.", "",
-        "## Marker sensitivity (fold 0, seed 0)", "",
+        f"{flags['rule']['min_exceed']} times in every run that trained on them); see `noisy_labels/`.",
+        "",
+        "## Marker sensitivity (fold 0, seed 0)",
+        "",
         f"- predictions changed by injected markers: {markers['prediction_change_rate']:.1%}",
         f"- mean shift of the positive-class probability: {markers['mean_probability_shift']:.3f}",
         f"- Grad-CAM++ mass on marker pixels: {markers['cam_mass_on_markers_marked']:.1%} with markers, "
-        f"{markers['cam_mass_on_markers_clean']:.1%} on the same pixels without (marker area {markers['marker_area']:.1%})", "",
-        "## Time per stage", "", "| stage | seconds |", "|---|---|", *[f"| {k} | {v:.0f} |" for k, v in timings.items()], "",
-        "## Where things are", "",
-        f"- fine-tuning run: `{cv_dir}`", f"- pretraining run: `{pretrain_dir}`",
+        f"{markers['cam_mass_on_markers_clean']:.1%} on the same pixels without (marker area {markers['marker_area']:.1%})",
+        "",
+        "## Time per stage",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+        *[f"| {k} | {v:.0f} |" for k, v in timings.items()],
+        "",
+        "## Where things are",
+        "",
+        f"- fine-tuning run: `{cv_dir}`",
+        f"- pretraining run: `{pretrain_dir}`",
         f"- diffusion run (sample grids in it): `{diffusion_dir}`",
         f"- samples: `{demo / 'samples'}`, filter: `{demo / 'filtered'}`",
-        f"- noisy-label report and plots: `{demo / 'noisy_labels'}`", f"- Grad-CAM++ overlays: `{demo / 'explain'}`", "",
+        f"- noisy-label report and plots: `{demo / 'noisy_labels'}`",
+        f"- Grad-CAM++ overlays: `{demo / 'explain'}`",
+        "",
     ]
     (demo / "REPORT.md").write_text("\n".join(lines))
 

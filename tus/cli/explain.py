@@ -14,8 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", nargs="+", required=True, metavar="FILE_FOLDER_OR_MANIFEST")
     parser.add_argument("--out", required=True, help="new output folder")
     parser.add_argument("--target-layer", default=None, help="dotted module name, e.g. backbone.layer4 (default: the last spatial layer)")
-    parser.add_argument("--method", choices=list(CAM_METHODS), default="gradcam++",
-                        help="CAM method: gradcam++ or scorecam (gradient-free, slower)")
+    parser.add_argument("--method", choices=list(CAM_METHODS), default="gradcam++", help="CAM method: gradcam++ or scorecam (gradient-free, slower)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the marker draws")
     parser.add_argument("--image-size", type=int, default=None, help="input size (default: the training run's data.image_size)")
     parser.add_argument("--rows-per-page", type=int, default=8)
@@ -26,8 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     from tus.stages.explain import run_explain
 
     summary = run_explain(
-        args.checkpoint, args.images, args.out, method=args.method, image_size=args.image_size,
-        target_layer=args.target_layer, seed=args.seed, rows_per_page=args.rows_per_page, batch_size=args.batch_size,
+        args.checkpoint,
+        args.images,
+        args.out,
+        method=args.method,
+        image_size=args.image_size,
+        target_layer=args.target_layer,
+        seed=args.seed,
+        rows_per_page=args.rows_per_page,
+        batch_size=args.batch_size,
     )
     print(format_summary(summary))
     print(f"written to {args.out}")

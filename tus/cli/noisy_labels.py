@@ -21,7 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["protocol"]:
         return protocol_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="tus noisy-labels", description="Flag samples whose recorded training loss keeps exceeding a threshold; write a report and filtered/flipped manifests. 'tus noisy-labels protocol --help' runs the whole study.")
+    parser = argparse.ArgumentParser(
+        prog="tus noisy-labels",
+        description="Flag samples whose recorded training loss keeps exceeding a threshold; write a report and filtered/flipped manifests. 'tus noisy-labels protocol --help' runs the whole study.",
+    )
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished fine-tuning CV run dirs (with runs/*/losses.csv)")
     parser.add_argument("--threshold", type=float, default=1.0, help="loss above which an occurrence counts as an exceedance")
     parser.add_argument("--min-exceed", type=int, default=3, help="exceedances that make a sample suspicious in a run")
@@ -51,9 +54,11 @@ def protocol_main(argv: list[str]) -> int:
     from tus.cli.experiment import main as experiment_main
 
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: tus noisy-labels protocol STUDY [tus experiment run options]\n\n"
-              "Runs a study with a noisy_labels: block (flagging CVs, flags, then its arms on the complete,\n"
-              "filtered and flipped labels), e.g. studies/tab1 or studies/noisy_labels_cpu; same as\n"
-              "'tus experiment run STUDY ...'.")
+        print(
+            "usage: tus noisy-labels protocol STUDY [tus experiment run options]\n\n"
+            "Runs a study with a noisy_labels: block (flagging CVs, flags, then its arms on the complete,\n"
+            "filtered and flipped labels), e.g. studies/tab1 or studies/noisy_labels_cpu; same as\n"
+            "'tus experiment run STUDY ...'."
+        )
         return 0
     return experiment_main(["run", *argv])

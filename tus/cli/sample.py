@@ -22,8 +22,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     manifest = generate(
-        args.checkpoint, args.out, args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
-        batch_size=args.batch_size, device=args.device, precision=args.precision, progress=not args.no_progress,
+        args.checkpoint,
+        args.out,
+        args.n,
+        sampler=args.sampler,
+        steps=args.steps,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+        precision=args.precision,
+        progress=not args.no_progress,
     )
     print(f"{args.n} images in {manifest.parent} (manifest: {manifest})")
     return 0

@@ -37,8 +37,12 @@ def _add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _extraction_options(args: argparse.Namespace) -> dict:
     return {
-        "extractor": args.extractor, "weights": args.weights, "image_size": args.image_size,
-        "cache_dir": None if args.no_cache else args.cache, "batch_size": args.batch_size, "device": args.device,
+        "extractor": args.extractor,
+        "weights": args.weights,
+        "image_size": args.image_size,
+        "cache_dir": None if args.no_cache else args.cache,
+        "batch_size": args.batch_size,
+        "device": args.device,
         "progress": True,
     }
 
@@ -74,7 +78,13 @@ def filter_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", type=_ks, help="also sweep these k (e.g. 10,20,50,100) into OUT/sweep")
     args = parser.parse_args(argv)
     report = run_filter(
-        args.real, args.generated, args.out, k=args.k, organ=args.organ, sweep=args.sweep, link=args.link,
+        args.real,
+        args.generated,
+        args.out,
+        k=args.k,
+        organ=args.organ,
+        sweep=args.sweep,
+        link=args.link,
         **_extraction_options(args),
     )
     print(format_filter_report(report))

@@ -208,9 +208,7 @@ class DecodedImageCache:
     def _fill(self, target: np.ndarray, row: int) -> None:
         image = decode_resized(self.paths[row], self.size)
         if image.shape != target.shape[1:] or image.dtype != np.uint8:
-            raise ValueError(
-                f"{self.paths[row]}: decoded to {image.dtype} {image.shape}, expected uint8 {target.shape[1:]}"
-            )
+            raise ValueError(f"{self.paths[row]}: decoded to {image.dtype} {image.shape}, expected uint8 {target.shape[1:]}")
         target[row] = image
 
     def _open(self) -> np.ndarray:
@@ -286,9 +284,7 @@ class CachedImages:
         return len(self.rows)
 
 
-def cached_images(
-    paths: Sequence[str | Path], size: int, cache_dir: str | Path | None = None, *, workers: int | None = None
-) -> CachedImages:
+def cached_images(paths: Sequence[str | Path], size: int, cache_dir: str | Path | None = None, *, workers: int | None = None) -> CachedImages:
     """``paths`` decoded at ``size``, reusing every row this process has already decoded.
 
     Files not yet seen (by absolute path, in this cache folder at this size) are decoded, in

@@ -64,8 +64,7 @@ def detect_fields_of_view(
     foreground = cv2.morphologyEx(foreground, cv2.MORPH_OPEN, np.ones((large, large), np.uint8))
     count, _, stats, _ = cv2.connectedComponentsWithStats(foreground, connectivity=8)
     # Row 0 of stats is the background.
-    components = [stats[label] for label in range(1, count)
-                  if stats[label, cv2.CC_STAT_AREA] >= min_area_fraction * height * width]
+    components = [stats[label] for label in range(1, count) if stats[label, cv2.CC_STAT_AREA] >= min_area_fraction * height * width]
     components.sort(key=lambda stat: -int(stat[cv2.CC_STAT_AREA]))
     boxes = []
     for stat in components[:max_views]:
@@ -127,8 +126,7 @@ def crop_manifest(
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise OutputExistsError(f"--out {out_dir}: output folder exists and is not empty; refusing to overwrite")
     if fixed_boxes is not None:
-        fixed_boxes = [parse_box(",".join(str(v) for v in box)) if not isinstance(box, str) else parse_box(box)
-                       for box in fixed_boxes]
+        fixed_boxes = [parse_box(",".join(str(v) for v in box)) if not isinstance(box, str) else parse_box(box) for box in fixed_boxes]
     # read_manifest refuses empty files and repeated columns; its derived columns are not carried over.
     parsed = read_manifest(manifest_csv)
     lines = parsed["line"].tolist()
@@ -164,14 +162,16 @@ def crop_manifest(
             for view_index, (x0, y0, x1, y1) in enumerate(boxes):
                 crop_path = f"images/{position:05d}_{image_path.stem}_view{view_index}.png"
                 write_grayscale(staging / crop_path, np.ascontiguousarray(image[y0:y1, x0:x1]))
-                crop_rows.append({
-                    **row,
-                    "path": crop_path,
-                    "source_path": source_path,
-                    "view_index": view_index,
-                    "box": f"{x0},{y0},{x1},{y1}",
-                    "sample_id": f"{source_id}#view{view_index}",
-                })
+                crop_rows.append(
+                    {
+                        **row,
+                        "path": crop_path,
+                        "source_path": source_path,
+                        "view_index": view_index,
+                        "box": f"{x0},{y0},{x1},{y1}",
+                        "sample_id": f"{source_id}#view{view_index}",
+                    }
+                )
         columns = list(dict.fromkeys([*source.columns, "source_path", "view_index", "box", "sample_id"]))
         pd.DataFrame(crop_rows, columns=columns).to_csv(staging / "manifest.csv", index=False)
         _write_preview(staging / "preview.png", preview_items)
@@ -200,13 +200,10 @@ def _write_preview(path: Path, items: list[tuple[np.ndarray, list[Box]]], cell: 
     grid = np.zeros((rows * cell, columns * cell, 3), dtype=np.uint8)
     for index, (image, boxes) in enumerate(items):
         scale = cell / max(image.shape)
-        thumbnail = cv2.resize(image, (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale))),
-                               interpolation=cv2.INTER_AREA)
+        thumbnail = cv2.resize(image, (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale))), interpolation=cv2.INTER_AREA)
         thumbnail = np.ascontiguousarray(np.repeat(thumbnail[:, :, None], 3, axis=2))
         for view_index, (x0, y0, x1, y1) in enumerate(boxes):
-            cv2.rectangle(thumbnail, (int(x0 * scale), int(y0 * scale)),
-                          (max(0, int(x1 * scale) - 1), max(0, int(y1 * scale) - 1)),
-                          colours[view_index % len(colours)], 2)
+            cv2.rectangle(thumbnail, (int(x0 * scale), int(y0 * scale)), (max(0, int(x1 * scale) - 1), max(0, int(y1 * scale) - 1)), colours[view_index % len(colours)], 2)
         top, left = (index // columns) * cell, (index % columns) * cell
-        grid[top:top + thumbnail.shape[0], left:left + thumbnail.shape[1]] = thumbnail
+        grid[top : top + thumbnail.shape[0], left : left + thumbnail.shape[1]] = thumbnail
     Image.fromarray(grid, mode="RGB").save(path)

@@ -146,9 +146,7 @@ class LabeledDataModule(L.LightningDataModule):
         self.test_set = self._dataset(test_frame, eval_transform())
 
     def _dataset(self, frame: pd.DataFrame, transform) -> ManifestDataset:
-        return ManifestDataset(
-            frame, transform, image_size=self.config.image_size, cache=self.config.cache_images, cache_dir=self.config.cache_dir
-        )
+        return ManifestDataset(frame, transform, image_size=self.config.image_size, cache=self.config.cache_images, cache_dir=self.config.cache_dir)
 
     def train_dataloader(self) -> DataLoader:
         # One generator per datamodule: a reloaded loader continues the stream, not restarts it.
@@ -352,8 +350,12 @@ class ImagePoolDataModule(L.LightningDataModule):
                 cached_images(frame["abs_path"].tolist(), self.image_size, self.cache_dir)
         parts = [
             ManifestDataset(
-                frame, self.transform, image_size=self.image_size, organ_index=organ_index,
-                cache=self.cache_images, cache_dir=self.cache_dir,
+                frame,
+                self.transform,
+                image_size=self.image_size,
+                organ_index=organ_index,
+                cache=self.cache_images,
+                cache_dir=self.cache_dir,
             )
             for frame in self.prepare_frames()
         ]
@@ -373,7 +375,13 @@ class ImagePoolDataModule(L.LightningDataModule):
         weights = self.sample_weights()
         samples_per_rank = -(-(self.samples_per_epoch or len(weights)) // world_size)
         sampler = PositionedWeightedSampler(
-            self.dataset, weights, samples_per_rank, seed=self.seed, num_replicas=world_size, rank=rank, consumed=self._consumed_this_epoch,
+            self.dataset,
+            weights,
+            samples_per_rank,
+            seed=self.seed,
+            num_replicas=world_size,
+            rank=rank,
+            consumed=self._consumed_this_epoch,
         )
         return DataLoader(
             SeededDraws(self.dataset),

@@ -59,14 +59,10 @@ class ManifestDataset(Dataset):
         self.frame = frame.reset_index(drop=True)
         self.transform = transform
         paths = self.frame["abs_path"].tolist()
-        self.images: CachedImages | DecodedImages = (
-            cached_images(paths, image_size, cache_dir) if cache and image_size else DecodedImages(paths, image_size)
-        )
+        self.images: CachedImages | DecodedImages = cached_images(paths, image_size, cache_dir) if cache and image_size else DecodedImages(paths, image_size)
         self.sample_ids = self.frame["sample_id"].astype(str).tolist()
         self.patient_ids = self.frame["patient_id"].astype(str).tolist() if "patient_id" in self.frame else self.sample_ids
-        self.labels = (
-            self.frame["label"].astype(int).to_numpy() if "label" in self.frame else np.full(len(self.frame), -1)
-        )
+        self.labels = self.frame["label"].astype(int).to_numpy() if "label" in self.frame else np.full(len(self.frame), -1)
         if organ_index is not None and "organ" in self.frame:
             unknown = sorted(set(self.frame["organ"]) - set(organ_index) - {""})
             if unknown:

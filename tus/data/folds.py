@@ -63,10 +63,12 @@ def check_folds(frame: pd.DataFrame, folds: np.ndarray, num_folds: int) -> None:
 
 def fold_table(frame: pd.DataFrame, folds: np.ndarray) -> pd.DataFrame:
     """The table written as ``folds.csv``: one row per image with its fold."""
-    return pd.DataFrame({
-        "sample_id": frame["sample_id"].to_numpy(),
-        "path": frame["path"].to_numpy(),
-        "patient_id": frame["patient_id"].to_numpy(),
-        "label": frame["label"].to_numpy(),
-        "fold": folds,
-    })
+    return pd.DataFrame(
+        {
+            "sample_id": frame["sample_id"].to_numpy(),
+            "path": frame["path"].to_numpy(),
+            "patient_id": frame["patient_id"].to_numpy(),
+            "label": frame["label"].to_numpy(),
+            "fold": folds,
+        }
+    )

@@ -56,17 +56,11 @@ def read_grayscale(path: str | Path) -> np.ndarray:
         with Image.open(path) as image:
             frames = getattr(image, "n_frames", 1)
             if frames > 1:
-                raise ImageReadError(
-                    f"{path}: multi-page image ({frames} pages); tus reads single images, so export each page "
-                    "(frame) as its own file"
-                )
+                raise ImageReadError(f"{path}: multi-page image ({frames} pages); tus reads single images, so export each page (frame) as its own file")
             image.load()
             return to_uint8_gray(ImageOps.exif_transpose(image), path)
     except Image.DecompressionBombError as error:
-        raise ImageReadError(
-            f"{path}: {_pixels(error)} pixels, over PIL's limit of {Image.MAX_IMAGE_PIXELS} "
-            "(a decompression-bomb guard); downscale the image"
-        ) from error
+        raise ImageReadError(f"{path}: {_pixels(error)} pixels, over PIL's limit of {Image.MAX_IMAGE_PIXELS} (a decompression-bomb guard); downscale the image") from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         if isinstance(error, ImageReadError):
             raise

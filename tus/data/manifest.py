@@ -209,10 +209,12 @@ def _check_files(frame: pd.DataFrame, decode_images: bool, where, report_cross_p
         if len(patients) > 1:
             rows = rows_by_hash[digest]
             lines = ", ".join(f"line {r.line} ({r.path}, patient {r.patient_id})" for r in rows)
-            problems.append(Problem(
-                f"{len(rows)} identical images",
-                f"the same image content belongs to different patients, which leaks across folds: {lines}",
-            ))
+            problems.append(
+                Problem(
+                    f"{len(rows)} identical images",
+                    f"the same image content belongs to different patients, which leaks across folds: {lines}",
+                )
+            )
     return problems
 
 
@@ -222,11 +224,12 @@ def _check_class_sizes(path: Path, frame: pd.DataFrame, num_folds: int) -> list[
     for label in LABEL_VALUES:
         patients = labelled.loc[labelled["label"] == label, "patient_id"].nunique()
         if patients < num_folds:
-            problems.append(Problem(
-                str(path),
-                f"class {label} has {patients} patient(s), fewer than the {num_folds} folds: "
-                "some test fold would have no sample of this class",
-            ))
+            problems.append(
+                Problem(
+                    str(path),
+                    f"class {label} has {patients} patient(s), fewer than the {num_folds} folds: some test fold would have no sample of this class",
+                )
+            )
     return problems
 
 

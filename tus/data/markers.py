@@ -70,9 +70,7 @@ class MarkerConfig:
             raise ValueError(f"thickness_range must satisfy 1 <= low <= high, got {self.thickness_range}")
 
 
-def draw_markers(
-    image: np.ndarray, rng: np.random.Generator, config: MarkerConfig | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+def draw_markers(image: np.ndarray, rng: np.random.Generator, config: MarkerConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Burn random markers into a copy of a (H, W) uint8 image.
 
     Returns ``(marked, mask)``: ``mask`` is True exactly where a marker pixel was written;
@@ -86,9 +84,7 @@ def draw_markers(
     return marked, mask
 
 
-def sample_marker_layer(
-    shape: tuple[int, ...], rng: np.random.Generator, config: MarkerConfig | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+def sample_marker_layer(shape: tuple[int, ...], rng: np.random.Generator, config: MarkerConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Draw a marker layer for an image of ``shape`` (only H, W are used).
 
     Returns ``(values, mask)``, a (H, W) uint8 array of marker gray levels and the (H, W)
@@ -277,9 +273,7 @@ class MarkerInsertion(A.ImageOnlyTransform):
         values, mask = sample_marker_layer(params["shape"], self.random_generator, self.config)
         return {"marker_values": values, "marker_mask": mask}
 
-    def apply(
-        self, img: np.ndarray, marker_values: np.ndarray, marker_mask: np.ndarray, **params: Any
-    ) -> np.ndarray:
+    def apply(self, img: np.ndarray, marker_values: np.ndarray, marker_mask: np.ndarray, **params: Any) -> np.ndarray:
         if img.dtype != np.uint8:
             raise TypeError(f"MarkerInsertion expects uint8 images (place it before Normalize), got {img.dtype}")
         marked = img.copy()

@@ -59,9 +59,7 @@ def find_overlap(pool: pd.DataFrame, labeled: pd.DataFrame, folds: np.ndarray) -
     ``match`` is ``file`` for byte-identical files and ``pixels`` for re-encoded identical pixels.
     Both frames need ``abs_path`` and ``sample_id`` (as :func:`tus.data.manifest.load_manifest` gives).
     """
-    pool_keys = image_hashes(pool["abs_path"].tolist()).assign(
-        pool_path=pool["abs_path"].to_numpy(), pool_sample_id=pool["sample_id"].astype(str).to_numpy(), pool_row=np.arange(len(pool))
-    )
+    pool_keys = image_hashes(pool["abs_path"].tolist()).assign(pool_path=pool["abs_path"].to_numpy(), pool_sample_id=pool["sample_id"].astype(str).to_numpy(), pool_row=np.arange(len(pool)))
     labeled_keys = image_hashes(labeled["abs_path"].tolist()).assign(
         labeled_path=labeled["abs_path"].to_numpy(), labeled_sample_id=labeled["sample_id"].astype(str).to_numpy(), fold=np.asarray(folds, dtype=int)
     )
@@ -94,20 +92,16 @@ def overlap_report(overlap: pd.DataFrame, folds: np.ndarray, pool_size: int) -> 
 def format_overlap(report: dict) -> str:
     """One line per fold and a total, for ``tus data overlap``."""
     lines = [
-        f"fold {fold}: {r['in_pool']} of {r['labeled_images']} labelled images in the pool "
-        f"({r['pool_images']} pool images; {r['identical_files']} identical files, {r['same_pixels']} re-encoded)"
+        f"fold {fold}: {r['in_pool']} of {r['labeled_images']} labelled images in the pool ({r['pool_images']} pool images; {r['identical_files']} identical files, {r['same_pixels']} re-encoded)"
         for fold, r in report["per_fold"].items()
     ]
     lines.append(
-        f"total: {report['labeled_in_pool']} of {report['labeled_images']} labelled images in the pool; "
-        f"{report['pool_images_shared']} of {report['pool_images']} pool images are labelled images"
+        f"total: {report['labeled_in_pool']} of {report['labeled_images']} labelled images in the pool; {report['pool_images_shared']} of {report['pool_images']} pool images are labelled images"
     )
     return "\n".join(lines)
 
 
-def exclude_labeled(
-    pool: pd.DataFrame, overlap: pd.DataFrame, mode: ExcludeLabeled, test_folds: list[int] | None = None
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+def exclude_labeled(pool: pd.DataFrame, overlap: pd.DataFrame, mode: ExcludeLabeled, test_folds: list[int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(pool without the excluded rows, the overlap rows that were excluded).
 
     ``test_folds``: drop pool images equal to a labelled image of one of ``test_folds``;

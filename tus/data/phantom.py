@@ -89,8 +89,7 @@ def generate_phantom(
     low, high = images_per_patient
     if not 1 <= low <= high:
         raise ValueError(f"images_per_patient must be 1 <= low <= high, got {images_per_patient}")
-    for name, value in (("positive_fraction", positive_fraction), ("marker_fraction", marker_fraction),
-                        ("label_noise", label_noise)):
+    for name, value in (("positive_fraction", positive_fraction), ("marker_fraction", marker_fraction), ("label_noise", label_noise)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
     root = Path(out_dir)
@@ -102,13 +101,15 @@ def generate_phantom(
         clean_label = int(patient in positives)
         traits = sample_patient_traits(np.random.default_rng([seed, LABELED_PATIENT_STREAM, patient]))
         for view in range(int(assignment.integers(low, high + 1))):
-            labeled_rows.append({
-                "path": f"images/P{patient:04d}_{view:02d}.png",
-                "patient_id": f"P{patient:04d}",
-                "clean_label": clean_label,
-                "organ": "testicle",
-                "traits": traits,
-            })
+            labeled_rows.append(
+                {
+                    "path": f"images/P{patient:04d}_{view:02d}.png",
+                    "patient_id": f"P{patient:04d}",
+                    "clean_label": clean_label,
+                    "organ": "testicle",
+                    "traits": traits,
+                }
+            )
     labeled = _render_rows(root / "labeled", labeled_rows, [seed, LABELED_STREAM], image_size, marker_fraction)
     noise_rng = np.random.default_rng([seed, NOISE_STREAM])
     flipped = noise_rng.choice(len(labeled), size=round(label_noise * len(labeled)), replace=False)
@@ -116,8 +117,7 @@ def generate_phantom(
     labeled.loc[flipped, "label"] = 1 - labeled.loc[flipped, "clean_label"]
     labeled["class_name"] = [CLASS_NAMES[label] for label in labeled["label"]]
     labeled["sample_id"] = labeled["path"]
-    labeled = labeled[["path", "patient_id", "label", "class_name", "organ", "has_markers", "clean_label",
-                       "sample_id"]]
+    labeled = labeled[["path", "patient_id", "label", "class_name", "organ", "has_markers", "clean_label", "sample_id"]]
     labeled.to_csv(root / "labeled" / "manifest.csv", index=False)
 
     pool_rows = []
@@ -131,13 +131,15 @@ def generate_phantom(
         # Pool scans are inhomogeneous at the labeled rate; that truth is not written out.
         inhomogeneous = int(assignment.random() < positive_fraction)
         for view in range(min(count, pool_size - len(pool_rows))):
-            pool_rows.append({
-                "path": f"images/U{pool_patient:04d}_{view:02d}.png",
-                "patient_id": f"U{pool_patient:04d}",
-                "clean_label": inhomogeneous,
-                "organ": organ,
-                "traits": traits,
-            })
+            pool_rows.append(
+                {
+                    "path": f"images/U{pool_patient:04d}_{view:02d}.png",
+                    "patient_id": f"U{pool_patient:04d}",
+                    "clean_label": inhomogeneous,
+                    "organ": organ,
+                    "traits": traits,
+                }
+            )
         pool_patient += 1
     pool = _render_rows(root / "unlabeled", pool_rows, [seed, POOL_STREAM], image_size, marker_fraction)
     pool["sample_id"] = pool["path"]
@@ -146,9 +148,7 @@ def generate_phantom(
     return PhantomPaths(root, root / "labeled" / "manifest.csv", root / "unlabeled" / "manifest.csv")
 
 
-def _render_rows(
-    folder: Path, rows: list[dict], stream: list[int], image_size: int, marker_fraction: float
-) -> pd.DataFrame:
+def _render_rows(folder: Path, rows: list[dict], stream: list[int], image_size: int, marker_fraction: float) -> pd.DataFrame:
     """Render and write one image per row; each image has its own seeded generator."""
     (folder / "images").mkdir(parents=True, exist_ok=True)
     for index, row in enumerate(rows):
@@ -162,17 +162,13 @@ def _render_rows(
     return pd.DataFrame(rows, columns=["path", "patient_id", "clean_label", "organ", "has_markers"])
 
 
-def render_bmode(
-    rng: np.random.Generator, size: int, organ: str, inhomogeneous: bool, traits: PatientTraits | None = None
-) -> np.ndarray:
+def render_bmode(rng: np.random.Generator, size: int, organ: str, inhomogeneous: bool, traits: PatientTraits | None = None) -> np.ndarray:
     """A (size, size) uint8 B-mode-like image of a testicle or thyroid."""
     image, _ = render_bmode_with_mask(rng, size, organ, inhomogeneous, traits)
     return image
 
 
-def render_bmode_with_mask(
-    rng: np.random.Generator, size: int, organ: str, inhomogeneous: bool, traits: PatientTraits | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+def render_bmode_with_mask(rng: np.random.Generator, size: int, organ: str, inhomogeneous: bool, traits: PatientTraits | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Like :func:`render_bmode`, also returning the (size, size) bool organ mask.
 
     The mask is the parenchyma (both lobes and the isthmus for a thyroid), the region
@@ -215,9 +211,7 @@ def render_bmode_with_mask(
     return gray.astype(np.uint8), organ_mask & field_of_view
 
 
-def _field_of_view(
-    rng: np.random.Generator, size: int, xx: np.ndarray, yy: np.ndarray, fan_probe: bool
-) -> tuple[np.ndarray, np.ndarray]:
+def _field_of_view(rng: np.random.Generator, size: int, xx: np.ndarray, yy: np.ndarray, fan_probe: bool) -> tuple[np.ndarray, np.ndarray]:
     """A curvilinear fan or a linear-probe rectangle; returns (mask, depth in pixels)."""
     if not fan_probe:
         x0, x1 = rng.uniform(0.03, 0.1) * size, rng.uniform(0.9, 0.97) * size
@@ -243,9 +237,7 @@ def _ellipse(xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, a: float, b: 
     return np.sqrt((u / a) ** 2 + (v / b) ** 2)
 
 
-def _testicle(
-    rng: np.random.Generator, size: int, xx: np.ndarray, yy: np.ndarray, traits: PatientTraits
-) -> tuple[np.ndarray, np.ndarray]:
+def _testicle(rng: np.random.Generator, size: int, xx: np.ndarray, yy: np.ndarray, traits: PatientTraits) -> tuple[np.ndarray, np.ndarray]:
     """One tilted ellipse and its bright capsule (tunica albuginea) ring, as two masks."""
     # The patient fixes the organ's size and shape; probe pressure and plane jitter them.
     a = traits.organ_scale * rng.uniform(0.31, 0.34) * size
@@ -258,9 +250,7 @@ def _testicle(
     return radius < 1.0 - max(0.8, 0.01 * size) / b, capsule
 
 
-def _thyroid(
-    rng: np.random.Generator, size: int, xx: np.ndarray, yy: np.ndarray, tissue_db: np.ndarray, scale: float
-) -> tuple[np.ndarray, np.ndarray]:
+def _thyroid(rng: np.random.Generator, size: int, xx: np.ndarray, yy: np.ndarray, tissue_db: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
     """Two lobes joined by an isthmus over a trachea, carotids beside the lobes.
 
     Returns (parenchyma mask, log-echogenicity in dB).
@@ -295,9 +285,7 @@ def _thyroid(
     return organ_mask, echo_db
 
 
-def _inhomogeneity(
-    rng: np.random.Generator, size: int, xx: np.ndarray, yy: np.ndarray, organ_mask: np.ndarray, pattern: int
-) -> np.ndarray:
+def _inhomogeneity(rng: np.random.Generator, size: int, xx: np.ndarray, yy: np.ndarray, organ_mask: np.ndarray, pattern: int) -> np.ndarray:
     """Log-echogenicity changes inside the organ: hypo/hyperechoic patches (pattern 0),
     striations (1), or both (2)."""
     lesion_db = np.zeros_like(xx)
@@ -305,8 +293,7 @@ def _inhomogeneity(
     if pattern in (0, 2):
         for _ in range(int(rng.integers(3, 7))):
             pick = int(rng.integers(len(inside_x)))
-            radius = _ellipse(xx, yy, inside_x[pick], inside_y[pick], rng.uniform(0.05, 0.1) * size,
-                              rng.uniform(0.04, 0.08) * size, rng.uniform(0, np.pi))
+            radius = _ellipse(xx, yy, inside_x[pick], inside_y[pick], rng.uniform(0.05, 0.1) * size, rng.uniform(0.04, 0.08) * size, rng.uniform(0, np.pi))
             contrast = rng.uniform(-16.0, -10.0) if rng.random() < 0.7 else rng.uniform(8.0, 12.0)
             # Soft edges: real lesions fade into the parenchyma.
             lesion_db += contrast / (1.0 + np.exp((radius - 1.0) * 8.0))

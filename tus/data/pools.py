@@ -30,9 +30,7 @@ from tus.data.views import ViewConfig, ViewPairTransform
 
 @dataclass
 class DiffusionDataConfig:
-    sources: list[ImageSourceConfig] = field(
-        default_factory=lambda: [ImageSourceConfig(manifest="data/phantom/labeled/manifest.csv")]
-    )
+    sources: list[ImageSourceConfig] = field(default_factory=lambda: [ImageSourceConfig(manifest="data/phantom/labeled/manifest.csv")])
     image_size: int = 256
     batch_size: int = 16
     num_workers: int = 2
@@ -96,13 +94,15 @@ class LabeledExclusion:
             kept.append(frame)
             excluded.append(dropped.assign(source=str(source.manifest or source.folder)))
         excluded_rows = pd.concat(excluded, ignore_index=True)
-        record.update({
-            "labeled_manifest": str(self.labeled_manifest),
-            "test_folds": list(self.test_folds) if self.test_folds else None,
-            "overlap_per_source": reports,
-            "excluded_images": int(excluded_rows[["source", "pool_row"]].drop_duplicates().shape[0]),
-            "excluded": excluded_rows.drop(columns="pool_row").drop_duplicates(["source", "pool_path"]).to_dict("records"),
-        })
+        record.update(
+            {
+                "labeled_manifest": str(self.labeled_manifest),
+                "test_folds": list(self.test_folds) if self.test_folds else None,
+                "overlap_per_source": reports,
+                "excluded_images": int(excluded_rows[["source", "pool_row"]].drop_duplicates().shape[0]),
+                "excluded": excluded_rows.drop(columns="pool_row").drop_duplicates(["source", "pool_path"]).to_dict("records"),
+            }
+        )
         return kept, record
 
 
@@ -137,8 +137,13 @@ class DiffusionDataModule(ImagePoolDataModule):
 
     def __init__(self, config: DiffusionDataConfig, seed: int):
         super().__init__(
-            config.sources, to_signed_unit, image_size=config.image_size, batch_size=config.batch_size,
-            num_workers=config.num_workers, cache_images=config.cache_images, seed=seed,
+            config.sources,
+            to_signed_unit,
+            image_size=config.image_size,
+            batch_size=config.batch_size,
+            num_workers=config.num_workers,
+            cache_images=config.cache_images,
+            seed=seed,
         )
         self.steps_per_epoch = config.steps_per_epoch
         self.exclusion = LabeledExclusion.of(config)
@@ -160,14 +165,16 @@ class DiffusionDataModule(ImagePoolDataModule):
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
-        world_size, rank, accumulate = (
-            (trainer.world_size, trainer.global_rank, trainer.accumulate_grad_batches) if trainer else (1, 0, 1)
-        )
+        world_size, rank, accumulate = (trainer.world_size, trainer.global_rank, trainer.accumulate_grad_batches) if trainer else (1, 0, 1)
         samples = self.steps_per_epoch * accumulate * self.batch_size
         sampler = EpochWeightedSampler(self.dataset, self.sample_weights(), samples, self.seed, world_size, rank)
         return DataLoader(
-            self.dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0, drop_last=True,
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            drop_last=True,
         )
 
 
@@ -203,9 +210,7 @@ def split_heldout(frames: list[pd.DataFrame], per_organ: int, seed: int) -> tupl
     Images without an organ always stay in the pool. Returns (pool frames, held-out frame).
     """
     rng = np.random.default_rng(seed)
-    tagged = pd.concat(
-        [f.assign(source=i, row=np.arange(len(f))) for i, f in enumerate(frames)], ignore_index=True
-    )
+    tagged = pd.concat([f.assign(source=i, row=np.arange(len(f))) for i, f in enumerate(frames)], ignore_index=True)
     groups = tagged["source"].astype(str) + "/" + tagged["patient_id"].astype(str)
     held = np.zeros(len(tagged), dtype=bool)
     for organ in sorted(set(tagged["organ"]) - {""}):
@@ -278,10 +283,7 @@ class PretrainDataModule(ImagePoolDataModule):
         """(bank from the pool, held-out slice), single views under the eval transform."""
         frames = self.prepare_frames()
         bank = sample_per_organ(frames, bank_per_organ, self.seed)
-        return tuple(
-            ManifestDataset(frame, eval_transform(), image_size=self.image_size, organ_index=self.organ_index, cache=self.cache_images)
-            for frame in (bank, self.heldout)
-        )
+        return tuple(ManifestDataset(frame, eval_transform(), image_size=self.image_size, organ_index=self.organ_index, cache=self.cache_images) for frame in (bank, self.heldout))
 
     def pool_report(self) -> dict:
         """Images per organ in the training pool, each organ's expected share of the draws."""

@@ -136,17 +136,19 @@ def render_summary_markdown(summary: dict) -> str:
         base = summary["baselines"][key]
         rows.append(f"| *{label}* | " + " | ".join(f"{base[n] * 100:.1f}" for n in METRIC_NAMES) + " |")
     p = summary["baselines"]["positive_rate"]
-    return "\n".join([
-        f"# {summary['name']}: {summary['folds']}-fold patient-grouped CV x {len(summary['seeds'])} seeds",
-        "",
-        *rows,
-        "",
-        f"Mean ± sample std (%) over {summary['runs']} of {summary['expected_runs']} runs; positive = class 1 ({p:.1%} of images).",
-        *([f"*paper spread*: {summary['spread_note']}."] if spread else []),
-        *([f"*95% CI, patients*: {summary['ci_note']}."] if cis else []),
-        f"Model selection: {summary['selection_note']}.",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"# {summary['name']}: {summary['folds']}-fold patient-grouped CV x {len(summary['seeds'])} seeds",
+            "",
+            *rows,
+            "",
+            f"Mean ± sample std (%) over {summary['runs']} of {summary['expected_runs']} runs; positive = class 1 ({p:.1%} of images).",
+            *([f"*paper spread*: {summary['spread_note']}."] if spread else []),
+            *([f"*95% CI, patients*: {summary['ci_note']}."] if cis else []),
+            f"Model selection: {summary['selection_note']}.",
+            "",
+        ]
+    )
 
 
 def _format_ci(ci: dict | None, scale: float = 100.0, digits: int = 1) -> str:
@@ -155,14 +157,8 @@ def _format_ci(ci: dict | None, scale: float = 100.0, digits: int = 1) -> str:
     return f"[{ci['low'] * scale:.{digits}f}, {ci['high'] * scale:.{digits}f}]"
 
 
-SPREAD_TEXT = (
-    "mean ± std (%) as the paper reports them: accuracy's std over all fold x seed runs, "
-    "the other metrics' std over the per-seed means (sample std, ddof=1; n/a with one seed)"
-)
-CI_TEXT = (
-    "{confidence:.0%} percentile bootstrap ({n_boot} resamples of patients, all of a patient's images "
-    "and runs together) of the test predictions pooled over {runs} runs ({patients} patients)"
-)
+SPREAD_TEXT = "mean ± std (%) as the paper reports them: accuracy's std over all fold x seed runs, the other metrics' std over the per-seed means (sample std, ddof=1; n/a with one seed)"
+CI_TEXT = "{confidence:.0%} percentile bootstrap ({n_boot} resamples of patients, all of a patient's images and runs together) of the test predictions pooled over {runs} runs ({patients} patients)"
 
 SELECTION_TEXT = {
     "last": "the last epoch of each run is evaluated on its held-out test fold (no model selection)",

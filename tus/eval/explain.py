@@ -144,9 +144,7 @@ def tokens_to_grid(tokens: torch.Tensor, grid_size: tuple[int, int], num_prefix_
     height, width = grid_size
     patches = tokens[:, num_prefix_tokens:]
     if patches.shape[1] != height * width:
-        raise TargetLayerError(
-            f"{tokens.shape[1]} tokens do not hold {num_prefix_tokens} prefix token(s) + a {height} x {width} patch grid"
-        )
+        raise TargetLayerError(f"{tokens.shape[1]} tokens do not hold {num_prefix_tokens} prefix token(s) + a {height} x {width} patch grid")
     return patches.reshape(len(tokens), height, width, -1).permute(0, 3, 1, 2)
 
 
@@ -270,16 +268,18 @@ class MarkerSensitivity:
         return MarkerSensitivity(**{f.name: _join([getattr(p, f.name) for p in parts]) for f in fields(MarkerSensitivity)})
 
     def per_image(self, names: list[str]) -> pd.DataFrame:
-        return pd.DataFrame({
-            "image": names,
-            "probability_clean": self.probabilities_clean,
-            "probability_marked": self.probabilities_marked,
-            "predicted_clean": self.predicted_clean,
-            "predicted_marked": self.predicted_marked,
-            "marker_area": self.masks.reshape(len(self.masks), -1).mean(1),
-            "cam_mass_on_markers_clean": self.mass_clean,
-            "cam_mass_on_markers_marked": self.mass_marked,
-        })
+        return pd.DataFrame(
+            {
+                "image": names,
+                "probability_clean": self.probabilities_clean,
+                "probability_marked": self.probabilities_marked,
+                "predicted_clean": self.predicted_clean,
+                "predicted_marked": self.predicted_marked,
+                "marker_area": self.masks.reshape(len(self.masks), -1).mean(1),
+                "cam_mass_on_markers_clean": self.mass_clean,
+                "cam_mass_on_markers_marked": self.mass_marked,
+            }
+        )
 
 
 def _take(value, rows: slice):
@@ -364,21 +364,17 @@ def save_overlay_grid(result: MarkerSensitivity, names: list[str], path: str | P
 
 
 def format_summary(summary: dict) -> str:
-    return "\n".join([
-        f"images: {summary['num_images']}  ({CAM_METHODS[summary.get('method', 'gradcam++')]} layer: {summary['target_layer']})",
-        f"predictions changed by markers: {summary['prediction_change_rate']:.1%}",
-        f"mean |p(pos) shift|: {summary['mean_probability_shift']:.3f}",
-        f"CAM mass on marker pixels: clean {summary['cam_mass_on_markers_clean']:.1%} -> marked {summary['cam_mass_on_markers_marked']:.1%}"
-        f" (marker pixels cover {summary['marker_area']:.1%} of the image)",
-    ])
-
-
-
-
+    return "\n".join(
+        [
+            f"images: {summary['num_images']}  ({CAM_METHODS[summary.get('method', 'gradcam++')]} layer: {summary['target_layer']})",
+            f"predictions changed by markers: {summary['prediction_change_rate']:.1%}",
+            f"mean |p(pos) shift|: {summary['mean_probability_shift']:.3f}",
+            f"CAM mass on marker pixels: clean {summary['cam_mass_on_markers_clean']:.1%} -> marked {summary['cam_mass_on_markers_marked']:.1%}"
+            f" (marker pixels cover {summary['marker_area']:.1%} of the image)",
+        ]
+    )
 
 
 def load_images(paths: list[Path], image_size: int) -> torch.Tensor:
     transform = eval_transform()
     return torch.stack([transform(resize_square(read_grayscale(p), image_size)) for p in paths])
-
-

@@ -310,9 +310,7 @@ class _TorchFidelityInceptionV3(FeatureExtractorInceptionV3):
                 raise ValueError(f"expected a convolution weight first, got '{name}'")
         convolutions = [(name, m) for name, m in self.named_modules() if isinstance(m, BasicConv2d)]
         if len(blocks) != len(convolutions) or any(len(b) != 4 for b in blocks):
-            raise ValueError(
-                f"TorchScript Inception has {len(blocks)} convolution blocks, torch-fidelity expects {len(convolutions)}"
-            )
+            raise ValueError(f"TorchScript Inception has {len(blocks)} convolution blocks, torch-fidelity expects {len(convolutions)}")
         target: dict[str, torch.Tensor] = {}
         for (name, module), (weight, beta, mean, var) in zip(convolutions, blocks):
             if module.conv.weight.shape != weight.shape:
@@ -360,10 +358,14 @@ class InceptionExtractor(FeatureExtractor):
         self.weights_path = resolve_inception_weights(weights)
         self.identity = f"inception-v3-fid-{_file_digest(self.weights_path)[:16]}"
         state_dict, has_classifier = _inception_state(self.weights_path)
-        self.logits_unavailable_reason = None if has_classifier else (
-            f"the Inception weights in use ({self.weights_path.name}) have no classifier; set "
-            f"{WEIGHTS_ENV_VAR} or --weights to torch-fidelity's weights-inception-2015-12-05-6726825d.pth "
-            "for the Inception Score"
+        self.logits_unavailable_reason = (
+            None
+            if has_classifier
+            else (
+                f"the Inception weights in use ({self.weights_path.name}) have no classifier; set "
+                f"{WEIGHTS_ENV_VAR} or --weights to torch-fidelity's weights-inception-2015-12-05-6726825d.pth "
+                "for the Inception Score"
+            )
         )
         # torch-fidelity only takes a file to torch.load (with weights_only=False); it gets an in-memory
         # file of the tensors loaded safely above, so nothing from the user's file is ever unpickled by it.

@@ -91,9 +91,7 @@ def _check_k(k: int, num_real: int) -> None:
         raise UsageError(f"k must be between 1 and the number of real images - 1 ({num_real - 1}), got {k}")
 
 
-def check_filter_arguments(
-    real: str | Path, generated_dir: str | Path, out_dir: str | Path, k: int, sweep_ks: Sequence[int] | None = None
-) -> None:
+def check_filter_arguments(real: str | Path, generated_dir: str | Path, out_dir: str | Path, k: int, sweep_ks: Sequence[int] | None = None) -> None:
     """Every check of ``tus filter`` that needs no feature: the output folder, the generated images, k and
     the swept ks. Run first, so a mistake costs no feature extraction."""
     generated_dir, out_dir = Path(generated_dir), Path(out_dir)
@@ -156,11 +154,13 @@ def filter_generated(
     inside, ratios = manifold_membership(real_features, radii, generated_features, block_size, progress)
 
     kept = [path for path, keep in zip(generated, inside) if keep]
-    table = pd.DataFrame({
-        "path": [str(p.resolve()) for p in generated],
-        "decision": np.where(inside, KEPT, REJECTED),
-        "min_distance_ratio": ratios,
-    })
+    table = pd.DataFrame(
+        {
+            "path": [str(p.resolve()) for p in generated],
+            "decision": np.where(inside, KEPT, REJECTED),
+            "min_distance_ratio": ratios,
+        }
+    )
     manifest = pd.DataFrame({"path": [f"images/{p.name}" for p in kept], "sample_id": [p.name for p in kept]})
     if organ is not None:
         manifest["organ"] = organ
@@ -290,8 +290,7 @@ def _plot_sweep(report: dict, path: Path) -> None:
             reason = next((n for n in report["unfiltered"]["notes"] if metric in n), "not computed")
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.text(0.5, 0.5, textwrap.fill(reason, 34), ha="center", va="center", fontsize=7,
-                    transform=ax.transAxes)
+            ax.text(0.5, 0.5, textwrap.fill(reason, 34), ha="center", va="center", fontsize=7, transform=ax.transAxes)
             continue
         errors = [error or 0.0 for _, _, error in points] if std_key else None
         ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=errors, marker="o", capsize=3)

@@ -175,9 +175,7 @@ def reference_batches(num_real: int, batches: int, batch_size: int, seed: int) -
     return [order[i * used_size : (i + 1) * used_size] for i in range(used_batches)], note
 
 
-def _precision_recall(
-    real: np.ndarray, generated: np.ndarray, k: int, batches: int, batch_size: int, seed: int, notes: list[str]
-) -> dict:
+def _precision_recall(real: np.ndarray, generated: np.ndarray, k: int, batches: int, batch_size: int, seed: int, notes: list[str]) -> dict:
     result = {
         "precision_mean": None,
         "precision_std": None,

@@ -103,15 +103,8 @@ def epoch_means(losses: pd.DataFrame) -> pd.DataFrame:
     epoch: the number of steps per epoch is not recorded, so it is not guessed.
     """
     if "epoch" not in losses.columns:
-        raise LossTableError(
-            "the loss table has no 'epoch' column, so losses cannot be averaged per epoch; "
-            "re-record it with PerSampleLossRecorder, or count every draw (counting: per_draw)"
-        )
-    return (
-        losses.groupby(["run", "epoch", "sample_id"], sort=True)
-        .agg(label=("label", "first"), step=("step", "min"), draws=("loss", "size"), loss=("loss", "mean"))
-        .reset_index()
-    )
+        raise LossTableError("the loss table has no 'epoch' column, so losses cannot be averaged per epoch; re-record it with PerSampleLossRecorder, or count every draw (counting: per_draw)")
+    return losses.groupby(["run", "epoch", "sample_id"], sort=True).agg(label=("label", "first"), step=("step", "min"), draws=("loss", "size"), loss=("loss", "mean")).reset_index()
 
 
 def counted_points(losses: pd.DataFrame, counting: Counting = "per_epoch") -> pd.DataFrame:
@@ -124,12 +117,7 @@ def counted_points(losses: pd.DataFrame, counting: Counting = "per_epoch") -> pd
 def exceedances(losses: pd.DataFrame, threshold: float, counting: Counting = "per_epoch") -> pd.DataFrame:
     """Per (run, sample): counted points (epochs or draws) and how many had loss > ``threshold``."""
     points = counted_points(losses, counting)
-    return (
-        points.assign(exceeded=points["loss"] > threshold)
-        .groupby(["run", "sample_id"], sort=True)
-        .agg(occurrences=("loss", "size"), exceedances=("exceeded", "sum"))
-        .reset_index()
-    )
+    return points.assign(exceeded=points["loss"] > threshold).groupby(["run", "sample_id"], sort=True).agg(occurrences=("loss", "size"), exceedances=("exceeded", "sum")).reset_index()
 
 
 def flag_counts(per_run: pd.DataFrame, min_exceed: int) -> pd.DataFrame:
@@ -288,30 +276,10 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-
-
 # ----------------------------------------------------------------------------- protocol
 
 VARIANTS = ("complete", "filtered", "flipped")
 PAPER_TABLE1 = {"complete": ("81.51 ± 2.78", "55.72 ± 4.37"), "filtered": ("88.15 ± 1.94", "68.59 ± 3.30"), "flipped": ("86.78 ± 2.21", "73.17 ± 1.55")}
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # ----------------------------------------------------------------------------- command line
-
-
-
-

@@ -38,9 +38,7 @@ RUN_LEVEL_METRICS = ("accuracy",)
 MetricFn = Callable[[pd.DataFrame], float]
 
 
-def paper_spread(
-    runs: pd.DataFrame, metrics: Iterable[str], run_level_metrics: Sequence[str] = RUN_LEVEL_METRICS
-) -> dict[str, dict]:
+def paper_spread(runs: pd.DataFrame, metrics: Iterable[str], run_level_metrics: Sequence[str] = RUN_LEVEL_METRICS) -> dict[str, dict]:
     """Mean and standard deviations of each metric over a fold x seed runs table.
 
     The reference paper (TesticulUS, 3-fold CV x 4 seeds) reports accuracy as mean +- std over
@@ -129,10 +127,7 @@ def _paired_runs(baseline_runs: pd.DataFrame, arm_runs: pd.DataFrame, metric: st
     base_keys = {(int(f), int(s)) for f, s in zip(baseline_runs["fold"], baseline_runs["seed"])}
     arm_keys = {(int(f), int(s)) for f, s in zip(arm_runs["fold"], arm_runs["seed"])}
     if base_keys != arm_keys:
-        raise ValueError(
-            "runs do not pair on (fold, seed): "
-            f"missing from arm {sorted(base_keys - arm_keys)}, missing from baseline {sorted(arm_keys - base_keys)}"
-        )
+        raise ValueError(f"runs do not pair on (fold, seed): missing from arm {sorted(base_keys - arm_keys)}, missing from baseline {sorted(arm_keys - base_keys)}")
     left = baseline_runs[[*RUN_KEYS, metric]].rename(columns={metric: "baseline"})
     right = arm_runs[[*RUN_KEYS, metric]].rename(columns={metric: "arm"})
     return left.merge(right, on=list(RUN_KEYS), validate="one_to_one").sort_values(list(RUN_KEYS))
@@ -165,9 +160,7 @@ def compare_arms(
         # Every resample has the same mean; scipy would warn about a degenerate distribution.
         low = high = float(diffs[0])
     else:
-        interval = stats.bootstrap(
-            (diffs,), np.mean, n_resamples=n_boot, confidence_level=confidence, method="percentile", rng=seed
-        ).confidence_interval
+        interval = stats.bootstrap((diffs,), np.mean, n_resamples=n_boot, confidence_level=confidence, method="percentile", rng=seed).confidence_interval
         low, high = float(interval.low), float(interval.high)
     return {
         "metric": metric,
@@ -219,9 +212,7 @@ METRIC_FNS: dict[str, MetricFn] = {
 }
 
 
-def patient_bootstrap_ci(
-    predictions: pd.DataFrame, metric_fn: MetricFn, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
-) -> tuple[float, float]:
+def patient_bootstrap_ci(predictions: pd.DataFrame, metric_fn: MetricFn, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap CI of a metric over pooled test predictions, resampling patients.
 
     Patients are the resampling unit (a cluster bootstrap): each replicate draws as many patients
@@ -261,7 +252,6 @@ def patient_bootstrap_ci(
     return float(low), float(high)
 
 
-
 def replicate_metrics(predictions: pd.DataFrame, metrics: Sequence[str], counts: np.ndarray, codes: np.ndarray) -> dict[str, np.ndarray]:
     """Every bootstrap replicate's metrics at once: replicate b holds each row of patient i
     ``counts[b, i]`` times (``codes`` maps rows to patients), which is what concatenating the
@@ -297,9 +287,7 @@ def replicate_metrics(predictions: pd.DataFrame, metrics: Sequence[str], counts:
     return out
 
 
-def patient_bootstrap_cis(
-    predictions: pd.DataFrame, metrics: Sequence[str], n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
-) -> dict[str, tuple[float, float]]:
+def patient_bootstrap_cis(predictions: pd.DataFrame, metrics: Sequence[str], n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> dict[str, tuple[float, float]]:
     """:func:`patient_bootstrap_ci` of several built-in metrics with the same draws, vectorised
     (a CV summary's five metrics x 1000 replicates took ~20 s through sklearn, now well under 1 s)."""
     unknown = set(metrics) - set(METRIC_FNS)

@@ -69,9 +69,7 @@ class NoiseSchedule:
             raise ValueError("betas must be a 1-D tensor with values in (0, 1]")
         self.betas = betas
         self.num_timesteps = len(betas)
-        self.model_timesteps = (
-            torch.arange(self.num_timesteps) if model_timesteps is None else torch.as_tensor(model_timesteps, dtype=torch.long)
-        )
+        self.model_timesteps = torch.arange(self.num_timesteps) if model_timesteps is None else torch.as_tensor(model_timesteps, dtype=torch.long)
         if self.model_timesteps.shape != betas.shape:
             raise ValueError("model_timesteps must have one entry per beta")
         alphas = 1.0 - betas
@@ -84,9 +82,7 @@ class NoiseSchedule:
         # beta~_t, the variance of q(x_{t-1} | x_t, x_0) (paper eq. 10).
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         # beta~_0 = 0; its log is replaced by log beta~_1, as improved-diffusion does.
-        self.posterior_log_variance_clipped = torch.log(
-            torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]])
-        )
+        self.posterior_log_variance_clipped = torch.log(torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
         self.log_betas = torch.log(betas)
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * alphas.sqrt() / (1.0 - self.alphas_cumprod)
@@ -112,7 +108,7 @@ def space_timesteps(num_timesteps: int, section_counts: int | str | Sequence[int
     """
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
-            desired = int(section_counts[len("ddim"):])
+            desired = int(section_counts[len("ddim") :])
             for stride in range(1, num_timesteps):
                 if len(range(0, num_timesteps, stride)) == desired:
                     return list(range(0, num_timesteps, stride))
@@ -155,9 +151,7 @@ def q_sample(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: 
     return extract(schedule.sqrt_alphas_cumprod, t, x0) * x0 + extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * noise
 
 
-def q_posterior(
-    schedule: NoiseSchedule, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def q_posterior(schedule: NoiseSchedule, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and (clipped) log-variance of q(x_{t-1} | x_t, x_0) (paper eqs. 10-12)."""
     mean = extract(schedule.posterior_mean_coef1, t, xt) * x0 + extract(schedule.posterior_mean_coef2, t, xt) * xt
     return mean, extract(schedule.posterior_log_variance_clipped, t, xt).expand_as(xt)
@@ -189,9 +183,7 @@ def split_output(model_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return model_output[:, : channels // 2], model_output[:, channels // 2 :]
 
 
-def p_mean_variance(
-    schedule: NoiseSchedule, model_output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, clip_denoised: bool
-) -> ModelPrediction:
+def p_mean_variance(schedule: NoiseSchedule, model_output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, clip_denoised: bool) -> ModelPrediction:
     """Mean and log-variance of p(x_{t-1} | x_t) from an (noise, v) model output.
 
     The mean is the posterior mean at the predicted x0 (paper eq. 11-13); clipping x0 to
@@ -236,9 +228,7 @@ def mean_over_pixels(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).mean(dim=1)
 
 
-def vlb_bits_per_dim(
-    schedule: NoiseSchedule, model_output: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor
-) -> torch.Tensor:
+def vlb_bits_per_dim(schedule: NoiseSchedule, model_output: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Per-example VLB term L_t in bits per dimension (paper eqs. 4-6).
 
     t > 0: KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)); t = 0: the decoder's negative
@@ -247,9 +237,7 @@ def vlb_bits_per_dim(
     true_mean, true_log_variance = q_posterior(schedule, x0, xt, t)
     prediction = p_mean_variance(schedule, model_output, xt, t, clip_denoised=False)
     kl = mean_over_pixels(normal_kl(true_mean, true_log_variance, prediction.mean, prediction.log_variance)) / math.log(2.0)
-    decoder_nll = -mean_over_pixels(
-        discretized_gaussian_log_likelihood(x0, prediction.mean, 0.5 * prediction.log_variance)
-    ) / math.log(2.0)
+    decoder_nll = -mean_over_pixels(discretized_gaussian_log_likelihood(x0, prediction.mean, 0.5 * prediction.log_variance)) / math.log(2.0)
     return torch.where(t == 0, decoder_nll, kl)
 
 
@@ -363,4 +351,3 @@ def timestep_sampler(kind: str, num_timesteps: int) -> UniformTimestepSampler:
     if kind == "loss_aware":
         return LossAwareTimestepSampler(num_timesteps)
     raise ValueError(f"unknown timestep sampler '{kind}' (choose 'uniform' or 'loss_aware')")
-

@@ -31,10 +31,7 @@ def unpatchify(patches: torch.Tensor, patch_size: int, channels: int, grid_hw: t
     batch, num_patches, dim = patches.shape
     grid_h, grid_w = grid_hw
     if num_patches != grid_h * grid_w or dim != patch_size * patch_size * channels:
-        raise ValueError(
-            f"patches of shape {tuple(patches.shape)} do not fit a {grid_h}x{grid_w} grid of "
-            f"{patch_size}x{patch_size}x{channels} patches"
-        )
+        raise ValueError(f"patches of shape {tuple(patches.shape)} do not fit a {grid_h}x{grid_w} grid of {patch_size}x{patch_size}x{channels} patches")
     x = patches.reshape(batch, grid_h, grid_w, patch_size, patch_size, channels)
     x = torch.einsum("nhwpqc->nchpwq", x)
     return x.reshape(batch, channels, grid_h * patch_size, grid_w * patch_size)

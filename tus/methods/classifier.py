@@ -169,8 +169,11 @@ class FineTuneModule(L.LightningModule):
             return optimizer  # the reference: a fixed learning rate
         if config.schedule == "onecycle":
             scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps,
-                pct_start=warmup / total_steps if warmup else ONECYCLE_DEFAULT_PCT_START, cycle_momentum=False,
+                optimizer,
+                max_lr=[g["lr"] for g in optimizer.param_groups],
+                total_steps=total_steps,
+                pct_start=warmup / total_steps if warmup else ONECYCLE_DEFAULT_PCT_START,
+                cycle_momentum=False,
             )
         else:
             decay = "cosine" if config.schedule == "cosine" else "constant"
@@ -187,18 +190,11 @@ class FineTuneModule(L.LightningModule):
                 {"name": "head", "params": list(self.head.parameters()), "lr": config.lr_head},
             ]
         if not isinstance(self.backbone, VisionTransformer):
-            raise ValueError(
-                f"optim.layer_decay needs a ViT backbone, but {type(self.backbone).__name__} has no transformer blocks; "
-                "set optim.layer_decay=null"
-            )
-        return layerwise_lr_decay_groups(
-            self.backbone, self.head, config.lr_head, config.weight_decay, layer_decay=config.layer_decay
-        )
+            raise ValueError(f"optim.layer_decay needs a ViT backbone, but {type(self.backbone).__name__} has no transformer blocks; set optim.layer_decay=null")
+        return layerwise_lr_decay_groups(self.backbone, self.head, config.lr_head, config.weight_decay, layer_decay=config.layer_decay)
 
 
-def save_finetuned(
-    module: FineTuneModule, path: str | Path, image_size: int | None = None, label_names: Sequence[str] = LABEL_NAMES
-) -> Path:
+def save_finetuned(module: FineTuneModule, path: str | Path, image_size: int | None = None, label_names: Sequence[str] = LABEL_NAMES) -> Path:
     """Export the trained classifier as a folder: ``model.safetensors`` + ``config.json`` (:mod:`tus.models.export`).
 
     ``path`` is the folder; ``<folder>/model`` or ``<folder>/model.safetensors`` (what ``tus finetune-cv`` passes

@@ -138,8 +138,6 @@ class Float32Ema(ModelEmaV3):
         return {**self.__dict__, "_sr_generator": None}
 
 
-
-
 class DiffusionModule(L.LightningModule):
     """Trains ``unet`` with the hybrid loss on batches of images in [-1, 1]; ``ema.module`` samples."""
 
@@ -153,10 +151,16 @@ class DiffusionModule(L.LightningModule):
         hflip: bool = True,
     ):
         super().__init__()
-        self.save_hyperparameters({
-            "unet": asdict(unet), "process": asdict(process), "optim": asdict(optim), "ema": asdict(ema),
-            "seed": seed, "hflip": hflip,
-        })
+        self.save_hyperparameters(
+            {
+                "unet": asdict(unet),
+                "process": asdict(process),
+                "optim": asdict(optim),
+                "ema": asdict(ema),
+                "seed": seed,
+                "hflip": hflip,
+            }
+        )
         self.process = process
         self.optim = optim
         self.seed = seed
@@ -188,7 +192,10 @@ class DiffusionModule(L.LightningModule):
             self.timestep_sampler.update(self.all_gather(t).flatten(), self.all_gather(terms.vlb.detach()).flatten())
         self.log_dict(
             {"train/loss": loss, "train/mse": terms.mse.mean(), "train/vlb": terms.vlb.mean()},
-            prog_bar=True, on_step=True, on_epoch=False, batch_size=x0.shape[0],
+            prog_bar=True,
+            on_step=True,
+            on_epoch=False,
+            batch_size=x0.shape[0],
         )
         return loss
 
@@ -197,9 +204,7 @@ class DiffusionModule(L.LightningModule):
         self.ema.update(self.unet, step=self.global_step)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(
-            self.unet.parameters(), lr=self.optim.lr, weight_decay=self.optim.weight_decay, betas=tuple(self.optim.betas)
-        )
+        return torch.optim.AdamW(self.unet.parameters(), lr=self.optim.lr, weight_decay=self.optim.weight_decay, betas=tuple(self.optim.betas))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["timestep_sampler"] = self.timestep_sampler.state_dict()
@@ -265,9 +270,7 @@ def load_unet_export(path: str | Path) -> tuple[UNet2DModel, UNetExport]:
         _load_state(unet, _read_weights(weights), weights)
         return unet, export
     try:
-        unet = UNet2DModel.from_pretrained(
-            str(weights.parent), use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False
-        )
+        unet = UNet2DModel.from_pretrained(str(weights.parent), use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False)
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         raise DiffusionCheckpointError(f"{weights}: not a loadable diffusers U-Net export ({detail})") from error
@@ -289,7 +292,7 @@ def load_ema_from_checkpoint(path: str | Path) -> tuple[UNet2DModel, UNetExport]
         step=int(checkpoint.get("global_step", -1)),
     )
     prefix = "ema.module."
-    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     unet = build_unet(export.unet)
     _load_state(unet, state, path)
     return unet, export
@@ -313,6 +316,4 @@ def _load_state(unet: UNet2DModel, state: dict, source: Path) -> None:
         details = "; ".join(line.strip() for line in str(error).splitlines()[1:4] if line.strip()) or str(error)
         raise DiffusionCheckpointError(f"{source}: weights do not fit the U-Net config ({details})") from error
     if missing or unexpected:
-        raise DiffusionCheckpointError(
-            f"{source}: weights do not fit the U-Net config (missing: {missing[:5]}, unexpected: {unexpected[:5]})"
-        )
+        raise DiffusionCheckpointError(f"{source}: weights do not fit the U-Net config (missing: {missing[:5]}, unexpected: {unexpected[:5]})")

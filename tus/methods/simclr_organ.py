@@ -90,14 +90,16 @@ class SimCLROrgan(PretrainingMethod):
     def __init__(self, config: SimCLROrganConfig, *, num_organs: int, batch_size: int):
         super().__init__()
         model, loss, optimizer, schedule = config.model, config.loss, config.optimizer, config.schedule
-        self.save_hyperparameters({
-            "model": to_dict(model),
-            "loss": to_dict(loss),
-            "optimizer": to_dict(optimizer),
-            "schedule": to_dict(schedule),
-            "num_organs": num_organs,
-            "batch_size": batch_size,
-        })
+        self.save_hyperparameters(
+            {
+                "model": to_dict(model),
+                "loss": to_dict(loss),
+                "optimizer": to_dict(optimizer),
+                "schedule": to_dict(schedule),
+                "num_organs": num_organs,
+                "batch_size": batch_size,
+            }
+        )
         self.model_config = model
         self.loss_config = loss
         self.optimizer_config = optimizer
@@ -175,5 +177,3 @@ class SimCLROrgan(PretrainingMethod):
         optimizer = build_lars(self, self.optimizer_config, scaled_lr(self.optimizer_config.lr_per_256, self.global_batch_size()))
         scheduler = LambdaLR(optimizer, schedule_lambda(total_steps, self.schedule_config))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
-
-

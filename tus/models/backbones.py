@@ -58,8 +58,7 @@ class BackboneConfig:
 
     def timm_kwargs(self) -> dict:
         """The optional architecture options that are set, as ``timm.create_model`` keyword arguments."""
-        options = {"drop_path_rate": self.drop_path_rate, "global_pool": self.global_pool,
-                   "img_size": self.img_size, "patch_size": self.patch_size}
+        options = {"drop_path_rate": self.drop_path_rate, "global_pool": self.global_pool, "img_size": self.img_size, "patch_size": self.patch_size}
         return {key: value for key, value in options.items() if value is not None}
 
 
@@ -81,11 +80,13 @@ def create_backbone(config: BackboneConfig) -> nn.Module:
                 raise CheckpointError(f"{config.weights}: encoder is a '{name}', but backbone.name is '{config.name}'")
             from tus.models.vit import create_vit_from_export  # lazy: vit imports this module
 
-            return create_vit_from_export(
-                config.weights, in_chans=config.in_chans, drop_rate=config.drop_rate, **config.timm_kwargs()
-            )
+            return create_vit_from_export(config.weights, in_chans=config.in_chans, drop_rate=config.drop_rate, **config.timm_kwargs())
     model = timm.create_model(
-        config.name, pretrained=False, num_classes=0, in_chans=config.in_chans, drop_rate=config.drop_rate,
+        config.name,
+        pretrained=False,
+        num_classes=0,
+        in_chans=config.in_chans,
+        drop_rate=config.drop_rate,
         **config.timm_kwargs(),
     )
     if config.init == "mae":
@@ -130,8 +131,7 @@ def _create_timm_pretrained(config: BackboneConfig) -> nn.Module:
     except Exception as error:  # timm raises many types (hub, IO, key errors); all mean "no weights"
         source = config.weights or "the model hub"
         raise CheckpointError(
-            f"could not load timm pretrained weights for '{config.name}' from {source}: {error}. "
-            "Give a local file with backbone.weights=PATH or use backbone.init=scratch."
+            f"could not load timm pretrained weights for '{config.name}' from {source}: {error}. Give a local file with backbone.weights=PATH or use backbone.init=scratch."
         ) from error
 
 
@@ -257,8 +257,5 @@ def read_tus_encoder(path: str | Path, config: BackboneConfig) -> dict[str, torc
     for tensor_name in ([f"{first_conv}.weight"] if first_conv else []) + ["patch_embed.proj.weight"]:
         tensor = state.get(tensor_name)
         if tensor is not None and tensor.ndim == 4 and tensor.shape[1] != meta["in_chans"]:
-            raise CheckpointError(
-                f"{weights}: its config says in_chans={meta['in_chans']}, but the weights' {tensor_name} "
-                f"takes {tensor.shape[1]} channel(s); the export is inconsistent"
-            )
+            raise CheckpointError(f"{weights}: its config says in_chans={meta['in_chans']}, but the weights' {tensor_name} takes {tensor.shape[1]} channel(s); the export is inconsistent")
     return state

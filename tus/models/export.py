@@ -149,10 +149,7 @@ def resolve_export(path: str | Path) -> tuple[Path, Path, bool]:
             return path, path.with_suffix(".json"), True
         if path.name in (WEIGHTS_FILE, DIFFUSERS_WEIGHTS_FILE) and (path.parent / CONFIG_FILE).is_file():
             return path, path.parent / CONFIG_FILE, False
-        raise CheckpointError(
-            f"{path}: no {path.with_suffix('.json').name} beside it and no {CONFIG_FILE} in its folder; "
-            f"a tus export is a folder with {WEIGHTS_FILE} + {CONFIG_FILE}"
-        )
+        raise CheckpointError(f"{path}: no {path.with_suffix('.json').name} beside it and no {CONFIG_FILE} in its folder; a tus export is a folder with {WEIGHTS_FILE} + {CONFIG_FILE}")
     # Not an export's name: load_weights says what the file is (a pickle is refused without being run).
     load_weights(path)
     raise CheckpointError(f"{path}: a bare weights file, not a tus export (a folder with {WEIGHTS_FILE} + {CONFIG_FILE})")
@@ -181,30 +178,43 @@ def _convert_legacy(meta: dict, weights: Path, source: Path) -> dict:
     if "unet" in meta and isinstance(meta["unet"], dict):
         unet = meta["unet"]
         return {
-            **base, "kind": "unet", "architecture": {"library": "diffusers", "name": "UNet2DModel", "kwargs": None},
-            "in_chans": unet.get("in_channels", 1), "image_size": unet.get("sample_size"),
+            **base,
+            "kind": "unet",
+            "architecture": {"library": "diffusers", "name": "UNet2DModel", "kwargs": None},
+            "in_chans": unet.get("in_channels", 1),
+            "image_size": unet.get("sample_size"),
             "normalization": unet_normalization(unet.get("in_channels", 1)),
-            "unet": unet, "process": meta.get("process", {}), "step": meta.get("step", -1),
+            "unet": unet,
+            "process": meta.get("process", {}),
+            "step": meta.get("step", -1),
         }
     if isinstance(meta.get("backbone"), str) and "in_chans" in meta:
         extras = {k: v for k, v in meta.items() if k not in ("backbone", "in_chans", "vit", "image_size")}
         return {
-            **base, "kind": "encoder",
+            **base,
+            "kind": "encoder",
             "architecture": {
-                "library": "timm", "name": meta["backbone"],
+                "library": "timm",
+                "name": meta["backbone"],
                 "kwargs": {k: v for k, v in (meta.get("vit") or {}).items() if k != "name"},
             },
-            "in_chans": meta["in_chans"], "image_size": meta.get("image_size"),
-            "normalization": classifier_normalization(int(meta["in_chans"])), **extras,
+            "in_chans": meta["in_chans"],
+            "image_size": meta.get("image_size"),
+            "normalization": classifier_normalization(int(meta["in_chans"])),
+            **extras,
         }
     if isinstance(meta.get("backbone"), dict) and "optim" in meta:
         backbone = meta["backbone"]
         return {
-            **base, "kind": "classifier",
+            **base,
+            "kind": "classifier",
             "architecture": {"library": "timm", "name": backbone.get("name"), "kwargs": {}},
-            "in_chans": backbone.get("in_chans", 1), "image_size": None,
-            "normalization": classifier_normalization(int(backbone.get("in_chans", 1))), "label_names": None,
-            "num_classes": meta.get("num_classes", 2), "hparams": meta,
+            "in_chans": backbone.get("in_chans", 1),
+            "image_size": None,
+            "normalization": classifier_normalization(int(backbone.get("in_chans", 1))),
+            "label_names": None,
+            "num_classes": meta.get("num_classes", 2),
+            "hparams": meta,
         }
     raise CheckpointError(f"{weights}: {source.name} has keys {sorted(meta)[:5]}, not a tus export's")
 

@@ -77,10 +77,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(decoder_embed_dim, *self.grid_hw))
-        self.decoder_blocks = nn.ModuleList(
-            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio=mlp_ratio, qkv_bias=True)
-            for _ in range(decoder_depth)
-        )
+        self.decoder_blocks = nn.ModuleList(Block(decoder_embed_dim, decoder_num_heads, mlp_ratio=mlp_ratio, qkv_bias=True) for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_size**2 * in_chans)
         self.num_patches = num_patches
@@ -131,13 +128,9 @@ class MaskedAutoencoderViT(nn.Module):
         x = self.decoder_pred(self.decoder_norm(x))
         return x[:, 1:]
 
-    def forward(
-        self, images: torch.Tensor, mask_ratio: float = 0.75, generator: torch.Generator | None = None
-    ) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, mask_ratio: float = 0.75, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Mask, encode, decode; returns ``loss`` (masked patches only), ``pred`` (B, L, p*p*C), ``mask`` (B, L)."""
-        ids_keep, mask, ids_restore = random_masking(
-            images.shape[0], self.num_patches, mask_ratio, generator=generator, device=images.device
-        )
+        ids_keep, mask, ids_restore = random_masking(images.shape[0], self.num_patches, mask_ratio, generator=generator, device=images.device)
         latent = self.forward_encoder(images, ids_keep)
         pred = self.forward_decoder(latent, ids_restore)
         loss = mae_loss(pred, patchify(images, self.patch_size), mask, norm_pix_loss=self.norm_pix_loss)

@@ -52,9 +52,7 @@ def create_vit_encoder(
     """
     if patch_size is not None:
         kwargs["patch_size"] = patch_size
-    model = timm.create_model(
-        name, pretrained=False, img_size=img_size, in_chans=in_chans, num_classes=0, global_pool=global_pool, **kwargs
-    )
+    model = timm.create_model(name, pretrained=False, img_size=img_size, in_chans=in_chans, num_classes=0, global_pool=global_pool, **kwargs)
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"'{name}' is a {type(model).__name__}, not a timm VisionTransformer")
     return model
@@ -76,9 +74,7 @@ def interpolate_pos_embed(
         if side * side != pos_embed.shape[1] - num_prefix_tokens:
             raise ValueError(f"pos_embed of {pos_embed.shape[1]} tokens is not a square grid; give old_grid_hw")
         old_grid_hw = (side, side)
-    return resample_abs_pos_embed(
-        pos_embed, new_size=list(new_grid_hw), old_size=list(old_grid_hw), num_prefix_tokens=num_prefix_tokens
-    )
+    return resample_abs_pos_embed(pos_embed, new_size=list(new_grid_hw), old_size=list(old_grid_hw), num_prefix_tokens=num_prefix_tokens)
 
 
 def _unwrap(state: dict) -> dict[str, torch.Tensor]:
@@ -135,9 +131,7 @@ def mae_checkpoint_to_timm(
         side = math.isqrt(num_patches)
         if side * side != num_patches:
             raise CheckpointError(f"{source}: pos_embed has {num_patches} patch positions, not a square grid")
-        state["pos_embed"] = interpolate_pos_embed(
-            state["pos_embed"], tuple(model.patch_embed.grid_size), prefix, old_grid_hw=(side, side)
-        )
+        state["pos_embed"] = interpolate_pos_embed(state["pos_embed"], tuple(model.patch_embed.grid_size), prefix, old_grid_hw=(side, side))
     fresh_fc_norm = "fc_norm.weight" in expected and "fc_norm.weight" not in state and "norm.weight" not in expected
     if fresh_fc_norm and "norm.weight" in state:
         state.pop("norm.weight")
@@ -156,17 +150,12 @@ def mae_checkpoint_to_timm(
             detail.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
         if wrong_shape:
             k = wrong_shape[0]
-            detail.append(
-                f"{len(wrong_shape)} shape mismatch(es), e.g. {k}: "
-                f"file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-            )
+            detail.append(f"{len(wrong_shape)} shape mismatch(es), e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}")
         raise CheckpointError(f"{source} ({layout} layout): weights do not fit the ViT: " + "; ".join(detail))
     return {k: state[k].to(expected[k].dtype) for k in expected}
 
 
-def load_vit_weights(
-    model: VisionTransformer, path: str | Path, channel_reduce: Literal["sum", "mean"] = "sum"
-) -> Literal["mae", "timm"]:
+def load_vit_weights(model: VisionTransformer, path: str | Path, channel_reduce: Literal["sum", "mean"] = "sum") -> Literal["mae", "timm"]:
     """Load a local ViT weights file into ``model`` (head excluded) and return the layout it had.
 
     The file is read by :func:`tus.models.weights.load_weights` (through ``read_state_dict``): safetensors,
@@ -212,9 +201,7 @@ def layerwise_lr_decay_groups(
     named = [(name, param, _vit_layer_id(name, num_blocks)) for name, param in model.named_parameters()]
     if head is not None:
         seen = {id(param) for _, param, _ in named}
-        named += [
-            (f"head.{name}", param, num_blocks + 1) for name, param in head.named_parameters() if id(param) not in seen
-        ]
+        named += [(f"head.{name}", param, num_blocks + 1) for name, param in head.named_parameters() if id(param) not in seen]
     no_decay_names = model.no_weight_decay()
     groups: dict[str, dict] = {}
     for name, param, layer_id in named:

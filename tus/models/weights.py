@@ -82,7 +82,6 @@ def is_torchscript(path: str | Path) -> bool:
         return any("/code/" in name for name in archive.namelist())
 
 
-
 def read_export_json(path: str | Path) -> dict:
     """The parsed ``.json`` of an export (``NAME.json`` beside ``NAME.safetensors``); one-line errors."""
     path = Path(path)
@@ -150,9 +149,7 @@ def _torch_load(path: Path) -> Any:
         names = _unsafe_globals(path, str(error))
         if names:
             shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-            raise CheckpointError(
-                f"{path}: refused: a pickle of Python objects (needs {shown}), which can run code when loaded; {ACCEPTED}"
-            ) from error
+            raise CheckpointError(f"{path}: refused: a pickle of Python objects (needs {shown}), which can run code when loaded; {ACCEPTED}") from error
         raise CheckpointError(f"{path}: not a loadable weights file (unknown or corrupt format); {ACCEPTED}") from error
     except Exception as error:  # corrupt zips, truncated pickles, foreign formats
         raise CheckpointError(f"{path}: not a loadable weights file ({_first_line(error)}); {ACCEPTED}") from error

@@ -12,9 +12,7 @@ from tus.losses.gaussian_diffusion import NoiseSchedule, p_mean_variance, respac
 from tus.samplers.base import Sampler, initial_noise
 
 
-def ancestral_sample(
-    unet: UNet2DModel, schedule: NoiseSchedule, generators: Sequence[torch.Generator], shape: tuple[int, ...], device: torch.device
-) -> torch.Tensor:
+def ancestral_sample(unet: UNet2DModel, schedule: NoiseSchedule, generators: Sequence[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """x_T ~ N(0, I), then x_{t-1} ~ p(x_{t-1} | x_t) with the learned variance, down to x_0."""
     x = initial_noise(generators, shape, device)
     for index in reversed(range(schedule.num_timesteps)):

@@ -33,9 +33,7 @@ class Sampler:
             raise ValueError(f"{self.name} steps must be in [1, {num_timesteps}], got {steps}")
         return steps
 
-    def sample(
-        self, unet: UNet2DModel, schedule: NoiseSchedule, steps: int, generators: Sequence[torch.Generator], shape: tuple[int, ...], device: torch.device
-    ) -> torch.Tensor:
+    def sample(self, unet: UNet2DModel, schedule: NoiseSchedule, steps: int, generators: Sequence[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """Images in about [-1, 1], shape (len(generators), *shape); image i uses only generators[i]."""
         raise NotImplementedError
 

@@ -24,7 +24,10 @@ def diffusers_scheduler(sampler: str, schedule: NoiseSchedule) -> DDIMScheduler 
     betas = schedule.betas.numpy()
     if sampler == "ddim":
         return DDIMScheduler(
-            num_train_timesteps=schedule.num_timesteps, trained_betas=betas, clip_sample=True, timestep_spacing="leading",
+            num_train_timesteps=schedule.num_timesteps,
+            trained_betas=betas,
+            clip_sample=True,
+            timestep_spacing="leading",
         )
     return DPMSolverMultistepScheduler(
         num_train_timesteps=schedule.num_timesteps,

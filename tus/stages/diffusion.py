@@ -57,18 +57,6 @@ class DiffusionConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 def run_diffusion(config: DiffusionConfig, run_dir: str | Path | None = None, *, allow_config_change: bool = False, create: bool = False) -> Path:
     """Train (or, given a ``run_dir`` with a checkpoint, resume) and export the EMA U-Net; returns the run dir.
 

@@ -137,7 +137,9 @@ def run_cv(
         jobs = [(fold, seed) for seed in config.seeds for fold in range(config.data.num_folds)]
         todo = [(fold, seed) for fold, seed in jobs if not (run_dir / "runs" / f"fold{fold}-seed{seed}" / "metrics.json").exists()]
         # One bar over every remaining epoch of every fold x seed: the ETA is the whole CV's.
-        with stage_progress(len(todo) * max(config.trainer.max_epochs or 1, 1), desc=f"{config.name}: {len(todo)} of {len(jobs)} folds x seeds", enabled=config.trainer.enable_progress_bar is not False):
+        with stage_progress(
+            len(todo) * max(config.trainer.max_epochs or 1, 1), desc=f"{config.name}: {len(todo)} of {len(jobs)} folds x seeds", enabled=config.trainer.enable_progress_bar is not False
+        ):
             for fold, seed in todo:
                 run_single(config, frame, folds, fold, seed, run_dir / "runs" / f"fold{fold}-seed{seed}", _with_stage_callbacks(callback_factory))
         runs = collect_runs(run_dir)
@@ -210,7 +212,9 @@ def run_single(
     callbacks = [_EpochSeededStream(seed), *(callback_factory(config, run_info, run_dir) if callback_factory else [])]
     selector = None
     if inner:
-        selector = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="best", monitor=config.selection_metric, mode="min" if config.selection_metric.endswith("loss") else "max", save_top_k=1)
+        selector = ModelCheckpoint(
+            dirpath=str(run_dir / "checkpoints"), filename="best", monitor=config.selection_metric, mode="min" if config.selection_metric.endswith("loss") else "max", save_top_k=1
+        )
         callbacks.append(selector)
     logging = LoggingConfig(**{**to_dict(config.logging), "group": config.logging.group or config.name, "job_type": config.logging.job_type or "finetune"})
     loggers = build_loggers(run_dir, logging, name=f"{config.name}-fold{fold}-seed{seed}", config={**to_dict(config), **run_info}, tags=[f"fold{fold}", f"seed{seed}"])
@@ -251,18 +255,6 @@ def predict(module: FineTuneModule, loader) -> pd.DataFrame:
         for sample_id, label, p in zip(batch["sample_id"], batch["label"].tolist(), probability.tolist()):
             rows.append({"sample_id": sample_id, "label": label, "probability": p, "prediction": int(p >= 0.5)})
     return pd.DataFrame(rows)
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def finetune_callbacks(config, run_info: dict, run_dir: Path) -> list[Callback]:

@@ -74,14 +74,6 @@ class PretrainConfig:
         self.method = resolved_method_block(self.method)
 
 
-
-
-
-
-
-
-
-
 def run_pretraining(config: PretrainConfig, run_dir: str | Path | None = None, *, allow_config_change: bool = False, create: bool = False) -> Path:
     """Pretrain with ``config.method``, export the encoder and return the run directory.
 
@@ -118,7 +110,16 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path | None = None, *
             callbacks.append(probe)
         downstream = None
         if config.monitor.downstream_manifest:
-            downstream = DownstreamProbe(config.monitor.downstream_manifest, every_n_steps=config.monitor.downstream_every_n_steps, image_size=config.data.image_size, classifier=config.monitor.downstream_classifier, k=config.monitor.knn_k, num_folds=config.monitor.downstream_num_folds, seed=config.seed, batch_size=config.monitor.batch_size)
+            downstream = DownstreamProbe(
+                config.monitor.downstream_manifest,
+                every_n_steps=config.monitor.downstream_every_n_steps,
+                image_size=config.data.image_size,
+                classifier=config.monitor.downstream_classifier,
+                k=config.monitor.knn_k,
+                num_folds=config.monitor.downstream_num_folds,
+                seed=config.seed,
+                batch_size=config.monitor.batch_size,
+            )
             callbacks.append(downstream)
         loggers = build_loggers(run_dir, config.logging, name=config.name, config={**to_dict(config), "pool": report}, tags=["pretrain", method_cls.__name__])
         trainer = build_trainer(config.trainer, run_dir, loggers=loggers, callbacks=callbacks, checkpoint_every_n_steps=config.checkpoint_every_n_steps)
@@ -127,7 +128,13 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path | None = None, *
         trainer.fit(module, datamodule=datamodule, ckpt_path=last_checkpoint(run_dir))
         finish_loggers(loggers)
         if trainer.is_global_zero:
-            export = {"organ_classes": list(datamodule.organ_classes), "steps": trainer.global_step, "image_size": config.data.image_size, "pretrain_run": run_dir.name, "method": config.method["name"]}
+            export = {
+                "organ_classes": list(datamodule.organ_classes),
+                "steps": trainer.global_step,
+                "image_size": config.data.image_size,
+                "pretrain_run": run_dir.name,
+                "method": config.method["name"],
+            }
             module.export_encoder(run_dir / "encoder", export)
             last = {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("train/")}
             summary = {"steps": trainer.global_step, "last": last, "probe": probe.history if probe else [], "downstream_probe": downstream.history if downstream else []}

@@ -57,9 +57,7 @@ def load_sampling_model(path: str | Path) -> tuple[UNet2DModel, UNetExport, Path
     elif not path.exists():
         raise DiffusionCheckpointError(f"{path}: --checkpoint not found")
     elif path.is_file() and path.suffix not in (".ckpt", ".safetensors", ".json"):
-        raise DiffusionCheckpointError(
-            f"{path}: --checkpoint must be an export (a folder, or .safetensors + .json), a Lightning .ckpt or a diffusion run folder"
-        )
+        raise DiffusionCheckpointError(f"{path}: --checkpoint must be an export (a folder, or .safetensors + .json), a Lightning .ckpt or a diffusion run folder")
     else:
         source = path
     if source.suffix == ".ckpt":
@@ -68,20 +66,6 @@ def load_sampling_model(path: str | Path) -> tuple[UNet2DModel, UNetExport, Path
     unet, config = load_unet_export(source)
     weights, _ = read_export_config(source)
     return unet.eval(), config, weights
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def image_name(index: int) -> str:
@@ -103,10 +87,7 @@ def prepare_output(out_dir: Path, settings: dict) -> None:
         previous = json.loads(settings_path.read_text())
         for key, value in settings.items():
             if previous.get(key) != value:
-                raise ValueError(
-                    f"{settings_path}: this folder was sampled with {key}={previous.get(key)!r}, not {value!r}; "
-                    "use a new --out folder for different settings"
-                )
+                raise ValueError(f"{settings_path}: this folder was sampled with {key}={previous.get(key)!r}, not {value!r}; use a new --out folder for different settings")
         return
     out_dir.mkdir(parents=True, exist_ok=True)
     settings_path.write_text(json.dumps(settings, indent=2))
@@ -126,14 +107,16 @@ def append_manifest_rows(manifest: Path, indices: Sequence[int], settings: dict)
         if new_file:
             writer.writeheader()
         for index in indices:
-            writer.writerow({
-                "index": index,
-                "seed": derive_seed(settings["seed"], index),
-                "sampler": settings["sampler"],
-                "steps": settings["steps"],
-                "path": image_name(index),
-                "sample_id": f"{settings['sampler']}{settings['steps']}-seed{settings['seed']}-{index:06d}",
-            })
+            writer.writerow(
+                {
+                    "index": index,
+                    "seed": derive_seed(settings["seed"], index),
+                    "sampler": settings["sampler"],
+                    "steps": settings["steps"],
+                    "path": image_name(index),
+                    "sample_id": f"{settings['sampler']}{settings['steps']}-seed{settings['seed']}-{index:06d}",
+                }
+            )
 
 
 def generate(
@@ -156,8 +139,13 @@ def generate(
     schedule = export.process.schedule()
     steps = resolve_steps(sampler, steps, schedule.num_timesteps)
     settings = {
-        "checkpoint": str(source.resolve()), "model_step": export.step, "sampler": sampler, "steps": steps,
-        "seed": seed, "precision": precision, "image_size": export.unet.sample_size,
+        "checkpoint": str(source.resolve()),
+        "model_step": export.step,
+        "sampler": sampler,
+        "steps": steps,
+        "seed": seed,
+        "precision": precision,
+        "image_size": export.unet.sample_size,
     }
     out_dir = Path(out_dir)
     prepare_output(out_dir, settings)
@@ -177,9 +165,7 @@ def generate(
             batches.setdefault(index // batch_size, []).append(index)
         with tqdm(total=n, initial=n - len(missing), unit="img", disable=not progress, desc=f"{sampler} {steps} steps") as bar:
             for indices in batches.values():
-                images = to_uint8(sample_images(
-                    unet, schedule, sampler, steps, [derive_seed(seed, i) for i in indices], device, precision
-                ))
+                images = to_uint8(sample_images(unet, schedule, sampler, steps, [derive_seed(seed, i) for i in indices], device, precision))
                 for index, image in zip(indices, images):
                     final = out_dir / image_name(index)
                     partial = out_dir / f".{index:06d}.partial.png"

@@ -28,9 +28,7 @@ DEFAULT_ENCODER_IMAGE_SIZE = 224
 ExtractorSpec = str | Path | FeatureExtractor
 
 
-def check_extraction_options(
-    extractor: ExtractorSpec, weights: str | Path | None, image_size: int | None, batch_size: int
-) -> None:
+def check_extraction_options(extractor: ExtractorSpec, weights: str | Path | None, image_size: int | None, batch_size: int) -> None:
     """The feature-extraction options, checked without loading anything."""
     for option, value in (("--batch-size", batch_size), ("--image-size", image_size)):
         if value is not None and value < 1:
@@ -41,9 +39,7 @@ def check_extraction_options(
         raise UsageError("--image-size sets a tus encoder's input size; a FeatureExtractor object brings its own")
 
 
-def build_extractor(
-    extractor: ExtractorSpec, weights: str | Path | None = None, image_size: int | None = None
-) -> FeatureExtractor:
+def build_extractor(extractor: ExtractorSpec, weights: str | Path | None = None, image_size: int | None = None) -> FeatureExtractor:
     """``'inception'`` (FID Inception-v3 from ``weights``, else ``$TUS_INCEPTION_WEIGHTS``, else the packaged
     copy), a tus encoder export (its input size: ``image_size``, else the export's, else 224), or an extractor
     object, returned as it is."""

@@ -37,14 +37,6 @@ def training_manifest(run_dirs: list[str | Path]) -> Path:
     return Path(manifests.pop())
 
 
-
-
-
-
-
-
-
-
 FLAGGING_DIR = "_flagging"
 FLAGS_DIR = "flags"
 
@@ -126,8 +118,3 @@ def run_fold_safe_cv(config, manifest_path: str | Path, flagged: set[str], varia
             run_single(config, frame, frame["fold"].astype(int).to_numpy(), fold, seed, run_dir, finetune_callbacks)
     write_summary(cv_dir, collect_runs(cv_dir), complete, config)
     return cv_dir
-
-
-
-
-

@@ -56,28 +56,6 @@ STAGES = ("all", "pretrain", "finetune")
 LAUNCH_OPTIONS = ("accelerator", "devices", "num_nodes", "strategy", "enable_progress_bar")
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 @dataclass
 class ArmPlan:
     """Everything one arm runs, fully resolved."""
@@ -308,8 +286,11 @@ def warn_pool_overlap(plans: list[ArmPlan]) -> None:
             pool = [content_hash(p) for source in plan.pretrain.data.sources for p in _source_paths(source)]
             checked[key] = sum(h in labeled for h in pool)
         if checked[key]:
-            print(f"warning: arm '{plan.name}': {checked[key]} images of its pretraining pool are labelled images it is tested on "
-                  f"(test-fold leakage, as in the reference); add --pretrain data.exclude_labeled=all data.labeled_manifest=<labelled manifest> to leave them out", flush=True)
+            print(
+                f"warning: arm '{plan.name}': {checked[key]} images of its pretraining pool are labelled images it is tested on "
+                f"(test-fold leakage, as in the reference); add --pretrain data.exclude_labeled=all data.labeled_manifest=<labelled manifest> to leave them out",
+                flush=True,
+            )
 
 
 def _source_paths(source) -> list[str]:
@@ -406,41 +387,7 @@ def _changed_keys(before: dict, after: dict, prefix: str = "") -> list[str]:
     return changed
 
 
-
-
-
-
-
-
 # ---------------------------------------------------------------------------------- tables
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # ------------------------------------------------------------------------------------- CLI
-
-
-
-
-
-

@@ -107,8 +107,6 @@ class TableConfig:
     digits: int = 2
 
 
-
-
 @dataclass
 class MarkerEvalConfig:
     """Marker sensitivity of every fold x seed model on its test fold (thesis Fig. 6.1).
@@ -156,7 +154,9 @@ class StudyConfig:
                 raise ConfigError(f"{where}: arm names become folder names: use letters, digits, '_', '.', '-'")
             cells = set(arm.row)
             if cells != set(self.table.columns):
-                raise ConfigError(f"{where}.row: needs exactly the table's columns {self.table.columns}; missing {sorted(set(self.table.columns) - cells)}, unknown {sorted(cells - set(self.table.columns))}")
+                raise ConfigError(
+                    f"{where}.row: needs exactly the table's columns {self.table.columns}; missing {sorted(set(self.table.columns) - cells)}, unknown {sorted(cells - set(self.table.columns))}"
+                )
             if arm.labels != "complete" and self.noisy_labels is None:
                 raise ConfigError(f"{where}.labels: '{arm.labels}' needs the study's noisy_labels: block (which flags the samples)")
             if arm.label_protocol == "fold_safe" and arm.labels == "complete":

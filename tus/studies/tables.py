@@ -169,10 +169,7 @@ def render_comparisons(study: Study, results: list[ArmResult]) -> list[str]:
                 cells.append("—")
                 continue
             stars = significance_marker(comparison["p"])
-            cells.append(
-                f"{100 * comparison['mean_diff']:+.{digits}f}{stars} "
-                f"[{100 * comparison['ci_low']:+.{digits}f}, {100 * comparison['ci_high']:+.{digits}f}], {format_p(comparison['p'])}"
-            )
+            cells.append(f"{100 * comparison['mean_diff']:+.{digits}f}{stars} [{100 * comparison['ci_low']:+.{digits}f}, {100 * comparison['ci_high']:+.{digits}f}], {format_p(comparison['p'])}")
         lines.append(f"| {result.name} | " + " | ".join(cells) + " |")
     errors = sorted({c["error"] for r in compared for c in r.comparisons.values() if "error" in c})
     return [
