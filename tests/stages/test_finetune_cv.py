@@ -220,3 +220,22 @@ def test_finetune_constant_with_warmup_fraction_and_onecycle():
         fine_tune_module(warmup_epochs=1, warmup_fraction=0.1)
     with pytest.raises(ValueError, match="constant, cosine, onecycle"):
         fine_tune_module(schedule="poly")
+
+
+@pytest.mark.slow
+def test_folds_redrawn_per_seed_are_recorded_and_kept_on_resume(tmp_path: Path):
+    """data.folds_per_seed (the reference code): each seed has its own patient-grouped split,
+    written to folds.csv with a seed column; resuming with the other setting is refused."""
+    manifest = make_labeled_dataset(tmp_path / "data", patients=18)
+    config = tiny_config(manifest, tmp_path / "runs", "--data.folds_per_seed=true", "--seeds=[0, 1]", "--trainer.max_epochs=1", "--record_losses=false")
+    run_dir = run_cv(config)
+    folds = pd.read_csv(run_dir / "folds.csv", dtype={"sample_id": str, "patient_id": str})
+    assert sorted(folds["seed"].unique()) == [0, 1] and len(folds) == 2 * len(pd.read_csv(manifest))
+    per_seed = {seed: rows.set_index("sample_id")["fold"] for seed, rows in folds.groupby("seed")}
+    assert (per_seed[0] != per_seed[1].loc[per_seed[0].index]).any()  # the splits differ
+    for _, rows in folds.groupby("seed"):
+        assert rows.groupby("patient_id")["fold"].nunique().max() == 1  # still patient-grouped
+    assert len(pd.read_csv(run_dir / "runs.csv")) == 2 * config.data.num_folds
+    run_cv(config, run_dir)  # resuming a finished run with the same setting trains nothing
+    with pytest.raises(ConfigError, match="data.folds_per_seed"):
+        run_cv(tiny_config(manifest, tmp_path / "runs", "--seeds=[0, 1]", "--trainer.max_epochs=1", "--record_losses=false"), run_dir)

@@ -40,6 +40,10 @@ class LabeledDataConfig:
     image_size: int = 224
     num_folds: int = 3
     fold_seed: int = 0
+    # False: one split (by fold_seed) shared by every seed, so seeds differ only in training
+    # randomness. True: the folds are re-drawn for each seed (the reference code), so the
+    # spread over seeds includes the split's; folds.csv then has a seed column.
+    folds_per_seed: bool = False
     batch_size: int = 64
     eval_batch_size: int = 128
     num_workers: int = 2

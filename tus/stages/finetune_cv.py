@@ -35,7 +35,7 @@ from tus.callbacks.loss_recorder import PerSampleLossRecorder
 from tus.callbacks.progress import stage_progress
 from tus.config import ConfigError, to_dict, write_text_atomic
 from tus.data.datamodules import LabeledDataConfig, LabeledDataModule
-from tus.data.folds import assign_folds, fold_table
+from tus.data.folds import assign_folds, assign_folds_for_seed, fold_table
 from tus.data.images import content_hash
 from tus.data.manifest import load_manifest
 from tus.data.seeding import derive_seed
@@ -75,18 +75,30 @@ class ResumeMismatchError(ValueError):
 CallbackFactory = Callable[[FineTuneCVConfig, dict, Path], list[Callback]]
 
 
-def write_or_check_folds(run_dir: Path, frame: pd.DataFrame, folds: np.ndarray) -> None:
+def write_or_check_folds(run_dir: Path, frame: pd.DataFrame, folds: np.ndarray | dict[int, np.ndarray]) -> None:
     """Write ``folds.csv`` (with each image file's ``content_hash``), or, resuming, check that the
     manifest still gives the same table: the same images in the same folds with the same labels
     and file contents. A change is refused naming it (sample ids, and whether fold, label or
-    content changed): finished folds were trained on the old data."""
-    table = fold_table(frame, folds).assign(content_hash=[content_hash(p) for p in frame["abs_path"]])
+    content changed): finished folds were trained on the old data. ``folds`` per seed (a dict,
+    ``data.folds_per_seed``) writes one block of rows per seed, with a ``seed`` column."""
+    hashes = [content_hash(p) for p in frame["abs_path"]]
+    if isinstance(folds, dict):
+        table = pd.concat([fold_table(frame, f).assign(content_hash=hashes, seed=s) for s, f in folds.items()], ignore_index=True)
+    else:
+        table = fold_table(frame, folds).assign(content_hash=hashes)
     table["sample_id"] = table["sample_id"].astype(str)
+    if "seed" in table.columns:  # compare per (seed, sample): the key must be unique
+        table["sample_id"] = table["seed"].astype(str) + "/" + table["sample_id"]
     path = run_dir / "folds.csv"
     if not path.exists():
-        write_text_atomic(path, table.to_csv(index=False))
+        written = table.assign(sample_id=table["sample_id"].str.split("/", n=1).str[-1]) if "seed" in table.columns else table
+        write_text_atomic(path, written.to_csv(index=False))
         return
     previous = pd.read_csv(path, dtype={"sample_id": str, "patient_id": str, "path": str, "content_hash": str})
+    if ("seed" in previous.columns) != ("seed" in table.columns):
+        raise ResumeMismatchError(f"{path}: this run's folds were drawn {'per seed' if 'seed' in previous.columns else 'once for every seed'}; keep data.folds_per_seed as it was")
+    if "seed" in previous.columns:
+        previous["sample_id"] = previous["seed"].astype(str) + "/" + previous["sample_id"]
     hint = "resume with the manifest this run was started with, or start a new run"
     removed = sorted(set(previous["sample_id"]) - set(table["sample_id"]))
     added = sorted(set(table["sample_id"]) - set(previous["sample_id"]))
@@ -131,7 +143,11 @@ def run_cv(
     if len(set(config.seeds)) != len(config.seeds):
         raise ConfigError(f"seeds: {config.seeds} repeats a seed (each fold x seed run must be distinct)")
     frame = load_manifest(config.data.manifest, require_labels=True, num_folds=config.data.num_folds)
-    folds = assign_folds(frame, config.data.num_folds, config.data.fold_seed)
+    folds = (
+        {seed: assign_folds_for_seed(frame, config.data.num_folds, config.data.fold_seed, seed, per_seed=True) for seed in config.seeds}
+        if config.data.folds_per_seed
+        else assign_folds(frame, config.data.num_folds, config.data.fold_seed)
+    )
     with open_run(config, output_root=config.output_root, name=config.name, resume=run_dir, allow_config_change=allow_config_change, create=create) as run_dir:
         write_or_check_folds(run_dir, frame, folds)
         jobs = [(fold, seed) for seed in config.seeds for fold in range(config.data.num_folds)]
@@ -141,7 +157,7 @@ def run_cv(
             len(todo) * max(config.trainer.max_epochs or 1, 1), desc=f"{config.name}: {len(todo)} of {len(jobs)} folds x seeds", enabled=config.trainer.enable_progress_bar is not False
         ):
             for fold, seed in todo:
-                run_single(config, frame, folds, fold, seed, run_dir / "runs" / f"fold{fold}-seed{seed}", _with_stage_callbacks(callback_factory))
+                run_single(config, frame, folds[seed] if isinstance(folds, dict) else folds, fold, seed, run_dir / "runs" / f"fold{fold}-seed{seed}", _with_stage_callbacks(callback_factory))
         runs = collect_runs(run_dir)
         write_summary(run_dir, runs, frame, config)
     return run_dir
