@@ -4,6 +4,7 @@ keyword arguments as from a notebook: returned dicts, written files and option c
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -65,7 +66,7 @@ def test_run_filter_keeps_the_planted_inside_images_and_sweeps(planted, tmp_path
     assert report["out_dir"] == str(out) and report["link"] == "copy"
     assert [p.name for p in list_images(out / "images")] == expected_kept
     assert set(pd.read_csv(out / "manifest.csv")["organ"]) == {"testis"}
-    assert json.loads((out / "filter.json").read_text()) == {k: v for k, v in report.items() if k not in ("out_dir", "sweep")}
+    assert json.loads((out / "filter.json").read_text()) == {k: v for k, v in report.items() if k not in ("out_dir", "sweep", "labeled_overlap")}
     assert [row["k"] for row in report["sweep"]["sweep"]] == [1, 2]
     assert report["sweep"]["sweep"][0]["kept"] == 4  # the sweep at k = 1 agrees with the filter
     assert json.loads((out / "sweep" / "sweep.json").read_text()) == report["sweep"]
@@ -115,3 +116,27 @@ def test_run_explain_returns_the_written_summary(tmp_path):
     assert summary["checkpoint"] == str((tmp_path / "model.safetensors").resolve())
     with pytest.raises(OutputExistsError):  # never writes into a non-empty folder
         run_explain(tmp_path / "model.safetensors", tmp_path / "images", out, image_size=32)
+
+
+def test_run_filter_reports_real_images_that_are_labelled_images(planted, tmp_path):  # noqa: F811 - the fixture
+    """--labeled: the leakage check. Two of the real images are copies (one byte-identical, one
+    re-encoded) of labelled images in folds 0 and 1; exactly they are reported, per fold."""
+    from PIL import Image
+
+    manifest, generated_dir, _ = planted
+    real = pd.read_csv(manifest)
+    real_paths = [str(manifest.parent / p) if not Path(p).is_absolute() else p for p in real["path"]]
+    labeled_dir = tmp_path / "labeled"
+    labeled_dir.mkdir()
+    (labeled_dir / "same_bytes.png").write_bytes(Path(real_paths[0]).read_bytes())
+    Image.open(real_paths[1]).save(labeled_dir / "reencoded.png", compress_level=0)  # same pixels, other bytes
+    Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(labeled_dir / "unrelated.png")
+    labeled = labeled_dir / "manifest.csv"
+    pd.DataFrame({"path": ["same_bytes.png", "reencoded.png", "unrelated.png"], "patient_id": ["a", "b", "c"], "label": [0, 1, 0], "fold": [0, 1, 1]}).to_csv(labeled, index=False)
+    before = labeled.read_bytes()
+    report = run_filter(manifest, generated_dir, tmp_path / "out", k=1, extractor=PixelExtractor(), labeled=labeled)
+    overlap = report["labeled_overlap"]
+    assert overlap["labeled_in_pool"] == 2 and overlap["pool_images_shared"] == 2 and overlap["pool_images"] == len(real)
+    assert {fold: (row["in_pool"], row["identical_files"], row["same_pixels"]) for fold, row in overlap["per_fold"].items()} == {0: (1, 1, 0), 1: (1, 0, 1)}
+    assert json.loads((tmp_path / "out" / "labeled_overlap.json").read_text()) == {k: (v if k != "per_fold" else {str(f): r for f, r in v.items()}) for k, v in overlap.items()}
+    assert labeled.read_bytes() == before

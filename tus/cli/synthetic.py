@@ -76,6 +76,9 @@ def filter_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--link", choices=LINK_MODES, default="hardlink", help="how kept images are placed in --out")
     parser.add_argument("--organ", help="organ column for the kept images' manifest")
     parser.add_argument("--sweep", type=_ks, help="also sweep these k (e.g. 10,20,50,100) into OUT/sweep")
+    parser.add_argument("--labeled", help="a labelled manifest: report, per fold, the real images that are labelled images (leakage check)")
+    parser.add_argument("--folds", type=int, default=3, help="with --labeled and no 'fold' column: folds drawn as finetune-cv does")
+    parser.add_argument("--fold-seed", type=int, default=0)
     args = parser.parse_args(argv)
     report = run_filter(
         args.real,
@@ -85,6 +88,9 @@ def filter_main(argv: list[str] | None = None) -> int:
         organ=args.organ,
         sweep=args.sweep,
         link=args.link,
+        labeled=args.labeled,
+        num_folds=args.folds,
+        fold_seed=args.fold_seed,
         **_extraction_options(args),
     )
     print(format_filter_report(report))

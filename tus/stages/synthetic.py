@@ -17,11 +17,16 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from tus.data.images import UsageError
+import pandas as pd
+
+from tus.data.images import UsageError, list_images
+from tus.data.manifest import load_manifest
+from tus.data.overlap import find_overlap, format_overlap, labeled_folds, overlap_report
 from tus.eval import filtering
 from tus.eval.features import EncoderExtractor, FeatureExtractor, InceptionExtractor, load_tus_encoder
 from tus.eval.filtering import FILTER_K, LINK_MODES, check_filter_arguments, filter_generated
 from tus.eval.metrics import PRC_K, compute_metrics, format_metrics_table, image_paths, save_metrics
+from tus.runs import write_json_atomic
 
 DEFAULT_ENCODER_IMAGE_SIZE = 224
 
@@ -116,6 +121,9 @@ def run_filter(
     batch_size: int = 32,
     device: str = "cpu",
     progress: bool = False,
+    labeled: str | Path | None = None,
+    num_folds: int = 3,
+    fold_seed: int = 0,
 ) -> dict:
     """Keep the images of ``generated`` inside the k-NN manifold of ``real`` into the new folder ``out``.
 
@@ -124,11 +132,18 @@ def run_filter(
     sibling folder renamed to ``out`` only when complete. With ``sweep`` (e.g. ``[10, 20, 50, 100]``),
     ``out/sweep`` also gets the metrics of the kept set for each of those k (:func:`tus.eval.filtering.sweep`).
     Returns the content of ``filter.json`` plus ``out_dir`` and ``sweep`` (the sweep report, or None).
+
+    ``labeled`` (a labelled manifest): the leakage check. The reference's real set holds its
+    labelled images, so the filter (and the diffusion model) saw test-fold images; the images of
+    ``real`` equal to a labelled image are reported per fold (the manifest's ``fold`` column, else
+    ``num_folds`` folds drawn with ``fold_seed`` as ``finetune-cv`` does) in ``labeled_overlap.json``
+    and under ``labeled_overlap`` in the returned report.
     """
     check_extraction_options(extractor, weights, image_size, batch_size)
     if link not in LINK_MODES:
         raise UsageError(f"--link must be one of {', '.join(LINK_MODES)}, got {link!r}")
     check_filter_arguments(real, generated, out, k, sweep)
+    labeled_frame = load_manifest(labeled, require_labels=True) if labeled is not None else None  # checked before any feature
     common = {
         "extractor": build_extractor(extractor, weights, image_size),
         "cache_dir": cache_dir,
@@ -140,7 +155,21 @@ def run_filter(
     report = json.loads((result.out_dir / "filter.json").read_text(encoding="utf-8"))
     report["out_dir"] = str(result.out_dir)
     report["sweep"] = filtering.sweep(real, generated, result.out_dir / "sweep", ks=sweep, highlight_k=k, **common) if sweep else None
+    report["labeled_overlap"] = None
+    if labeled_frame is not None:
+        real_frame = _image_frame(real)
+        folds = labeled_folds(labeled_frame, num_folds, fold_seed)
+        report["labeled_overlap"] = overlap_report(find_overlap(real_frame, labeled_frame, folds), folds, len(real_frame))
+        write_json_atomic(result.out_dir / "labeled_overlap.json", report["labeled_overlap"])
     return report
+
+
+def _image_frame(source: str | Path):
+    """``abs_path`` and ``sample_id`` of a manifest's or a folder's images (what the overlap check takes)."""
+    if Path(source).is_file():
+        return load_manifest(source, require_labels=False)
+    paths = [str(p) for p in list_images(source)]
+    return pd.DataFrame({"abs_path": paths, "sample_id": [Path(p).name for p in paths]})
 
 
 def format_filter_report(report: dict) -> str:
@@ -149,4 +178,7 @@ def format_filter_report(report: dict) -> str:
     if report.get("sweep"):
         lines += [f"k={row['k']}: kept {row['kept']}, rejected {row['rejected']}" for row in report["sweep"]["sweep"]]
         lines.append(f"wrote {Path(report['out_dir']) / 'sweep'}")
+    if report.get("labeled_overlap"):
+        lines.append("real images that are labelled images (leakage check):")
+        lines.append(format_overlap(report["labeled_overlap"]))
     return "\n".join(lines)
