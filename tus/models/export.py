@@ -41,6 +41,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import tus
+from tus.config import write_text_atomic
 from tus.data.transforms import NORMALIZE_MEAN, NORMALIZE_STD
 from tus.models.weights import CheckpointError, load_weights, read_export_json
 
@@ -87,14 +88,14 @@ def save_export(folder: str | Path, kind: str, weights: nn.Module | dict[str, to
             raise TypeError(f"a unet export is written by diffusers' save_pretrained; got {type(weights).__name__}")
         weights.save_pretrained(str(folder), safe_serialization=True)  # type: ignore[operator]
         diffusers_config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-        _write_text_atomic(folder / CONFIG_FILE, json.dumps({**diffusers_config, DIFFUSERS_TUS_KEY: meta}, indent=2))
+        write_text_atomic(folder / CONFIG_FILE, json.dumps({**diffusers_config, DIFFUSERS_TUS_KEY: meta}, indent=2))
         return folder
     state = weights.state_dict() if isinstance(weights, nn.Module) else weights
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     partial = folder / f".{WEIGHTS_FILE}.partial"
     save_file(tensors, str(partial), metadata={"format": "pt"})
     os.replace(partial, folder / WEIGHTS_FILE)
-    _write_text_atomic(folder / CONFIG_FILE, json.dumps(meta, indent=2))
+    write_text_atomic(folder / CONFIG_FILE, json.dumps(meta, indent=2))
     return folder
 
 
@@ -217,9 +218,3 @@ def _convert_legacy(meta: dict, weights: Path, source: Path) -> dict:
             "hparams": meta,
         }
     raise CheckpointError(f"{weights}: {source.name} has keys {sorted(meta)[:5]}, not a tus export's")
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)

@@ -37,7 +37,7 @@ import torch
 import yaml
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-from tus.config import ConfigError, load_config, to_dict
+from tus.config import ConfigError, changed_keys, load_config, to_dict
 from tus.data.images import content_hash, list_images
 from tus.data.manifest import load_manifest
 from tus.eval.noisy_labels import FlaggingRule
@@ -374,17 +374,9 @@ def ensure_finetuned(plan: ArmPlan, study: Study, flags_dir: Path | None = None)
         raise StudyError(f"{study.path}: arm '{plan.name}': {error}; use another --out or remove {plan.dir}") from error
 
 
-def _changed_keys(before: dict, after: dict, prefix: str = "") -> list[str]:
+def _changed_keys(before: dict, after: dict) -> list[str]:
     """Dotted keys whose values differ, ignoring where the trainer ran (LAUNCH_OPTIONS)."""
-    changed = []
-    for key in sorted(set(before) | set(after)):
-        dotted = f"{prefix}{key}"
-        a, b = before.get(key), after.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changed += _changed_keys(a, b, f"{dotted}.")
-        elif a != b and not (prefix == "trainer." and key in LAUNCH_OPTIONS):
-            changed.append(dotted)
-    return changed
+    return [key for key in changed_keys(before, after) if not (key.startswith("trainer.") and key.split(".", 1)[1] in LAUNCH_OPTIONS)]
 
 
 # ---------------------------------------------------------------------------------- tables
