@@ -104,7 +104,7 @@ def plain_cv(manifest: Path, args) -> None:
             test = np.flatnonzero(folds == fold)
             transform = finetune_train_transform(AugmentConfig(), seed=seed)
             model = FineTuneModule(BackboneConfig(name=args.model, init="scratch"), optim).to(memory_format=torch.channels_last)
-            optimizer = torch.optim.AdamW(model.param_groups(), weight_decay=optim.weight_decay)
+            optimizer = torch.optim.AdamW(model.param_groups(), weight_decay=optim.weight_decay, fused=True)
             counts = np.bincount(labels[train])
             sampler = WeightedRandomSampler((1.0 / counts[labels[train]]).tolist(), len(train), replacement=True)
             loader = DataLoader(

@@ -55,7 +55,7 @@ def train_and_test(config: PlainConfig, frame: pd.DataFrame, folds: np.ndarray, 
     sampler = WeightedRandomSampler(class_balanced_sample_weights(train_set.labels).tolist(), len(train_set), replacement=True, generator=generator)
     train_loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, drop_last=len(train_set) > config.batch_size)
     model = timm.create_model(config.model, pretrained=False, num_classes=2, in_chans=1).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.epochs * len(train_loader), pct_start=config.pct_start, cycle_momentum=False)
     loss_fn = nn.CrossEntropyLoss()
     for _ in range(config.epochs):

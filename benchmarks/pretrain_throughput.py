@@ -144,7 +144,7 @@ def plain_mae_loop(args, batch: dict, device: torch.device, setting: Setting) ->
     settings: MaeOptimizerConfig = module.config.optimizer
     groups = mae_param_groups(module.model, settings.weight_decay)
     groups.append({"name": "organ_probe", "params": list(module.organ_head.parameters()), "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, lr=scaled_lr(settings.base_lr, args.batch_size), betas=tuple(settings.betas))
+    optimizer = torch.optim.AdamW(groups, lr=scaled_lr(settings.base_lr, args.batch_size), betas=tuple(settings.betas), fused=True)
     scheduler = LambdaLR(optimizer, schedule_lambda(args.warmup + args.steps, module.config.schedule))
     images = batch["image"].to(device).contiguous(memory_format=setting.memory_format())
     organs = batch["organ"].to(device)

@@ -30,13 +30,13 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.callbacks import (
     Callback,
     LearningRateMonitor,
-    ModelCheckpoint,
 )
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
+from tus.callbacks.checkpoint import ResumeCheckpoint
 from tus.callbacks.performance import ChannelsLast, CompileModel
 from tus.callbacks.progress import StageProgressBar, active_stage_bar
 from tus.config import (
@@ -86,14 +86,17 @@ def _trainer_fields() -> list[tuple[str, Any, Any]]:
     # convolutional models and their batches to channels_last where that is faster.
     fields_.append(("compile", bool, False))
     fields_.append(("channels_last", typing.Union[bool, typing.Literal["auto"]], "auto"))  # noqa: UP007
+    # Epoch-end resume checkpoints at most this often (tus.callbacks.checkpoint says why).
+    fields_.append(("checkpoint_interval_s", float, 60.0))
     return fields_
 
 
 TrainerConfig = make_dataclass("TrainerConfig", _trainer_fields())
 TrainerConfig.__module__ = __name__
 TrainerConfig.__doc__ = """Every Lightning Trainer argument (Lightning's defaults, except ``precision: auto``, which picks
-bf16/16-mixed/32-true from the hardware), plus ``compile`` (torch.compile the model) and ``channels_last`` (true/false/auto: convolutional
-models on CPU and GPU)."""
+bf16/16-mixed/32-true from the hardware), plus ``compile`` (torch.compile the model), ``channels_last`` (true/false/auto: convolutional
+models on CPU and GPU) and ``checkpoint_interval_s`` (epoch-end resume checkpoints at most this
+often, in seconds of training; 0 = every epoch)."""
 LIGHTNING_TRAINER_DEFAULTS = {name: p.default for name, p in inspect.signature(L.Trainer.__init__).parameters.items()}
 
 
@@ -407,16 +410,9 @@ def build_trainer(
     checkpoint_every_n_steps: int | None = None,
 ) -> L.Trainer:
     """A Trainer writing checkpoints (``last.ckpt`` for resume) under ``run_dir/checkpoints``:
-    at every epoch end, or every ``checkpoint_every_n_steps`` optimiser steps when given."""
-    # One checkpoint named "last", replaced each time. Not ``save_last`` with ``save_top_k=0``:
-    # Lightning 2.6 writes that "last" at an epoch end only when a top-k checkpoint was written
-    # at the same step, i.e. never, so a killed fine-tuning fold restarted from epoch 0.
-    checkpoint = ModelCheckpoint(
-        dirpath=str(run_dir / "checkpoints"),
-        filename="last",
-        save_top_k=1,
-        every_n_train_steps=checkpoint_every_n_steps,
-    )
+    at epoch ends, at most every ``trainer.checkpoint_interval_s`` seconds, or every
+    ``checkpoint_every_n_steps`` optimiser steps when given."""
+    checkpoint = ResumeCheckpoint(run_dir / "checkpoints", every_n_train_steps=checkpoint_every_n_steps, min_interval_s=trainer.checkpoint_interval_s)
     all_callbacks: list[Callback] = [checkpoint, ChannelsLast(trainer.channels_last), *callbacks]
     if trainer.compile:
         all_callbacks.append(CompileModel())
@@ -426,8 +422,8 @@ def build_trainer(
         all_callbacks.append(LearningRateMonitor(logging_interval="step"))
     options = trainer_options(trainer)
     write_json_atomic(run_dir / "runtime.json", runtime_report(trainer, options["precision"]))
-    # Checkpoints are written every epoch for exact resume; a background thread writes them
-    # while training goes on (Lightning waits for the last write before the run ends).
+    # A background thread writes the resume checkpoints while training goes on (Lightning
+    # waits for the last write before the run ends).
     return L.Trainer(**options, logger=loggers, callbacks=all_callbacks, default_root_dir=str(run_dir), plugins=[AsyncCheckpointIO()])
 
 
@@ -438,6 +434,7 @@ def trainer_options(trainer: TrainerConfig) -> dict:
     options = to_dict(trainer)
     options.pop("compile")
     options.pop("channels_last")
+    options.pop("checkpoint_interval_s")
     options["precision"] = resolve_precision(str(options["precision"]), str(options["accelerator"]))
     return {name: value for name, value in options.items() if name == "precision" or value != LIGHTNING_TRAINER_DEFAULTS.get(name)}
 

@@ -33,6 +33,8 @@ def overrides(manifest: Path, out: Path) -> list[str]:
         "--data.num_workers=0",
         "--data.cache_images=false",
         "--trainer.max_epochs=6",
+        # A resume checkpoint at every epoch end, so the kill lands after one.
+        "--trainer.checkpoint_interval_s=0",
         "--trainer.log_every_n_steps=1",
         "--trainer.enable_progress_bar=false",
         "--seeds=[0]",

@@ -119,7 +119,8 @@ def test_unfinished_run_resumes_from_last_checkpoint(tmp_path: Path):
     manifest = make_labeled_dataset(tmp_path / "data", patients=12)
     frame = load_manifest(manifest)
     folds = assign_folds(frame, 3, 0)
-    short = tiny_config(manifest, tmp_path / "runs", "trainer.max_epochs=1")
+    # checkpoint_interval_s=0: the resume checkpoint is written at the first epoch end.
+    short = tiny_config(manifest, tmp_path / "runs", "trainer.max_epochs=1", "trainer.checkpoint_interval_s=0")
     sub = tmp_path / "single"
     # Leave a checkpoint behind as an interrupted run would: fit only, no test/export.
     import lightning as L

@@ -27,7 +27,7 @@ from tus.models.backbones import BackboneConfig, create_backbone
 from tus.models.export import WEIGHTS_FILE, classifier_normalization, load_export, save_export
 from tus.models.vit import layerwise_lr_decay_groups
 from tus.models.weights import CheckpointError
-from tus.optim import ScheduleConfig, schedule_lambda
+from tus.optim import ScheduleConfig, adamw, schedule_lambda
 
 METRIC_NAMES = ("accuracy", "f1", "precision", "recall", "auroc")
 # Output index -> class name of the binary task (positive class 1 = inhomogeneous); written into exports.
@@ -161,7 +161,7 @@ class FineTuneModule(L.LightningModule):
         """AdamW over (backbone, head) or, with ``layer_decay``, over the ViT's per-layer groups, and the
         learning-rate scheduler (stepped per optimiser step; it scales each group's learning rate)."""
         config = self.optim_config
-        optimizer = torch.optim.AdamW(self.param_groups(), weight_decay=config.weight_decay)
+        optimizer = adamw(self.param_groups(), weight_decay=config.weight_decay)
         if config.warmup_epochs and steps_per_epoch is None:
             raise ValueError("optim.warmup_epochs needs trainer.max_epochs; use optim.warmup_fraction with a step budget")
         warmup = config.warmup_steps(total_steps, steps_per_epoch or 0.0)

@@ -30,6 +30,7 @@ from tus.data.seeding import derive_seed
 from tus.losses.gaussian_diffusion import NoiseSchedule, hybrid_loss, q_sample, timestep_sampler
 from tus.models.export import read_export_config, save_export, unet_normalization
 from tus.models.weights import CheckpointError, load_weights
+from tus.optim import adamw
 
 
 class DiffusionCheckpointError(ValueError):
@@ -204,7 +205,7 @@ class DiffusionModule(L.LightningModule):
         self.ema.update(self.unet, step=self.global_step)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.unet.parameters(), lr=self.optim.lr, weight_decay=self.optim.weight_decay, betas=tuple(self.optim.betas))
+        return adamw(self.unet.parameters(), lr=self.optim.lr, weight_decay=self.optim.weight_decay, betas=tuple(self.optim.betas))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["timestep_sampler"] = self.timestep_sampler.state_dict()

@@ -38,7 +38,7 @@ from tus.methods.base import PretrainingMethod
 from tus.models.backbones import BackboneConfig, save_encoder
 from tus.models.mae import MaskedAutoencoderViT
 from tus.models.vit import mae_param_groups
-from tus.optim import ScheduleConfig, scaled_lr, schedule_lambda
+from tus.optim import ScheduleConfig, adamw, scaled_lr, schedule_lambda
 
 
 @dataclass
@@ -258,7 +258,7 @@ class MaskedAutoencoder(PretrainingMethod):
         if self.organ_head.weight.requires_grad:
             groups.append({"name": "organ_probe", "params": list(self.organ_head.parameters()), "weight_decay": 0.0})
         lr = scaled_lr(settings.base_lr, self.global_batch_size())
-        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(settings.betas))
+        optimizer = adamw(groups, lr=lr, betas=tuple(settings.betas))
         scheduler = LambdaLR(optimizer, schedule_lambda(total_steps, self.config.schedule))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
