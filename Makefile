@@ -55,8 +55,10 @@ DATA_DEPS = $(if $(DATA),setup,phantom)
 check: $(DATA_DEPS)
 	$(TUS) data check $(LABELED)
 
+# make finetune [DATA=labeled.csv] [ENCODER=runs/<pretrain run>/encoder]: from scratch (phantom)
+# or ImageNet (DATA), or from a tus encoder (finetune/cpu_pretrained's backbone learning rate)
 finetune: $(DATA_DEPS)
-	$(TUS) finetune-cv --config finetune/$(if $(DATA),paper,cpu) --data.manifest=$(LABELED) --output_root=$(RUNS) $(ARGS)
+	$(TUS) finetune-cv --config finetune/$(if $(ENCODER),cpu_pretrained --model.weights=$(ENCODER),$(if $(DATA),paper,cpu)) --data.manifest=$(LABELED) --output_root=$(RUNS) $(ARGS)
 
 # make pretrain [METHOD=simclr_organ|mae] [DATA=pool.csv with an organ column] [RESUME=runs/<pretrain run>]
 METHOD ?= simclr_organ

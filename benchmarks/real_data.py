@@ -9,32 +9,40 @@ manifests go into the output folder, never beside the data.
 Arms (``--arms``, letters or names), all on the same folds, epochs, batch, input size and
 augmentations:
 
-    a plain    a plain PyTorch loop (benchmarks/plain_finetune.py): AdamW + one-cycle, channels_last
-    b scratch  tus finetune-cv, finetune/cpu as it is (constant AdamW learning rate)
-    c sched    tus finetune-cv from scratch with optim.schedule (onecycle by default) and weight decay
-    d simclr   tus pretraining (SimCLR + organ CE, pretrain/cpu) on BUSI + DDTI, then fine-tuning
-    e sup, con supervised-only (organ CE) and contrastive-only pretraining, then fine-tuning
-    f mae      MAE pretraining (pretrain/mae_cpu, a ViT), then fine-tuning that ViT
+    a plain     a plain PyTorch loop (benchmarks/plain_finetune.py): AdamW + one-cycle, channels_last
+    b scratch   tus finetune-cv, finetune/cpu as it is (its default recipe: AdamW + one-cycle, wd 0.05)
+    c constant  tus finetune-cv with the reference's constant learning rate and AdamW's wd 0.01
+                (tus's default before this benchmark chose one-cycle)
+    d simclr    tus pretraining (SimCLR + organ CE, pretrain/cpu) on BUSI + DDTI, then fine-tuning
+    e sup, con  supervised-only (organ CE) and contrastive-only pretraining, then fine-tuning
+    f mae       MAE pretraining (pretrain/mae_cpu, a ViT), then fine-tuning that ViT
 
 Leakage guard of the pretrained arms (``--exclusion``): ``per_fold`` (default) pretrains once per
 fold with that fold's test images left out of the pool (``exclude_labeled: test_folds``), and
 fine-tunes fold F from the encoder that never saw fold F; ``all`` pretrains once without any
 labelled BUSI image (with 3 folds every BUSI image is in some test fold, so the pool keeps no
-breast image at all). The pretrained arms fine-tune with the ``sched`` recipe (the fair
-comparison is therefore ``vs sched``; ``vs scratch`` is also reported).
+breast image at all). The pretrained arms fine-tune with the default recipe, as scratch does.
+
+Recipe search: ``--pretrain-set KEY=VALUE`` (pretraining config keys) and ``--finetune-set
+KEY=VALUE`` (fine-tuning keys of the pretrained arms), repeatable, with ``--variant NAME``, which
+names the pretrained arms ``ARM:NAME`` and keeps their runs apart, so each candidate recipe is
+one more row of the same table. ``--downstream-probe`` adds the k-NN probe of BUSI (the fold's
+training images only) to every pretraining, logged as ``probe/downstream_auroc``.
 
 Output (``--out``): ``table.md`` / ``table.csv`` (mean +- std over folds x seeds of F1 and AUROC, and
-each arm against tus scratch and sched with :func:`tus.eval.statistics.compare_arms`, the
+each arm against tus scratch with :func:`tus.eval.statistics.compare_arms`, the
 Nadeau-Bengio corrected t-test), ``runs.csv`` (every fold x seed), ``real_data.png`` and
 ``timing.json``. Re-running with the same ``--out`` reuses finished arms.
 
     python benchmarks/real_data.py                                   # tus/configs/benchmarks/real_data.yaml
     python benchmarks/real_data.py --arms a,b,c,d --epochs 8 --pretrain-steps 150
+    python benchmarks/real_data.py --arms d --variant lr-split --finetune-set optim.backbone_lr_scale=0.1
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -66,8 +74,8 @@ from tus.models.backbones import read_tus_encoder_meta  # noqa: E402
 from tus.stages.finetune_cv import FineTuneCVConfig, run_cv, run_single  # noqa: E402
 from tus.stages.pretrain import PretrainConfig, run_pretraining  # noqa: E402
 
-ARMS = {"a": "plain", "b": "scratch", "c": "sched", "d": "simclr", "e": "sup,con", "f": "mae"}
-ALL_ARMS = ["plain", "scratch", "sched", "simclr", "sup", "con", "mae"]
+ARMS = {"a": "plain", "b": "scratch", "c": "constant", "d": "simclr", "e": "sup,con", "f": "mae"}
+ALL_ARMS = ["plain", "scratch", "constant", "simclr", "sup", "con", "mae"]
 # Pretraining arm -> (packaged pretraining config, method overrides).
 PRETRAINING = {
     "simclr": ("pretrain/cpu", []),
@@ -127,18 +135,41 @@ def finetune_config(args, manifest: Path, name: str, recipe: str, extra: list[st
         "--record_losses=false",
         "--gradcam.enabled=false",
     ]
-    if recipe == "sched":
-        overrides += [f"--optim.schedule={args.schedule}", f"--optim.weight_decay={args.weight_decay}"]
+    if recipe == "constant":
+        overrides += ["--optim.schedule=constant", "--optim.weight_decay=0.01"]
     return load_config(FineTuneCVConfig, "finetune/cpu", [*overrides, *extra])
 
 
-def pretrain(args, arm: str, busi: Path, ddti: Path, folds_csv: Path, test_folds: list[int] | None) -> Path:
+def arm_label(args, arm: str) -> str:
+    """The arm's name in the table and its folder: ``ARM`` or, for a pretrained arm of a recipe variant, ``ARM-VARIANT``."""
+    return f"{arm}-{args.variant}" if args.variant and arm in PRETRAINING else arm
+
+
+def pretraining_label(args, arm: str) -> str:
+    """``ARM-sSTEPS``, plus a digest of ``--pretrain-set`` when given: variants that change only the
+    fine-tuning reuse the encoders of the same pretraining recipe."""
+    label = f"{arm}-s{args.pretrain_steps}"
+    if args.pretrain_set:
+        label += "-" + hashlib.sha1("\n".join(args.pretrain_set).encode()).hexdigest()[:6]
+    return label
+
+
+def fold_training_manifest(args, busi: Path, folds: np.ndarray, fold: int) -> Path:
+    """BUSI without fold ``fold``: the labelled images the downstream probe of that fold's pretraining may see."""
+    frame = pd.read_csv(busi)
+    path = args.out / f"busi_train_fold{fold}.csv"
+    frame[folds != fold].to_csv(path, index=False)
+    return path
+
+
+def pretrain(args, arm: str, busi: Path, ddti: Path, folds: np.ndarray, folds_csv: Path, test_folds: list[int] | None) -> Path:
     """The encoder export of one pretraining on BUSI + DDTI without the labelled images of ``test_folds`` (None: all)."""
     packaged, method = PRETRAINING[arm]
     tag = "all" if test_folds is None else "fold" + "".join(map(str, test_folds))
+    name = f"{pretraining_label(args, arm)}-{tag}"
     overrides = [
         f"--output_root={args.out / 'pretrain'}",
-        f"--name={arm}-{tag}",
+        f"--name={name}",
         f"--trainer.max_steps={args.pretrain_steps}",
         f"--data.image_size={args.image_size}",
         "--logging.wandb=false",
@@ -149,12 +180,19 @@ def pretrain(args, arm: str, busi: Path, ddti: Path, folds_csv: Path, test_folds
     ]
     # The CNN arms pretrain the fine-tuned backbone; MAE pretrains its own ViT at the input size.
     overrides.append(f"--method.image_size={args.image_size}" if arm == "mae" else f"--method.model.backbone.name={args.model}")
+    if args.downstream_probe and test_folds is not None:
+        (fold,) = test_folds
+        overrides += [
+            f"--monitor.downstream_manifest={fold_training_manifest(args, busi, folds, fold)}",
+            f"--monitor.downstream_every_n_steps={max(1, args.pretrain_steps // 4)}",
+        ]
+    overrides += [f"--{setting}" for setting in args.pretrain_set]
     config = load_config(PretrainConfig, packaged, overrides)
     config.data.sources = [ImageSourceConfig(manifest=str(busi)), ImageSourceConfig(manifest=str(ddti))]
     config.data.labeled_manifest = str(folds_csv)
     config.data.exclude_labeled = "all" if test_folds is None else "test_folds"
     config.data.test_folds = test_folds
-    run_dir = args.out / "pretrain" / f"{arm}-{tag}"
+    run_dir = args.out / "pretrain" / name
     if not (run_dir / "encoder" / "model.safetensors").is_file():
         start = time.perf_counter()
         run_pretraining(config, run_dir, create=True)
@@ -164,28 +202,35 @@ def pretrain(args, arm: str, busi: Path, ddti: Path, folds_csv: Path, test_folds
 
 def run_pretrained_arm(args, arm: str, busi: Path, ddti: Path, frame: pd.DataFrame, folds: np.ndarray, folds_csv: Path) -> pd.DataFrame:
     """Pretrain (per fold, or once) and fine-tune each fold x seed from the matching encoder."""
-    arm_dir = args.out / "arms" / arm
+    label = arm_label(args, arm)
+    arm_dir = args.out / "arms" / label
     encoders = {}
     for fold in range(args.folds):
         if args.exclusion == "all":
-            encoders[fold] = encoders.get(0) or pretrain(args, arm, busi, ddti, folds_csv, None)
+            encoders[fold] = encoders.get(0) or pretrain(args, arm, busi, ddti, folds, folds_csv, None)
         else:
-            encoders[fold] = pretrain(args, arm, busi, ddti, folds_csv, [fold])
+            encoders[fold] = pretrain(args, arm, busi, ddti, folds, folds_csv, [fold])
     for fold in range(args.folds):
-        extra = ["--model.init=tus", f"--model.weights={encoders[fold]}", f"--init_label={arm}"]
+        extra = ["--model.init=tus", f"--model.weights={encoders[fold]}", f"--init_label={label}"]
         if arm == "mae":
             extra.append(f"--model.name={read_tus_encoder_meta(encoders[fold])[1]['architecture']['name']}")
-        config = finetune_config(args, busi, arm, "sched", extra)
+        config = finetune_config(args, busi, label, "default", [*extra, *(f"--{setting}" for setting in args.finetune_set)])
         for seed in args.seeds:
             sub = arm_dir / "runs" / f"fold{fold}-seed{seed}"
             if not (sub / "metrics.json").exists():
                 run_single(config, frame, folds, fold, seed, sub)
-    return collect_runs(arm_dir)
+    runs = collect_runs(arm_dir)
+    runs.to_csv(arm_dir / "runs.csv", index=False)
+    return runs
+
+
+def finished(args, arm_dir: Path) -> bool:
+    return (arm_dir / "runs.csv").is_file() and len(pd.read_csv(arm_dir / "runs.csv")) == args.folds * len(args.seeds)
 
 
 def run_arm(args, arm: str, busi: Path, ddti: Path, frame: pd.DataFrame, folds: np.ndarray, folds_csv: Path) -> pd.DataFrame:
-    arm_dir = args.out / "arms" / arm
-    if (arm_dir / "runs.csv").is_file() and len(pd.read_csv(arm_dir / "runs.csv")) == args.folds * len(args.seeds):
+    arm_dir = args.out / "arms" / arm_label(args, arm)
+    if finished(args, arm_dir):
         return pd.read_csv(arm_dir / "runs.csv")
     if arm == "plain":
         config = PlainConfig(
@@ -200,7 +245,7 @@ def run_arm(args, arm: str, busi: Path, ddti: Path, frame: pd.DataFrame, folds: 
         arm_dir.mkdir(parents=True, exist_ok=True)
         runs.to_csv(arm_dir / "runs.csv", index=False)
         return runs
-    if arm in ("scratch", "sched"):
+    if arm in ("scratch", "constant"):
         config = finetune_config(args, busi, arm, arm)
         run_dir = run_cv(config, arm_dir, create=True)
         # The tus run's folds must be the ones every other arm uses.
@@ -211,8 +256,23 @@ def run_arm(args, arm: str, busi: Path, ddti: Path, frame: pd.DataFrame, folds: 
     return run_pretrained_arm(args, arm, busi, ddti, frame, folds, folds_csv)
 
 
+def earlier_arms(args, results: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """Finished arms of earlier invocations with the same ``--out`` (e.g. other recipe variants), so the
+    table grows with a search; table order: ALL_ARMS, each followed by its variants."""
+    found = dict(results)
+    for arm_dir in sorted((args.out / "arms").glob("*")):
+        if arm_dir.name not in found and finished(args, arm_dir):
+            found[arm_dir.name] = pd.read_csv(arm_dir / "runs.csv")
+
+    def order(label: str) -> tuple[int, str]:
+        base = label.split("-")[0]
+        return (ALL_ARMS.index(base) if base in ALL_ARMS else len(ALL_ARMS), label)
+
+    return {label: found[label] for label in sorted(found, key=order)}
+
+
 def summarize(results: dict[str, pd.DataFrame], n_images: int, folds: int) -> pd.DataFrame:
-    """Mean +- std (ddof=1) per arm, and the corrected t-test of each arm against scratch and sched."""
+    """Mean +- std (ddof=1) per arm, and the corrected t-test of each arm against scratch."""
     n_test = n_images / folds
     n_train = n_images - n_test
     rows = []
@@ -221,7 +281,7 @@ def summarize(results: dict[str, pd.DataFrame], n_images: int, folds: int) -> pd
         for metric in METRICS:
             values = 100 * runs[metric].to_numpy(dtype=float)
             row[metric] = f"{values.mean():.1f} +- {values.std(ddof=1):.1f}"
-            for baseline in ("scratch", "sched"):
+            for baseline in ("scratch",):
                 if baseline in results and baseline != arm:
                     test = compare_arms(results[baseline], runs, metric, n_train, n_test)
                     row[f"{metric} vs {baseline}"] = f"{100 * test['mean_diff']:+.1f} (p={test['p']:.2f})"
@@ -266,10 +326,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fold-seed", type=int, default=0, help="finetune/cpu's data.fold_seed (the folds every arm uses)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--lr", type=float, default=3e-3, help="plain loop's peak lr (finetune/cpu's lr)")
-    parser.add_argument("--weight-decay", type=float, default=0.05, help="plain loop and the sched recipe")
-    parser.add_argument("--schedule", choices=["cosine", "onecycle"], default="onecycle", help="the sched recipe")
+    parser.add_argument("--weight-decay", type=float, default=0.05, help="plain loop's (= finetune/cpu's) weight decay")
     parser.add_argument("--pretrain-steps", type=int, default=300)
     parser.add_argument("--exclusion", choices=["per_fold", "all"], default="per_fold")
+    parser.add_argument("--variant", default="", help="names a recipe variant of the pretrained arms (ARM-VARIANT)")
+    parser.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE", help="pretraining config override (repeatable)")
+    parser.add_argument("--finetune-set", action="append", default=[], metavar="KEY=VALUE", help="fine-tuning override of the pretrained arms (repeatable)")
+    parser.add_argument("--downstream-probe", action="store_true", help="k-NN probe of BUSI (fold's training images) during pretraining")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     config_path = parser.parse_known_args(argv)[0].config
     defaults = yaml.safe_load(config_path.read_text()) or {}
@@ -281,8 +344,6 @@ def main(argv: list[str] | None = None) -> None:
     args.out = args.out.resolve()
     torch.set_num_threads(args.threads)
     arms = parse_arms(args.arms)
-    if "sched" not in arms and any(a in PRETRAINING for a in arms):
-        print("note: the pretrained arms fine-tune with the sched recipe; add arm c to compare against it")
 
     busi, ddti, dropped = prepare_data(args.data_root, args.out)
     frame = load_manifest(busi, require_labels=True, num_folds=args.folds)
@@ -298,18 +359,24 @@ def main(argv: list[str] | None = None) -> None:
     timing_path = args.out / "timing.json"
     if timing_path.is_file():
         timing = json.loads(timing_path.read_text())
+    recipes_path = args.out / "recipes.json"
+    recipes = json.loads(recipes_path.read_text()) if recipes_path.is_file() else {}
     for arm in arms:
+        label = arm_label(args, arm)
+        if arm in PRETRAINING:
+            recipes[label] = {"pretrain_steps": args.pretrain_steps, "pretrain_set": args.pretrain_set, "finetune_set": args.finetune_set}
+            recipes_path.write_text(json.dumps(recipes, indent=2))
         start = time.perf_counter()
-        results[arm] = run_arm(args, arm, busi, ddti, frame, folds, folds_csv)
+        results[label] = run_arm(args, arm, busi, ddti, frame, folds, folds_csv)
         elapsed = time.perf_counter() - start
-        if elapsed > 5 or arm not in timing:  # a reused arm keeps the wall time it was run in
-            timing[arm] = round(elapsed, 1)
+        if elapsed > 5 or label not in timing:  # a reused arm keeps the wall time it was run in
+            timing[label] = round(elapsed, 1)
         timing_path.write_text(json.dumps(timing, indent=2))
-        print(f"arm {arm}: {timing[arm]:.0f} s wall")
+        print(f"arm {label}: {timing[label]:.0f} s wall")
     for wall in sorted((args.out / "pretrain").glob("*/wall_s.txt")):
         timing[f"pretrain {wall.parent.name}"] = float(wall.read_text())
 
-    results = {arm: results[arm] for arm in ALL_ARMS if arm in results}  # table order, whatever the run order
+    results = earlier_arms(args, results)
     table = summarize(results, len(frame), args.folds)
     pd.concat([runs.assign(arm=arm) for arm, runs in results.items()]).to_csv(args.out / "runs.csv", index=False)
     table.to_csv(args.out / "table.csv", index=False)
@@ -318,7 +385,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.model}, {args.image_size} px, batch {args.batch_size}, {args.epochs} epochs; "
         f"pretraining {args.pretrain_steps} steps (exclusion {args.exclusion})"
     )
-    markdown = f"{setting}\n\n{markdown_table(table)}\n\nwall time per arm (s): {timing}\nmachine: {cpu_model()}\n"
+    shown = {label: recipe for label, recipe in recipes.items() if label in results}
+    markdown = f"{setting}\n\n{markdown_table(table)}\n\npretraining recipes: {shown}\nwall time per arm (s): {timing}\nmachine: {cpu_model()}\n"
     (args.out / "table.md").write_text(markdown)
     plot(results, args.out / "real_data.png", setting)
     print(markdown)

@@ -1,7 +1,7 @@
 """``tus demo``: the whole pipeline on the generated phantom dataset, CPU-sized.
 
 Each step calls the same stage function a user runs stage by stage (the packaged stage
-configs ``pretrain/cpu``, ``finetune/cpu`` and ``diffusion/cpu`` with CPU-sized overrides), so
+configs ``pretrain/cpu``, ``finetune/cpu_pretrained`` and ``diffusion/cpu`` with CPU-sized overrides), so
 ``tus demo`` works from any folder; everything goes into one new folder, and ``REPORT.md``
 there collects the tables, numbers and plots.
 """
@@ -70,12 +70,11 @@ def run_demo(out_root: Path, *, label_noise: float, seeds: str) -> Path:
     with stage("3. fine-tuning: 3 patient-grouped folds x seeds, init from the pretrained encoder", timings):
         finetune = load_config(
             FineTuneCVConfig,
-            "finetune/cpu",
+            "finetune/cpu_pretrained",
             [
                 f"data.manifest={data.labeled_manifest}",
                 f"output_root={demo}",
                 f"seeds={seeds}",
-                "model.init=tus",
                 f"model.weights={pretrain_dir / 'encoder'}",
                 *quiet,
             ],

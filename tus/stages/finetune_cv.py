@@ -10,7 +10,8 @@
     summary.json / summary.md   mean +- std per metric and the non-informative baselines
 
 Re-running on the same directory skips runs whose ``metrics.json`` exists and resumes an
-unfinished run from its ``last.ckpt`` (written at every epoch end); the training stream of
+unfinished run from its ``last.ckpt`` (written at epoch ends, at most every
+``trainer.checkpoint_interval_s``); the training stream of
 an epoch is seeded by (seed, epoch), so a resumed run trains exactly as an uninterrupted one.
 """
 
