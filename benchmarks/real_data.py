@@ -296,14 +296,15 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 
 def plot(results: dict[str, pd.DataFrame], path: Path, title: str) -> None:
-    figure, axes = plt.subplots(1, len(METRICS), figsize=(4.5 * len(METRICS), 3.6))
+    width = max(4.5, 0.42 * len(results) + 1.0)  # room for one rotated label per arm
+    figure, axes = plt.subplots(1, len(METRICS), figsize=(width * len(METRICS), 4.2))
     rng = np.random.default_rng(0)
     for ax, metric in zip(axes, METRICS):
         for i, runs in enumerate(results.values()):
             values = 100 * runs[metric].to_numpy(dtype=float)
             ax.scatter(i + rng.uniform(-0.12, 0.12, len(values)), values, s=14, alpha=0.6)
             ax.errorbar(i, values.mean(), yerr=values.std(ddof=1), fmt="o", color="black", capsize=4)
-        ax.set_xticks(range(len(results)), list(results), rotation=30)
+        ax.set_xticks(range(len(results)), list(results), rotation=45, ha="right")
         ax.set_ylabel(f"test {metric.upper()} (%)")
         ax.grid(axis="y", alpha=0.3)
     figure.suptitle(textwrap.fill(title, 110), fontsize=8)
