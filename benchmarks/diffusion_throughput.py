@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--base-channels", type=int, default=32)
     parser.add_argument("--channel-mults", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=30)  # 15 steps (2 s) varied by +-5%
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

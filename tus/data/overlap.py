@@ -113,6 +113,6 @@ def exclude_labeled(pool: pd.DataFrame, overlap: pd.DataFrame, mode: ExcludeLabe
         raise ValueError("exclude_labeled: test_folds needs the list of test folds (test_folds: [0, 1, 2])")
     if mode == "none":
         return pool, overlap.iloc[:0]
-    excluded = overlap if mode == "all" else overlap[overlap["fold"].isin(list(test_folds))]
+    excluded = overlap if mode == "all" else overlap[overlap["fold"].isin(list(test_folds or []))]
     keep = ~np.isin(np.arange(len(pool)), excluded["pool_row"].to_numpy())
     return pool[keep].reset_index(drop=True), excluded.reset_index(drop=True)
