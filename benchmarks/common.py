@@ -90,7 +90,10 @@ class StepTimer(Callback):
 
     def __init__(self, warmup: int):
         self.warmup = warmup
-        self.start = self.end = None
+        self.start = self.end = self.train_start = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.train_start = time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.warmup and self.start is None:
@@ -103,6 +106,10 @@ class StepTimer(Callback):
 
     def seconds(self) -> float:
         return self.end - self.start
+
+    def warmup_seconds(self) -> float:
+        """Wall time of the untimed warmup steps (where torch.compile compiles)."""
+        return self.start - self.train_start
 
 
 def tus_trainer(run_dir: Path, device: torch.device, max_steps: int, timer: StepTimer, **options) -> L.Trainer:

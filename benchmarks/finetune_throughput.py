@@ -3,6 +3,7 @@ with its data pipeline: disk cache, augmentation, weighted sampler) against the 
 PyTorch loop on pre-made tensors for this hardware (see benchmarks/common.py). Target: >= 0.95.
 
     python benchmarks/finetune_throughput.py [--image-size 64] [--batch-size 32] [--steps 15] [--patients 220]
+    python benchmarks/finetune_throughput.py --compile      # trainer.compile: true (see tus.callbacks.performance)
     python benchmarks/finetune_throughput.py --device cuda --image-size 224 --batch-size 128 --steps 50
 """
 
@@ -45,8 +46,10 @@ def tus_throughput(manifest: Path, run_dir: Path, device: torch.device, args) ->
     datamodule = LabeledDataModule(data, frame, assign_folds(frame, 3, 0), test_fold=0, seed=0)
     timer = StepTimer(args.warmup)
     # As tus.stages.finetune_cv runs it without inner validation: no validation batches.
-    trainer = tus_trainer(run_dir, device, args.warmup + args.steps, timer, limit_val_batches=0)
+    trainer = tus_trainer(run_dir, device, args.warmup + args.steps, timer, limit_val_batches=0, compile=args.compile)
     trainer.fit(new_module(args), datamodule=datamodule)
+    if args.compile:
+        print(f"trainer.compile: {args.warmup} warmup steps (compilation included) took {timer.warmup_seconds():.1f} s")
     return args.steps * args.batch_size / timer.seconds()
 
 
@@ -80,6 +83,7 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=220)
     # One loader worker hides decoding-from-cache and augmentation behind the training step.
     parser.add_argument("--num-workers", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="time the stage with trainer.compile: true (compilation in the warmup)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -90,7 +94,7 @@ def main() -> None:
         os.environ.setdefault(CACHE_DIR_ENV, str(Path(tmp) / "cache"))
         paths = generate_phantom(Path(tmp) / "phantom", num_patients=args.patients, image_size=max(args.image_size, 64), pool_size=0, seed=0)
         tus = tus_throughput(paths.labeled_manifest, Path(tmp) / "run", device, args)
-    report("stage Trainer + data pipeline", tus, plain, 0.95)
+    report("stage Trainer + data pipeline" + (", compiled" if args.compile else ""), tus, plain, 0.95)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ run() { echo "== $*"; timeout "${STEP_TIMEOUT:-100}" "$@"; }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 run "$PY" benchmarks/finetune_throughput.py --device cuda --image-size 224 --batch-size 128 --steps 30 --num-workers 8
+run "$PY" benchmarks/finetune_throughput.py --device cuda --image-size 224 --batch-size 128 --steps 30 --num-workers 8 --compile
 run "$PY" benchmarks/pretrain_throughput.py --device cuda --image-size 224 --batch-size 256 --steps 20
 run "$PY" benchmarks/diffusion_throughput.py --device cuda --image-size 128 --base-channels 128 --channel-mults 1 1 2 2 --batch-size 32 --steps 20
 
