@@ -113,6 +113,7 @@ def test_limit_train_batches_one_trains_one_batch_per_epoch(labeled_manifest: Pa
         ("--data.image_size=0", "data.image_size must be >= 1, got 0"),
         ("--data.batch_size=-4", "data.batch_size must be >= 1, got -4"),
         ("--data.num_folds=1", "data.num_folds must be >= 2, got 1"),
+        ("--trainer.checkpoint_interval_s=-1", r"trainer.checkpoint_interval_s must be >= 0, got -1.0"),
         ("--seeds=[]", None),  # refused when the CV starts (see test_cv), not by the schema
     ],
 )

@@ -42,6 +42,7 @@ from tus.callbacks.progress import StageProgressBar, active_stage_bar
 from tus.config import (
     ConfigError,
     changed_keys,
+    require_at_least,
     save_config,
     to_dict,
     write_text_atomic,
@@ -91,7 +92,11 @@ def _trainer_fields() -> list[tuple[str, Any, Any]]:
     return fields_
 
 
-TrainerConfig = make_dataclass("TrainerConfig", _trainer_fields())
+def _check_trainer_config(self: Any) -> None:
+    require_at_least(self, "trainer.", 0, "checkpoint_interval_s")
+
+
+TrainerConfig = make_dataclass("TrainerConfig", _trainer_fields(), namespace={"__post_init__": _check_trainer_config})
 TrainerConfig.__module__ = __name__
 TrainerConfig.__doc__ = """Every Lightning Trainer argument (Lightning's defaults, except ``precision: auto``, which picks
 bf16/16-mixed/32-true from the hardware), plus ``compile`` (torch.compile the model), ``channels_last`` (true/false/auto: convolutional
