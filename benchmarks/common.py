@@ -112,6 +112,26 @@ class StepTimer(Callback):
         return self.start - self.train_start
 
 
+def finetune_cv_overrides(manifest: Path, output_root: Path, args, folds: int = 3) -> list[str]:
+    """The ``tus finetune-cv`` overrides every benchmark CV shares (on top of ``finetune/cpu``):
+    data, seeds, folds, input size, batch, model and epochs from ``args``; no progress bar, W&B,
+    loss recording or Grad-CAM, which the plain baselines do not do either."""
+    return [
+        f"--data.manifest={manifest}",
+        f"--output_root={output_root}",
+        f"--seeds=[{','.join(str(s) for s in args.seeds)}]",
+        f"--data.num_folds={folds}",
+        f"--data.image_size={args.image_size}",
+        f"--data.batch_size={args.batch_size}",
+        f"--model.name={args.model}",
+        f"--trainer.max_epochs={args.epochs}",
+        "--trainer.enable_progress_bar=false",
+        "--logging.wandb=false",
+        "--record_losses=false",
+        "--gradcam.enabled=false",
+    ]
+
+
 def tus_trainer(run_dir: Path, device: torch.device, max_steps: int, timer: StepTimer, **options) -> L.Trainer:
     """A Trainer as the stages build it (tus.runs.build_trainer: precision 'auto', and the
     ChannelsLast callback of ``trainer.channels_last``, 'auto' unless ``options`` say otherwise);

@@ -21,32 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import cpu_model
+from common import cpu_model, finetune_cv_overrides
 
 
 def tus_command(manifest: Path, output_root: Path, args) -> list[str]:
-    """The ``tus finetune-cv`` command line (the one place to update when the CLI changes)."""
-    seeds = "[" + ",".join(str(s) for s in args.seeds) + "]"
-    return [
-        sys.executable,
-        "-m",
-        "tus.cli",
-        "finetune-cv",
-        "--config",
-        "finetune/cpu",
-        f"--data.manifest={manifest}",
-        f"--output_root={output_root}",
-        f"--seeds={seeds}",
-        "--data.num_folds=3",
-        f"--data.image_size={args.image_size}",
-        f"--data.batch_size={args.batch_size}",
-        f"--model.name={args.model}",
-        f"--trainer.max_epochs={args.epochs}",
-        "--trainer.enable_progress_bar=false",
-        "--logging.wandb=false",
-        "--record_losses=false",
-        "--gradcam.enabled=false",
-    ]
+    """The ``tus finetune-cv`` command line."""
+    return [sys.executable, "-m", "tus.cli", "finetune-cv", "--config", "finetune/cpu", *finetune_cv_overrides(manifest, output_root, args)]
 
 
 def plain_command(manifest: Path, args) -> list[str]:

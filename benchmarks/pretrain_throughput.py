@@ -36,7 +36,7 @@ from common import (
     machine_line,
     plain_settings,
     report,
-    synchronize,
+    time_steps,
     tus_trainer,
 )
 from torch.optim.lr_scheduler import LambdaLR
@@ -131,6 +131,26 @@ def make_batch(args) -> dict:
     return {"image": views, "organ": organs}
 
 
+def timed_plain_steps(loss_at, optimizer, scheduler, args, device: torch.device, setting: Setting) -> tuple[float, int]:
+    """(images/s, peak bytes) of ``args.steps`` plain steps after ``args.warmup``: ``loss_at(step)`` under
+    the setting's autocast, backward, optimiser and scheduler steps."""
+    step_index = 0
+
+    def step() -> None:
+        nonlocal step_index
+        with setting.autocast(device):
+            loss = loss_at(step_index)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        step_index += 1
+
+    with PeakMemory(device) as memory:
+        elapsed = time_steps(step, args.steps, args.warmup, device)
+    return args.steps * args.batch_size / elapsed, memory.peak_bytes
+
+
 def plain_loop(args, batch: dict, device: torch.device, setting: Setting) -> tuple[float, int]:
     if args.method == "mae":
         return plain_mae_loop(args, batch, device, setting)
@@ -148,21 +168,12 @@ def plain_mae_loop(args, batch: dict, device: torch.device, setting: Setting) ->
     scheduler = LambdaLR(optimizer, schedule_lambda(args.warmup + args.steps, module.config.schedule))
     images = batch["image"].to(device).contiguous(memory_format=setting.memory_format())
     organs = batch["organ"].to(device)
-    with PeakMemory(device) as memory:
-        for step in range(args.warmup + args.steps):
-            if step == args.warmup:
-                synchronize(device)
-                start = time.perf_counter()
-            generator = torch.Generator(device=device).manual_seed(mask_seed(module.seed, 0, step, 0))
-            with setting.autocast(device):
-                loss = module.compute_losses(images, organs, generator)["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-        synchronize(device)
-        elapsed = time.perf_counter() - start
-    return args.steps * args.batch_size / elapsed, memory.peak_bytes
+
+    def loss_at(step: int) -> torch.Tensor:
+        generator = torch.Generator(device=device).manual_seed(mask_seed(module.seed, 0, step, 0))
+        return module.compute_losses(images, organs, generator)["loss"]
+
+    return timed_plain_steps(loss_at, optimizer, scheduler, args, device, setting)
 
 
 def plain_simclr_loop(args, batch: dict, device: torch.device, setting: Setting) -> tuple[float, int]:
@@ -172,20 +183,7 @@ def plain_simclr_loop(args, batch: dict, device: torch.device, setting: Setting)
     scheduler = LambdaLR(optimizer, schedule_lambda(args.warmup + args.steps, module.schedule_config))
     views = [v.to(device).contiguous(memory_format=setting.memory_format()) for v in batch["image"]]
     organs = batch["organ"].to(device)
-    with PeakMemory(device) as memory:
-        for step in range(args.warmup + args.steps):
-            if step == args.warmup:
-                synchronize(device)
-                start = time.perf_counter()
-            with setting.autocast(device):
-                loss = module.compute_losses(views, organs)["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-        synchronize(device)
-        elapsed = time.perf_counter() - start
-    return args.steps * args.batch_size / elapsed, memory.peak_bytes
+    return timed_plain_steps(lambda step: module.compute_losses(views, organs)["loss"], optimizer, scheduler, args, device, setting)
 
 
 def tus_loop(args, batch: dict, device: torch.device) -> tuple[float, int]:

@@ -60,7 +60,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model  # noqa: E402
+from common import cpu_model, finetune_cv_overrides  # noqa: E402
 from plain_finetune import PlainConfig, train_and_test  # noqa: E402
 
 from tus.config import load_config  # noqa: E402
@@ -120,21 +120,7 @@ def prepare_data(data_root: Path, out: Path) -> tuple[Path, Path, list[str]]:
 
 
 def finetune_config(args, manifest: Path, name: str, recipe: str, extra: list[str] = ()) -> FineTuneCVConfig:
-    overrides = [
-        f"--data.manifest={manifest}",
-        f"--output_root={args.out / 'arms'}",
-        f"--name={name}",
-        f"--seeds=[{','.join(str(s) for s in args.seeds)}]",
-        f"--data.num_folds={args.folds}",
-        f"--data.image_size={args.image_size}",
-        f"--data.batch_size={args.batch_size}",
-        f"--model.name={args.model}",
-        f"--trainer.max_epochs={args.epochs}",
-        "--trainer.enable_progress_bar=false",
-        "--logging.wandb=false",
-        "--record_losses=false",
-        "--gradcam.enabled=false",
-    ]
+    overrides = [*finetune_cv_overrides(manifest, args.out / "arms", args, folds=args.folds), f"--name={name}"]
     if recipe == "constant":
         overrides += ["--optim.schedule=constant", "--optim.weight_decay=0.01"]
     return load_config(FineTuneCVConfig, "finetune/cpu", [*overrides, *extra])
