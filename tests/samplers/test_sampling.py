@@ -11,26 +11,18 @@ import pytest
 import torch
 
 import tus.stages.sample as sampling
+from tests.methods.test_iddpm import TINY_UNET
 from tus.cli.sample import main
 from tus.data.images import read_grayscale
 from tus.data.manifest import load_manifest
 from tus.losses.gaussian_diffusion import NoiseSchedule
-from tus.methods.iddpm import ProcessConfig, UNetConfig, UNetExport, build_unet, export_stem, save_unet_export
+from tus.methods.iddpm import ProcessConfig, UNetExport, build_unet, export_stem, save_unet_export
 from tus.samplers import sample_images
 from tus.samplers.solvers import diffusers_scheduler
 from tus.stages.sample import generate
 
 # 50 training steps keep the full ancestral chain cheap; the samplers do not depend on T.
 STEPS = 50
-TINY_UNET = UNetConfig(
-    sample_size=16,
-    base_channels=16,
-    channel_mults=(1, 2),
-    layers_per_block=1,
-    attention_resolutions=(8,),
-    attention_head_dim=16,
-    norm_num_groups=8,
-)
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ no Inception Score. torch-fidelity's own file ``weights-inception-2015-12-05-672
 
 Every weights file is read by :func:`tus.models.weights.load_weights` (TorchScript, safetensors
 or ``torch.load(weights_only=True)``), and torch-fidelity is handed the loaded tensors, never the
-path: its own loader calls ``torch.load(weights_only=False)``, which would run a pickle's payload.
+path: its own loader unpickles the file (weights_only off), which would run a pickle's payload.
 
 The packaged TorchScript is loaded into torch-fidelity's network by matching its 94
 convolution + batch-norm blocks in order (the TF graph's batch norm has no scale, so gamma is
