@@ -18,24 +18,15 @@ import pandas as pd
 import pytest
 import torch
 
+from tests.stages.test_pretrain_real import organ_subset
 from tus.config import load_config
 from tus.data.pools import PretrainDataModule
 from tus.methods import method_options
 from tus.methods.mae import predict_mean_loss
 from tus.stages.pretrain import PretrainConfig, run_pretraining
 
-PER_SET = 150
 STEPS = 150
 SIZE, PATCH = 48, 8
-
-
-def subset(shared_data: Path, name: str, out: Path) -> Path:
-    """A manifest of PER_SET random images of one set, pointing at the shared files."""
-    frame = pd.read_csv(shared_data / name / "manifest.csv").sample(n=PER_SET, random_state=0)
-    frame["path"] = [str(shared_data / name / p) for p in frame["path"]]
-    manifest = out / f"{name}.csv"
-    frame[["path", "organ"]].to_csv(manifest, index=False)
-    return manifest
 
 
 def baseline_loss(config: PretrainConfig, batches: int = 8) -> float:
@@ -54,7 +45,7 @@ def baseline_loss(config: PretrainConfig, batches: int = 8) -> float:
 @pytest.mark.slow
 @pytest.mark.shared_data
 def test_short_mae_on_breast_and_thyroid_beats_predicting_the_mean(shared_data: Path, tmp_path: Path):
-    sources = [subset(shared_data, name, tmp_path) for name in ("busi", "ddti")]
+    sources = [organ_subset(shared_data, name, tmp_path) for name in ("busi", "ddti")]
     overrides = [
         "data.sources=[" + ", ".join(f"{{manifest: '{m}'}}" for m in sources) + "]",
         f"output_root={tmp_path / 'runs'}",
