@@ -65,7 +65,7 @@ def plain_cv(manifest: Path, args) -> None:
         eval_transform,
         finetune_train_transform,
     )
-    from tus.hardware import resolve_precision
+    from tus.hardware import keep_opencv_on_calling_thread, resolve_precision
     from tus.methods.classifier import FineTuneModule, FineTuneOptimConfig
     from tus.models.backbones import BackboneConfig
 
@@ -74,6 +74,7 @@ def plain_cv(manifest: Path, args) -> None:
     images = [resize_square(read_grayscale(p), args.image_size) for p in frame["abs_path"]]
     labels = frame["label"].astype(int).to_numpy()
     bf16 = resolve_precision("auto", "cpu").startswith("bf16")
+    keep_opencv_on_calling_thread()  # augmentation and training share this process's cores
     # finetune/cpu.yaml's learning rates, so both runs train the same way.
     # finetune/cpu's recipe: AdamW, peak 3e-3, weight decay 0.05, one-cycle over every step.
     optim = FineTuneOptimConfig(lr_backbone=3e-3, lr_head=3e-3, weight_decay=0.05, schedule="onecycle")

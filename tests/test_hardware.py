@@ -6,6 +6,7 @@ import copy
 import itertools
 import warnings
 
+import cv2
 import pytest
 import timm
 import torch
@@ -16,6 +17,7 @@ from tus.hardware import (
     batch_to_channels_last,
     detect_caps,
     is_spatial_conv,
+    keep_opencv_on_calling_thread,
     prefers_channels_last,
     resolve_precision,
     to_channels_last,
@@ -179,3 +181,25 @@ def test_channels_last_resnet_training_step_matches_nchw() -> None:
         torch.optim.SGD(model.parameters(), lr=0.1).step()
     for param, param_cl in zip(reference.parameters(), converted.parameters(), strict=True):
         torch.testing.assert_close(param_cl, param, rtol=1e-9, atol=1e-12)
+
+
+@pytest.fixture
+def opencv_threads():
+    """Restore OpenCV's thread count after a test changes it."""
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(max(2, before))
+    yield
+    cv2.setNumThreads(before)
+
+
+def test_opencv_runs_on_the_calling_thread(opencv_threads):
+    assert cv2.getNumThreads() >= 2
+    keep_opencv_on_calling_thread()
+    assert cv2.getNumThreads() == 1
+
+
+def test_every_stage_trainer_keeps_opencv_off_the_training_cores(opencv_threads, tmp_path):
+    from tus.runs import TrainerConfig, build_trainer
+
+    build_trainer(TrainerConfig(accelerator="cpu", max_epochs=1, enable_progress_bar=False), tmp_path, loggers=[])
+    assert cv2.getNumThreads() == 1

@@ -47,7 +47,7 @@ from tus.config import (
     to_dict,
     write_text_atomic,
 )
-from tus.hardware import detect_caps, resolve_precision
+from tus.hardware import detect_caps, keep_opencv_on_calling_thread, resolve_precision
 
 # Trainer arguments tus sets itself (run dir, loggers, callbacks, checkpointing) or that take
 # objects rather than values; every other Lightning Trainer argument is a config option.
@@ -427,6 +427,8 @@ def build_trainer(
         all_callbacks.append(LearningRateMonitor(logging_interval="step"))
     options = trainer_options(trainer)
     write_json_atomic(run_dir / "runtime.json", runtime_report(trainer, options["precision"]))
+    # This process augments (num_workers 0) or forks the loader workers that do.
+    keep_opencv_on_calling_thread()
     # A background thread writes the resume checkpoints while training goes on (Lightning
     # waits for the last write before the run ends).
     return L.Trainer(**options, logger=loggers, callbacks=all_callbacks, default_root_dir=str(run_dir), plugins=[AsyncCheckpointIO()])
