@@ -9,7 +9,6 @@ channels_last; bf16 on a CPU without AVX512-BF16/AMX is emulated (~100x slower) 
 from __future__ import annotations
 
 import contextlib
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from tus.hardware import detect_caps
+from tus.hardware import cpu_model, detect_caps
 from tus.runs import TrainerConfig, build_trainer
 
 
@@ -37,16 +36,6 @@ class Setting:
 
     def memory_format(self) -> torch.memory_format:
         return torch.channels_last if self.channels_last else torch.contiguous_format
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (platform's guess elsewhere)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def machine_line(device: torch.device) -> str:

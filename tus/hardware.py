@@ -17,8 +17,10 @@ the only place that asks torch about the hardware.
 
 from __future__ import annotations
 
+import platform
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import timm
@@ -47,6 +49,16 @@ def detect_caps() -> HardwareCaps:
     # (benchmarks/finetune_throughput.py: 36.7 vs 263 images/s).
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     return HardwareCaps(cuda=cuda, cuda_bf16=cuda and torch.cuda.is_bf16_supported(), cpu_native_bf16=bool(amx))
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform's guess elsewhere)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
 
 
 def runs_on_gpu(accelerator: str, caps: HardwareCaps) -> bool:

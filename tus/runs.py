@@ -99,8 +99,9 @@ def _check_trainer_config(self: Any) -> None:
 TrainerConfig = make_dataclass("TrainerConfig", _trainer_fields(), namespace={"__post_init__": _check_trainer_config})
 TrainerConfig.__module__ = __name__
 TrainerConfig.__doc__ = """Every Lightning Trainer argument (Lightning's defaults, except ``precision: auto``, which picks
-bf16/16-mixed/32-true from the hardware), plus ``compile`` (torch.compile the model), ``channels_last`` (true/false/auto: convolutional
-models on CPU and GPU) and ``checkpoint_interval_s`` (epoch-end resume checkpoints at most this
+bf16/16-mixed/32-true from the hardware), plus ``compile`` (torch.compile the model), ``channels_last`` (true/false/auto: auto converts
+convolutional models on GPUs and, on CPUs, where their first training batch measured faster; see
+tus.callbacks.performance) and ``checkpoint_interval_s`` (epoch-end resume checkpoints at most this
 often, in seconds of training; 0 = every epoch)."""
 LIGHTNING_TRAINER_DEFAULTS = {name: p.default for name, p in inspect.signature(L.Trainer.__init__).parameters.items()}
 

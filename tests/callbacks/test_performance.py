@@ -1,4 +1,6 @@
-"""ChannelsLast callback: same outputs as NCHW, batches converted in place, no-op without convs."""
+"""ChannelsLast callback: same outputs as NCHW, batches converted in place, no-op without convs;
+'auto' on a CPU keeps the format its first training batch measured faster, stores that choice and
+reuses it (store, checkpoint), and the timing trials leave the run as it was."""
 
 from __future__ import annotations
 
@@ -8,7 +10,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from tus.callbacks.performance import ChannelsLast, batch_images_to_channels_last
+from tus.callbacks import performance
+from tus.callbacks.performance import (
+    ChannelsLast,
+    MemoryFormatChoices,
+    batch_images_to_channels_last,
+    time_training_step,
+)
 
 CHANNELS_LAST = torch.channels_last
 
@@ -108,10 +116,24 @@ def run(net: nn.Module, callbacks: list) -> tuple[Recorder, torch.Tensor]:
     return module, predictions
 
 
+def fake_timer(channels_last_faster: bool):
+    """A stand-in for time_training_step: no trial steps, a fixed verdict."""
+
+    def timer(trainer, pl_module, batch, channels_last: bool) -> float:
+        return 1.0 if channels_last == channels_last_faster else 2.0
+
+    return timer
+
+
+def refuse_to_time(*args, **kwargs):
+    raise AssertionError("the choice should have been reused, not measured")
+
+
 @pytest.mark.parametrize("enabled", [True, "auto"])
-def test_conv_model_runs_nhwc_with_nchw_results(enabled):
+def test_conv_model_runs_nhwc_with_nchw_results(enabled, monkeypatch, tmp_path):
+    monkeypatch.setattr(performance, "time_training_step", fake_timer(channels_last_faster=True))
     reference, expected = run(conv_net(), [])
-    callback = ChannelsLast(enabled)
+    callback = ChannelsLast(enabled, choices=MemoryFormatChoices(tmp_path / "choices.json"))
     module, predictions = run(conv_net(), [callback])
     assert callback.active
     assert reference.layouts == [(False, False, False)] * 4
@@ -159,3 +181,89 @@ def test_batch_conversion_touches_only_4d_float_tensors():
 def test_rejects_unknown_setting():
     with pytest.raises(ValueError, match="True, False or 'auto'"):
         ChannelsLast("yes")
+
+
+@pytest.mark.parametrize("channels_last_faster", [True, False])
+def test_auto_on_cpu_keeps_the_format_measured_faster_and_stores_it(channels_last_faster, monkeypatch, tmp_path):
+    monkeypatch.setattr(performance, "time_training_step", fake_timer(channels_last_faster))
+    choices = MemoryFormatChoices(tmp_path / "tuning" / "choices.json")
+    callback = ChannelsLast("auto", choices=choices)
+    module, _ = run(conv_net(), [callback])
+    assert callback.active is channels_last_faster
+    assert module.layouts == [(channels_last_faster,) * 3] * 4
+    assert is_nhwc(module.net[0].weight) is channels_last_faster
+    assert callback.measured == {"channels_last": channels_last_faster, "nchw_ms": 1000.0 * (1 + channels_last_faster), "channels_last_ms": 1000.0 * (2 - channels_last_faster)}
+    (key, stored), *others = choices._read().items()
+    assert not others and stored == callback.measured
+    assert "Recorder" in key and "images [(4, 3, 12, 12), (4, 3, 12, 12), (4, 3, 12, 12)]" in key and "precision 32-true" in key
+
+    # A second run on this machine and setting reuses the stored choice without timing.
+    monkeypatch.setattr(performance, "time_training_step", refuse_to_time)
+    again = ChannelsLast("auto", choices=choices)
+    module, _ = run(conv_net(), [again])
+    assert again.active is channels_last_faster and module.layouts == [(channels_last_faster,) * 3] * 4
+
+
+def test_a_resumed_fit_trains_in_the_checkpointed_format(monkeypatch, tmp_path):
+    monkeypatch.setattr(performance, "time_training_step", refuse_to_time)
+    first = ChannelsLast("auto", choices=MemoryFormatChoices(tmp_path / "a.json"))
+    first.measured = {"channels_last": True, "nchw_ms": 2.0, "channels_last_ms": 1.0}
+    resumed = ChannelsLast("auto", choices=MemoryFormatChoices(tmp_path / "empty.json"))
+    resumed.load_state_dict(first.state_dict())
+    module, _ = run(conv_net(), [resumed])
+    assert resumed.active and module.layouts == [(True, True, True)] * 4
+    assert ChannelsLast("auto").state_dict() == {}  # nothing measured: nothing stored
+
+
+def test_an_unreadable_store_means_measure_again(monkeypatch, tmp_path):
+    path = tmp_path / "choices.json"
+    path.write_text("{not json")
+    monkeypatch.setattr(performance, "time_training_step", fake_timer(channels_last_faster=False))
+    callback = ChannelsLast("auto", choices=MemoryFormatChoices(path))
+    run(conv_net(), [callback])
+    assert not callback.active and len(MemoryFormatChoices(path)._read()) == 1
+
+
+class NoisyStep(Recorder):
+    """A training step that logs, draws random numbers, updates BatchNorm statistics and a
+    history it keeps outside its buffers (as IDDPM's loss-aware timestep sampler does)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__(net)
+        self.logged = 0
+        self.history: list[float] = [0.5]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["history"] = self.history
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.history = checkpoint["history"]
+
+    def log(self, *args, **kwargs) -> None:
+        self.logged += 1
+
+    def training_step(self, batch: dict, batch_idx: int) -> dict:
+        noise = torch.randn_like(batch["image"])
+        loss = nn.functional.cross_entropy(self(batch["image"] + noise), batch["label"])
+        self.log("train/loss", loss)
+        self.history.append(float(loss))
+        return {"loss": loss}
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_timing_trials_leave_no_trace(channels_last):
+    module = NoisyStep(conv_net()).train()
+    batch = {"image": Views().images, "label": torch.tensor([0, 1, 0, 1])}
+    buffers = [b.clone() for b in module.buffers()]
+    torch.manual_seed(3)
+    rng = torch.get_rng_state()
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    seconds = time_training_step(trainer, module, batch, channels_last=channels_last)
+    assert seconds is not None and 0 < seconds < 10
+    assert all(torch.equal(a, b) for a, b in zip(module.buffers(), buffers))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in module.parameters())
+    assert module.logged == 0 and "log" not in vars(module)
+    assert module.history == [0.5]
+    assert batch["image"].is_contiguous()  # the caller's batch is not converted
+    assert is_nhwc(module.net[0].weight) is channels_last  # the module is left in the format timed

@@ -33,6 +33,9 @@ def overrides(manifest: Path, out: Path) -> list[str]:
         "--trainer.precision=32-true",
         "--trainer.log_every_n_steps=1",
         "--trainer.enable_progress_bar=false",
+        # The killed run and its uninterrupted twin start together: a memory format measured
+        # by each under the other's load could differ, and the formats' results differ in the last bits.
+        "--trainer.channels_last=false",
         "--logging.wandb=false",
         "--optim.lr=1e-3",
         "--ema.decay=0.9",

@@ -37,6 +37,9 @@ def overrides(manifest: Path, out: Path) -> list[str]:
         "--trainer.checkpoint_interval_s=0",
         "--trainer.log_every_n_steps=1",
         "--trainer.enable_progress_bar=false",
+        # The killed run and its uninterrupted twin start together: a memory format measured
+        # by each under the other's load could differ, and the formats' results differ in the last bits.
+        "--trainer.channels_last=false",
         "--seeds=[0]",
         "--logging.wandb=false",
         "--data.augment.markers_p=0.5",

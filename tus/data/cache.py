@@ -65,12 +65,17 @@ def resize_square(image: np.ndarray, size: int | None) -> np.ndarray:
     return cv2.resize(image, (size, size), interpolation=interpolation)
 
 
-def default_cache_dir() -> Path:
-    """``$TUS_CACHE_DIR/images``, else ``$XDG_CACHE_HOME/tus/images``, else ``~/.cache/tus/images``."""
+def cache_root() -> Path:
+    """tus's per-user cache folder: ``$TUS_CACHE_DIR``, else ``$XDG_CACHE_HOME/tus``, else ``~/.cache/tus``."""
     root = os.environ.get(CACHE_DIR_ENV)
     if root:
-        return Path(root) / "images"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tus" / "images"
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tus"
+
+
+def default_cache_dir() -> Path:
+    """The decoded-image cache: ``images/`` in :func:`cache_root`."""
+    return cache_root() / "images"
 
 
 def clear_memory_cache() -> None:
