@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import lightning as L
 import numpy as np
@@ -272,3 +274,12 @@ def test_stage_callbacks_follow_the_config(tmp_path):
     assert isinstance(recorder, PerSampleLossRecorder) and recorder.path == tmp_path / "losses.csv" and recorder.run_info == run_info
     assert isinstance(gradcam, GradCAMPlusPlusLogger) and gradcam.out_dir == tmp_path / "gradcam"
     assert (gradcam.num_images, gradcam.target_layer, gradcam.marker_config) == (2, "backbone.layer3", config.data.augment.markers)
+
+
+def test_a_fine_tuning_process_imports_grad_cam_only_when_it_explains():
+    # pytorch-grad-cam pulls in scikit-learn's decomposition (~0.4 s of every CV process's
+    # start-up); tus.eval.explain imports it inside the functions that draw CAMs.
+    code = "import sys, tus.stages.finetune_cv, tus.cli.finetune; print(' '.join(sys.modules))"
+    modules = set(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split())
+    assert "tus.callbacks.gradcam" in modules
+    assert "pytorch_grad_cam" not in modules and "sklearn.decomposition" not in modules

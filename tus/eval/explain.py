@@ -36,8 +36,6 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
-from pytorch_grad_cam import GradCAMPlusPlus, ScoreCAM
-from pytorch_grad_cam.utils.image import show_cam_on_image
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -186,6 +184,10 @@ def class_activation_maps(
     pytorch-grad-cam registers are removed before returning, also on errors.
     """
     check_cam_method(method)
+    # Imported here: pytorch-grad-cam loads scikit-learn's decomposition and linear models
+    # (~0.4 s), which every fine-tuning process would otherwise pay, Grad-CAM on or off.
+    from pytorch_grad_cam import GradCAMPlusPlus, ScoreCAM
+
     with explaining(model):
         inputs = _plain_copy(images, model)
         if method == "scorecam":
@@ -339,6 +341,8 @@ def _display(image: torch.Tensor) -> np.ndarray:
 
 def save_overlay_grid(result: MarkerSensitivity, names: list[str], path: str | Path) -> Path:
     """One row per image: image, its CAM, image + markers, its CAM."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image  # see class_activation_maps: a slow import
+
     title = CAM_METHODS[result.method]
     rows = len(names)
     figure = Figure(figsize=(10, 2.6 * rows), layout="constrained")
