@@ -8,8 +8,12 @@ channels_last; bf16 on a CPU without AVX512-BF16/AMX is emulated (~100x slower) 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import os
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +21,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from tus.data.cache import CACHE_DIR_ENV
+from tus.data.phantom import PhantomPaths, generate_phantom
 from tus.hardware import cpu_model, detect_caps
 from tus.runs import TrainerConfig, build_trainer
 
@@ -55,6 +61,39 @@ def plain_settings(device: torch.device) -> list[Setting]:
     else:
         print(f"bf16 skipped: emulated on this {device.type} (no native bf16), ~100x slower than fp32")
     return settings
+
+
+def timing_arguments(parser: argparse.ArgumentParser, *, image_size: int, batch_size: int, steps: int, warmup: int = 3) -> None:
+    """The size, step-count and device flags every throughput benchmark takes."""
+    parser.add_argument("--image-size", type=int, default=image_size)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--steps", type=int, default=steps, help="timed steps (after --warmup untimed ones)")
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextlib.contextmanager
+def scratch_cache() -> Iterator[Path]:
+    """A temporary folder that is also tus's cache root for the duration: empty, so no decoded
+    image or stored memory-format choice carries over from an earlier run or the user's cache
+    (tus decodes and measures as a first run does). The cache setting is restored on exit."""
+    previous = os.environ.get(CACHE_DIR_ENV)
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ[CACHE_DIR_ENV] = str(Path(tmp) / "cache")
+        try:
+            yield Path(tmp)
+        finally:
+            if previous is None:
+                os.environ.pop(CACHE_DIR_ENV, None)
+            else:
+                os.environ[CACHE_DIR_ENV] = previous
+
+
+@contextlib.contextmanager
+def phantom_workspace(patients: int, image_size: int) -> Iterator[tuple[Path, PhantomPaths]]:
+    """:func:`scratch_cache` with a phantom labelled set of ``patients`` patients in it."""
+    with scratch_cache() as root:
+        yield root, generate_phantom(root / "phantom", num_patients=patients, image_size=max(image_size, 64), pool_size=0, seed=0)
 
 
 def synchronize(device: torch.device) -> None:

@@ -12,8 +12,6 @@ Target: >= 0.95.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,16 +19,16 @@ from common import (
     Setting,
     StepTimer,
     machine_line,
+    phantom_workspace,
     plain_settings,
     report,
     time_steps,
+    timing_arguments,
     tus_trainer,
 )
 
 from tus.config import load_config
-from tus.data.cache import CACHE_DIR_ENV
 from tus.data.datamodules import ImageSourceConfig
-from tus.data.phantom import generate_phantom
 from tus.data.pools import DiffusionDataConfig, DiffusionDataModule
 from tus.losses.gaussian_diffusion import hybrid_loss, q_sample
 from tus.methods.iddpm import (
@@ -100,23 +98,17 @@ def tus_throughput(manifest: Path, run_dir: Path, device: torch.device, args) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--image-size", type=int, default=32)
+    timing_arguments(parser, image_size=32, batch_size=16, steps=30)  # 15 steps (2 s) varied by +-5%
     parser.add_argument("--base-channels", type=int, default=32)
     parser.add_argument("--channel-mults", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=30)  # 15 steps (2 s) varied by +-5%
-    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--num-workers", type=int, default=1)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
     print(machine_line(device))
     print(f"diffusion U-Net {args.base_channels}x{args.channel_mults}, {args.image_size}px, batch {args.batch_size}, {args.steps} timed steps after {args.warmup}")
     plain = {s.name: plain_throughput(s, device, args) for s in plain_settings(device)}
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ.setdefault(CACHE_DIR_ENV, str(Path(tmp) / "cache"))
-        paths = generate_phantom(Path(tmp) / "phantom", num_patients=40, image_size=max(args.image_size, 64), pool_size=0, seed=0)
-        tus = tus_throughput(paths.labeled_manifest, Path(tmp) / "run", device, args)
+    with phantom_workspace(40, args.image_size) as (tmp, paths):
+        tus = tus_throughput(paths.labeled_manifest, tmp / "run", device, args)
     report("stage Trainer + data pipeline", tus, plain, 0.95)
 
 

@@ -10,8 +10,6 @@ PyTorch loop on pre-made tensors for this hardware (see benchmarks/common.py). T
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,17 +18,17 @@ from common import (
     Setting,
     StepTimer,
     machine_line,
+    phantom_workspace,
     plain_settings,
     report,
     time_steps,
+    timing_arguments,
     tus_trainer,
 )
 
-from tus.data.cache import CACHE_DIR_ENV
 from tus.data.datamodules import LabeledDataConfig, LabeledDataModule
 from tus.data.folds import assign_folds
 from tus.data.manifest import load_manifest
-from tus.data.phantom import generate_phantom
 from tus.methods.classifier import FineTuneModule, FineTuneOptimConfig
 from tus.models.backbones import BackboneConfig
 
@@ -74,34 +72,31 @@ def plain_throughput(setting: Setting, device: torch.device, args) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=3)
+    timing_arguments(parser, image_size=64, batch_size=32, steps=15)
     # The reference's 220 patients (4 phantom images each): per-epoch work (loader start,
     # epoch-end hooks) weighs as in a real CV, not as in a 6-batch toy epoch.
     parser.add_argument("--patients", type=int, default=220)
-    # One loader worker hides decoding-from-cache and augmentation behind the training step.
-    parser.add_argument("--num-workers", type=int, default=1)
+    # Default: what the stage's config for the device uses (finetune/cpu: 0, finetune/paper: 2).
+    # On 2 cores a worker has no spare core to augment on (measured: 0.90 with one, 0.92 without).
+    parser.add_argument("--num-workers", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=2, help="alternating plain/tus rounds; each keeps its best")
     parser.add_argument("--compile", action="store_true", help="time the stage with trainer.compile: true (compilation in the warmup)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.num_workers is None:
+        args.num_workers = 2 if device.type == "cuda" else 0
     print(machine_line(device))
-    print(f"fine-tuning {args.model}, {args.image_size}px, batch {args.batch_size}, {args.steps} timed steps after {args.warmup}, best of {args.rounds} rounds")
+    print(f"fine-tuning {args.model}, {args.image_size}px, batch {args.batch_size}, {args.num_workers} loader worker(s), {args.steps} timed steps after {args.warmup}, best of {args.rounds} rounds")
     # Plain and tus alternate and each keeps its best round (as timeit does): a shared machine's
     # speed drifts by a few percent within a minute, which would otherwise favour whichever ran first.
     settings = plain_settings(device)
     plain = dict.fromkeys((s.name for s in settings), 0.0)
     tus = 0.0
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ.setdefault(CACHE_DIR_ENV, str(Path(tmp) / "cache"))
-        paths = generate_phantom(Path(tmp) / "phantom", num_patients=args.patients, image_size=max(args.image_size, 64), pool_size=0, seed=0)
+    with phantom_workspace(args.patients, args.image_size) as (tmp, paths):
         for round_ in range(args.rounds):
             for setting in settings:
                 plain[setting.name] = max(plain[setting.name], plain_throughput(setting, device, args))
-            tus = max(tus, tus_throughput(paths.labeled_manifest, Path(tmp) / f"run{round_}", device, args))
+            tus = max(tus, tus_throughput(paths.labeled_manifest, tmp / f"run{round_}", device, args))
     report("stage Trainer + data pipeline" + (", compiled" if args.compile else ""), tus, plain, 0.95)
 
 

@@ -36,7 +36,9 @@ from common import (
     machine_line,
     plain_settings,
     report,
+    scratch_cache,
     time_steps,
+    timing_arguments,
     tus_trainer,
 )
 from torch.optim.lr_scheduler import LambdaLR
@@ -214,12 +216,8 @@ def main() -> None:
     parser.add_argument("--decoder-depth", type=int, default=2, help="mae: decoder blocks")
     parser.add_argument("--decoder-dim", type=int, default=128, help="mae: decoder width")
     parser.add_argument("--decoder-heads", type=int, default=4, help="mae: decoder attention heads")
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps (after --warmup untimed ones)")
-    parser.add_argument("--warmup", type=int, default=3)
+    timing_arguments(parser, image_size=64, batch_size=32, steps=20)
     parser.add_argument("--rounds", type=int, default=1, help="alternate the loops this many times; best of each is kept")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     args = parser.parse_args()
     args.model = args.model or ("vit_tiny_patch16_224" if args.method == "mae" else "resnet18")
@@ -237,10 +235,11 @@ def main() -> None:
     # Every run gets a fresh process, so none inherits another's allocator pools (which
     # would hide its memory growth from RSS) or warmed-up caches.
     spawn = multiprocessing.get_context("spawn")
-    for _ in range(args.rounds):
-        for setting in settings:
-            with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-                results[setting].append(pool.submit(measure, setting, args).result())
+    with scratch_cache():  # the spawned runs inherit it: tus measures its memory format afresh
+        for _ in range(args.rounds):
+            for setting in settings:
+                with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+                    results[setting].append(pool.submit(measure, setting, args).result())
     best = {s: max(runs) for s, runs in results.items()}
     for setting, (_ips, peak) in best.items():
         name = setting.name if setting else "tus"

@@ -1,35 +1,69 @@
-"""benchmarks/real_data.py end to end at toy size on the shared BUSI + DDTI images (skips without them):
-the table's arms, the recipe-variant bookkeeping and the per-fold leakage guard of the pretraining pool."""
+"""The benchmarks' own honesty (the plain CV baseline imports no framework; every timed tus run
+starts from an empty cache) and benchmarks/real_data.py end to end at toy size on the shared
+BUSI + DDTI images (skips without them): the table's arms, the recipe-variant bookkeeping and
+the per-fold leakage guard of the pretraining pool."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from tus.data.cache import CACHE_DIR_ENV, cache_root
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def load_real_data_script():
+def load_benchmark_script(name: str, module_name: str):
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        spec = importlib.util.spec_from_file_location("real_data_benchmark", BENCHMARKS / "real_data.py")
+        spec = importlib.util.spec_from_file_location(module_name, BENCHMARKS / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # dataclasses look their module up there
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(BENCHMARKS))
     return module
 
 
+def test_plain_cv_baseline_imports_no_framework():
+    # cv_wall.py charges tus for importing Lightning; the plain script it is compared with
+    # must not pay that too (it once did, through common.py and FineTuneModule: ~1 s).
+    code = f"import sys; sys.path.insert(0, {str(BENCHMARKS)!r}); import plain_cv; print(' '.join(sys.modules))"
+    modules = set(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split())
+    assert "timm" in modules and "torch" in modules
+    assert not {name for name in modules if name.split(".")[0] in {"lightning", "pytorch_lightning", "torchmetrics"}}
+    assert not {name for name in modules if name.startswith(("tus.methods", "tus.runs", "tus.stages", "tus.callbacks"))}
+
+
+def test_scratch_cache_gives_tus_an_empty_cache_and_restores_the_users(tmp_path: Path, monkeypatch):
+    common = load_benchmark_script("common", "benchmark_common")
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "user-cache"))
+    with common.scratch_cache() as root:
+        assert cache_root() == root / "cache"
+        assert list(root.iterdir()) == []
+        with common.phantom_workspace(patients=4, image_size=32) as (inner, paths):
+            assert cache_root() == inner / "cache" and paths.labeled_manifest.is_file()
+        assert cache_root() == root / "cache"
+    assert not root.exists()
+    assert os.environ[CACHE_DIR_ENV] == str(tmp_path / "user-cache")
+    monkeypatch.delenv(CACHE_DIR_ENV)
+    with common.scratch_cache():
+        assert CACHE_DIR_ENV in os.environ
+    assert CACHE_DIR_ENV not in os.environ
+
+
 @pytest.mark.slow
 def test_real_data_variant_rows_and_per_fold_pool_exclusion(shared_data: Path, tmp_path: Path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    script = load_real_data_script()
+    script = load_benchmark_script("real_data", "real_data_benchmark")
     out = tmp_path / "out"
     common = ["--data-root", str(shared_data), "--out", str(out), "--epochs", "1", "--image-size", "32", "--seeds", "0", "--pretrain-steps", "4"]
     common += ["--pretrain-set", "method.schedule.warmup_steps=1"]
