@@ -70,7 +70,7 @@ def main() -> None:
     # ~5 s with Lightning) outweighs the training that the two are compared on.
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--patients", type=int, default=30, help="phantom patients (2 images each)")
+    parser.add_argument("--patients", type=int, default=30, help="phantom patients (2-5 images each)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of every run; each keeps its fastest")
     args = parser.parse_args()
     repo = Path(__file__).resolve().parents[1]

@@ -73,7 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet18")
     timing_arguments(parser, image_size=64, batch_size=32, steps=15)
-    # The reference's 220 patients (4 phantom images each): per-epoch work (loader start,
+    # The reference's 220 patients (2-5 phantom images each; the reference has 4): per-epoch work (loader start,
     # epoch-end hooks) weighs as in a real CV, not as in a 6-batch toy epoch.
     parser.add_argument("--patients", type=int, default=220)
     # Default: what the stage's config for the device uses (finetune/cpu: 0, finetune/paper: 2).
