@@ -26,11 +26,13 @@ from common import (
     tus_trainer,
 )
 
+from tus.config import load_config
 from tus.data.datamodules import LabeledDataConfig, LabeledDataModule
 from tus.data.folds import assign_folds
 from tus.data.manifest import load_manifest
 from tus.methods.classifier import FineTuneModule, FineTuneOptimConfig
 from tus.models.backbones import BackboneConfig
+from tus.stages.finetune_cv import FineTuneCVConfig
 
 
 def new_module(args) -> FineTuneModule:
@@ -73,10 +75,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet18")
     timing_arguments(parser, image_size=64, batch_size=32, steps=15)
-    # The reference's 220 patients (2-5 phantom images each; the reference has 4): per-epoch work (loader start,
-    # epoch-end hooks) weighs as in a real CV, not as in a 6-batch toy epoch.
+    # The reference's 220 patients (2-5 phantom images each; the reference has 4 a patient):
+    # per-epoch work (loader start, epoch-end hooks) weighs as in a real CV, not as in a
+    # 6-batch toy epoch.
     parser.add_argument("--patients", type=int, default=220)
-    # Default: what the stage's config for the device uses (finetune/cpu: 0, finetune/paper: 2).
+    # Default: what the stage's config for the device uses (finetune/cpu or finetune/paper).
     # On 2 cores a worker has no spare core to augment on (measured: 0.90 with one, 0.92 without).
     parser.add_argument("--num-workers", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=2, help="alternating plain/tus rounds; each keeps its best")
@@ -84,7 +87,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.num_workers is None:
-        args.num_workers = 2 if device.type == "cuda" else 0
+        args.num_workers = load_config(FineTuneCVConfig, "finetune/cpu" if device.type == "cpu" else "finetune/paper").data.num_workers
     print(machine_line(device))
     print(f"fine-tuning {args.model}, {args.image_size}px, batch {args.batch_size}, {args.num_workers} loader worker(s), {args.steps} timed steps after {args.warmup}, best of {args.rounds} rounds")
     # Plain and tus alternate and each keeps its best round (as timeit does): a shared machine's

@@ -18,6 +18,7 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from plain_finetune import class_balanced_sample_weights
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
@@ -48,8 +49,7 @@ def plain_cv(manifest: Path, args: argparse.Namespace) -> None:
             transform = finetune_train_transform(AugmentConfig(), seed=seed)
             model = timm.create_model(args.model, pretrained=False, num_classes=2, in_chans=1).to(memory_format=memory_format)
             optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
-            counts = np.bincount(labels[train])
-            sampler = WeightedRandomSampler((1.0 / counts[labels[train]]).tolist(), len(train), replacement=True)
+            sampler = WeightedRandomSampler(class_balanced_sample_weights(labels[train]).tolist(), len(train), replacement=True)
             loader = DataLoader(
                 [(i, int(labels[i])) for i in train],
                 batch_size=args.batch_size,
