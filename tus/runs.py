@@ -33,10 +33,9 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
-from tus.callbacks.checkpoint import ResumeCheckpoint
+from tus.callbacks.checkpoint import BackgroundCheckpointIO, ResumeCheckpoint, SafeCheckpointIO, usable_checkpoint
 from tus.callbacks.performance import ChannelsLast, CompileModel
 from tus.callbacks.progress import StageProgressBar, active_stage_bar
 from tus.config import (
@@ -431,8 +430,9 @@ def build_trainer(
     # This process augments (num_workers 0) or forks the loader workers that do.
     keep_opencv_on_calling_thread()
     # A background thread writes the resume checkpoints while training goes on (Lightning
-    # waits for the last write before the run ends).
-    return L.Trainer(**options, logger=loggers, callbacks=all_callbacks, default_root_dir=str(run_dir), plugins=[AsyncCheckpointIO()])
+    # waits for the last write before the run ends), atomically in their own folder, and
+    # reads them back without unpickling code (tus.callbacks.checkpoint).
+    return L.Trainer(**options, logger=loggers, callbacks=all_callbacks, default_root_dir=str(run_dir), plugins=[BackgroundCheckpointIO(SafeCheckpointIO())])
 
 
 def trainer_options(trainer: TrainerConfig) -> dict:
@@ -469,9 +469,16 @@ def runtime_report(trainer: TrainerConfig, precision: str) -> dict:
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
-    """``run_dir/checkpoints/last.ckpt`` if a previous attempt left one (for resume)."""
+    """``run_dir/checkpoints/last.ckpt`` if a previous attempt left one (read-only use)."""
     path = Path(run_dir) / "checkpoints" / "last.ckpt"
     return path if path.is_file() else None
+
+
+def resume_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint a resumed stage continues from: ``last.ckpt`` if it loads, else the
+    previous one (a corrupt one is set aside with a warning); None: start from the beginning.
+    A checkpoint that would run code is refused (one line), whichever it is."""
+    return usable_checkpoint(Path(run_dir) / "checkpoints" / "last.ckpt", set_aside=rank_zero_only.rank == 0)
 
 
 def read_json(path: Path) -> dict | None:

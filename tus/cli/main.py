@@ -57,16 +57,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def exit_code(error: BaseException) -> int | None:
     """2 for usage and config errors, 1 for data/weights/run-dir errors, None: a bug (traceback)."""
-    from tus.config import ConfigError
+    from tus.config import ConfigError, is_storage_error
 
     if isinstance(error, ConfigError):
         return 2
+    if is_storage_error(error):  # a full disk, a read-only mount: the user's to fix, not a bug
+        return 1
     if isinstance(error, (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError, UnicodeError)):
         return 1
     return None
 
 
 def one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.filename is not None:
+        from tus.config import as_storage_error
+
+        error = as_storage_error(error, error.filename)
     text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
     return text or type(error).__name__
 

@@ -44,6 +44,10 @@ class CheckpointError(DataError):
     """A weights file is missing, unsafe, unreadable or does not fit; the message names the file."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A file that would run code if unpickled: refused, never set aside as merely corrupt."""
+
+
 def load_weights(path: str | Path) -> torch.jit.ScriptModule | dict[str, Any] | Any:
     """Load ``path`` safely: a ``ScriptModule`` (eval mode, CPU) for TorchScript, else what the file holds.
 
@@ -124,7 +128,8 @@ def _refuse_text(path: Path, head: bytes) -> None:
     else:
         kind = "a text file"
     first = text.strip().splitlines()[0][:60] if text.strip() else ""
-    raise CheckpointError(f"{path}: is {kind} (starts {first!r}), not a weights file; {ACCEPTED}")
+    error_type = UnsafeCheckpointError if "pickle" in kind else CheckpointError
+    raise error_type(f"{path}: is {kind} (starts {first!r}), not a weights file; {ACCEPTED}")
 
 
 def _load_torchscript(path: Path) -> torch.jit.ScriptModule:
@@ -149,7 +154,7 @@ def _torch_load(path: Path) -> Any:
         names = _unsafe_globals(path, str(error))
         if names:
             shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-            raise CheckpointError(f"{path}: refused: a pickle of Python objects (needs {shown}), which can run code when loaded; {ACCEPTED}") from error
+            raise UnsafeCheckpointError(f"{path}: refused: a pickle of Python objects (needs {shown}), which can run code when loaded; {ACCEPTED}") from error
         raise CheckpointError(f"{path}: not a loadable weights file (unknown or corrupt format); {ACCEPTED}") from error
     except Exception as error:  # corrupt zips, truncated pickles, foreign formats
         raise CheckpointError(f"{path}: not a loadable weights file ({_first_line(error)}); {ACCEPTED}") from error

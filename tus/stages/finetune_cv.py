@@ -43,7 +43,7 @@ from tus.data.seeding import derive_seed
 from tus.eval.cv_summary import collect_runs, write_summary
 from tus.methods.classifier import METRIC_NAMES, FineTuneModule, FineTuneOptimConfig, save_finetuned
 from tus.models.backbones import BackboneConfig
-from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, last_checkpoint, open_run
+from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, resume_checkpoint, open_run
 
 
 @dataclass
@@ -238,7 +238,7 @@ def run_single(
     # Without inner validation there is nothing to validate on: the test fold is never peeked at.
     trainer_config = config.trainer if inner else replace(config.trainer, limit_val_batches=0)
     trainer = build_trainer(trainer_config, run_dir, loggers=loggers, callbacks=callbacks)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=last_checkpoint(run_dir))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(run_dir))
     if selector is not None:
         best = torch.load(selector.best_model_path, map_location="cpu", weights_only=True)
         module.load_state_dict(best["state_dict"])

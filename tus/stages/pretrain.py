@@ -30,7 +30,7 @@ from tus.callbacks.probes import DownstreamProbe, OrganProbe
 from tus.config import ConfigError, to_dict
 from tus.data.pools import PretrainDataConfig, PretrainDataModule
 from tus.methods import method_options, resolved_method_block
-from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, finish_loggers, last_checkpoint, open_run, write_json_atomic
+from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, finish_loggers, resume_checkpoint, open_run, write_json_atomic
 
 
 @dataclass
@@ -125,7 +125,7 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path | None = None, *
         trainer = build_trainer(config.trainer, run_dir, loggers=loggers, callbacks=callbacks, checkpoint_every_n_steps=config.checkpoint_every_n_steps)
         if config.sync_batchnorm and trainer.world_size > 1:
             module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=last_checkpoint(run_dir))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(run_dir))
         finish_loggers(loggers)
         if trainer.is_global_zero:
             export = {
