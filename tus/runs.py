@@ -36,6 +36,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 
 from tus.callbacks.checkpoint import BackgroundCheckpointIO, ResumeCheckpoint, SafeCheckpointIO, usable_checkpoint
+from tus.callbacks.finite_loss import StopOnNonFiniteLoss, resolve_max_nonfinite_steps
 from tus.callbacks.performance import ChannelsLast, CompileModel
 from tus.callbacks.progress import StageProgressBar, active_stage_bar
 from tus.config import (
@@ -88,11 +89,15 @@ def _trainer_fields() -> list[tuple[str, Any, Any]]:
     fields_.append(("channels_last", typing.Union[bool, typing.Literal["auto"]], "auto"))  # noqa: UP007
     # Epoch-end resume checkpoints at most this often (tus.callbacks.checkpoint says why).
     fields_.append(("checkpoint_interval_s", float, 60.0))
+    # Consecutive non-finite training losses tolerated before the run stops (tus.callbacks.finite_loss).
+    fields_.append(("max_nonfinite_steps", typing.Union[int, typing.Literal["auto"]], "auto"))  # noqa: UP007
     return fields_
 
 
 def _check_trainer_config(self: Any) -> None:
     require_at_least(self, "trainer.", 0, "checkpoint_interval_s")
+    if self.max_nonfinite_steps != "auto" and self.max_nonfinite_steps < 0:
+        raise ConfigError(f"trainer.max_nonfinite_steps must be >= 0 or auto, got {self.max_nonfinite_steps}")
 
 
 TrainerConfig = make_dataclass("TrainerConfig", _trainer_fields(), namespace={"__post_init__": _check_trainer_config})
@@ -101,7 +106,8 @@ TrainerConfig.__doc__ = """Every Lightning Trainer argument (Lightning's default
 bf16/16-mixed/32-true from the hardware), plus ``compile`` (torch.compile the model), ``channels_last`` (true/false/auto: auto converts
 convolutional models on GPUs and, on CPUs, where their first training batch measured faster; see
 tus.callbacks.performance) and ``checkpoint_interval_s`` (epoch-end resume checkpoints at most this
-often, in seconds of training; 0 = every epoch)."""
+often, in seconds of training; 0 = every epoch) and ``max_nonfinite_steps`` (consecutive NaN/inf training
+losses tolerated before the run stops with an error; auto: 25 under 16-mixed, whose gradient scaler skips such steps, else 0)."""
 LIGHTNING_TRAINER_DEFAULTS = {name: p.default for name, p in inspect.signature(L.Trainer.__init__).parameters.items()}
 
 
@@ -418,14 +424,15 @@ def build_trainer(
     at epoch ends, at most every ``trainer.checkpoint_interval_s`` seconds, or every
     ``checkpoint_every_n_steps`` optimiser steps when given."""
     checkpoint = ResumeCheckpoint(run_dir / "checkpoints", every_n_train_steps=checkpoint_every_n_steps, min_interval_s=trainer.checkpoint_interval_s)
-    all_callbacks: list[Callback] = [checkpoint, ChannelsLast(trainer.channels_last), *callbacks]
+    options = trainer_options(trainer)
+    stop_on_nan = StopOnNonFiniteLoss(resolve_max_nonfinite_steps(trainer.max_nonfinite_steps, options["precision"]))
+    all_callbacks: list[Callback] = [stop_on_nan, checkpoint, ChannelsLast(trainer.channels_last), *callbacks]
     if trainer.compile:
         all_callbacks.append(CompileModel())
     if trainer.enable_progress_bar:
         all_callbacks.append(StageProgressBar(active_stage_bar(), desc=run_dir.name))
     if loggers:
         all_callbacks.append(LearningRateMonitor(logging_interval="step"))
-    options = trainer_options(trainer)
     write_json_atomic(run_dir / "runtime.json", runtime_report(trainer, options["precision"]))
     # This process augments (num_workers 0) or forks the loader workers that do.
     keep_opencv_on_calling_thread()
@@ -443,6 +450,7 @@ def trainer_options(trainer: TrainerConfig) -> dict:
     options.pop("compile")
     options.pop("channels_last")
     options.pop("checkpoint_interval_s")
+    options.pop("max_nonfinite_steps")
     options["precision"] = resolve_precision(str(options["precision"]), str(options["accelerator"]))
     return {name: value for name, value in options.items() if name == "precision" or value != LIGHTNING_TRAINER_DEFAULTS.get(name)}
 

@@ -22,6 +22,31 @@ from tus.methods.classifier import METRIC_NAMES
 
 CI_BOOTSTRAPS = 1000
 CI_ALPHA = 0.05
+NO_RESULT = {"mean": None, "std": None}  # a metric over no finished run (every run failed)
+# A run stopped by a non-finite loss leaves this (step, reason) instead of metrics.json.
+FAILED_FILE = "failed.json"
+# Test probabilities spread less than this: the model gives every image the same answer.
+CONSTANT_PROBABILITY_SPREAD = 1e-4
+
+
+def collapse_reason(predictions: pd.DataFrame, metrics_csv: Path, val_metric: str | None = None) -> str | None:
+    """Why a fine-tuned model looks collapsed (None if it does not): its test probabilities are
+    (nearly) constant, or its inner validation AUROC was 0.5 at every validation."""
+    probabilities = predictions["probability"].astype(float)
+    if len(probabilities) and float(probabilities.max() - probabilities.min()) < CONSTANT_PROBABILITY_SPREAD:
+        return f"every test image gets probability {probabilities.iloc[0]:.3f} (constant predictions)"
+    if val_metric is not None and Path(metrics_csv).is_file():
+        log = pd.read_csv(metrics_csv)
+        if "val/auroc" in log.columns:
+            values = log["val/auroc"].dropna().astype(float)
+            if len(values) and bool(((values - 0.5).abs() < 1e-9).all()):
+                return f"validation AUROC stayed at 0.5 at all {len(values)} validations"
+    return None
+
+
+def failed_runs(run_dir: Path) -> list[dict]:
+    """Runs that stopped with an error (``failed.json``) and have no result."""
+    return [{"run": p.parent.name, **json.loads(p.read_text())} for p in sorted((Path(run_dir) / "runs").glob(f"*/{FAILED_FILE}")) if not (p.parent / "metrics.json").exists()]
 
 
 def collect_runs(run_dir: Path) -> pd.DataFrame:
@@ -115,16 +140,40 @@ def write_summary(run_dir: Path, runs: pd.DataFrame, frame: pd.DataFrame, config
         "ci": cis,
         "ci_note": CI_TEXT.format(confidence=1 - CI_ALPHA, n_boot=n_boot, runs=predictions[["fold", "seed"]].drop_duplicates().shape[0], patients=predictions["patient_id"].nunique()),
         "baselines": baselines,
+        "failed": [{"run": f["run"], "step": f.get("step"), "reason": f.get("reason")} for f in failed_runs(run_dir)],
+        "collapsed": _collapsed(runs),
+        "selected": _selected(runs),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (run_dir / "summary.md").write_text(render_summary_markdown(summary))
     return summary
 
 
+def _run_name(row: Any) -> str:
+    return f"fold{int(row['fold'])}-seed{int(row['seed'])}"
+
+
+def _collapsed(runs: pd.DataFrame) -> list[dict]:
+    if "collapsed" not in runs.columns:
+        return []
+    return [{"run": _run_name(row), "reason": row.get("collapse_reason")} for _, row in runs.iterrows() if not pd.isna(row["collapsed"]) and bool(row["collapsed"])]
+
+
+def _selected(runs: pd.DataFrame) -> list[dict]:
+    """Per run, the epoch and step of the model that was tested (out of the steps trained)."""
+    if "selected_step" not in runs.columns:
+        return []
+    return [
+        {"run": _run_name(row), "epoch": int(row["selected_epoch"]), "step": int(row["selected_step"]), "of_steps": int(row["steps"])}
+        for _, row in runs.iterrows()
+        if not pd.isna(row.get("selected_step"))
+    ]
+
+
 def render_summary_markdown(summary: dict) -> str:
     header = "| | " + " | ".join(n.capitalize() if n != "auroc" else "AUROC" for n in METRIC_NAMES) + " |"
     rule = "|---" * (len(METRIC_NAMES) + 1) + "|"
-    model = "| " + summary["name"] + " | " + " | ".join(format_mean_std(summary["metrics"][n]) for n in METRIC_NAMES) + " |"
+    model = "| " + summary["name"] + " | " + " | ".join(format_mean_std(summary["metrics"].get(n, NO_RESULT)) for n in METRIC_NAMES) + " |"
     rows = [header, rule, model]
     spread = summary.get("spread") or {}
     if spread:
@@ -146,9 +195,32 @@ def render_summary_markdown(summary: dict) -> str:
             *([f"*paper spread*: {summary['spread_note']}."] if spread else []),
             *([f"*95% CI, patients*: {summary['ci_note']}."] if cis else []),
             f"Model selection: {summary['selection_note']}.",
+            *_selected_lines(summary),
+            *_warning_lines(summary),
             "",
         ]
     )
+
+
+def _selected_lines(summary: dict) -> list[str]:
+    selected = summary.get("selected") or []
+    if summary.get("selection") != "inner_val" or not selected:
+        return []
+    return ["Selected models (epoch, step of steps trained): " + "; ".join(f"{s['run']} ({s['epoch']}, {s['step']} of {s['of_steps']})" for s in selected) + "."]
+
+
+def _warning_lines(summary: dict) -> list[str]:
+    """Runs that failed or collapsed, said where a reader of the table sees them."""
+    lines = []
+    for failed in summary.get("failed") or []:
+        lines.append(f"**WARNING: {failed['run']} FAILED** (not in the table): {failed['reason']}")
+    collapsed = summary.get("collapsed") or []
+    if collapsed:
+        lines.append(
+            f"**WARNING: {len(collapsed)} of {summary['runs']} runs COLLAPSED** (their numbers are in the table, but these models did not learn): "
+            + "; ".join(f"{c['run']}: {c['reason']}" for c in collapsed)
+        )
+    return [""] + lines if lines else []
 
 
 def _format_ci(ci: dict | None, scale: float = 100.0, digits: int = 1) -> str:

@@ -5,7 +5,9 @@
     config.yaml         the resolved config (a resumed run must match it)
     folds.csv           sample_id, path, patient_id, label, fold, content_hash
     runs/fold<F>-seed<S>/   metrics.csv, checkpoints/ (while running), model.safetensors,
-                            predictions.csv, losses.csv, metrics.json (written last = done)
+                            predictions.csv, losses.csv, metrics.json (written last = done;
+                            with the selected epoch/step and a ``collapsed`` flag), failed.json
+                            (a run stopped by a non-finite loss: step and reason)
     runs.csv            one row per fold x seed with every test metric
     summary.json / summary.md   mean +- std per metric and the non-informative baselines
 
@@ -31,6 +33,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from torch.utils.data import DataLoader
 
+from tus.callbacks.finite_loss import NonFiniteLossError
 from tus.callbacks.gradcam import GradCAMConfig, GradCAMPlusPlusLogger
 from tus.callbacks.loss_recorder import PerSampleLossRecorder
 from tus.callbacks.progress import stage_progress
@@ -40,10 +43,10 @@ from tus.data.folds import assign_folds, assign_folds_for_seed, fold_table
 from tus.data.images import content_hash
 from tus.data.manifest import load_manifest
 from tus.data.seeding import derive_seed
-from tus.eval.cv_summary import collect_runs, write_summary
+from tus.eval.cv_summary import FAILED_FILE, collapse_reason, collect_runs, write_summary
 from tus.methods.classifier import METRIC_NAMES, FineTuneModule, FineTuneOptimConfig, save_finetuned
 from tus.models.backbones import BackboneConfig
-from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, resume_checkpoint, open_run
+from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, open_run, resume_checkpoint
 
 
 @dataclass
@@ -158,7 +161,12 @@ def run_cv(
             len(todo) * max(config.trainer.max_epochs or 1, 1), desc=f"{config.name}: {len(todo)} of {len(jobs)} folds x seeds", enabled=config.trainer.enable_progress_bar is not False
         ):
             for fold, seed in todo:
-                run_single(config, frame, folds[seed] if isinstance(folds, dict) else folds, fold, seed, run_dir / "runs" / f"fold{fold}-seed{seed}", _with_stage_callbacks(callback_factory))
+                try:
+                    run_single(config, frame, folds[seed] if isinstance(folds, dict) else folds, fold, seed, run_dir / "runs" / f"fold{fold}-seed{seed}", _with_stage_callbacks(callback_factory))
+                except NonFiniteLossError as error:
+                    # The summary says which run failed and why; the CV stops (the others would too).
+                    write_summary(run_dir, collect_runs(run_dir), frame, config)
+                    raise NonFiniteLossError(f"{run_dir.name}/runs/fold{fold}-seed{seed}: {error}") from error
         runs = collect_runs(run_dir)
         write_summary(run_dir, runs, frame, config)
     return run_dir
@@ -221,6 +229,7 @@ def run_single(
     checkpoints are deleted once the run is finished (``model.safetensors`` stays).
     """
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / FAILED_FILE).unlink(missing_ok=True)  # a retried run starts clean
     L.seed_everything(seed, workers=True)
     inner = config.selection == "inner_val"
     datamodule = LabeledDataModule(config.data, frame, folds, fold, seed, inner_validation=inner)
@@ -238,20 +247,39 @@ def run_single(
     # Without inner validation there is nothing to validate on: the test fold is never peeked at.
     trainer_config = config.trainer if inner else replace(config.trainer, limit_val_batches=0)
     trainer = build_trainer(trainer_config, run_dir, loggers=loggers, callbacks=callbacks)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(run_dir))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(run_dir))
+    except NonFiniteLossError as error:
+        write_text_atomic(run_dir / FAILED_FILE, json.dumps({**run_info, "step": trainer.global_step, "reason": str(error)}, indent=2))
+        raise
+    # Which model is tested: the last one, or the one inner validation chose (its step and epoch,
+    # so a selection of the first steps is visible, not hidden behind "best epoch").
+    selected = {"selected_epoch": max(trainer.current_epoch - 1, 0), "selected_step": trainer.global_step}
     if selector is not None:
         best = torch.load(selector.best_model_path, map_location="cpu", weights_only=True)
         module.load_state_dict(best["state_dict"])
+        selected = {"selected_epoch": int(best["epoch"]), "selected_step": int(best["global_step"])}
     results = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()
     metrics = {name: float(results[f"test/{name}"]) for name in METRIC_NAMES}
     if trainer.is_global_zero:
-        predict(module, datamodule.test_dataloader()).to_csv(run_dir / "predictions.csv", index=False)
+        predictions = predict(module, datamodule.test_dataloader())
+        predictions.to_csv(run_dir / "predictions.csv", index=False)
         save_finetuned(module, run_dir / "model", image_size=config.data.image_size)
         _drop_training_state(run_dir)
-        record = {**run_info, **metrics, "epochs": trainer.current_epoch, "selection": config.selection}
+        collapsed = collapse_reason(predictions, run_dir / "metrics.csv", config.selection_metric if inner else None)
+        record = {
+            **run_info,
+            **metrics,
+            "epochs": trainer.current_epoch,
+            "steps": trainer.global_step,
+            "selection": config.selection,
+            **selected,
+            "collapsed": collapsed is not None,
+            "collapse_reason": collapsed,
+        }
         write_text_atomic(run_dir / "metrics.json", json.dumps(record, indent=2))
     return metrics
 
