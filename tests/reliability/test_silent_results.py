@@ -94,8 +94,8 @@ def test_auto_tolerance_is_for_16_mixed_only():
 
 
 def test_validation_every_batch_records_the_selected_step_and_epoch(tmp_path: Path):
-    from tus.stages.finetune_cv import run_cv
     from tests.stages.test_finetune_cv import tiny_config
+    from tus.stages.finetune_cv import run_cv
 
     manifest = make_labeled_dataset(tmp_path / "data", patients=30, per_patient=1)
     config = tiny_config(manifest, tmp_path / "runs", "selection=inner_val", "data.inner_val_fraction=0.25", "trainer.val_check_interval=1", "trainer.max_epochs=2", "record_losses=false")

@@ -34,7 +34,7 @@ from tus.methods.iddpm import (
     ProcessConfig,
     UNetConfig,
 )
-from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, finish_loggers, resume_checkpoint, open_run, write_json_atomic
+from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, finish_loggers, open_run, resume_checkpoint, write_json_atomic
 from tus.samplers import resolve_steps
 
 

@@ -30,7 +30,7 @@ from tus.callbacks.probes import DownstreamProbe, OrganProbe
 from tus.config import ConfigError, to_dict
 from tus.data.pools import PretrainDataConfig, PretrainDataModule
 from tus.methods import method_options, resolved_method_block
-from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, finish_loggers, resume_checkpoint, open_run, write_json_atomic
+from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, finish_loggers, open_run, resume_checkpoint, write_json_atomic
 
 
 @dataclass
