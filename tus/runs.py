@@ -40,6 +40,7 @@ from tus.callbacks.finite_loss import StopOnNonFiniteLoss, resolve_max_nonfinite
 from tus.callbacks.performance import ChannelsLast, CompileModel
 from tus.callbacks.progress import StageProgressBar, active_stage_bar
 from tus.config import (
+    STORAGE_ERRNOS,
     ConfigError,
     changed_keys,
     require_at_least,
@@ -188,20 +189,56 @@ class RunDirError(ValueError):
     """A run dir cannot be used: missing, locked by another process, or not a run dir."""
 
 
-def new_run_dir(root: str | Path, name: str) -> Path:
-    """Create and return a fresh ``root/<timestamp>-<name>`` folder (never reuses one)."""
+def check_output_root(root: str | Path) -> None:
+    """Refuse an ``output_root`` where no run dir can be made, before a stage reads its data:
+    a file, a read-only or full file system, a virtual one (``/proc``). A folder is made and
+    removed there to find out; folders this made on the way are removed again."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    if root.exists() and not root.is_dir():
+        raise RunDirError(f"output_root {root}: is a file, not a folder; give a folder for the run dirs")
+    missing = [p for p in [root, *root.absolute().parents] if not p.exists()]
+    probe = root / f".tus-write-check-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as error:
+        raise _cannot_make_run_dir(root, error) from error
+    finally:
+        for folder in missing:  # innermost first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def _cannot_make_run_dir(root: Path, error: OSError) -> RunDirError:
+    reason = STORAGE_ERRNOS.get(error.errno or 0) or (os.strerror(error.errno) if error.errno else str(error))
+    return RunDirError(f"output_root {root}: cannot create a run dir there: {reason.lower()}")
+
+
+def new_run_dir(root: str | Path, name: str) -> Path:
+    """Create and return a fresh ``root/<timestamp>-<name>`` folder (never reuses one).
+
+    A root that is a file, read-only, full or on a virtual file system (``/proc``) is refused
+    in one line naming ``output_root``, before any training."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise RunDirError(f"output_root {root}: is a file, not a folder; give a folder for the run dirs")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for attempt in range(1000):
-        suffix = f"-{attempt}" if attempt else ""
-        candidate = root / f"{stamp}-{name}{suffix}"
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
-    raise RunDirError(f"could not create a new run directory under {root}")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for attempt in range(1000):
+            suffix = f"-{attempt}" if attempt else ""
+            candidate = root / f"{stamp}-{name}{suffix}"
+            try:
+                candidate.mkdir()
+                return candidate
+            except FileExistsError:
+                continue
+    except OSError as error:
+        raise _cannot_make_run_dir(root, error) from error
+    raise RunDirError(f"output_root {root}: could not create a new run directory")
 
 
 @contextmanager

@@ -343,15 +343,23 @@ class ImagePoolDataModule(L.LightningDataModule):
                 counts[organ] = counts.get(organ, 0) + int(n)
         return counts
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.dataset is not None:
-            return
-        organ_index = self.organ_index
+    def decode_images(self) -> None:
+        """Decode every image of the pool into the image cache (when caching), once per process.
+
+        Stages call this before they make a run dir, so a corrupt pool image is refused before
+        anything is written; ``setup`` then finds the images decoded."""
+        self.prepare_frames()
         if self.cache_images and self.image_size:
             # One cache per whole source: the pool, a held-out slice and a probe bank drawn
             # from it all read rows of it, and its key does not depend on the split seed.
             for frame in self.source_frames:
                 cached_images(frame["abs_path"].tolist(), self.image_size, self.cache_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is not None:
+            return
+        organ_index = self.organ_index
+        self.decode_images()
         parts = [
             ManifestDataset(
                 frame,

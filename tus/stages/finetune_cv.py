@@ -46,7 +46,7 @@ from tus.data.seeding import derive_seed
 from tus.eval.cv_summary import FAILED_FILE, collapse_reason, collect_runs, write_summary
 from tus.methods.classifier import METRIC_NAMES, FineTuneModule, FineTuneOptimConfig, save_finetuned
 from tus.models.backbones import BackboneConfig
-from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, open_run, resume_checkpoint
+from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, check_output_root, open_run, resume_checkpoint
 
 
 @dataclass
@@ -146,6 +146,8 @@ def run_cv(
         raise ConfigError("seeds: give at least one seed")
     if len(set(config.seeds)) != len(config.seeds):
         raise ConfigError(f"seeds: {config.seeds} repeats a seed (each fold x seed run must be distinct)")
+    if run_dir is None:
+        check_output_root(config.output_root)  # before the data are read
     frame = load_manifest(config.data.manifest, require_labels=True, num_folds=config.data.num_folds)
     folds = (
         {seed: assign_folds_for_seed(frame, config.data.num_folds, config.data.fold_seed, seed, per_seed=True) for seed in config.seeds}

@@ -30,7 +30,7 @@ from tus.callbacks.probes import DownstreamProbe, OrganProbe
 from tus.config import ConfigError, to_dict
 from tus.data.pools import PretrainDataConfig, PretrainDataModule
 from tus.methods import method_options, resolved_method_block
-from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, finish_loggers, open_run, resume_checkpoint, write_json_atomic
+from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, check_output_root, finish_loggers, open_run, resume_checkpoint, write_json_atomic
 
 
 @dataclass
@@ -85,6 +85,8 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path | None = None, *
         raise ConfigError("data.sources is empty: give at least one manifest or folder of images")
     if config.trainer.max_steps <= 0:
         raise ConfigError("trainer.max_steps must be > 0: pretraining runs a fixed number of steps")
+    if run_dir is None:
+        check_output_root(config.output_root)  # before the data are read
     method_cls, method = method_options(config.method)
     L.seed_everything(config.seed, workers=False)
     datamodule = PretrainDataModule(
@@ -97,6 +99,7 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path | None = None, *
     if getattr(getattr(method, "loss", None), "organ_weight", 0) > 0 and not datamodule.organ_classes:
         raise ConfigError("method.loss.organ_weight > 0 but no image has an organ: add an 'organ' column, set the source's organ, or use --method.loss.organ_weight=0")
     report = datamodule.pool_report()
+    datamodule.decode_images()  # a corrupt image is refused before the run dir exists
     with open_run(config, output_root=config.output_root, name=config.name, resume=run_dir, allow_config_change=allow_config_change, create=create) as run_dir:
         if rank_zero_only.rank == 0:
             write_json_atomic(run_dir / "pool.json", report)
