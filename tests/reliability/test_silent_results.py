@@ -61,6 +61,7 @@ class _Trainer:
     world_size = 1
     global_step = 7
     current_epoch = 1
+    precision_plugin = None
     optimizers = [torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)]
 
 
@@ -84,6 +85,29 @@ def test_the_check_tolerates_exactly_the_configured_consecutive_non_finite_losse
             assert "at step 7 (epoch 1)" in str(error) and "largest lr 0.5" in str(error)
             break
     assert stopped == stops_at
+
+
+class _Scaler:
+    def __init__(self, scales):
+        self.scales = iter(scales)
+
+    def is_enabled(self):
+        return True
+
+    def get_scale(self):
+        return next(self.scales)
+
+
+def test_steps_skipped_by_the_16_mixed_gradient_scaler_count_too():
+    """A finite loss whose gradients always overflow: the scaler halves its scale at each skipped step."""
+    trainer = _Trainer()
+    scales = [65536.0, 32768.0, 16384.0, 16384.0, 8192.0, 4096.0, 2048.0]  # skipped: 1, 2, reset, 1, 2, 3
+    trainer.precision_plugin = type("Plugin", (), {"scaler": _Scaler(scales)})()
+    callback = StopOnNonFiniteLoss(2)
+    with pytest.raises(NonFiniteLossError, match="overflowed in 3 consecutive steps under 16-mixed"):
+        for index in range(len(scales)):
+            callback.on_train_batch_end(trainer, None, {"loss": torch.tensor(1.0)}, None, index)
+    assert index == 6
 
 
 def test_auto_tolerance_is_for_16_mixed_only():

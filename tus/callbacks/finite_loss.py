@@ -7,9 +7,10 @@ It runs before the checkpoint callbacks (Lightning runs those last), so the step
 the NaN is never saved: the last checkpoint on disk is still a finite one.
 
 Under ``16-mixed`` precision the gradient scaler skips steps whose gradients overflow and
-lowers its scale, so a few non-finite losses in a row can be part of normal training:
-``trainer.max_nonfinite_steps`` (``auto``: 25 under 16-mixed, else 0) consecutive ones are
-tolerated before the run stops.
+lowers its scale, so a few non-finite losses (or skipped steps) in a row can be part of normal
+training: ``trainer.max_nonfinite_steps`` (``auto``: 25 under 16-mixed, else 0) consecutive ones
+are tolerated before the run stops. Skipped steps are counted too (the scaler's scale went
+down), because a run whose gradients always overflow has a finite loss and never learns.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class StopOnNonFiniteLoss(Callback):
             raise ValueError(f"trainer.max_nonfinite_steps must be >= 0 or auto, got {max_consecutive}")
         self.max_consecutive = max_consecutive
         self.streak = 0
+        self.skipped = 0
+        self._scale: float | None = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
@@ -55,10 +58,25 @@ class StopOnNonFiniteLoss(Callback):
             finite = not trainer.strategy.reduce_boolean_decision(not finite, all=False)
         if finite:
             self.streak = 0
+            self._check_skipped_steps(trainer)
             return
         self.streak += 1
         if self.streak > self.max_consecutive:
             raise NonFiniteLossError(describe(trainer, loss))
+
+    def _check_skipped_steps(self, trainer: L.Trainer) -> None:
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            return
+        scale = float(scaler.get_scale())
+        skipped = self._scale is not None and scale < self._scale
+        self._scale = scale
+        self.skipped = self.skipped + 1 if skipped else 0
+        if self.skipped > self.max_consecutive:
+            raise NonFiniteLossError(
+                f"the gradients overflowed in {self.skipped} consecutive steps under 16-mixed (up to step {trainer.global_step}, "
+                f"scale now {scale:.3g}): those steps were skipped; the learning rate is likely too high, or use bf16-mixed or 32-true"
+            )
 
 
 def describe(trainer: L.Trainer, loss: torch.Tensor) -> str:
