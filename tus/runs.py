@@ -304,7 +304,7 @@ def check_config_change(run_dir: Path, config: Any, allow: bool) -> None:
     """Refuse (or, allowed, record) a resume whose config differs from the saved one."""
     saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     current = to_dict(config)
-    changed = changed_keys(saved, current)
+    changed = [key for key in changed_keys(saved, current) if not _added_since(key, saved, current, config)]
     if not changed:
         return
     if not allow:
@@ -314,6 +314,26 @@ def check_config_change(run_dir: Path, config: Any, allow: bool) -> None:
     history = (yaml.safe_load(log.read_text()) or []) if log.is_file() else []
     write_text_atomic(log, yaml.safe_dump([*history, record], sort_keys=False))
     save_config(config, run_dir / "config.yaml")
+
+
+_MISSING = object()
+
+
+def _added_since(key: str, saved: dict, current: dict, config: Any) -> bool:
+    """Whether ``key`` is an option a newer tus added (absent from the saved config) and left at
+    its default: a run started before the option existed resumes without a config change."""
+    tree: Any = saved
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            break
+        tree = tree[part]
+    else:
+        return False  # the saved config has the key: a real change
+    try:
+        default = _dig(to_dict(type(config)()), key)
+    except Exception:  # noqa: BLE001 - a config without defaults: treat the key as changed
+        return False
+    return default is not None and default == _dig(current, key)
 
 
 def _dig(tree: Any, dotted: str) -> Any:

@@ -170,3 +170,20 @@ def test_summary_md_shows_collapsed_runs_next_to_the_table():
     }
     text = render_summary_markdown(summary)
     assert "**WARNING: 1 of 2 runs COLLAPSED**" in text and "fold1-seed0: every test image gets probability 0.500" in text
+
+
+def test_a_run_saved_before_max_nonfinite_steps_existed_resumes_without_a_config_change(tmp_path: Path):
+    import yaml
+
+    from tus.config import ConfigError, load_config, save_config
+    from tus.runs import check_config_change
+    from tus.stages.finetune_cv import FineTuneCVConfig
+
+    config = load_config(FineTuneCVConfig, "finetune/cpu", [])
+    save_config(config, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del saved["trainer"]["max_nonfinite_steps"]  # as a tus before this option wrote it
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    check_config_change(tmp_path, config, allow=False)  # the new option at its default: not a change
+    with pytest.raises(ConfigError, match=r"\(trainer.max_nonfinite_steps\)"):
+        check_config_change(tmp_path, load_config(FineTuneCVConfig, "finetune/cpu", ["trainer.max_nonfinite_steps=3"]), allow=False)
