@@ -109,3 +109,20 @@ def test_a_pickle_last_ckpt_is_refused_in_one_line_and_no_code_runs(tmp_path: Pa
     assert "last.ckpt" in lines[0] and "refused" in lines[0] and "weights_only=False" not in lines[0]
     assert not marker.exists(), "a pickle payload ran"
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()  # refused, not set aside as corrupt
+
+
+def test_checkpoints_are_written_atomically_and_the_previous_one_is_kept_as_a_link(tmp_path: Path, monkeypatch):
+    from tus.callbacks.checkpoint import SafeCheckpointIO
+
+    io_ = SafeCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io_.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, path)
+    io_.save_checkpoint({"global_step": 2, "w": torch.zeros(3)}, path)
+    assert io_.load_checkpoint(path)["global_step"] == 2
+    assert io_.load_checkpoint(tmp_path / "checkpoints" / "last.prev.ckpt")["global_step"] == 1
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt", "last.prev.ckpt"]
+    # A file system without hard links: no previous copy, the checkpoint is still replaced whole.
+    monkeypatch.setattr(checkpoint_module.os, "link", lambda *a: (_ for _ in ()).throw(OSError(errno.EPERM, "Operation not permitted")))
+    io_.save_checkpoint({"global_step": 3, "w": torch.ones(3)}, path)
+    assert io_.load_checkpoint(path)["global_step"] == 3
+    assert io_.load_checkpoint(tmp_path / "checkpoints" / "last.prev.ckpt")["global_step"] == 1

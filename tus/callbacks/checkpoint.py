@@ -22,6 +22,7 @@ is refused in one line, never set aside as merely corrupt and never unpickled.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
@@ -112,10 +113,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
                 handle.flush()
                 os.fsync(handle.fileno())
             if self.keep_previous(path) and path.is_file():
-                link = tmp.with_name(tmp.name + ".prev")
-                link.unlink(missing_ok=True)
-                os.link(path, link)  # no copy: the old checkpoint's data stay where they are
-                os.replace(link, previous_of(path))
+                _keep_as_previous(path, tmp.with_name(tmp.name + ".prev"))
             os.replace(tmp, path)
             fsync_folder(path.parent)
         except OSError as error:
@@ -128,6 +126,19 @@ class SafeCheckpointIO(TorchCheckpointIO):
         if not isinstance(checkpoint, dict):
             raise CheckpointError(f"{path}: not a Lightning checkpoint (holds a {type(checkpoint).__name__})")
         return checkpoint
+
+
+def _keep_as_previous(path: Path, link: Path) -> None:
+    """Hard-link ``path`` as its previous copy (no data copied). File systems without hard
+    links keep no previous copy; the new checkpoint is still written atomically."""
+    link.unlink(missing_ok=True)
+    try:
+        os.link(path, link)
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        return
+    os.replace(link, previous_of(path))
 
 
 def usable_checkpoint(path: Path, *, set_aside: bool = True) -> Path | None:
