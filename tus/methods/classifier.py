@@ -20,6 +20,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score, BinaryPrecision, BinaryRecall
 
 from tus.config import from_dict, to_dict
+from tus.eval.cv_metrics import METRIC_NAMES as METRIC_NAMES
 from tus.methods.configs import FINETUNE_SCHEDULES as FINETUNE_SCHEDULES
 from tus.methods.configs import FineTuneOptimConfig as FineTuneOptimConfig
 from tus.models.backbones import BackboneConfig, create_backbone
@@ -28,7 +29,6 @@ from tus.models.vit import layerwise_lr_decay_groups
 from tus.models.weights import CheckpointError
 from tus.optim import ScheduleConfig, adamw, schedule_lambda
 
-METRIC_NAMES = ("accuracy", "f1", "precision", "recall", "auroc")
 # Output index -> class name of the binary task (positive class 1 = inhomogeneous); written into exports.
 LABEL_NAMES = ("homogeneous", "inhomogeneous")
 
