@@ -7,15 +7,6 @@ import sys
 from pathlib import Path
 
 from tus.data.images import UsageError
-from tus.data.outputs import claim_output
-from tus.eval.noisy_labels import (
-    FlaggingRule,
-    find_loss_tables,
-    format_report,
-    read_losses,
-    write_report,
-)
-from tus.studies.noisy_labels import training_manifest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     repeated = sorted({str(run) for run in resolved if resolved.count(run) > 1})
     if repeated:
         raise UsageError(f"RUN_DIR given more than once: {', '.join(repeated)} (each run would be counted twice)")
+    # pandas and matplotlib: not needed for --help
+    from tus.data.outputs import claim_output
+    from tus.eval.noisy_labels import FlaggingRule, find_loss_tables, format_report, read_losses, write_report
+    from tus.studies.noisy_labels import training_manifest
+
     rule = FlaggingRule(args.threshold, args.min_exceed, args.min_fraction, args.counting)
     manifest = Path(args.manifest) if args.manifest else training_manifest(args.run_dirs)
     with claim_output(out, "--out"):  # writable and locked before the losses are read
