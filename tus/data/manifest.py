@@ -91,7 +91,9 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
 def _header(path: Path) -> list[str]:
     """The manifest's column names as written (stripped); refuses a column named twice."""
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
+        # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which is not part of the
+        # first column's name (pandas drops it too).
+        with open(path, newline="", encoding="utf-8-sig") as handle:
             header = [name.strip() for name in next(csv.reader(handle), [])]
     except (UnicodeDecodeError, csv.Error) as error:
         raise ManifestError(path, [Problem(str(path), f"not a readable UTF-8 CSV ({error})")]) from error
