@@ -102,3 +102,27 @@ def _normalise(kind):
     if typing.get_origin(kind) in (typing.Union, __import__("types").UnionType):
         return ("union", tuple(_normalise(a) for a in args))
     return kind
+
+
+def test_readme_resume_command_repeats_the_starting_command(tmp_path):
+    """The README's resume example (`tus finetune-cv --config finetune/paper --data.manifest=my.csv
+    --run-dir RUN`) builds the config the run was started with, so the stage's resume check passes;
+    a changed override is still refused naming the key."""
+    from tus.cli.common import parse_stage_args
+    from tus.config import ConfigError, load_config, save_config
+    from tus.runs import check_config_change
+    from tus.stages.configs import FineTuneCVConfig
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_config(load_config(FineTuneCVConfig, "finetune/paper", ["--data.manifest=my.csv"]), run_dir / "config.yaml")
+    options = {"prog": "tus finetune-cv", "description": "", "default_config": "finetune/paper", "resume_flags": ("--resume", "--run-dir")}
+
+    same = parse_stage_args(FineTuneCVConfig, ["--config", "finetune/paper", "--data.manifest=my.csv", "--run-dir", str(run_dir)], **options)
+    assert same is not None and same.resume == run_dir
+    check_config_change(run_dir, same.config, allow=False)  # no error: the same config
+    assert parse_stage_args(FineTuneCVConfig, ["--run-dir", str(run_dir)], **options).config == same.config
+
+    changed = parse_stage_args(FineTuneCVConfig, ["--config", "finetune/paper", "--data.manifest=other.csv", "--run-dir", str(run_dir)], **options)
+    with pytest.raises(ConfigError, match=r"data\.manifest"):
+        check_config_change(run_dir, changed.config, allow=False)
