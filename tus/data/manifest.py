@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tus.data.images import DataError, ImageReadError, content_hash, read_grayscale
+from tus.data.images import DataError, ImageReadError, content_hash, not_an_image_file, read_grayscale
 
 LABEL_VALUES = (0, 1)
 # Columns tus derives when loading; a manifest must not carry them itself.
@@ -193,8 +193,8 @@ def _check_files(frame: pd.DataFrame, decode_images: bool, where, report_cross_p
     rows_by_hash: dict[str, list] = defaultdict(list)
     for row in frame.itertuples():
         file = Path(row.abs_path)
-        if not file.is_file():
-            problems.append(Problem(where(row), f"image file not found: {file}"))
+        if (problem := not_an_image_file(file)) is not None:
+            problems.append(Problem(where(row), f"image {problem}: {file}" if problem.startswith("file not found") else f"{file} {problem}"))
             continue
         if decode_images:
             try:
