@@ -213,7 +213,7 @@ def open_run(
     """The run skeleton every stage uses; yields the run dir.
 
     - New run: rank 0 creates ``output_root/<time>-<name>`` and saves the resolved config;
-      other ranks join it (Lightning's relaunched workers through ``TUS_RUN_DIR``, torchrun's
+      other ranks join it (Lightning's relaunched workers through ``TUS_RUN_DIR``, torchrun's and srun's
       through a rendezvous file), so a 2-process run makes exactly one run dir.
     - Resume: the saved ``config.yaml`` must equal ``config``; a change is refused naming
       the changed keys, unless ``allow_config_change``, which records it in

@@ -62,7 +62,10 @@ def fake_slurm(tmp_path: Path, restart: int) -> dict[str, str]:
 def script_args(manifest: Path, out: Path) -> list[str]:
     args = test_pretrain_fault.overrides(manifest, out)
     args = args[2:]  # the script gives --config (CONFIG)
-    return [*args, "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto"]
+    return [*args, "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", f"--trainer.max_steps={STEPS}"]
+
+
+STEPS = 30  # a checkpoint every 3 steps: the signal right after the first lands well before the end
 
 
 @pytest.mark.slow
@@ -90,14 +93,14 @@ def test_sigusr1_saves_requeues_and_the_requeued_job_finishes_the_same_run(tmp_p
         line
         == f"tus pretrain: stopped by SIGUSR1 (checkpoint saved at step {step}); resume with: tus pretrain --resume {run_dir.resolve()}; requeued SLURM job 4242: it continues this run when it starts again"
     )
-    assert 0 < step < test_pretrain_fault.STEPS and not (run_dir / "encoder").exists()
+    assert 0 < step < STEPS and not (run_dir / "encoder").exists()
 
     # SLURM starts the requeued job: the same script, the same job id, with the same arguments.
     again = subprocess.run(["bash", str(script), *script_args(manifest, runs)], cwd=tmp_path, env=fake_slurm(tmp_path, 1), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     assert f"restart 1 of job 4242: resuming {run_dir.resolve()}" in again.stdout
     assert only_run_dir(runs) == run_dir
-    assert json.loads((run_dir / "summary.json").read_text())["steps"] == test_pretrain_fault.STEPS
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == STEPS
     assert (run_dir / "encoder" / "model.safetensors").is_file()
     assert_no_duplicated_steps(run_dir / "metrics.csv")
     assert len((tmp_path / "scontrol.args").read_text().split("\n")) == 2  # one requeue, then nothing

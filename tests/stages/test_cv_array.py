@@ -59,14 +59,15 @@ def test_job_array_cv_joins_into_the_local_runs_summary(tmp_path: Path, capsys):
         output = task.communicate(timeout=600)[0]
         assert task.returncode == 0, output[-3000:]
 
-    refused = tus("--join", str(run_dir))
-    assert refused.returncode == 1 and refused.stderr.strip().count("\n") == 0, refused.stderr
-    assert re.search(r"1 of 3 fold x seed runs have not finished \(fold2-seed0\)", refused.stderr)
+    capsys.readouterr()
+    assert main(["finetune-cv", "--join", str(run_dir)]) == 1
+    (refused,) = capsys.readouterr().err.strip().splitlines()
+    assert re.search(r"1 of 3 fold x seed runs have not finished \(fold2-seed0\)", refused)
     assert not (run_dir / "summary.json").exists() and not (run_dir / "runs.csv").exists()
 
     done = tus("--run-dir", str(run_dir), "--only", "fold=2,seed=0")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert tus("--join", str(run_dir)).returncode == 0
+    assert main(["finetune-cv", "--join", str(run_dir)]) == 0
 
     pd.testing.assert_frame_equal(pd.read_csv(run_dir / "runs.csv"), pd.read_csv(local / "runs.csv"), check_exact=True)
     assert json.loads((run_dir / "summary.json").read_text()) == json.loads((local / "summary.json").read_text())

@@ -1,21 +1,11 @@
-"""A new 2-task run as ``srun`` starts it: two CPU processes with SLURM's variables (no torchrun,
-no Lightning launcher), gloo. Rank 1 must join rank 0's run dir (the rendezvous keyed by job,
-step and restart), and the job must compute what Lightning's own 2-process launch computes."""
+"""A new 2-task run as ``srun`` starts it: the variables srun sets, and the rendezvous through which
+rank 1 joins rank 0's run dir (keyed by job, step and restart). The two-process run itself is in
+tests/stages/test_torchrun.py, next to the torchrun and Lightning launches it must equal."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
-import subprocess
-import sys
-
-import pytest
-import torch
-from safetensors.torch import load_file
-
-from tests.stages.test_torchrun import STEPS, finished_run, launch, pretrain_command
-from tus.data.phantom import generate_phantom
 
 
 def free_port() -> int:
@@ -45,30 +35,6 @@ def srun_env(rank: int, port: int, job_id: str = "424242") -> dict[str, str]:
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
     }
-
-
-@pytest.mark.slow
-def test_two_srun_tasks_make_one_run_dir_and_the_lightning_ddp_result(tmp_path):
-    pool = generate_phantom(tmp_path / "phantom", num_patients=4, image_size=32, pool_size=32).unlabeled_manifest
-    slurm_out, lightning_out = tmp_path / "slurm", tmp_path / "lightning"
-    port = free_port()
-    # Rank 1 first: it must wait for rank 0's run dir, not make its own.
-    tasks = [
-        subprocess.Popen([sys.executable, *pretrain_command(pool, slurm_out)], cwd=tmp_path, env=srun_env(rank, port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (1, 0)
-    ]
-    logs = [task.communicate(timeout=300)[0] for task in tasks]
-    assert [task.returncode for task in tasks] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-    assert "Starting with 2 processes" in logs[1]
-    launch(pretrain_command(pool, lightning_out), tmp_path)
-
-    by_slurm, by_lightning = finished_run(slurm_out), finished_run(lightning_out)  # one run dir, no rendezvous file left
-    summaries = [json.loads((run / "summary.json").read_text()) for run in (by_slurm, by_lightning)]
-    assert summaries[0]["steps"] == summaries[1]["steps"] == STEPS
-    for name, value in summaries[1]["last"].items():
-        assert summaries[0]["last"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
-    weights = [load_file(str(run / "encoder" / "model.safetensors")) for run in (by_slurm, by_lightning)]
-    for name in weights[1]:
-        torch.testing.assert_close(weights[0][name], weights[1][name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_rendezvous_is_keyed_by_slurm_job_step_and_restart(tmp_path, monkeypatch):

@@ -51,6 +51,9 @@ class StopAtResumablePoint(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._trainer = trainer
+        # A signal recorded during an earlier fit was turned into a stop that a caller handled
+        # (outside a fit, tus's handler stops at once and records nothing pending).
+        preemption.STATE.signum = preemption.STATE.at = preemption.STATE.checkpoint = preemption.STATE.step = None
         preemption.STATE.run_dir = run_dir_of(trainer.default_root_dir)
         preemption.STATE.deferred = True
         # Lightning registered its handlers just before; the fit's handlers are ours (Lightning
