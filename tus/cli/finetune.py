@@ -38,13 +38,14 @@ def _only(text: str) -> tuple[int, int]:
 
 
 def finetune_cv_main(argv: list[str]) -> int:
-    from tus.stages.finetune_cv import FineTuneCVConfig, cv_jobs, join_cv, prepare_cv, run_cv, run_cv_task
+    from tus.stages.configs import FineTuneCVConfig  # torch-free: --help and --print_config stay instant
 
     split, argv = _split_flags(argv)
     if split.join:
         if argv:
             raise ConfigError(f"tus finetune-cv --join uses RUN_DIR/config.yaml; nothing else is given with it (got {' '.join(argv)})")
         from tus.config import load_config
+        from tus.stages.finetune_cv import join_cv
 
         run_dir = Path(split.join)
         if not (run_dir / "config.yaml").is_file():
@@ -63,6 +64,8 @@ def finetune_cv_main(argv: list[str]) -> int:
     )
     if args is None:
         return 0
+    from tus.stages.finetune_cv import cv_jobs, prepare_cv, run_cv, run_cv_task
+
     if split.prepare:
         if args.resume:
             raise ConfigError("tus finetune-cv --prepare makes a new run dir; it takes no --run-dir")
