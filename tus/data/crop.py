@@ -124,6 +124,10 @@ def crop_manifest(
     """
     manifest_csv = Path(manifest_csv)
     out_dir = Path(out_dir)
+    # Options are checked before any image: a bad one would otherwise surface as "no field of
+    # view" on the first image, blaming the data.
+    if detect_kwargs.get("max_views", 1) < 1:
+        raise UsageError(f"--max-views must be >= 1 (views kept per image), got {detect_kwargs['max_views']}")
     check_output_folder(out_dir, "--out")
     if fixed_boxes is not None:
         fixed_boxes = [parse_box(",".join(str(v) for v in box)) if not isinstance(box, str) else parse_box(box) for box in fixed_boxes]
