@@ -169,6 +169,46 @@ def test_noisy_label_studies_compose_and_name_their_inits(tmp_path):
         load_study(no_block)
 
 
+def per_fold_losses() -> pd.DataFrame:
+    """Flagging runs (test fold k, seed s) of one init over samples A (fold 0), B (fold 1) and C
+    (fold 2); a run trains on the two samples outside its test fold, 4 epochs each. A has high
+    losses only in the runs tested on fold 1, B in every run, C only in run (0, seed 0)."""
+    fold_of = {"A": 0, "B": 1, "C": 2}
+    high = {("A", 1, 0), ("A", 1, 1), ("B", 0, 0), ("B", 0, 1), ("B", 2, 0), ("B", 2, 1), ("C", 0, 0)}
+    rows = []
+    for k in range(3):
+        for seed in range(2):
+            for sample, fold in fold_of.items():
+                if fold == k:
+                    continue
+                for epoch in range(4):
+                    loss = 2.0 if (sample, k, seed) in high else 0.2
+                    rows.append({"run": f"init/fold{k}-seed{seed}", "sample_id": sample, "epoch": epoch, "step": epoch, "label": 0, "loss": loss, "fold": k, "seed": seed, "init": "init"})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize(
+    ("per_seed", "expected"),
+    [
+        # one split: run (k, s) is flagged from runs (k, every seed): C is high in 1 of its 2
+        (False, {(0, 0): {"B"}, (0, 1): {"B"}, (1, 0): {"A"}, (1, 1): {"A"}, (2, 0): {"B"}, (2, 1): {"B"}}),
+        # folds per seed: run (k, s) from run (k, s) alone
+        (True, {(0, 0): {"B", "C"}, (0, 1): {"B"}, (1, 0): {"A"}, (1, 1): {"A"}, (2, 0): {"B"}, (2, 1): {"B"}}),
+    ],
+)
+def test_fold_safe_flags_come_from_the_runs_tested_on_that_fold_only(per_seed, expected):
+    from tus.studies.noisy_labels import fold_safe_flags
+
+    losses = per_fold_losses()
+    table = fold_safe_flags(losses, FlaggingRule(), seeds=[0, 1], per_seed=per_seed)
+    got = {key: set(rows["sample_id"]) for key, rows in table.groupby(["fold", "seed"])}
+    assert got == expected
+    # the flags from every run (the old fold-safe flags) miss A: suspicious in 2 of its 4 runs
+    assert set(flag_samples(losses, FlaggingRule()).query("flagged").index) == {"B"}
+    # no flag of run (k, s) comes from a run that trained on fold k: A (fold 0) is never flagged for fold 0
+    assert "A" not in got[(0, 0)] | got[(0, 1)]
+
+
 @pytest.mark.parametrize("variant", ["filtered", "flipped"])
 def test_fold_safe_manifests_never_change_a_test_fold(tmp_path, variant):
     rng = np.random.default_rng(0)
@@ -179,11 +219,15 @@ def test_fold_safe_manifests_never_change_a_test_fold(tmp_path, variant):
     pd.DataFrame(rows).to_csv(tmp_path / "data" / "manifest.csv", index=False)
     manifest = load_manifest(tmp_path / "data" / "manifest.csv")
     folds = np.arange(12) % 3
-    flagged = {"s00.png", "s04.png", "s05.png", "s11.png"}  # in folds 0, 1, 2, 2
+    # Each test fold has its own flags (from the flagging runs tested on it); s00 is in fold 0,
+    # so fold 0's own flag set could not even name it, but fold 1's and 2's do.
+    flagged = {0: {"s04.png", "s05.png"}, 1: {"s00.png", "s11.png"}, 2: {"s00.png", "s04.png", "s05.png"}}
     paths = fold_safe_manifests(manifest, folds, flagged, variant, tmp_path / "fold_safe")
     assert sorted(paths) == [0, 1, 2]
     source = manifest.assign(fold=folds).set_index("sample_id")
     columns = ["abs_path", "patient_id", "label", "note", "fold"]
+    # the training rows each run changes, by hand: fold k's flags minus fold k's own rows
+    changed_by_hand = {0: {"s04.png", "s05.png"}, 1: {"s00.png", "s11.png"}, 2: {"s00.png", "s04.png"}}
     for fold, path in paths.items():
         written = load_manifest(path).astype({"fold": int}).set_index("sample_id")
         test = written[written["fold"] == fold]
@@ -191,7 +235,7 @@ def test_fold_safe_manifests_never_change_a_test_fold(tmp_path, variant):
         pd.testing.assert_frame_equal(test[columns], source[source["fold"] == fold][columns])
         train = written[written["fold"] != fold]
         expected = source[source["fold"] != fold]
-        changed = expected.index.isin(sorted(flagged))
+        changed = expected.index.isin(sorted(changed_by_hand[fold]))
         if variant == "filtered":
             pd.testing.assert_frame_equal(train[columns], expected[~changed][columns])
         else:

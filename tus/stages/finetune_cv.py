@@ -36,7 +36,7 @@ from tus.callbacks.loss_recorder import PerSampleLossRecorder
 from tus.callbacks.progress import stage_progress
 from tus.config import ConfigError, to_dict, write_text_atomic
 from tus.data.datamodules import LabeledDataConfig, LabeledDataModule
-from tus.data.folds import assign_folds, assign_folds_for_seed, fold_table
+from tus.data.folds import FoldError, assign_folds, assign_folds_for_seed, fold_table, folds_from_table, read_fold_table
 from tus.data.images import content_hash
 from tus.data.manifest import load_manifest
 from tus.data.seeding import derive_seed
@@ -144,11 +144,7 @@ def run_cv(
     if len(set(config.seeds)) != len(config.seeds):
         raise ConfigError(f"seeds: {config.seeds} repeats a seed (each fold x seed run must be distinct)")
     frame = load_manifest(config.data.manifest, require_labels=True, num_folds=config.data.num_folds)
-    folds = (
-        {seed: assign_folds_for_seed(frame, config.data.num_folds, config.data.fold_seed, seed, per_seed=True) for seed in config.seeds}
-        if config.data.folds_per_seed
-        else assign_folds(frame, config.data.num_folds, config.data.fold_seed)
-    )
+    folds = cv_folds(config, frame)
     with open_run(config, output_root=config.output_root, name=config.name, resume=run_dir, allow_config_change=allow_config_change, create=create) as run_dir:
         write_or_check_folds(run_dir, frame, folds)
         jobs = [(fold, seed) for seed in config.seeds for fold in range(config.data.num_folds)]
@@ -162,6 +158,20 @@ def run_cv(
         runs = collect_runs(run_dir)
         write_summary(run_dir, runs, frame, config)
     return run_dir
+
+
+def cv_folds(config: FineTuneCVConfig, frame: pd.DataFrame) -> np.ndarray | dict[int, np.ndarray]:
+    """The folds of ``frame``'s rows: read from ``data.folds_from``, else drawn (once, or per
+    seed with ``data.folds_per_seed``: then a dict seed -> folds)."""
+    data = config.data
+    if data.folds_from:
+        try:
+            return folds_from_table(frame, read_fold_table(data.folds_from), data.num_folds, list(config.seeds), data.folds_per_seed, source=f"data.folds_from={data.folds_from}")
+        except FoldError as error:
+            raise ConfigError(str(error)) from error
+    if data.folds_per_seed:
+        return {seed: assign_folds_for_seed(frame, data.num_folds, data.fold_seed, seed, per_seed=True) for seed in config.seeds}
+    return assign_folds(frame, data.num_folds, data.fold_seed)
 
 
 def _with_stage_callbacks(extra: CallbackFactory | None) -> CallbackFactory:
