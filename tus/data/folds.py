@@ -127,9 +127,8 @@ def images_tested(table: pd.DataFrame, seeds: list[int] | None = None) -> dict[t
     ids = table["sample_id"].astype(str)
     folds = table["fold"].astype(int)
     if "seed" in table.columns:
-        keys = zip(folds, table["seed"].astype(int))
-        groups = pd.Series(ids.to_numpy()).groupby(list(keys))
-        return {(int(f), int(s)): frozenset(v) for (f, s), v in groups}
+        frame = pd.DataFrame({"sample_id": ids.to_numpy(), "fold": folds.to_numpy(), "seed": table["seed"].astype(int).to_numpy()})
+        return {(int(f), int(s)): frozenset(rows["sample_id"]) for (f, s), rows in frame.groupby(["fold", "seed"])}
     per_fold = {int(f): frozenset(v) for f, v in ids.groupby(folds)}
     return {(f, s): members for f, members in per_fold.items() for s in (seeds or [0])}
 
