@@ -168,7 +168,9 @@ def _paired_predictions(rng: np.random.Generator, n_patients: int = 14, seeds: i
         rows = []
         for seed in range(seeds):
             prob = np.clip(np.where(labels == 1, skill, 1 - skill) + rng.normal(0, 0.25, len(labels)), 0, 1)
-            rows.append(pd.DataFrame({"sample_id": [f"x{i}" for i in range(len(labels))], "patient_id": patients, "label": labels, "prob": prob, "pred": (prob >= 0.5).astype(int), "fold": fold, "seed": seed}))
+            rows.append(
+                pd.DataFrame({"sample_id": [f"x{i}" for i in range(len(labels))], "patient_id": patients, "label": labels, "prob": prob, "pred": (prob >= 0.5).astype(int), "fold": fold, "seed": seed})
+            )
         frames[name] = pd.concat(rows, ignore_index=True)
     return frames["base"], frames["arm"]
 

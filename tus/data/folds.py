@@ -124,13 +124,15 @@ def folds_from_table(frame: pd.DataFrame, table: pd.DataFrame, num_folds: int, s
 def images_tested(table: pd.DataFrame, seeds: list[int] | None = None) -> dict[tuple[int, int], frozenset[str]]:
     """The sample ids each run (fold, seed) was tested on, from a ``folds.csv``. Without a
     ``seed`` column the one split serves every seed: give ``seeds`` to expand it."""
-    ids = table["sample_id"].astype(str)
-    folds = table["fold"].astype(int)
+    ids = table["sample_id"].astype(str).tolist()
+    folds = table["fold"].astype(int).tolist()
+    run_seeds = table["seed"].astype(int).tolist() if "seed" in table.columns else [None] * len(ids)
+    groups: dict[tuple[int, int | None], set[str]] = {}
+    for sample, fold, seed in zip(ids, folds, run_seeds):
+        groups.setdefault((fold, seed), set()).add(sample)
     if "seed" in table.columns:
-        frame = pd.DataFrame({"sample_id": ids.to_numpy(), "fold": folds.to_numpy(), "seed": table["seed"].astype(int).to_numpy()})
-        return {(int(f), int(s)): frozenset(rows["sample_id"]) for (f, s), rows in frame.groupby(["fold", "seed"])}
-    per_fold = {int(f): frozenset(v) for f, v in ids.groupby(folds)}
-    return {(f, s): members for f, members in per_fold.items() for s in (seeds or [0])}
+        return {(f, s): frozenset(members) for (f, s), members in groups.items() if s is not None}
+    return {(f, s): frozenset(members) for (f, _), members in groups.items() for s in (seeds or [0])}
 
 
 def distinct_splits(table: pd.DataFrame) -> int:
@@ -138,8 +140,7 @@ def distinct_splits(table: pd.DataFrame) -> int:
     re-drawn per seed, unless two seeds happened to draw the same)."""
     if "seed" not in table.columns:
         return 1
-    partitions = set()
-    for _, rows in table.groupby("seed"):
-        by_fold = rows.groupby("fold")["sample_id"].apply(lambda s: frozenset(s.astype(str)))
-        partitions.add(frozenset(by_fold.tolist()))
-    return len(partitions)
+    by_seed: dict[int, dict[int, set[str]]] = {}
+    for sample, fold, seed in zip(table["sample_id"].astype(str).tolist(), table["fold"].astype(int).tolist(), table["seed"].astype(int).tolist()):
+        by_seed.setdefault(seed, {}).setdefault(fold, set()).add(sample)
+    return len({frozenset(frozenset(members) for members in folds.values()) for folds in by_seed.values()})

@@ -118,14 +118,15 @@ def compare_pair(baseline: ArmRuns, arm: ArmRuns, metric: str, n_boot: int = COM
     and n_test from the baseline's ``folds.csv``). One split: :func:`compare_pooled_predictions`
     (patient bootstrap of the paired difference on the pooled test predictions)."""
     names = (baseline.name, arm.name)
-    design = design_of(baseline.folds)
+    splits = distinct_splits(baseline.folds)
+    design = "per_seed" if splits > 1 else "one_split"
     if design == "per_seed":
         n_train, n_test = split_sizes(baseline.folds)
         result = compare_arms(baseline.runs, arm.runs, metric, n_train, n_test, baseline_folds=baseline.folds, arm_folds=arm.folds, names=names)
     else:
         compare_arms(baseline.runs, arm.runs, metric, 1.0, 1.0, baseline_folds=baseline.folds, arm_folds=arm.folds, names=names)  # pairing checks only
         result = compare_pooled_predictions(baseline.predictions, arm.predictions, metric, n_boot=n_boot, names=names)
-    return {**result, "design": design, "splits": distinct_splits(baseline.folds)}
+    return {**result, "design": design, "splits": splits}
 
 
 def add_comparisons(study: Study, study_dir: Path, results: list[ArmResult], n_boot: int = COMPARISON_BOOTSTRAPS) -> None:
