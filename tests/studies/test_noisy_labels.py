@@ -257,9 +257,9 @@ def test_noisy_label_study_on_a_phantom_with_flipped_labels(tmp_path, capsys):
     )
     study = load_study(study_file)
     assert list(study.config.noisy_labels.inits) == ["tiny"]
-    common = ["seeds=[0]", "data.batch_size=16", "optim.lr_backbone=3e-3", "optim.lr_head=3e-3", "logging.wandb=false", "trainer.enable_progress_bar=false", "model.name=test_resnet"]
+    common = ["seeds=[0, 1]", "data.batch_size=16", "optim.lr_backbone=3e-3", "optim.lr_head=3e-3", "logging.wandb=false", "trainer.enable_progress_bar=false", "model.name=test_resnet"]
     variables = {"TUS_LABELED": str(manifest)}
-    arms = ["complete", "flipped", "flipped_fold_safe"]
+    arms = ["complete", "filtered", "flipped", "flipped_fold_safe"]
     # The flagging CVs train 12 epochs; the arms 1 epoch (a later override wins).
     flagging = runner.plan_flagging(study, tmp_path / "out", variables=variables, extra=StageOverrides(finetune=[*common, "trainer.max_epochs=12"]))
     assert flagging["tiny"].record_losses and flagging["tiny"].trainer.max_epochs == 12
@@ -267,6 +267,7 @@ def test_noisy_label_study_on_a_phantom_with_flipped_labels(tmp_path, capsys):
     from tus.studies.noisy_labels import flag_labels
 
     study_dir = study.output_dir(tmp_path / "out", False)
+    runner.write_shared_fold_table(flagging["tiny"], flagging["tiny"].data.manifest, study)  # as run_study does first
     flags = flag_labels(flagging, study_dir / "_flagging", study_dir / "flags", Rule(), [1, 3, 5])
     out = runner.run_study(study, tmp_path / "out", arms=arms, variables=variables, extra=StageOverrides(finetune=[*common, "trainer.max_epochs=1"]))
     assert flags == out / "flags"
@@ -281,7 +282,7 @@ def test_noisy_label_study_on_a_phantom_with_flipped_labels(tmp_path, capsys):
     # flagged the oversampled positives more often (9 of 15 flags were positives vs 6 of 10)
     assert quality["recall"] >= 0.4
     assert clean_flagged <= 0.1 * clean_samples and quality["precision"] >= 0.5  # ...and few clean ones
-    assert report["max_evaluations"] == 2
+    assert report["max_evaluations"] == 4  # 2 seeds x 2 training folds
 
     losses = pd.read_csv(out / "_flagging" / "tiny" / "runs" / "fold0-seed0" / "losses.csv")
     assert set(losses["init"]) == {"tiny"} and losses["epoch"].max() == 11
@@ -289,14 +290,58 @@ def test_noisy_label_study_on_a_phantom_with_flipped_labels(tmp_path, capsys):
     assert "flags/manifest_flipped.csv" in flipped_config
     # fold-safe: each test fold keeps its labels; the training folds have the flags flipped
     fold_safe = sorted((out / "flipped_fold_safe" / "finetune" / "fold_safe").glob("fold*.csv"))
-    assert len(fold_safe) == 3
+    assert len(fold_safe) == 3 * 2
     table = (out / "table.md").read_text()
     assert "| Flipped | reference |" in table and "| Flipped | fold-safe |" in table
 
+    # Paired by construction: every CV read the study's one fold table (folds re-drawn per seed)...
+    shared = sorted((out / "folds").glob("*.csv"))
+    assert len(shared) == 1 and set(pd.read_csv(shared[0])["seed"]) == {0, 1}
+    cvs = {arm: out / arm / "finetune" for arm in arms} | {"flagging": out / "_flagging" / "tiny"}
+    for cv in cvs.values():
+        assert f"folds_from: {shared[0]}" in (cv / "config.yaml").read_text()
+
+    def tested(cv: Path) -> dict:  # (fold, seed) -> the sample ids of that test fold, from folds.csv
+        folds = pd.read_csv(cv / "folds.csv", dtype={"sample_id": str})
+        return {key: set(rows["sample_id"]) for key, rows in folds.groupby(["fold", "seed"])}
+
+    complete = tested(cvs["complete"])
+    assert len(complete) == 6 and complete[(0, 0)] != complete[(0, 1)]  # two different splits
+    flagged = set(pd.read_csv(out / "flags" / "flagged.csv", dtype={"sample_id": str})["sample_id"])
+    assert flagged
+    for name in ("flagging", "flipped", "flipped_fold_safe"):
+        assert tested(cvs[name]) == complete, name
+    # ...the reference filtered arm kept every remaining row's fold (its test folds lost the flagged rows)...
+    assert tested(cvs["filtered"]) == {key: ids - flagged for key, ids in complete.items()}
+    # ...and each comparison in the table is between identical test sets, or refused in one line.
+    rows = {r[0]: r for r in _table_rows(table.split("**Compared with `complete`**")[1])}
+    paired = [name for name in arms[1:] if rows[name][1].startswith("yes")]
+    assert sorted(paired) == ["flipped", "flipped_fold_safe"]
+    assert all(tested(cvs[name]) == complete for name in paired)
+    assert rows["filtered"][1] == "no" and "Not compared: arms 'complete' and 'filtered' were not tested on the same images in 6 of 6 runs" in table
+    assert "folds re-drawn per seed (2 splits)" in table and "Nadeau-Bengio" in table
+
+    # Fold-safe flags: run (k, s) was flagged from the flagging run tested on fold k of seed s alone
+    per_fold = pd.read_csv(out / "flags" / "fold_safe_flags.csv", comment="#", dtype={"sample_id": str})
+    labels = pd.read_csv(manifest, dtype={"sample_id": str}).set_index("sample_id")["label"]
+    assert (per_fold["evaluations"] == 1).all()  # 1 init x the one run (k, s)
+    for (k, seed), ids in complete.items():
+        flags = set(per_fold.query("fold == @k and seed == @seed")["sample_id"])
+        assert not flags & ids  # never a row of the test fold
+        written = pd.read_csv(out / "flipped_fold_safe" / "finetune" / "fold_safe" / f"fold{k}-seed{seed}.csv", dtype={"sample_id": str}).set_index("sample_id")
+        assert set(written.index[written["label"] != labels.loc[written.index]]) == flags  # exactly this run's flags flipped
+    assert "flagged from the flagging runs whose test fold was k only" in table
+
     # resuming a finished study trains nothing and keeps the flags
     finished = {p: p.stat().st_mtime_ns for p in [out / "flags" / "report.json", *out.glob("*/*/runs/*/model.safetensors")]}
-    assert len(finished) == 1 + 3 + 3 * 3  # the flags, the flagging CV (3 folds), 3 arms x 3 folds
+    assert len(finished) == 1 + 6 + 4 * 6  # the flags, the flagging CV (3 folds x 2 seeds), 4 arms x 6 runs
     runner.run_study(study, tmp_path / "out", arms=arms, variables=variables, extra=StageOverrides(finetune=[*common, "trainer.max_epochs=1"]))
     assert {p: p.stat().st_mtime_ns for p in finished} == finished
     with capsys.disabled():
         print(f"\nphantom flagging: precision {quality['precision']:.2f}, recall {quality['recall']:.2f}, {clean_flagged} of {clean_samples} clean samples flagged")
+
+
+def _table_rows(markdown: str) -> list[list[str]]:
+    """The cells of the first markdown table in ``markdown``."""
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines]

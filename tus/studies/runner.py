@@ -15,6 +15,8 @@ Layout under ``--out`` (deterministic, so re-running resumes and skips finished 
     <out>/<study>/<arm>/finetune/        the arm's ``run_cv`` dir (folds x seeds, summary.json)
     <out>/<study>/<arm>/markers/         marker sensitivity of each fold x seed model (if asked)
     <out>/<study>/table.md, table.csv    the study's table
+    <out>/<study>/folds/*.csv            noisy-label studies: the complete manifest's folds, which
+                                         every CV of the study reads (``data.folds_from``)
     <out>/_pretrain/<key>/               pretraining runs keyed by a hash of their config: arms of
                                          any study asking for the same pretraining share one run
 
