@@ -62,11 +62,12 @@ def flag_labels(configs: dict, flagging_root: Path, flags_dir: Path, rule: Flagg
 
     if (flags_dir / "report.json").is_file() and (flags_dir / FOLD_SAFE_FLAGS).is_file():
         return flags_dir
-    run_dirs = [flagging_root / name for name in configs]
     if not (flags_dir / "report.json").is_file():
         for config in configs.values():
             create_backbone(config.model)  # a missing weights file fails now, not after the first init's runs
-        run_dirs = [run_cv(config, flagging_root / name, create=True) for name, config in configs.items()]
+    # Also when only the per-fold flags are missing: run_cv refuses flagging runs made with
+    # other settings (e.g. other folds), whose losses would give the wrong runs' flags.
+    run_dirs = [run_cv(config, flagging_root / name, create=True) for name, config in configs.items()]
     losses = read_losses(find_loss_tables(run_dirs))
     seeds = sorted({seed for config in configs.values() for seed in config.seeds})
     per_seed = {config.data.folds_per_seed for config in configs.values()}

@@ -179,6 +179,9 @@ def table_frame(study: Study, results: list[ArmResult]) -> pd.DataFrame:
                 row[f"{metric}_diff_ci_low"] = 100 * comparison["ci_low"]
                 row[f"{metric}_diff_ci_high"] = 100 * comparison["ci_high"]
                 row[f"{metric}_p"] = comparison["p"]
+                row[f"{metric}_test"] = comparison["test"]
+            else:
+                row[f"{metric}_not_compared"] = comparison["error"]
         rows.append({**row, "runs": result.runs, "expected_runs": result.expected_runs})
     return pd.DataFrame(rows)
 
