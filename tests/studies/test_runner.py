@@ -204,6 +204,29 @@ def test_arms_share_pretraining_runs_across_studies(study_runs):
     assert losses["ud"]["organ_weight"] == pytest.approx(0.2) and losses["ud_thyroids"]["organ_weight"] == 0
 
 
+def test_every_arm_of_a_study_reads_one_fold_table_and_is_paired(study_runs):
+    """tab2 ran every arm: each read the study's one fold table (folds re-drawn per seed, the
+    study default) and wrote the same folds.csv test sets; the table says they are paired."""
+    out, variables, _ = study_runs
+    tables = sorted((out / "tab2-shrink" / "folds").glob("*.csv"))
+    assert len(tables) == 1 and "seed" in pd.read_csv(tables[0]).columns
+    arms = schema.load_study(STUDIES / "tab2.yaml").config.arms
+    tested = {}
+    for arm in arms:
+        config = yaml.safe_load((out / "tab2-shrink" / arm / "finetune" / "config.yaml").read_text())
+        assert config["data"]["folds_from"] == str(tables[0]) and config["data"]["folds_per_seed"] is True
+        folds = pd.read_csv(out / "tab2-shrink" / arm / "finetune" / "folds.csv", dtype={"sample_id": str})
+        tested[arm] = {key: set(rows["sample_id"]) for key, rows in folds.groupby(["fold", "seed"])}
+    assert all(t == next(iter(tested.values())) for t in tested.values())
+    labelled = pd.read_csv(variables["TUS_LABELED"], dtype={"sample_id": str})
+    assert set().union(*next(iter(tested.values())).values()) == set(labelled["sample_id"])
+    comparison = (out / "tab2-shrink" / "table.md").read_text().split("**Compared with")[1]
+    rows = [r for r in table_rows(comparison) if r[0] in arms]
+    assert len(rows) == len(arms) - 1 and all(r[1].startswith("yes") for r in rows)
+    # --shrink runs one seed: one split, so the table compares by the patient bootstrap and says so
+    assert "one split shared by every seed" in comparison
+
+
 def test_rerun_skips_finished_work_and_resumes_unfinished(study_runs, monkeypatch):
     out, variables, _ = study_runs
     calls = Calls(monkeypatch)

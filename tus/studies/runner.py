@@ -15,8 +15,9 @@ Layout under ``--out`` (deterministic, so re-running resumes and skips finished 
     <out>/<study>/<arm>/finetune/        the arm's ``run_cv`` dir (folds x seeds, summary.json)
     <out>/<study>/<arm>/markers/         marker sensitivity of each fold x seed model (if asked)
     <out>/<study>/table.md, table.csv    the study's table
-    <out>/<study>/folds/*.csv            noisy-label studies: the complete manifest's folds, which
-                                         every CV of the study reads (``data.folds_from``)
+    <out>/<study>/folds/*.csv            the labelled manifest's folds (the complete one in a noisy-
+                                         label study), which every CV of the study reads
+                                         (``data.folds_from``): the arms are paired by construction
     <out>/_pretrain/<key>/               pretraining runs keyed by a hash of their config: arms of
                                          any study asking for the same pretraining share one run
 
@@ -159,8 +160,9 @@ def plan_study(
         arm = config.arms[name]
         complete = finetune_config.data.manifest
         data = finetune_config.data
-        if config.noisy_labels is not None:  # every CV of the study reads the complete manifest's folds
-            data = dataclasses.replace(data, folds_from=str(shared_fold_table(study_dir, complete, finetune_config)))
+        # Every CV of the study reads its labelled manifest's folds from one table: arms are paired
+        # by construction, also those that drop or relabel rows (noisy-label arms).
+        data = dataclasses.replace(data, folds_from=str(shared_fold_table(study_dir, complete, finetune_config)))
         if arm.labels != "complete" and arm.label_protocol == "reference":
             data = dataclasses.replace(data, manifest=str(study_dir / FLAGS_DIR / f"manifest_{arm.labels}.csv"))
         finetune_config = dataclasses.replace(
@@ -297,7 +299,7 @@ def run_study(
     if stage == "pretrain":
         return study_dir
     flags_dir = None
-    if study.config.noisy_labels is not None and rank_zero:
+    if rank_zero:
         for plan in plans:
             write_shared_fold_table(plan.finetune, plan.complete_manifest, study)
     if study.config.noisy_labels is not None and any(plan.labels != "complete" for plan in plans):
