@@ -25,6 +25,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pandas as pd
+import timm
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
@@ -41,9 +42,40 @@ from tus.data.manifest import load_manifest
 from tus.data.seeding import derive_seed
 from tus.eval.cv_summary import collect_runs, write_summary
 from tus.methods.classifier import METRIC_NAMES, FineTuneModule, save_finetuned
+from tus.models.backbones import architecture, is_vit_export, read_tus_encoder_meta
+from tus.models.configs import BackboneConfig
 from tus.run_config import LoggingConfig
 from tus.runs import build_loggers, build_trainer, last_checkpoint, open_run
 from tus.stages.configs import FineTuneCVConfig as FineTuneCVConfig
+
+
+def backbone_for_inputs(model: BackboneConfig, image_size: int) -> BackboneConfig:
+    """The backbone config built for inputs of ``image_size`` px: a ViT takes one input size, so
+    an unset ``model.img_size`` becomes ``data.image_size`` (a ViT export's or MAE checkpoint's
+    position embeddings are resized to it when loaded) and a different one is refused, naming
+    both keys. Other backbones take any size and are returned as they are."""
+    if not _is_vit(model):
+        return model
+    if model.img_size is None:
+        return replace(model, img_size=image_size)
+    if model.img_size != image_size:
+        raise ConfigError(
+            f"model.img_size={model.img_size} but data.image_size={image_size}: a ViT is built for one input size; "
+            f"set --model.img_size={image_size} or --model.img_size=null (then it is data.image_size"
+            f"{'; the export is resized to it' if model.init in ('tus', 'mae') else ''})"
+        )
+    return model
+
+
+def _is_vit(model: BackboneConfig) -> bool:
+    if model.init == "tus" and model.weights:
+        return is_vit_export(read_tus_encoder_meta(model.weights)[1])
+    try:
+        entrypoint = timm.models.model_entrypoint(architecture(model.name))
+    except (KeyError, RuntimeError):  # an unknown name: timm.create_model reports it later
+        return False
+    # timm's VisionTransformer family (DeiT subclasses it): their patch grid is fixed at build time.
+    return entrypoint.__module__ in ("timm.models.vision_transformer", "timm.models.deit")
 
 
 class ResumeMismatchError(ValueError):
@@ -121,6 +153,7 @@ def run_cv(
         raise ConfigError("seeds: give at least one seed")
     if len(set(config.seeds)) != len(config.seeds):
         raise ConfigError(f"seeds: {config.seeds} repeats a seed (each fold x seed run must be distinct)")
+    backbone_for_inputs(config.model, config.data.image_size)  # a ViT's size mismatch, before any run dir
     frame = load_manifest(config.data.manifest, require_labels=True, num_folds=config.data.num_folds)
     folds = cv_folds(config, frame)
     with open_run(config, output_root=config.output_root, name=config.name, resume=run_dir, allow_config_change=allow_config_change, create=create) as run_dir:
@@ -212,7 +245,7 @@ def run_single(
     L.seed_everything(seed, workers=True)
     inner = config.selection == "inner_val"
     datamodule = LabeledDataModule(config.data, frame, folds, fold, seed, inner_validation=inner)
-    module = FineTuneModule(config.model, config.optim)
+    module = FineTuneModule(backbone_for_inputs(config.model, config.data.image_size), config.optim)
     run_info = {"fold": fold, "seed": seed, "init": config.init_label or config.model.init}
     callbacks = [_EpochSeededStream(seed), *(callback_factory(config, run_info, run_dir) if callback_factory else [])]
     selector = None
