@@ -39,7 +39,7 @@ from tus.callbacks.loss_recorder import PerSampleLossRecorder
 from tus.callbacks.progress import stage_progress
 from tus.config import ConfigError, to_dict, write_text_atomic
 from tus.data.datamodules import LabeledDataModule
-from tus.data.folds import assign_folds, assign_folds_for_seed, fold_table
+from tus.data.folds import FoldError, assign_folds, assign_folds_for_seed, fold_table, folds_from_table, read_fold_table
 from tus.data.images import content_hash
 from tus.data.manifest import load_manifest
 from tus.data.seeding import derive_seed
@@ -188,12 +188,7 @@ def _manifest_and_folds(config: FineTuneCVConfig) -> tuple[pd.DataFrame, np.ndar
         raise ConfigError(f"seeds: {config.seeds} repeats a seed (each fold x seed run must be distinct)")
     backbone_for_inputs(config.model, config.data.image_size)  # a ViT's size mismatch, before any run dir
     frame = load_manifest(config.data.manifest, require_labels=True, num_folds=config.data.num_folds)
-    folds = (
-        {seed: assign_folds_for_seed(frame, config.data.num_folds, config.data.fold_seed, seed, per_seed=True) for seed in config.seeds}
-        if config.data.folds_per_seed
-        else assign_folds(frame, config.data.num_folds, config.data.fold_seed)
-    )
-    return frame, folds
+    return frame, cv_folds(config, frame)
 
 
 # A CV split over processes (a SLURM job array: one fold x seed per task or GPU):
@@ -253,6 +248,20 @@ def join_cv(config: FineTuneCVConfig, run_dir: str | Path) -> Path:
     with RunLock(run_dir):
         write_summary(run_dir, collect_runs(run_dir), frame, config)
     return run_dir
+
+
+def cv_folds(config: FineTuneCVConfig, frame: pd.DataFrame) -> np.ndarray | dict[int, np.ndarray]:
+    """The folds of ``frame``'s rows: read from ``data.folds_from``, else drawn (once, or per
+    seed with ``data.folds_per_seed``: then a dict seed -> folds)."""
+    data = config.data
+    if data.folds_from:
+        try:
+            return folds_from_table(frame, read_fold_table(data.folds_from), data.num_folds, list(config.seeds), data.folds_per_seed, source=f"data.folds_from={data.folds_from}")
+        except FoldError as error:
+            raise ConfigError(str(error)) from error
+    if data.folds_per_seed:
+        return {seed: assign_folds_for_seed(frame, data.num_folds, data.fold_seed, seed, per_seed=True) for seed in config.seeds}
+    return assign_folds(frame, data.num_folds, data.fold_seed)
 
 
 def _with_stage_callbacks(extra: CallbackFactory | None) -> CallbackFactory:
