@@ -41,6 +41,7 @@ from tus.data.images import content_hash
 from tus.data.manifest import load_manifest
 from tus.data.seeding import derive_seed
 from tus.eval.cv_summary import collect_runs, write_summary
+from tus.eval.thresholds import parse_threshold_rule
 from tus.methods.classifier import METRIC_NAMES, FineTuneModule, FineTuneOptimConfig, save_finetuned
 from tus.models.backbones import BackboneConfig
 from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, last_checkpoint, open_run
@@ -60,12 +61,26 @@ class FineTuneCVConfig:
     # A short name for the initialisation, recorded with each run (e.g. for noisy-label runs).
     init_label: str = ""
     record_losses: bool = True
+    # After the folds: one final model per seed on every labelled image, same recipe and epochs
+    # (runs/refit-seed<S>; never evaluated: its expected performance is the CV's).
+    refit: bool = False
+    # Decision threshold of the exported models: a number, "youden", "sensitivity=R" or "specificity=R",
+    # chosen on out-of-fold predictions of each model's training folds (tus.stages.cv_decision).
+    threshold: str = "0.5"
+    # "temperature": temperature scaling fitted the same way; "none": raw softmax probabilities.
+    calibration: Literal["none", "temperature"] = "none"
     gradcam: GradCAMConfig = field(default_factory=GradCAMConfig)
     data: LabeledDataConfig = field(default_factory=LabeledDataConfig)
     model: BackboneConfig = field(default_factory=BackboneConfig)
     optim: FineTuneOptimConfig = field(default_factory=FineTuneOptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        try:
+            parse_threshold_rule(self.threshold)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
 
 class ResumeMismatchError(ValueError):
@@ -159,6 +174,7 @@ def run_cv(
         ):
             for fold, seed in todo:
                 run_single(config, frame, folds[seed] if isinstance(folds, dict) else folds, fold, seed, run_dir / "runs" / f"fold{fold}-seed{seed}", _with_stage_callbacks(callback_factory))
+        finish_models(config, frame, run_dir)
         runs = collect_runs(run_dir)
         write_summary(run_dir, runs, frame, config)
     return run_dir
@@ -254,6 +270,54 @@ def run_single(
         record = {**run_info, **metrics, "epochs": trainer.current_epoch, "selection": config.selection}
         write_text_atomic(run_dir / "metrics.json", json.dumps(record, indent=2))
     return metrics
+
+
+def finish_models(config: FineTuneCVConfig, frame: pd.DataFrame, run_dir: Path) -> None:
+    """After every fold: the refit models (``config.refit``), then each model's threshold and temperature."""
+    from tus.stages.cv_decision import decide
+
+    if config.refit:
+        for seed in config.seeds:
+            if not (run_dir / "runs" / f"refit-seed{seed}" / "refit.json").exists():
+                run_refit(config, frame, seed, run_dir / "runs" / f"refit-seed{seed}")
+    decide(run_dir, frame, config.threshold, config.calibration)
+
+
+def run_refit(config: FineTuneCVConfig, frame: pd.DataFrame, seed: int, run_dir: Path) -> dict:
+    """Train one model on every labelled image with the CV's recipe and epoch count; write refit.json last (= done).
+
+    Nothing is held out, so nothing is evaluated: refit.json says so, and the model's expected performance is the
+    CV's. No per-sample losses or Grad-CAM are recorded (they are for held-out folds). Needs ``selection: last``:
+    with inner validation each fold chose its own epoch, so there is no one epoch count to repeat.
+    """
+    if config.selection != "last":
+        raise ConfigError("refit=true needs selection=last: with inner_val each fold chose its own epoch, so there is no one recipe to refit with")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(seed, workers=True)
+    datamodule = LabeledDataModule(config.data, frame, None, None, seed)
+    module = FineTuneModule(config.model, config.optim)
+    logging = LoggingConfig(**{**to_dict(config.logging), "group": config.logging.group or config.name, "job_type": "refit"})
+    loggers = build_loggers(run_dir, logging, name=f"{config.name}-refit-seed{seed}", config={**to_dict(config), "seed": seed, "refit": True}, tags=["refit", f"seed{seed}"])
+    trainer = build_trainer(replace(config.trainer, limit_val_batches=0), run_dir, loggers=loggers, callbacks=[_EpochSeededStream(seed)])
+    trainer.fit(module, datamodule=datamodule, ckpt_path=last_checkpoint(run_dir))
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()
+    record = {
+        "seed": seed,
+        "refit": True,
+        "evaluated": False,
+        "note": "trained on every labelled image; never evaluated (nothing held out): its expected performance is the CV's (summary.json)",
+        "images": int(len(frame)),
+        "patients": int(frame["patient_id"].nunique()),
+        "epochs": trainer.current_epoch,
+        "init": config.init_label or config.model.init,
+    }
+    if trainer.is_global_zero:
+        save_finetuned(module, run_dir / "model", image_size=config.data.image_size)
+        _drop_training_state(run_dir)
+        write_text_atomic(run_dir / "refit.json", json.dumps(record, indent=2))
+    return record
 
 
 def _drop_training_state(run_dir: Path) -> None:
