@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from tus.config import write_text_atomic
@@ -63,14 +64,14 @@ def decide(run_dir: Path, frame: pd.DataFrame, rule: str, calibration: str) -> d
     write_text_atomic(run_dir / DECISION_FILE, json.dumps(decision, indent=2))
     for run in per_run:
         _record(run_dir / "runs" / f"fold{run['fold']}-seed{run['seed']}", run, decision, FOLD_NOTE)
-    for seed, chosen in pooled.items():
-        _record(run_dir / "runs" / f"refit-seed{seed}", chosen, decision, POOLED_NOTE)
+    for seed_name, chosen in pooled.items():
+        _record(run_dir / "runs" / f"refit-seed{seed_name}", chosen, decision, POOLED_NOTE)
     return decision
 
 
 def _calibrated(threshold: float, temperature: float) -> float:
     """A threshold on raw probabilities moved onto the calibrated scale (temperature scaling is monotone)."""
-    return float(apply_temperature([threshold], temperature)[0]) if temperature != 1.0 else float(threshold)
+    return float(apply_temperature(np.array([threshold]), temperature)[0]) if temperature != 1.0 else float(threshold)
 
 
 def _pooled(predictions: pd.DataFrame, rule, calibrate: bool) -> dict:

@@ -18,6 +18,7 @@ import json
 import shutil
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -49,15 +50,16 @@ class PlainClassifier(nn.Module):
 class ProbabilityGraph(nn.Module):
     """Mean over models of ``softmax(model(x) / T)``: one graph for a single model or a fold ensemble."""
 
-    def __init__(self, models: list[nn.Module], temperatures: list[float]):
+    def __init__(self, models: Sequence[nn.Module], temperatures: list[float]):
         super().__init__()
         self.models = nn.ModuleList(models)
         self.register_buffer("temperatures", torch.tensor(temperatures, dtype=torch.float32))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         total = torch.zeros(())
+        temperatures = self.get_buffer("temperatures")
         for index, model in enumerate(self.models):
-            total = total + (model(image) / self.temperatures[index]).softmax(dim=1)
+            total = total + (model(image) / temperatures[index]).softmax(dim=1)
         return total / len(self.models)
 
 

@@ -46,6 +46,7 @@ from tus.methods.classifier import LABEL_NAMES, METRIC_NAMES, FineTuneModule, lo
 from tus.models.export import FORMAT_VERSION, read_export_config
 from tus.models.weights import CheckpointError
 
+
 @dataclass
 class Member:
     """One classifier of a predictor: its folder, module, export config and temperature."""
