@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # the config's validation imports this module: keep it light
+    import pandas as pd
 
 RULE_KINDS = ("fixed", "youden", "sensitivity", "specificity")
 DEFAULT_THRESHOLD = 0.5
