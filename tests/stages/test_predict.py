@@ -41,7 +41,6 @@ def _logit(p):
 
 
 def test_fold_model_reproduces_its_own_test_predictions(cv_run: Path, tmp_path: Path):
-    manifest = Path(json.loads(json.dumps(str(cv_run))))  # noqa: F841 - clarity: only the run dir is used
     folds = pd.read_csv(cv_run / "folds.csv", dtype={"sample_id": str})
     data_manifest = Path(cv_run).parents[1] / "data" / "manifest.csv"
     for fold in range(3):
@@ -129,6 +128,7 @@ def test_refit_trains_on_every_labelled_image_once_per_seed(tmp_path: Path, monk
         assert record["evaluated"] is False and record["images"] == 18 and record["epochs"] == 1
         assert not (run_dir / "runs" / f"refit-seed{seed}" / "metrics.json").exists()  # never counted as a CV run
         assert load_finetuned(run_dir / "runs" / f"refit-seed{seed}").head.out_features == 2
+        assert json.loads((run_dir / "runs" / f"refit-seed{seed}" / "config.json").read_text())["refit"]["evaluated"] is False
 
 
 # --- export ---------------------------------------------------------------------------------------

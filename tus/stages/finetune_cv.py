@@ -314,7 +314,9 @@ def run_refit(config: FineTuneCVConfig, frame: pd.DataFrame, seed: int, run_dir:
         "init": config.init_label or config.model.init,
     }
     if trainer.is_global_zero:
-        save_finetuned(module, run_dir / "model", image_size=config.data.image_size)
+        folder = save_finetuned(module, run_dir / "model", image_size=config.data.image_size)
+        exported = json.loads((folder / "config.json").read_text())
+        write_text_atomic(folder / "config.json", json.dumps({**exported, "refit": record}, indent=2))  # marked in the model itself
         _drop_training_state(run_dir)
         write_text_atomic(run_dir / "refit.json", json.dumps(record, indent=2))
     return record
