@@ -18,56 +18,17 @@ images by models that did not train on those images).
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from tus.eval.options import DEFAULT_THRESHOLD as DEFAULT_THRESHOLD
+from tus.eval.options import RULE_KINDS as RULE_KINDS
+from tus.eval.options import ThresholdRule as ThresholdRule
+from tus.eval.options import parse_threshold_rule as parse_threshold_rule
+
 if TYPE_CHECKING:  # the config's validation imports this module: keep it light
     import pandas as pd
-
-RULE_KINDS = ("fixed", "youden", "sensitivity", "specificity")
-DEFAULT_THRESHOLD = 0.5
-
-
-@dataclass(frozen=True)
-class ThresholdRule:
-    """A parsed rule: ``kind`` in :data:`RULE_KINDS`; ``value`` is the fixed threshold or the target rate."""
-
-    kind: str
-    value: float = DEFAULT_THRESHOLD
-
-    @property
-    def needs_data(self) -> bool:
-        return self.kind != "fixed"
-
-    def __str__(self) -> str:
-        if self.kind == "fixed":
-            return f"{self.value:g}"
-        if self.kind == "youden":
-            return "youden"
-        return f"{self.kind}={self.value:g}"
-
-
-def parse_threshold_rule(text: str | float) -> ThresholdRule:
-    """``"0.5"``, ``"youden"``, ``"sensitivity=0.9"`` or ``"specificity=0.9"`` as a rule; ValueError naming the text otherwise."""
-    raw = str(text).strip().lower()
-    if raw == "youden":
-        return ThresholdRule("youden")
-    match = re.fullmatch(r"(sensitivity|specificity)\s*=\s*([0-9.eE+-]+)", raw)
-    try:
-        if match:
-            value = float(match.group(2))
-            if not 0.0 < value <= 1.0:
-                raise ValueError
-            return ThresholdRule(match.group(1), value)
-        value = float(raw)
-        if not 0.0 < value < 1.0:
-            raise ValueError
-        return ThresholdRule("fixed", value)
-    except ValueError:
-        raise ValueError(f"threshold {text!r}: give a number in (0, 1), 'youden', 'sensitivity=R' or 'specificity=R' with R in (0, 1]") from None
 
 
 def _operating_points(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
