@@ -8,7 +8,7 @@ normalise, forward), one process, the same batch size and torch threads, measure
   ``config.json`` and ``model.safetensors`` (no tus import in the loop), ``torch.inference_mode``;
 - onnxruntime: the ``tus export --format onnx`` graph fed by the same plain preprocessing.
 
-Each is timed ``--repeats`` times (alternating) and the best is kept. The model is an untrained export of
+Each is timed ``--repeats`` times, every repeat starting with another of the three, and the best is kept. The model is an untrained export of
 ``--model-name`` (throughput does not depend on the weights).
 
     python benchmarks/predict_throughput.py                 # ~2 min on 2 busy CPU cores
@@ -116,16 +116,18 @@ def main() -> None:
         export_dir = run_export(folder, "onnx", root / "onnx")
         timings: dict[str, list[float]] = {"tus predict": [], "plain loop": [], "onnxruntime": []}
         results = {}
+        runners = {
+            "tus predict": lambda repeat: run_predict(folder, root / "images", root / f"preds{repeat}.csv", batch_size=args.batch_size, progress=False),
+            "plain loop": lambda repeat: results.__setitem__("plain", plain_loop(folder, paths, args.batch_size)),
+            "onnxruntime": lambda repeat: results.__setitem__("onnx", onnx_loop(export_dir, paths, args.batch_size)),
+        }
+        names = list(runners)
         for repeat in range(args.repeats):
-            start = time.perf_counter()
-            run_predict(folder, root / "images", root / f"preds{repeat}.csv", batch_size=args.batch_size, progress=False)
-            timings["tus predict"].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            results["plain"] = plain_loop(folder, paths, args.batch_size)
-            timings["plain loop"].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            results["onnx"] = onnx_loop(export_dir, paths, args.batch_size)
-            timings["onnxruntime"].append(time.perf_counter() - start)
+            # Each repeat starts with another contender, so none is always first (cold) or last.
+            for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
+                start = time.perf_counter()
+                runners[name](repeat)
+                timings[name].append(time.perf_counter() - start)
         import pandas as pd
 
         tus_probs = pd.read_csv(root / "preds0.csv")[[c for c in pd.read_csv(root / "preds0.csv").columns if c.startswith("prob_")]].to_numpy()
