@@ -212,12 +212,17 @@ def test_preprocess_json_followed_without_tus_reproduces_predict(cv_run: Path, t
 
 
 def test_model_card_numbers_equal_the_cv_summary(cv_run: Path, tmp_path: Path):
+    # tus explain's result beside the run (as in the demo) goes into the known limits; another run's would not.
+    explain = Path(cv_run).parent / "explain"
+    explain.mkdir(exist_ok=True)
+    (explain / "marker_sensitivity.json").write_text(json.dumps({"prediction_change_rate": 0.125, "checkpoint": str((cv_run / "runs" / "fold0-seed0").resolve())}))
     assert tus_main(["export", str(cv_run / "runs" / "fold1-seed0"), "--format", "torchscript", "--out", str(tmp_path / "card")]) == 0
     summary = json.loads((cv_run / "summary.json").read_text())
     config = json.loads((tmp_path / "card" / "config.json").read_text())
     card = config["model_card"]
     assert card["evaluation"]["metrics"] == summary["metrics"] and card["evaluation"]["ci"] == summary["ci"]
     assert card["evaluation"]["at_threshold"] == summary["decision"]
+    assert any("changed 12.5% of predictions" in limit for limit in card["known_limits"])
     assert card["training_data"]["images"] == 24 and card["training_data"]["patients"] == 12
     assert card["training_data"]["class_balance"] == {"homogeneous": 16, "inhomogeneous": 8}
     assert card["decision"]["threshold"] == config["threshold"] == summary["decision"]["thresholds"]["fold1-seed0"]

@@ -115,9 +115,12 @@ def _evaluation(cv_dir: Path, predictor) -> dict | None:
 
 
 def _marker_sensitivity(cv_dir: Path | None) -> str:
-    for path in sorted(Path(cv_dir).parent.glob("*/marker_sensitivity.json"))[:1] if cv_dir else []:
+    """What ``tus explain`` measured on one of this CV run's models, when its output sits beside the run."""
+    for path in sorted(Path(cv_dir).parent.glob("*/marker_sensitivity.json")) if cv_dir else []:
         found = json.loads(path.read_text())
-        return f"Marker sensitivity (tus explain, {path}): injected markers changed {found['prediction_change_rate']:.1%} of predictions."
+        if str(found.get("checkpoint", "")).startswith(str(Path(cv_dir).resolve())):
+            model = Path(found["checkpoint"]).parent.name
+            return f"Marker sensitivity (tus explain on {model}, {path}): injected markers changed {found['prediction_change_rate']:.1%} of predictions."
     return "Marker sensitivity not measured: run tus explain on this model."
 
 
