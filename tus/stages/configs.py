@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from tus.callbacks.configs import GradCAMConfig
-from tus.config import ConfigError
+from tus.config import ConfigError, require_seeds
 from tus.data.configs import LabeledDataConfig
 from tus.eval.options import parse_threshold_rule
 from tus.methods.configs import FineTuneOptimConfig
@@ -46,6 +46,7 @@ class FineTuneCVConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
+        require_seeds("seeds", *self.seeds)
         try:
             parse_threshold_rule(self.threshold)
         except ValueError as error:
