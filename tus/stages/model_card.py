@@ -116,9 +116,11 @@ def _evaluation(cv_dir: Path, predictor) -> dict | None:
 
 def _marker_sensitivity(cv_dir: Path | None) -> str:
     """What ``tus explain`` measured on one of this CV run's models, when its output sits beside the run."""
-    for path in sorted(Path(cv_dir).parent.glob("*/marker_sensitivity.json")) if cv_dir else []:
+    if cv_dir is None:
+        return "Marker sensitivity not measured: run tus explain on this model."
+    for path in sorted(cv_dir.parent.glob("*/marker_sensitivity.json")):
         found = json.loads(path.read_text())
-        if str(found.get("checkpoint", "")).startswith(str(Path(cv_dir).resolve())):
+        if str(found.get("checkpoint", "")).startswith(str(cv_dir.resolve())):
             model = Path(found["checkpoint"]).parent.name
             return f"Marker sensitivity (tus explain on {model}, {path}): injected markers changed {found['prediction_change_rate']:.1%} of predictions."
     return "Marker sensitivity not measured: run tus explain on this model."
