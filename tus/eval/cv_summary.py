@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from tus.eval.cv_metrics import METRIC_NAMES
-from tus.eval.statistics import paper_spread, patient_bootstrap_cis
+from tus.eval.statistics import METRIC_FNS, paper_spread, patient_bootstrap_cis
 
 CI_BOOTSTRAPS = 1000
 CI_ALPHA = 0.05
@@ -47,6 +47,10 @@ def collapse_reason(predictions: pd.DataFrame, metrics_csv: Path, val_metric: st
 def failed_runs(run_dir: Path) -> list[dict]:
     """Runs that stopped with an error (``failed.json``) and have no result."""
     return [{"run": p.parent.name, **json.loads(p.read_text())} for p in sorted((Path(run_dir) / "runs").glob(f"*/{FAILED_FILE}")) if not (p.parent / "metrics.json").exists()]
+
+
+# Written by tus.stages.cv_decision when a run asks for a threshold rule or calibration.
+DECISION_FILE = "decision.json"
 
 
 def collect_runs(run_dir: Path) -> pd.DataFrame:
@@ -144,6 +148,8 @@ def write_summary(run_dir: Path, runs: pd.DataFrame, frame: pd.DataFrame, config
         "collapsed": _collapsed(runs),
         "selected": _selected(runs),
     }
+    if (run_dir / DECISION_FILE).is_file() and len(predictions):
+        summary["decision"] = decision_metrics(predictions, json.loads((run_dir / DECISION_FILE).read_text()), n_boot=n_boot)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (run_dir / "summary.md").write_text(render_summary_markdown(summary))
     return summary
@@ -184,6 +190,10 @@ def render_summary_markdown(summary: dict) -> str:
     for key, label in (("always_negative", "always negative"), ("prior_random", "random (prior-matched)")):
         base = summary["baselines"][key]
         rows.append(f"| *{label}* | " + " | ".join(f"{base[n] * 100:.1f}" for n in METRIC_NAMES) + " |")
+    decision = summary.get("decision")
+    if decision:
+        rows.append(f"| *at threshold ({decision['rule']})* | " + " | ".join(format_mean_std(decision["metrics"][n]) for n in METRIC_NAMES) + " |")
+        rows.append("| *its 95% CI, patients* | " + " | ".join(_format_ci(decision["ci"].get(n)) for n in METRIC_NAMES) + " |")
     p = summary["baselines"]["positive_rate"]
     return "\n".join(
         [
@@ -197,6 +207,7 @@ def render_summary_markdown(summary: dict) -> str:
             f"Model selection: {summary['selection_note']}.",
             *_selected_lines(summary),
             *_warning_lines(summary),
+            *([decision_text(decision)] if decision else []),
             "",
         ]
     )
@@ -221,6 +232,47 @@ def _warning_lines(summary: dict) -> list[str]:
             + "; ".join(f"{c['run']}: {c['reason']}" for c in collapsed)
         )
     return [""] + lines if lines else []
+
+
+def decision_metrics(predictions: pd.DataFrame, decision: dict, n_boot: int = CI_BOOTSTRAPS) -> dict:
+    """The test metrics at each run's own chosen threshold (and temperature), beside the 0.5 ones above.
+
+    Each fold x seed run's test predictions are calibrated with its temperature and thresholded at its threshold
+    (both fitted without its test fold, see :mod:`tus.stages.cv_decision`); mean +- std over runs, patient
+    bootstrap CIs of the pooled predictions, and the expected calibration error of the pooled test predictions
+    before and after calibration.
+    """
+    from tus.eval.calibration import apply_temperature, expected_calibration_error
+
+    chosen = {(r["fold"], r["seed"]): r for r in decision["per_run"]}
+    parts, records = [], []
+    for (fold, seed), run in predictions.groupby(["fold", "seed"]):
+        settings = chosen.get((int(fold), int(seed)), {"threshold": 0.5, "temperature": 1.0})
+        calibrated = apply_temperature(run["prob"].to_numpy(), settings["temperature"])
+        part = run.assign(prob=calibrated, pred=(calibrated >= settings["threshold"]).astype(int))
+        parts.append(part)
+        records.append({name: METRIC_FNS[name](part) for name in METRIC_NAMES})
+    pooled = pd.concat(parts, ignore_index=True)
+    labels = predictions["label"].to_numpy()
+    return {
+        "rule": decision["rule"],
+        "calibration": decision["calibration"],
+        "thresholds": {f"fold{r['fold']}-seed{r['seed']}": r["threshold"] for r in decision["per_run"]},
+        "metrics": aggregate(pd.DataFrame(records)),
+        "ci": bootstrap_cis(pooled, n_boot=n_boot),
+        "ece": {"before": expected_calibration_error(predictions["prob"].to_numpy(), labels), "after": expected_calibration_error(pooled["prob"].to_numpy(), pooled["label"].to_numpy())},
+    }
+
+
+def decision_text(decision: dict) -> str:
+    thresholds = list(decision["thresholds"].values())
+    text = (
+        f"*at threshold ({decision['rule']})*: each run's test fold thresholded at the value chosen on its training folds' out-of-fold predictions "
+        f"({min(thresholds):.3g}-{max(thresholds):.3g} over runs)"
+    )
+    if decision["calibration"] != "none":
+        text += f"; {decision['calibration']} calibration fitted the same way, ECE of the pooled test predictions {decision['ece']['before']:.3f} before, {decision['ece']['after']:.3f} after"
+    return text + "."
 
 
 def _format_ci(ci: dict | None, scale: float = 100.0, digits: int = 1) -> str:
