@@ -23,6 +23,7 @@ STAGES = {
     "noisy-labels": ("tus.cli.noisy_labels:main", "flag noisy labels from per-sample loss trajectories"),
     "explain": ("tus.cli.explain:main", "Grad-CAM++ overlays and marker sensitivity"),
     "experiment": ("tus.cli.experiment:main", "run a study's arms and render its table"),
+    "report": ("tus.cli.report:main", "re-render figures and summaries of finished runs from their CSVs"),
     "demo": ("tus.cli.demo:main", "the whole pipeline on the generated phantom dataset"),
 }
 

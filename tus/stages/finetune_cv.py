@@ -41,6 +41,7 @@ from tus.data.images import content_hash
 from tus.data.manifest import load_manifest
 from tus.data.seeding import derive_seed
 from tus.eval.cv_summary import collect_runs, write_summary
+from tus.figures.runs import write_cv_figures
 from tus.methods.classifier import METRIC_NAMES, FineTuneModule, FineTuneOptimConfig, save_finetuned
 from tus.models.backbones import BackboneConfig
 from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, last_checkpoint, open_run
@@ -161,6 +162,7 @@ def run_cv(
                 run_single(config, frame, folds[seed] if isinstance(folds, dict) else folds, fold, seed, run_dir / "runs" / f"fold{fold}-seed{seed}", _with_stage_callbacks(callback_factory))
         runs = collect_runs(run_dir)
         write_summary(run_dir, runs, frame, config)
+        write_cv_figures(run_dir)
     return run_dir
 
 

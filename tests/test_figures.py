@@ -1,0 +1,152 @@
+"""Figures are tested on their data: what the artists draw and the sidecar CSVs hold, against
+values worked out by hand (never the plotting code's own arithmetic)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tus.figures import classification as fig
+from tus.figures import save
+from tus.figures.study import forest_figure
+
+# Run A: scores 0.1, 0.4 (negatives) and 0.35, 0.8 (positives): of the 4 positive-negative pairs,
+# 3 are ordered right -> AUROC 0.75. Run B separates perfectly -> AUROC 1.0.
+RUN_A = {"label": [0, 0, 1, 1], "prob": [0.1, 0.4, 0.35, 0.8], "pred": [0, 0, 0, 1]}
+RUN_B = {"label": [0, 1, 0, 1], "prob": [0.2, 0.9, 0.3, 0.7], "pred": [0, 1, 0, 1]}
+
+
+def predictions() -> pd.DataFrame:
+    a = pd.DataFrame(RUN_A).assign(fold=0, seed=0, patient_id=["p1", "p2", "p3", "p4"], sample_id=["a", "b", "c", "d"])
+    b = pd.DataFrame(RUN_B).assign(fold=1, seed=0, patient_id=["p5", "p6", "p7", "p8"], sample_id=["e", "f", "g", "h"])
+    return pd.concat([a, b], ignore_index=True)
+
+
+def test_roc_curve_points_and_auroc_match_hand_computed(tmp_path):
+    result = fig.roc_figure(predictions(), n_boot=50)
+    data = result.data
+    run_a = data[data["curve"] == "fold0-seed0"]
+    # Thresholds inf, 0.8, 0.4, 0.35, 0.1 -> (FPR, TPR) as counted by hand.
+    assert run_a[["x", "y"]].to_numpy().tolist() == [[0, 0], [0, 0.5], [0.5, 0.5], [0.5, 1], [1, 1]]
+    assert run_a["auc"].iloc[0] == pytest.approx(0.75)
+    assert data[data["curve"] == "fold1-seed0"]["auc"].iloc[0] == pytest.approx(1.0)
+    mean = data[data["curve"] == "mean"]
+    assert mean["auc"].iloc[0] == pytest.approx(0.875)
+    # The mean curve at FPR 0.25: run A is at TPR 0.5, run B at 1 -> 0.75.
+    assert mean.loc[np.isclose(mean["x"], 0.25), "y"].item() == pytest.approx(0.75)
+    # The axes draw exactly these points, and the legend states the mean AUROC.
+    lines = {tuple(np.asarray(line.get_xdata(), float)): np.asarray(line.get_ydata(), float) for line in result.figure.axes[0].get_lines()}
+    assert lines[(0.0, 0.0, 0.5, 0.5, 1.0)].tolist() == [0, 0.5, 0.5, 1, 1]
+    legend = [t.get_text() for t in result.figure.axes[0].get_legend().get_texts()]
+    assert any(t.startswith("mean: AUROC 0.88") for t in legend)
+    paths = save(result, tmp_path, "roc")
+    assert [p.name for p in paths] == ["roc.png", "roc.pdf", "roc.csv"]
+    written = pd.read_csv(tmp_path / "roc.csv")
+    assert written[written["curve"] == "fold0-seed0"]["y"].tolist() == [0, 0.5, 0.5, 1, 1]
+
+
+def test_pr_average_precision_matches_hand_computed():
+    data = fig.pr_figure(predictions(), n_boot=50).data
+    # Run A by descending score: 0.8 (+), 0.4 (-), 0.35 (+), 0.1 (-): AP = sum over positives
+    # of precision at their rank x recall step = 1 * 0.5 + 2/3 * 0.5.
+    assert data[data["curve"] == "fold0-seed0"]["auc"].iloc[0] == pytest.approx(0.5 + 1 / 3)
+    assert data[data["curve"] == "fold1-seed0"]["auc"].iloc[0] == pytest.approx(1.0)
+
+
+def test_confusion_counts_summed_over_folds():
+    result = fig.confusion_figure(predictions(), classes=("homogeneous", "inhomogeneous"))
+    counts = result.data.set_index(["true", "predicted"])["count"].to_dict()
+    # Run A: TN 2, FN 1 (0.35), TP 1; run B: TN 2, TP 2.
+    assert counts == {(0, 0): 4, (0, 1): 0, (1, 0): 1, (1, 1): 3}
+    assert result.data.set_index(["true", "predicted"])["row_percent"][(1, 1)] == pytest.approx(75.0)
+    texts = sorted(t.get_text() for t in result.figure.axes[0].texts)
+    assert texts == sorted(["4\n100.0%", "0\n0.0%", "1\n25.0%", "3\n75.0%"])
+    assert len(result.figure.axes) == 2  # the colour bar
+
+
+def test_calibration_bins_and_ece():
+    frame = pd.DataFrame({"label": [0, 0, 1, 1, 1], "prob": [0.05, 0.15, 0.15, 0.95, 1.0]})
+    data = fig.calibration_data(frame, bins=10)
+    used = data[data["count"] > 0].set_index("bin_low")
+    assert used["count"].tolist() == [1, 2, 2]
+    # bins: [0, .1): p .05, obs 0; [.1, .2): p .15, obs .5; [.9, 1]: p .975, obs 1.
+    ece = 1 / 5 * 0.05 + 2 / 5 * 0.35 + 2 / 5 * 0.025
+    assert data["ece"].iloc[0] == pytest.approx(ece)
+    result = fig.calibration_figure(frame)
+    assert f"ECE {ece:.3f}" in result.figure.axes[0].get_title()
+
+
+def test_training_curves_from_lightning_logs():
+    log = pd.DataFrame({"epoch": [0, 0, 1, 1], "step": [1, 1, 3, 3], "train/loss_step": [0.9, np.nan, 0.7, np.nan], "train/loss_epoch": [np.nan, 0.8, np.nan, 0.6]})
+    result = fig.training_curves_figure({"fold0-seed0": log})
+    assert result.data[["epoch", "loss"]].to_numpy().tolist() == [[0, 0.8], [1, 0.6]]
+    line = result.figure.axes[0].get_lines()[0]
+    assert list(line.get_xdata()) == [1, 2] and list(line.get_ydata()) == [0.8, 0.6]
+
+
+def test_forest_plot_draws_each_arms_difference_and_ci():
+    table = pd.DataFrame(
+        {
+            "arm": ["imagenet", "ours"],
+            "auroc_mean": [80.0, 85.0],
+            "auroc_std": [2.0, 1.5],
+            "auroc_diff": [np.nan, 5.0],
+            "auroc_diff_ci_low": [np.nan, 1.0],
+            "auroc_diff_ci_high": [np.nan, 9.0],
+            "auroc_p": [np.nan, 0.012],
+        }
+    )
+    result = forest_figure(table, "auroc", "imagenet", "AUROC")
+    assert result.data.set_index("arm")["diff"].to_dict() == {"imagenet": 0.0, "ours": 5.0}
+    axis = result.figure.axes[0]
+    bars = [c for c in axis.collections if c.get_segments()]
+    (segment,) = bars[0].get_segments()
+    assert segment[:, 0].tolist() == [1.0, 9.0]  # the CI drawn
+    assert any("p=0.01" in t.get_text() for t in axis.texts)
+
+
+def test_saving_twice_gives_identical_bytes(tmp_path):
+    for folder in ("a", "b"):
+        save(fig.confusion_figure(predictions()), tmp_path / folder, "confusion")
+    for name in ("confusion.png", "confusion.pdf", "confusion.csv"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def fake_cv_run(run_dir):
+    """A finished CV run dir as run_cv leaves it (the files the figures read)."""
+    frame = predictions()
+    (run_dir / "runs").mkdir(parents=True)
+    frame.assign(path=frame["sample_id"] + ".png")[["sample_id", "path", "patient_id", "label", "fold"]].to_csv(run_dir / "folds.csv", index=False)
+    for (fold, seed), rows in frame.groupby(["fold", "seed"]):
+        run = run_dir / "runs" / f"fold{fold}-seed{seed}"
+        run.mkdir()
+        rows.rename(columns={"prob": "probability", "pred": "prediction"})[["sample_id", "label", "probability", "prediction"]].to_csv(run / "predictions.csv", index=False)
+        (run / "metrics.json").write_text(json.dumps({"fold": int(fold), "seed": int(seed)}))
+        pd.DataFrame({"epoch": [0, 1], "step": [1, 3], "train/loss_epoch": [0.8, 0.5 + fold / 10]}).to_csv(run / "metrics.csv", index=False)
+
+
+def test_cv_figures_written_and_report_reproduces_them_byte_for_byte(tmp_path):
+    from tus.cli.report import main as report_main
+    from tus.figures.runs import write_cv_figures
+
+    run_dir = tmp_path / "cv"
+    fake_cv_run(run_dir)
+    written = write_cv_figures(run_dir, n_boot=50)
+    names = sorted(p.name for p in written)
+    for stem in ("roc", "pr", "confusion", "calibration", "training_curves"):
+        assert {f"{stem}.png", f"{stem}.pdf", f"{stem}.csv"} <= set(names)
+    before = {p.name: p.read_bytes() for p in written}
+    for p in written:
+        p.unlink()
+    assert report_main([str(run_dir), "--n-boot", "50"]) == 0
+    assert {p.name: p.read_bytes() for p in (run_dir / "figures").iterdir()} == before
+
+
+def test_report_refuses_a_folder_that_is_no_run(tmp_path, capsys):
+    from tus.cli.report import main as report_main
+
+    with pytest.raises(ValueError, match="not a finished tus run"):
+        report_main([str(tmp_path)])
