@@ -150,3 +150,42 @@ def test_report_refuses_a_folder_that_is_no_run(tmp_path, capsys):
 
     with pytest.raises(ValueError, match="not a finished tus run"):
         report_main([str(tmp_path)])
+
+
+def test_umap_keeps_separated_organs_apart_and_draws_its_sidecar(tmp_path):
+    from tus.figures.runs import write_pretrain_figures
+
+    rng = np.random.default_rng(0)
+    centres = {"testicle": np.r_[np.ones(4), np.zeros(4)], "thyroid": np.r_[np.zeros(4), np.ones(4)]}
+    rows = [{"sample_id": f"{organ}{i}", "organ": organ, **{f"f{j}": v for j, v in enumerate(centre + 0.05 * rng.standard_normal(8))}} for organ, centre in centres.items() for i in range(12)]
+    run = tmp_path / "pretrain"
+    run.mkdir()
+    (run / "pool.json").write_text("{}")
+    pd.DataFrame(rows).to_csv(run / "embeddings.csv", index=False)
+    (run / "summary.json").write_text(json.dumps({"steps": 40, "probe": [{"step": 0, "probe/knn_organ_acc": 0.5}, {"step": 40, "probe/knn_organ_acc": 0.875}]}))
+    pd.DataFrame({"step": [0, 20, 40, 40], "train/loss": [np.nan, 2.0, np.nan, 1.5], "probe/knn_organ_acc": [0.5, np.nan, 0.875, np.nan]}).to_csv(run / "metrics.csv", index=False)
+    write_pretrain_figures(run)
+    coords = pd.read_csv(run / "figures" / "umap.csv")
+    assert len(coords) == 24 and set(coords["organ"]) == set(centres)
+    # Each point's nearest neighbour in the map is of its own organ (brute force).
+    xy = coords[["umap_x", "umap_y"]].to_numpy()
+    distances = np.linalg.norm(xy[:, None] - xy[None], axis=2) + np.eye(len(xy)) * 1e9
+    assert (coords["organ"].to_numpy()[distances.argmin(1)] == coords["organ"].to_numpy()).all()
+    probes = pd.read_csv(run / "figures" / "probes.csv")
+    assert probes[["step", "value"]].to_numpy().tolist() == [[0, 0.5], [40, 0.875]]
+    assert (run / "figures" / "umap.pdf").is_file()
+
+
+def test_sample_grid_caption_states_step_sampler_and_fid(tmp_path):
+    from tus.data.images import write_grayscale
+    from tus.figures.runs import run_kind, write_diffusion_figures
+
+    run = tmp_path / "diffusion"
+    (run / "sample_grids").mkdir(parents=True)
+    write_grayscale(run / "sample_grids" / "step_0000200.png", np.arange(32 * 48, dtype=np.uint8).reshape(32, 48))
+    (run / "config.yaml").write_text("samples:\n  sampler: ddim\n  steps: 25\n")
+    assert run_kind(run) == "diffusion"
+    write_diffusion_figures(run, fid=123.4)
+    caption = pd.read_csv(run / "figures" / "samples.csv").iloc[0]
+    assert (caption["step"], caption["sampler"], caption["sampling_steps"], caption["fid"]) == (200, "ddim", 25, 123.4)
+    assert (caption["height_px"], caption["width_px"]) == (32, 48)
