@@ -189,3 +189,51 @@ def test_sample_grid_caption_states_step_sampler_and_fid(tmp_path):
     caption = pd.read_csv(run / "figures" / "samples.csv").iloc[0]
     assert (caption["step"], caption["sampler"], caption["sampling_steps"], caption["fid"]) == (200, "ddim", 25, 123.4)
     assert (caption["height_px"], caption["width_px"]) == (32, 48)
+
+
+def test_gradcam_overlay_titles_colour_bar_and_aspect():
+    import torch
+
+    from tus.eval.explain import MarkerSensitivity, overlay_figure
+
+    n, h, w = 2, 16, 24
+    cams = np.tile(np.linspace(0, 1, w), (n, h, 1))
+    result = MarkerSensitivity(
+        images=torch.zeros(n, 1, h, w),
+        marked=torch.zeros(n, 1, h, w),
+        masks=np.zeros((n, h, w), bool),
+        cams_clean=cams,
+        cams_marked=cams,
+        probabilities_clean=np.array([0.83, 0.2]),
+        probabilities_marked=np.array([0.4, 0.1]),
+        predicted_clean=np.array([1, 0]),
+        predicted_marked=np.array([0, 0]),
+        target_layer="backbone.layer4",
+    )
+    figure = overlay_figure(result, ["a/img1.png", "b/img2.png"], labels=[1, 1])
+    image_axes = [a for a in figure.axes if a.images]
+    assert image_axes[0].get_title() == "img1.png\ntrue 1, pred 1, p(1)=0.83"
+    assert image_axes[2].get_title() == "+ markers\ntrue 1, pred 0, p(1)=0.40"
+    assert all(a.get_aspect() == 1.0 for a in image_axes)
+    colour_bars = [a for a in figure.axes if a.get_ylabel().startswith("Grad-CAM++")]
+    assert len(colour_bars) == 1
+    # The CAM drawn over the second panel is the CAM itself, on a fixed 0-1 scale.
+    heat = image_axes[1].images[1]
+    assert np.allclose(heat.get_array(), cams[0]) and heat.get_clim() == (0, 1)
+
+
+def test_flag_histogram_highlights_the_configured_rule(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from tus.eval.noisy_labels import plot_histogram
+
+    table = pd.DataFrame({"min_exceed": [1, 1, 3, 3], "flagged_in": [0, 1, 0, 1], "samples": [2, 5, 6, 1]})
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: drawn.append(self))
+    plot_histogram(table, 1.0, tmp_path / "h.png", min_exceed=3)
+    (figure,) = drawn
+    titles = [a.get_title() for a in figure.axes]
+    assert titles == ["loss > 1 in ≥ 1 epochs", "loss > 1 in ≥ 3 epochs (configured rule)"]
+    heights = [[p.get_height() for p in a.patches] for a in figure.axes]
+    assert heights == [[2, 5], [6, 1]]
+    assert figure.axes[0].patches[0].get_facecolor() != figure.axes[1].patches[0].get_facecolor()
