@@ -32,6 +32,7 @@ from tus.data.pools import PretrainDataConfig, PretrainDataModule
 from tus.figures.runs import EMBEDDINGS_FILE, write_pretrain_figures
 from tus.methods import method_options, resolved_method_block
 from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, finish_loggers, last_checkpoint, open_run, write_json_atomic
+from tus.tracking import track_pretraining
 
 
 @dataclass
@@ -143,4 +144,5 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path | None = None, *
             if probe is not None:
                 write_heldout_embeddings(module, probe.heldout, datamodule.heldout, run_dir / EMBEDDINGS_FILE, config.monitor.batch_size)
             write_pretrain_figures(run_dir)
+            track_pretraining(run_dir, config.logging, [Path(s.manifest) for s in config.data.sources if s.manifest], config.name, to_dict(config))
     return run_dir

@@ -48,6 +48,7 @@ from tus.studies.markers import evaluate_markers
 from tus.studies.noisy_labels import FLAGGING_DIR, FLAGS_DIR, flag_labels, run_fold_safe_cv
 from tus.studies.schema import PRETRAIN_ROOT, StageOverrides, Study, StudyError, substitute
 from tus.studies.tables import write_table
+from tus.tracking import track_study
 
 STAGES = ("all", "pretrain", "finetune")
 # Trainer options that say where a run executes, not what it computes: a finished run is
@@ -267,6 +268,8 @@ def run_study(
             evaluate_markers(plan.finetune_dir, study.config.marker_eval, plan.markers_dir)
     if rank_zero:
         write_table(study, study_dir)
+        if plans:
+            track_study(study_dir, _tagged(plans[0].finetune.logging, study.name, "study-summary", []), name=study.name)
     return study_dir
 
 
