@@ -84,5 +84,31 @@ def test_pretrain_to_finetune_chain_leaves_artifacts_lineage_and_a_summary_table
     expected = json.loads((cv_dir / "summary.json").read_text())
     assert summary["auroc/mean"] == pytest.approx(expected["metrics"]["auroc"]["mean"])
     assert summary["auroc/ci_low"] == pytest.approx(expected["ci"]["auroc"]["low"])
-    logged = {item.key or "/".join(item.nested_key) for record in cv_records["history"] for item in record.history.item}
+    logged = {item.key or item.nested_key[0] for record in cv_records["history"] for item in record.history.item}
     assert {"roc_table", "pr_table", "confusion_table", "runs", "figures/roc"} <= logged
+
+
+def test_export_dry_run_lists_offline_runs_and_the_uses_to_replay(tmp_path, monkeypatch):
+    from tus.runs import LoggingConfig
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,label\na.png,0\n")
+    run = tracking.start_run(tmp_path, LoggingConfig(group="g"), name="summary", job_type="cv-summary")
+    tracking.use_artifact(run, tmp_path, tracking.file_artifact("labels-abc", "dataset", [manifest]))
+    run.finish()
+    folders = tracking.offline_run_folders([tmp_path])
+    assert folders == [Path(run.dir).parent], f"the offline run went to {run.dir} (mode {run.settings.mode})"
+    (folder,) = folders
+    assert tracking.export_offline([tmp_path], dry_run=True) == [f"sync {folder}", f"use labels-abc:latest (dataset) in run tus/{run.id}"]
+    (run_record,) = [r.run for r in tracking.offline_records(tmp_path) if r.WhichOneof("record_type") == "run"]
+    assert (run_record.run_group, run_record.job_type) == ("g", "cv-summary")
+
+
+def test_nothing_is_tracked_when_wandb_is_disabled(tmp_path, monkeypatch):
+    from tus.runs import LoggingConfig
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert tracking.start_run(tmp_path, LoggingConfig(), name="x", job_type="cv-summary") is None
+    tracking.track_study(tmp_path, LoggingConfig(), name="s")
+    assert list(tmp_path.iterdir()) == []

@@ -103,7 +103,7 @@ def start_run(run_dir: Path, logging: LoggingConfig, *, name: str, job_type: str
         id=run_id,
         resume="allow",
         dir=str(run_dir),
-        mode=wandb_mode(logging),
+        mode=wandb_mode(logging),  # type: ignore[arg-type]  # a checked WANDB_MODE string
         config=config or {},
         tags=[*logging.tags, *tags],
         reinit="create_new",
@@ -119,7 +119,7 @@ def file_artifact(name: str, kind: str, files: Iterable[Path] | Path, metadata: 
     if isinstance(files, Path) and files.is_dir():
         artifact.add_dir(str(files))
     else:
-        for path in files:
+        for path in [files] if isinstance(files, Path) else files:
             artifact.add_file(str(path), name=Path(path).name)
     return artifact
 
@@ -176,7 +176,7 @@ def offline_records(run_dir: Path) -> list[Any]:
             pending += data[position + 7 : position + 7 + length]
             position += 7 + length
             if kind in (1, 4):
-                record = wandb_internal_pb2.Record()
+                record = wandb_internal_pb2.Record()  # type: ignore[attr-defined]
                 record.ParseFromString(pending)
                 records.append(record)
                 pending = b""
@@ -252,8 +252,8 @@ def track_cv(run_dir: Path, logging: LoggingConfig, *, name: str, manifest: Path
     if len(pooled) and pooled["label"].nunique() == 2:
         probabilities = pooled[["prob"]].assign(negative=1 - pooled["prob"])[["negative", "prob"]].to_numpy()
         labels = pooled["label"].astype(int).to_numpy()
-        logged["roc"] = wandb.plot.roc_curve(labels, probabilities, labels=["0", "1"], classes_to_plot=[1])
-        logged["pr"] = wandb.plot.pr_curve(labels, probabilities, labels=["0", "1"], classes_to_plot=[1])
+        logged["roc"] = wandb.plot.roc_curve(labels, probabilities, labels=["0", "1"], classes_to_plot=[1])  # type: ignore[list-item]
+        logged["pr"] = wandb.plot.pr_curve(labels, probabilities, labels=["0", "1"], classes_to_plot=[1])  # type: ignore[list-item]
         logged["confusion"] = wandb.plot.confusion_matrix(y_true=labels.tolist(), preds=pooled["pred"].astype(int).tolist(), class_names=["0", "1"])
     for png in sorted((run_dir / "figures").glob("*.png")):
         logged[f"figures/{png.stem}"] = wandb.Image(str(png))
@@ -299,3 +299,39 @@ def track_samples(out_dir: Path, logging: LoggingConfig, *, source_run: str) -> 
     manifest = out_dir / "manifest.csv"
     log_artifact(run, out_dir, file_artifact(artifact_name("samples", content_hash([manifest])), "dataset", sorted(out_dir.glob("*.png")) + [manifest], {"source_run": source_run}))
     run.finish()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pushing offline runs later
+
+
+def offline_run_folders(run_dirs: Iterable[Path]) -> list[Path]:
+    """Every ``offline-run-*`` folder under the given run dirs (a run, a study, a demo folder)."""
+    return sorted({folder for run_dir in run_dirs for folder in Path(run_dir).rglob("offline-run-*") if folder.is_dir()})
+
+
+def export_offline(run_dirs: Iterable[Path], *, entity: str | None = None, dry_run: bool = False) -> list[str]:
+    """Upload offline runs with their artifacts (``wandb sync``), then replay the artifact uses
+    recorded in ``wandb_lineage.jsonl`` online (W&B cannot record a use offline), which draws
+    the lineage edges. Returns the actions, one line each (only listed with ``dry_run``)."""
+    import subprocess
+    import sys
+
+    run_dirs = [Path(p) for p in run_dirs]
+    folders = offline_run_folders(run_dirs)
+    uses = [row for run_dir in run_dirs for row in read_lineage(run_dir) if row["direction"] == "use"]
+    actions = [f"sync {folder}" for folder in folders]
+    actions += [f"use {row['name']}:latest ({row['type']}) in run {row['project']}/{row['run_id']}" for row in uses]
+    if dry_run:
+        return actions
+    if folders:
+        command = [sys.executable, "-m", "wandb", "sync", *(["--entity", entity] if entity else []), *map(str, folders)]
+        subprocess.run(command, check=True)
+    import wandb
+
+    quiet_environment()
+    for row in uses:
+        run = wandb.init(project=row["project"], entity=entity, id=row["run_id"], resume="must", mode="online", reinit="create_new", settings=wandb.Settings(silent=True, console="off"))
+        run.use_artifact(f"{row['name']}:latest", type=row["type"])
+        run.finish()
+    return actions

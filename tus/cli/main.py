@@ -24,6 +24,7 @@ STAGES = {
     "explain": ("tus.cli.explain:main", "Grad-CAM++ overlays and marker sensitivity"),
     "experiment": ("tus.cli.experiment:main", "run a study's arms and render its table"),
     "report": ("tus.cli.report:main", "re-render figures and summaries of finished runs from their CSVs"),
+    "wandb": ("tus.cli.wandb_export:main", "export offline W&B runs with their artifacts and lineage"),
     "demo": ("tus.cli.demo:main", "the whole pipeline on the generated phantom dataset"),
 }
 

@@ -57,6 +57,9 @@ FIGURE_CAPTIONS = {
     "confusion": "Confusion matrix summed over the test folds of every run (counts and row %)",
     "calibration": "Reliability diagram of the pooled test predictions, with the expected calibration error",
     "training_curves": "Training (and inner-validation) loss per fold × seed",
+    "umap": "UMAP of the pretrained encoder's held-out embeddings, by organ",
+    "probes": "Representation probes over pretraining steps",
+    "samples": "Diffusion samples at the end of training",
 }
 
 
@@ -116,8 +119,8 @@ def write_pretrain_figures(run_dir: str | Path) -> list[Path]:
 
 
 def write_diffusion_figures(run_dir: str | Path, fid: float | None = None) -> list[Path]:
-    """The last sample grid of a diffusion run with its caption (step, sampler, FID if given
-    or recorded in ``<run>/synthetic_metrics.json``)."""
+    """The last sample grid of a diffusion run with its caption (step, sampler, and the FID if
+    given, else the one the previous rendering's ``samples.csv`` recorded)."""
     import yaml
 
     from tus.data.images import read_grayscale
@@ -129,13 +132,26 @@ def write_diffusion_figures(run_dir: str | Path, fid: float | None = None) -> li
         return []
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
     samples = (config or {}).get("samples") or {}
-    if fid is None:
-        recorded = _read_json(run_dir / "synthetic_metrics.json") or {}
-        fid = recorded.get("fid") if isinstance(recorded.get("fid"), (int, float)) else None
+    previous = run_dir / FIGURES_DIR / "samples.csv"
+    if fid is None and previous.is_file():
+        recorded = pd.read_csv(previous)["fid"].iloc[0]
+        fid = None if pd.isna(recorded) else float(recorded)
     grid = grids[-1]
     figure = samples_figure(read_grayscale(grid), int(grid.stem.split("_")[1]), str(samples.get("sampler", "respaced")), int(samples.get("steps", 0)), fid, grid.name)
     written = save(figure, run_dir / FIGURES_DIR, "samples")
     return written
+
+
+def figures_markdown(root: Path, run_dirs: list[Path], embed: tuple[str, ...] = ("roc", "confusion")) -> list[str]:
+    """A report section: the ``embed`` figures shown, every figure of ``run_dirs`` linked (paths
+    relative to ``root``, where the report lies)."""
+    lines = ["## Figures", ""]
+    pngs = [p for run_dir in run_dirs for p in sorted((Path(run_dir) / FIGURES_DIR).glob("*.png"))]
+    for name in embed:
+        for png in (p for p in pngs if p.stem == name):
+            lines += [f"![{FIGURE_CAPTIONS.get(name, name)}]({png.relative_to(root)})", "", f"*{FIGURE_CAPTIONS.get(name, name)}.*", ""]
+    lines += [f"- [{p.relative_to(root)}]({p.relative_to(root)})" for p in pngs]
+    return [*lines, "", "Each figure has a PDF and its data as a CSV beside it; `tus report RUN_DIR` redraws them from the run's files.", ""]
 
 
 def run_kind(run_dir: Path) -> str | None:
@@ -144,8 +160,8 @@ def run_kind(run_dir: Path) -> str | None:
         return "cv"
     if (run_dir / "table.csv").is_file():
         return "study"
-    if (run_dir / "pool.json").is_file():
-        return "pretrain"
     if (run_dir / "sample_grids").is_dir():
         return "diffusion"
+    if (run_dir / "pool.json").is_file():
+        return "pretrain"
     return None

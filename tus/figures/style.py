@@ -22,7 +22,7 @@ DPI = 200
 FORMATS = ("png", "pdf")
 SEQUENCE_CMAP = "viridis"
 HEATMAP_CMAP = "cividis"
-RC = {
+RC: Any = {  # matplotlib types rcParams keys as literals
     "font.size": 7,
     "axes.titlesize": 7,
     "axes.labelsize": 7,

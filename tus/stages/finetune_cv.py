@@ -239,9 +239,7 @@ def run_single(
         callbacks.append(selector)
     logging = _cv_logging(config)
     provenance = encoder_provenance(config.model.init, config.model.weights)
-    loggers = build_loggers(
-        run_dir, logging, name=f"{config.name}-fold{fold}-seed{seed}", config={**to_dict(config), **run_info, "provenance": provenance}, tags=[f"fold{fold}", f"seed{seed}"]
-    )
+    loggers = build_loggers(run_dir, logging, name=f"{config.name}-fold{fold}-seed{seed}", config={**to_dict(config), **run_info, "provenance": provenance}, tags=[f"fold{fold}", f"seed{seed}"])
     # Without inner validation there is nothing to validate on: the test fold is never peeked at.
     trainer_config = config.trainer if inner else replace(config.trainer, limit_val_batches=0)
     trainer = build_trainer(trainer_config, run_dir, loggers=loggers, callbacks=callbacks)
