@@ -404,6 +404,8 @@ def build_loggers(run_dir: Path, logging: LoggingConfig, *, name: str, config: d
                 config=config,
             )
         )
+        # Lightning passes anonymous=None, on which W&B warns that the setting has no effect.
+        loggers[-1]._wandb_init.pop("anonymous", None)
     return loggers
 
 

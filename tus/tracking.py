@@ -10,7 +10,7 @@ What a W&B workspace gets from tus (offline by default, see :func:`tus.runs.wand
 - artifacts: the pretraining pool's manifests and the labelled manifest (named by content
   hash, ``pool-<hash>``, ``labels-<hash>``), the encoder export (``encoder-<pretrain run>``),
   each fold model (``model-<cv run>-fold<F>-seed<S>``), the CV's pooled test predictions
-  (``predictions-<cv run>``), a sample folder (``samples-<hash>``);
+  (``predictions-<cv run>``);
 - lineage: a pretraining run *logs* its encoder and *uses* its pool; a CV's summary run
   *uses* the encoder and the labelled manifest and *logs* the fold models and predictions,
   so the lineage graph reads pool -> pretraining -> encoder -> CV -> models/predictions;
@@ -288,16 +288,6 @@ def track_study(study_dir: Path, logging: LoggingConfig, *, name: str) -> None:
         logged[f"figures/{png.stem}"] = wandb.Image(str(png))
     if logged:
         run.log(logged)
-    run.finish()
-
-
-def track_samples(out_dir: Path, logging: LoggingConfig, *, source_run: str) -> None:
-    """A sample folder as an artifact (named by the content of its manifest), with its run."""
-    run = start_run(out_dir, logging, name=f"samples-{out_dir.name}", job_type="sample", config={"source_run": source_run})
-    if run is None:
-        return
-    manifest = out_dir / "manifest.csv"
-    log_artifact(run, out_dir, file_artifact(artifact_name("samples", content_hash([manifest])), "dataset", sorted(out_dir.glob("*.png")) + [manifest], {"source_run": source_run}))
     run.finish()
 
 
