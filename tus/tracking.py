@@ -34,7 +34,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from tus.runs import LoggingConfig, wandb_mode
+from tus.run_config import LoggingConfig
+from tus.runs import wandb_mode
 
 LINEAGE_FILE = "wandb_lineage.jsonl"
 SUMMARY_ID_FILE = "wandb_summary_id.txt"
