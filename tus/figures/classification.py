@@ -238,7 +238,7 @@ def calibration_figure_from_data(data: pd.DataFrame) -> FigureData:
     axis.set_title(f"Reliability, pooled test folds: ECE {ece:.3f}")
     axis.set_ylabel("observed positive fraction")
     axis.set_ylim(0, 1)
-    axis.legend(loc="upper left")
+    axis.legend(loc="best")
     counts.bar(data["bin_low"], data["count"], width=width, align="edge", color="0.5")
     counts.set_ylabel("images")
     counts.set_xlabel("predicted probability of class 1")

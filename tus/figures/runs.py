@@ -142,7 +142,7 @@ def write_diffusion_figures(run_dir: str | Path, fid: float | None = None) -> li
     return written
 
 
-def figures_markdown(root: Path, run_dirs: list[Path], embed: tuple[str, ...] = ("roc", "confusion")) -> list[str]:
+def figures_markdown(root: Path, run_dirs: list[Path], embed: tuple[str, ...] = ("roc", "calibration")) -> list[str]:
     """A report section: the ``embed`` figures shown, every figure of ``run_dirs`` linked (paths
     relative to ``root``, where the report lies)."""
     lines = ["## Figures", ""]
