@@ -383,7 +383,7 @@ def build_loggers(run_dir: Path, logging: LoggingConfig, *, name: str, config: d
             )
         )
         # Lightning passes anonymous=None, on which W&B warns that the setting has no effect.
-        loggers[-1]._wandb_init.pop("anonymous", None)
+        getattr(loggers[-1], "_wandb_init", {}).pop("anonymous", None)
     return loggers
 
 
