@@ -16,6 +16,8 @@ from tus.figures.style import save
 
 FIGURES_DIR = "figures"
 EMBEDDINGS_FILE = "embeddings.csv"
+# A UMAP of fewer points shows nothing (and the first one in a process costs ~20 s of JIT).
+MIN_UMAP_POINTS = 16
 
 
 def _read_json(path: Path) -> dict | None:
@@ -110,7 +112,7 @@ def write_pretrain_figures(run_dir: str | Path) -> list[Path]:
     embeddings_path = run_dir / EMBEDDINGS_FILE
     if embeddings_path.is_file():
         embeddings = pd.read_csv(embeddings_path, dtype={"sample_id": str, "organ": str})
-        if len(embeddings) >= 4:
+        if len(embeddings) >= MIN_UMAP_POINTS:
             summary = _read_json(run_dir / "summary.json") or {}
             probe = (summary.get("probe") or [{}])[-1]
             accuracy = probe.get("probe/knn_organ_acc")
