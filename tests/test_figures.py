@@ -237,3 +237,27 @@ def test_flag_histogram_highlights_the_configured_rule(tmp_path, monkeypatch):
     heights = [[p.get_height() for p in a.patches] for a in figure.axes]
     assert heights == [[2, 5], [6, 1]]
     assert figure.axes[0].patches[0].get_facecolor() != figure.axes[1].patches[0].get_facecolor()
+
+
+def test_report_redraws_a_studys_forest_plots_against_the_recorded_baseline(tmp_path):
+    from tus.figures.runs import write_study_figures
+    from tus.stages.report import report
+
+    table = pd.DataFrame(
+        {
+            "arm": ["ours", "imagenet"],
+            "auroc_mean": [85.0, 80.0],
+            "auroc_std": [1.5, 2.0],
+            "auroc_diff": [5.0, np.nan],
+            "auroc_diff_ci_low": [1.0, np.nan],
+            "auroc_diff_ci_high": [9.0, np.nan],
+            "auroc_p": [0.012, np.nan],
+        }
+    )
+    table.to_csv(tmp_path / "table.csv", index=False)
+    first = write_study_figures(tmp_path, table, "imagenet", ["accuracy", "auroc"])
+    assert sorted(p.name for p in first) == ["forest_auroc.csv", "forest_auroc.pdf", "forest_auroc.png"]  # no accuracy column
+    before = {p.name: p.read_bytes() for p in first}
+    (written,) = report([tmp_path]).values()
+    assert {p.name: p.read_bytes() for p in written} == before  # the baseline came from the sidecar, not the first row
+    assert pd.read_csv(tmp_path / "figures" / "forest_auroc.csv").set_index("arm")["baseline"].to_dict() == {"ours": False, "imagenet": True}
