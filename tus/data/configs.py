@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tus.config import ConfigError, require_at_least
+from tus.config import ConfigError, require_at_least, require_seeds
 
 MARKER_TYPES = ("cross_plus", "cross_x", "caliper_line", "circle", "arrow", "text", "scale_bar")
 
@@ -73,6 +73,10 @@ class LabeledDataConfig:
     # randomness. True: the folds are re-drawn for each seed (the reference code), so the
     # spread over seeds includes the split's; folds.csv then has a seed column.
     folds_per_seed: bool = False
+    # A folds.csv (sample_id, fold[, seed]) whose folds this CV reuses instead of drawing its
+    # own: an arm that drops or relabels rows of a labelled set is then tested on the same
+    # patients as the arm on the whole set (studies set it; num_folds/fold_seed are then unused).
+    folds_from: str | None = None
     batch_size: int = 64
     eval_batch_size: int = 128
     num_workers: int = 2
@@ -88,6 +92,7 @@ class LabeledDataConfig:
     def __post_init__(self) -> None:
         require_at_least(self, "data.", 1, "image_size", "batch_size", "eval_batch_size")
         require_at_least(self, "data.", 2, "num_folds")
+        require_seeds("data.fold_seed", self.fold_seed)
         require_at_least(self, "data.", 0, "num_workers")
         if not 0 < self.inner_val_fraction < 1:
             raise ConfigError(f"data.inner_val_fraction must be in (0, 1), got {self.inner_val_fraction}")

@@ -27,7 +27,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch import nn
 
 from tus.callbacks.probes import DownstreamProbe, OrganProbe, write_heldout_embeddings
-from tus.config import ConfigError, to_dict
+from tus.config import ConfigError, require_seeds, to_dict
 from tus.data.pools import PretrainDataConfig, PretrainDataModule
 from tus.figures.runs import EMBEDDINGS_FILE, write_pretrain_figures
 from tus.methods import method_options, resolved_method_block
@@ -73,6 +73,7 @@ class PretrainConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def __post_init__(self) -> None:
+        require_seeds("seed", self.seed)
         self.method = resolved_method_block(self.method)
 
 
@@ -124,7 +125,7 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path | None = None, *
             )
             callbacks.append(downstream)
         loggers = build_loggers(run_dir, config.logging, name=config.name, config={**to_dict(config), "pool": report}, tags=["pretrain", method_cls.__name__])
-        trainer = build_trainer(config.trainer, run_dir, loggers=loggers, callbacks=callbacks, checkpoint_every_n_steps=config.checkpoint_every_n_steps)
+        trainer = build_trainer(config.trainer, run_dir, loggers=loggers, callbacks=callbacks, checkpoint_every_n_steps=config.checkpoint_every_n_steps, resumes_mid_epoch=True)
         if config.sync_batchnorm and trainer.world_size > 1:
             module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
         trainer.fit(module, datamodule=datamodule, ckpt_path=last_checkpoint(run_dir))
