@@ -162,6 +162,7 @@ def run_cv(
         ):
             for fold, seed in todo:
                 run_single(config, frame, folds[seed] if isinstance(folds, dict) else folds, fold, seed, run_dir / "runs" / f"fold{fold}-seed{seed}", _with_stage_callbacks(callback_factory))
+        finish_models(config, frame, run_dir)
         runs = collect_runs(run_dir)
         write_summary(run_dir, runs, frame, config)
         write_cv_figures(run_dir)
@@ -240,6 +241,7 @@ def join_cv(config: FineTuneCVConfig, run_dir: str | Path) -> Path:
         )
     frame, _ = _manifest_and_folds(config)
     with RunLock(run_dir):
+        finish_models(config, frame, run_dir)  # refit models (trained here) and thresholds, as run_cv does
         write_summary(run_dir, collect_runs(run_dir), frame, config)
     return run_dir
 
@@ -354,6 +356,56 @@ def run_single(
 def _cv_logging(config: FineTuneCVConfig) -> LoggingConfig:
     """W&B group = the CV's name unless the config (a study) sets one; job type = finetune."""
     return LoggingConfig(**{**to_dict(config.logging), "group": config.logging.group or config.name, "job_type": config.logging.job_type or "finetune"})
+
+
+def finish_models(config: FineTuneCVConfig, frame: pd.DataFrame, run_dir: Path) -> None:
+    """After every fold: the refit models (``config.refit``), then each model's threshold and temperature."""
+    from tus.stages.cv_decision import decide
+
+    if config.refit:
+        for seed in config.seeds:
+            if not (run_dir / "runs" / f"refit-seed{seed}" / "refit.json").exists():
+                run_refit(config, frame, seed, run_dir / "runs" / f"refit-seed{seed}")
+    decide(run_dir, frame, config.threshold, config.calibration)
+
+
+def run_refit(config: FineTuneCVConfig, frame: pd.DataFrame, seed: int, run_dir: Path) -> dict:
+    """Train one model on every labelled image with the CV's recipe and epoch count; write refit.json last (= done).
+
+    Nothing is held out, so nothing is evaluated: refit.json says so, and the model's expected performance is the
+    CV's. No per-sample losses or Grad-CAM are recorded (they are for held-out folds). Needs ``selection: last``:
+    with inner validation each fold chose its own epoch, so there is no one epoch count to repeat.
+    """
+    if config.selection != "last":
+        raise ConfigError("refit=true needs selection=last: with inner_val each fold chose its own epoch, so there is no one recipe to refit with")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(seed, workers=True)
+    datamodule = LabeledDataModule(config.data, frame, None, None, seed)
+    module = FineTuneModule(config.model, config.optim)
+    logging = LoggingConfig(**{**to_dict(config.logging), "group": config.logging.group or config.name, "job_type": "refit"})
+    loggers = build_loggers(run_dir, logging, name=f"{config.name}-refit-seed{seed}", config={**to_dict(config), "seed": seed, "refit": True}, tags=["refit", f"seed{seed}"])
+    trainer = build_trainer(replace(config.trainer, limit_val_batches=0), run_dir, loggers=loggers, callbacks=[_EpochSeededStream(seed)])
+    trainer.fit(module, datamodule=datamodule, ckpt_path=last_checkpoint(run_dir))
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()
+    record = {
+        "seed": seed,
+        "refit": True,
+        "evaluated": False,
+        "note": "trained on every labelled image; never evaluated (nothing held out): its expected performance is the CV's (summary.json)",
+        "images": int(len(frame)),
+        "patients": int(frame["patient_id"].nunique()),
+        "epochs": trainer.current_epoch,
+        "init": config.init_label or config.model.init,
+    }
+    if trainer.is_global_zero:
+        folder = save_finetuned(module, run_dir / "model", image_size=config.data.image_size)
+        exported = json.loads((folder / "config.json").read_text())
+        write_text_atomic(folder / "config.json", json.dumps({**exported, "refit": record}, indent=2))  # marked in the model itself
+        _drop_training_state(run_dir)
+        write_text_atomic(run_dir / "refit.json", json.dumps(record, indent=2))
+    return record
 
 
 def _drop_training_state(run_dir: Path) -> None:
