@@ -468,6 +468,10 @@ def build_loggers(run_dir: Path, logging: LoggingConfig, *, name: str, config: d
                 config=config,
             )
         )
+        # Lightning passes anonymous=None, on which W&B warns that the setting has no effect.
+        wandb_init = getattr(loggers[-1], "_wandb_init", None)
+        if isinstance(wandb_init, dict):
+            wandb_init.pop("anonymous", None)
     return loggers
 
 

@@ -35,6 +35,7 @@ def run_demo(out_root: Path, *, label_noise: float, seeds: str, progress: bool =
     from tus.eval.explain import format_summary
     from tus.eval.noisy_labels import FlaggingRule, find_loss_tables, format_report, read_losses
     from tus.eval.noisy_labels import write_report as write_noisy_label_report
+    from tus.figures.runs import write_diffusion_figures
     from tus.runs import new_run_dir
     from tus.stages.diffusion import DiffusionConfig, run_diffusion
     from tus.stages.explain import run_explain
@@ -104,7 +105,9 @@ def run_demo(out_root: Path, *, label_noise: float, seeds: str, progress: bool =
     with stage("6. synthetic metrics + k-NN manifold filter", timings):
         features = {"cache_dir": demo / "feature_cache", "progress": progress}
         metrics_file = demo / "synthetic_metrics.json"
-        print(format_metrics_report(run_metrics(data.labeled_manifest, samples, metrics_file, **features), metrics_file))
+        synthetic = run_metrics(data.labeled_manifest, samples, metrics_file, **features)
+        print(format_metrics_report(synthetic, metrics_file))
+        write_diffusion_figures(diffusion_dir, fid=synthetic.get("fid"))  # the sample grid's caption gets the FID
         print(format_filter_report(run_filter(data.labeled_manifest, samples, demo / "filtered", k=10, organ="testicle", **features)))
 
     with stage("7. noisy-label detection from the recorded per-sample losses", timings):
@@ -165,6 +168,7 @@ def _test_images(cv_dir: Path, count: int) -> list[str]:
 
 def write_report(demo: Path, cv_dir: Path, pretrain_dir: Path, diffusion_dir: Path, timings: dict) -> None:
     from tus.eval.metrics import format_metrics_table
+    from tus.figures.runs import figures_markdown
 
     def read(path: Path) -> dict:
         return json.loads(path.read_text())
@@ -178,8 +182,9 @@ def write_report(demo: Path, cv_dir: Path, pretrain_dir: Path, diffusion_dir: Pa
         "",
         "Produced by `make demo` on the generated phantom dataset.",
         "",
-        (cv_dir / "summary.md").read_text().replace("# ", "## Fine-tuning: ", 1),
+        (cv_dir / "summary.md").read_text().split("\n## Figures")[0].replace("# ", "## Fine-tuning: ", 1),
         "",
+        *figures_markdown(demo, [cv_dir, pretrain_dir, diffusion_dir]),
         "## Pretraining",
         "",
         f"{pretrain['steps']} steps; last values: " + ", ".join(f"{k} {v:.3f}" for k, v in pretrain["last"].items()),

@@ -29,6 +29,8 @@ STAGES = {
     "predict": ("tus.cli.predict:main", "run a trained classifier (fold ensemble or refit) on new images"),
     "export": ("tus.cli.export:main", "export a classifier to ONNX or TorchScript with a model card"),
     "experiment": ("tus.cli.experiment:main", "run a study's arms and render its table"),
+    "report": ("tus.cli.report:main", "re-render figures and summaries of finished runs from their CSVs"),
+    "wandb": ("tus.cli.wandb_export:main", "export offline W&B runs with their artifacts and lineage"),
     "demo": ("tus.cli.demo:main", "the whole pipeline on the generated phantom dataset"),
 }
 

@@ -27,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from tus.callbacks.diffusion import ExportEma, SampleGridCallback, SampleGridConfig
 from tus.config import ConfigError, require_seeds, to_dict
 from tus.data.pools import DiffusionDataConfig, DiffusionDataModule
+from tus.figures.runs import write_diffusion_figures
 from tus.methods.iddpm import (
     DiffusionModule,
     EmaConfig,
@@ -85,4 +86,6 @@ def run_diffusion(config: DiffusionConfig, run_dir: str | Path | None = None, *,
         trainer = build_trainer(config.trainer, run_dir, loggers=loggers, callbacks=callbacks, checkpoint_every_n_steps=config.data.steps_per_epoch)
         trainer.fit(module, datamodule=data, ckpt_path=str(checkpoint) if checkpoint else None)
         finish_loggers(loggers)
+        if trainer.is_global_zero:
+            write_diffusion_figures(run_dir)
     return run_dir

@@ -44,12 +44,14 @@ from tus.data.images import content_hash
 from tus.data.manifest import load_manifest
 from tus.data.seeding import derive_seed
 from tus.eval.cv_summary import FAILED_FILE, collapse_reason, collect_runs, write_summary
+from tus.figures.runs import write_cv_figures
 from tus.methods.classifier import METRIC_NAMES, FineTuneModule, save_finetuned
 from tus.models.backbones import architecture, is_vit_export, read_tus_encoder_meta
 from tus.models.configs import BackboneConfig
 from tus.run_config import LoggingConfig
 from tus.runs import RunDirError, RunLock, build_loggers, build_trainer, check_config_change, check_output_root, open_run, resume_checkpoint
 from tus.stages.configs import FineTuneCVConfig as FineTuneCVConfig
+from tus.tracking import encoder_provenance, track_cv
 
 
 def backbone_for_inputs(model: BackboneConfig, image_size: int) -> BackboneConfig:
@@ -173,6 +175,8 @@ def run_cv(
         finish_models(config, frame, run_dir)
         runs = collect_runs(run_dir)
         write_summary(run_dir, runs, frame, config)
+        write_cv_figures(run_dir)
+        track_cv(run_dir, _cv_logging(config), name=config.name, manifest=Path(config.data.manifest), init=config.model.init, weights=config.model.weights, config=to_dict(config))
     return run_dir
 
 
@@ -336,8 +340,9 @@ def run_single(
             dirpath=str(run_dir / "checkpoints"), filename="best", monitor=config.selection_metric, mode="min" if config.selection_metric.endswith("loss") else "max", save_top_k=1
         )
         callbacks.append(selector)
-    logging = LoggingConfig(**{**to_dict(config.logging), "group": config.logging.group or config.name, "job_type": config.logging.job_type or "finetune"})
-    loggers = build_loggers(run_dir, logging, name=f"{config.name}-fold{fold}-seed{seed}", config={**to_dict(config), **run_info}, tags=[f"fold{fold}", f"seed{seed}"])
+    logging = _cv_logging(config)
+    provenance = encoder_provenance(config.model.init, config.model.weights)
+    loggers = build_loggers(run_dir, logging, name=f"{config.name}-fold{fold}-seed{seed}", config={**to_dict(config), **run_info, "provenance": provenance}, tags=[f"fold{fold}", f"seed{seed}"])
     # Without inner validation there is nothing to validate on: the test fold is never peeked at.
     trainer_config = config.trainer if inner else replace(config.trainer, limit_val_batches=0)
     trainer = build_trainer(trainer_config, run_dir, loggers=loggers, callbacks=callbacks)
@@ -376,6 +381,11 @@ def run_single(
         }
         write_text_atomic(run_dir / "metrics.json", json.dumps(record, indent=2))
     return metrics
+
+
+def _cv_logging(config: FineTuneCVConfig) -> LoggingConfig:
+    """W&B group = the CV's name unless the config (a study) sets one; job type = finetune."""
+    return LoggingConfig(**{**to_dict(config.logging), "group": config.logging.group or config.name, "job_type": config.logging.job_type or "finetune"})
 
 
 def finish_models(config: FineTuneCVConfig, frame: pd.DataFrame, run_dir: Path) -> None:

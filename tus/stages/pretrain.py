@@ -26,11 +26,13 @@ import lightning as L
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch import nn
 
-from tus.callbacks.probes import DownstreamProbe, OrganProbe
+from tus.callbacks.probes import DownstreamProbe, OrganProbe, write_heldout_embeddings
 from tus.config import ConfigError, require_seeds, to_dict
 from tus.data.pools import PretrainDataConfig, PretrainDataModule
+from tus.figures.runs import EMBEDDINGS_FILE, write_pretrain_figures
 from tus.methods import method_options, resolved_method_block
 from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, check_output_root, finish_loggers, open_run, resume_checkpoint, write_json_atomic
+from tus.tracking import track_pretraining
 
 
 @dataclass
@@ -143,4 +145,8 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path | None = None, *
             last = {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("train/")}
             summary = {"steps": trainer.global_step, "last": last, "probe": probe.history if probe else [], "downstream_probe": downstream.history if downstream else []}
             write_json_atomic(run_dir / "summary.json", summary)
+            if probe is not None:
+                write_heldout_embeddings(module, probe.heldout, datamodule.heldout, run_dir / EMBEDDINGS_FILE, config.monitor.batch_size)
+            write_pretrain_figures(run_dir)
+            track_pretraining(run_dir, config.logging, [Path(s.manifest) for s in config.data.sources if s.manifest], config.name, to_dict(config))
     return run_dir

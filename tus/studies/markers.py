@@ -49,7 +49,7 @@ def evaluate_markers(cv_dir: Path, config: MarkerEvalConfig, out_dir: Path) -> d
             result.per_image(list(rows.index)).assign(label=labels).to_csv(out_dir / f"{run.name}-per_image.csv", index=False)
             if not records and config.overlay_images > 0:
                 shown = slice(0, config.overlay_images)
-                save_overlay_grid(result.rows(shown), list(rows.index)[shown], out_dir / f"{run.name}-overlays.png")
+                save_overlay_grid(result.rows(shown), list(rows.index)[shown], out_dir / f"{run.name}-overlays.png", labels[shown].tolist())
             write_json_atomic(record_path, record)
         records.append(json.loads(record_path.read_text()))
     runs = pd.DataFrame(records)

@@ -52,6 +52,7 @@ from tus.studies.noisy_labels import FLAGGING_DIR, FLAGS_DIR, flag_labels, read_
 from tus.studies.schema import PRETRAIN_ROOT, StageOverrides, Study, StudyError, substitute
 from tus.studies.schema import STAGES as STAGES
 from tus.studies.tables import write_table
+from tus.tracking import track_study
 
 # Trainer options that say where a run executes, not what it computes: a finished run is
 # found again whatever they are now (a pretraining done as a 2-GPU job is reused by a later
@@ -320,6 +321,8 @@ def run_study(
             evaluate_markers(plan.finetune_dir, study.config.marker_eval, plan.markers_dir)
     if rank_zero:
         write_table(study, study_dir)
+        if plans:
+            track_study(study_dir, _tagged(plans[0].finetune.logging, study.name, "study-summary", []), name=study.name)
     return study_dir
 
 

@@ -20,6 +20,7 @@ import pandas as pd
 from tus.data.folds import distinct_splits
 from tus.eval.cv_summary import pooled_predictions
 from tus.eval.statistics import compare_arms, compare_pooled_predictions, format_p, significance_marker
+from tus.figures.runs import write_study_figures
 from tus.runs import read_json
 from tus.studies.schema import CV_METRICS, MARKER_METRICS, PRETRAIN_ROOT, Study
 
@@ -304,5 +305,7 @@ def write_table(study: Study, study_dir: Path) -> str:
     markdown = render_markdown(study, results)
     study_dir.mkdir(parents=True, exist_ok=True)
     (study_dir / "table.md").write_text(markdown)
-    table_frame(study, results).to_csv(study_dir / "table.csv", index=False)
+    frame = table_frame(study, results)
+    frame.to_csv(study_dir / "table.csv", index=False)
+    write_study_figures(study_dir, frame, baseline_arm(study), [m for m in study.config.table.metrics if m in CV_METRICS])
     return markdown
