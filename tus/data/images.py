@@ -143,7 +143,7 @@ def dicom_pixel_problem(path: str | Path, header) -> str | None:
     if not any(tag in header for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")) and not _has_pixel_data_after_header(path):
         return "DICOM without pixel data (a report or structured document?); nothing to read"
     syntax = getattr(getattr(header, "file_meta", None), "TransferSyntaxUID", None)
-    if syntax is None:
+    if syntax is None or not syntax.is_compressed:
         return None
     try:
         decoder = get_decoder(syntax)

@@ -104,7 +104,7 @@ def run_fold_safe_cv(config, manifest_path: str | Path, flagged: set[str], varia
     from tus.eval.cv_summary import collect_runs, write_summary
     from tus.stages.finetune_cv import finetune_callbacks, run_single
 
-    complete = load_manifest(manifest_path, require_labels=True, num_folds=config.data.num_folds)
+    complete = load_manifest(manifest_path, require_labels=True, num_folds=config.data.num_folds, dicom_frames=config.data.dicom_frames)
     folds = assign_folds(complete, config.data.num_folds, config.data.fold_seed)
     paths = fold_safe_manifests(complete, folds, flagged, variant, cv_dir / "fold_safe")
     if not (cv_dir / "config.yaml").is_file():

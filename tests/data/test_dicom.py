@@ -1,0 +1,113 @@
+"""DICOM input: pixel conventions against hand-computed values, cine loops as frame rows that never
+cross folds, refusals by name (no pixel data, no decoder), and patient names kept out of outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tus.data.folds import assign_folds
+from tus.data.images import ImageReadError, read_grayscale, write_dicom
+from tus.data.manifest import ManifestError, check_manifest, load_manifest
+
+pytest.importorskip("pydicom")
+
+
+def _write_manifest(folder, rows):
+    path = folder / "manifest.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def test_monochrome1_is_inverted_and_8bit_values_are_kept(tmp_path):
+    pixels = np.array([[0, 10, 200], [255, 128, 1]], dtype=np.uint8)
+    write_dicom(tmp_path / "m2.dcm", pixels, patient_id="p")
+    write_dicom(tmp_path / "m1.dcm", pixels, patient_id="p", photometric="MONOCHROME1")
+    assert read_grayscale(tmp_path / "m2.dcm").tolist() == [[0, 10, 200], [255, 128, 1]]
+    # MONOCHROME1: the minimum is white, so grey = 255 - value.
+    assert read_grayscale(tmp_path / "m1.dcm").tolist() == [[255, 245, 55], [0, 127, 254]]
+
+
+def test_voi_window_matches_the_standards_linear_function(tmp_path):
+    values = np.array([[0, 19999, 20000, 21000], [30000, 39999, 40000, 65535]], dtype=np.uint16)
+    write_dicom(tmp_path / "w.dcm", values, patient_id="p", window=(30000, 20001))
+    # PS3.3 C.11.2.1.2.1 by hand: c' = 29999.5, w' = 20000; x <= c' - w'/2 = 19999.5 -> 0,
+    # x > c' + w'/2 = 39999.5 -> 255, else ((x - c') / w' + 0.5) * 255 (output range 0..65535 -> 0..255).
+    expected = [[0, 0, round((20000 - 19999.5) / 20000 * 255), round((21000 - 19999.5) / 20000 * 255)], [round((30000 - 19999.5) / 20000 * 255), 255, 255, 255]]
+    assert expected == [[0, 0, 0, 13], [128, 255, 255, 255]]
+    assert read_grayscale(tmp_path / "w.dcm").tolist() == expected
+
+
+def test_rgb_dicom_gets_the_luma_of_an_rgb_png(tmp_path):
+    rgb = np.zeros((2, 2, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 200, 100, 50
+    write_dicom(tmp_path / "rgb.dcm", rgb, patient_id="p", photometric="RGB")
+    # ITU-R 601: 0.299 R + 0.587 G + 0.114 B = 59.8 + 58.7 + 5.7 = 124.2
+    assert (read_grayscale(tmp_path / "rgb.dcm") == 124).all()
+
+
+def test_cine_loop_expands_to_frame_rows_with_one_patient_in_one_fold(tmp_path):
+    loop = np.stack([np.full((8, 8), 10 * k, np.uint8) for k in range(5)])
+    write_dicom(tmp_path / "loop.dcm", loop, patient_id="x", patient_name="Doe^Jane")
+    rows = [{"path": "loop.dcm", "patient_id": "pA", "label": 1}]
+    for i in range(8):
+        image = np.full((8, 8), i, np.uint8)
+        write_dicom(tmp_path / f"s{i}.dcm", image, patient_id="x")
+        rows.append({"path": f"s{i}.dcm", "patient_id": f"p{i}", "label": i % 2})
+    manifest = _write_manifest(tmp_path, rows)
+    frame = load_manifest(manifest, dicom_frames="all")
+    loop_rows = frame[frame["patient_id"] == "pA"]
+    assert loop_rows["sample_id"].tolist() == [f"loop.dcm#frame{k}" for k in range(5)]
+    assert [int(read_grayscale(p)[0, 0]) for p in loop_rows["abs_path"]] == [0, 10, 20, 30, 40]
+    assert len(frame) == 13
+    for seed in range(5):
+        folds = assign_folds(frame, 3, seed)
+        assert len(set(folds[frame["patient_id"].to_numpy() == "pA"])) == 1
+    middle = load_manifest(manifest)  # default: the middle frame, the row's own sample_id
+    row = middle[middle["patient_id"] == "pA"].iloc[0]
+    assert row["sample_id"] == "loop.dcm" and int(read_grayscale(row["abs_path"])[0, 0]) == 20
+    first = load_manifest(manifest, dicom_frames=4)
+    assert int(read_grayscale(first[first["patient_id"] == "pA"].iloc[0]["abs_path"])[0, 0]) == 40
+    with pytest.raises(ManifestError, match=r"line 2 \(loop.dcm\): data.dicom_frames 7 but the DICOM has 5 frame"):
+        load_manifest(manifest, dicom_frames=7)
+
+
+def test_from_dicom_reads_patient_id_and_body_part(tmp_path):
+    write_dicom(tmp_path / "a.dcm", np.zeros((4, 4), np.uint8), patient_id="ID-7", body_part="THYROID")
+    write_dicom(tmp_path / "b.dcm", np.zeros((4, 4), np.uint8), patient_id="")
+    manifest = _write_manifest(tmp_path, [{"path": "a.dcm", "patient_id": "from_dicom", "organ": "from_dicom"}, {"path": "b.dcm", "patient_id": "from_dicom", "organ": ""}])
+    frame, problems = check_manifest(manifest, require_labels=False)
+    assert frame.loc[0, "patient_id"] == "ID-7" and frame.loc[0, "organ"] == "THYROID"
+    assert [str(p) for p in problems] == ["manifest.csv line 3 (b.dcm): patient_id 'from_dicom' but the DICOM has no PatientID"]
+
+
+def test_no_pixel_data_and_missing_decoder_are_named_with_their_row(tmp_path, monkeypatch):
+    import pydicom
+    from pydicom.pixels.decoders.base import Decoder
+    from pydicom.uid import RLELossless
+
+    write_dicom(tmp_path / "ok.dcm", np.zeros((4, 4), np.uint8), patient_id="p")
+    report = pydicom.dcmread(tmp_path / "ok.dcm")
+    del report.PixelData
+    report.save_as(tmp_path / "report.dcm", enforce_file_format=True)
+    rle = pydicom.dcmread(tmp_path / "ok.dcm")
+    rle.compress(RLELossless)
+    rle.save_as(tmp_path / "rle.dcm", enforce_file_format=True)
+    assert read_grayscale(tmp_path / "rle.dcm").shape == (4, 4)
+    # The decoder "uninstalled": every decoder reports itself unavailable.
+    monkeypatch.setattr(Decoder, "is_available", property(lambda self: False))
+    with pytest.raises(ImageReadError, match=r"rle.dcm: DICOM compressed as RLE Lossless .* but no decoder for it is installed"):
+        read_grayscale(tmp_path / "rle.dcm")
+    rows = [{"path": name, "patient_id": name, "label": 0} for name in ("ok.dcm", "report.dcm", "rle.dcm")]
+    _, problems = check_manifest(_write_manifest(tmp_path, rows), require_labels=False)
+    text = [str(p) for p in problems]
+    assert len(text) == 2
+    assert text[0].startswith("manifest.csv line 3 (report.dcm): report.dcm: DICOM without pixel data")
+    assert text[1].startswith("manifest.csv line 4 (rle.dcm): rle.dcm: DICOM compressed as RLE Lossless")
+
+
+def test_nothing_is_written_into_a_dicom(tmp_path):
+    write_dicom(tmp_path / "a.dcm", np.zeros((4, 4), np.uint8), patient_id="p")
+    with pytest.raises(FileExistsError, match="never writes into a DICOM"):
+        write_dicom(tmp_path / "a.dcm", np.zeros((4, 4), np.uint8), patient_id="p")
