@@ -169,7 +169,7 @@ def check_manifest(
     if frame.empty:
         return frame, [Problem(str(path), "manifest has no rows")]
 
-    frame = _dicom_rows(frame, dicom_frames, where, problems)
+    frame = expand_dicom_rows(frame, dicom_frames, where, problems)
     frame["label"] = _parse_labels(frame, require_labels, where, problems)
     if "patient_id" in frame.columns:
         frame["patient_id"] = frame["patient_id"].str.strip()
@@ -195,8 +195,10 @@ def check_manifest(
     return frame, problems
 
 
-def _dicom_rows(frame: pd.DataFrame, dicom_frames: str, where, problems: list[Problem]) -> pd.DataFrame:
-    """Rows with ``from_dicom`` cells filled and multi-frame DICOMs turned into frame rows."""
+def expand_dicom_rows(frame: pd.DataFrame, dicom_frames: str, where, problems: list[Problem]) -> pd.DataFrame:
+    """Rows with ``from_dicom`` cells filled and multi-frame DICOMs turned into frame rows (a
+    frame parsed by :func:`read_manifest`); what is wrong is appended to ``problems``."""
+    dicom_frames = check_dicom_frames(dicom_frames)
     asks = {column: frame[column].str.strip().str.lower() == FROM_DICOM for column in FROM_DICOM_TAGS if column in frame.columns}
     rows = []
     for index, row in enumerate(frame.itertuples(index=False)):

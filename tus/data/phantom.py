@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from tus.data.images import write_grayscale
+from tus.data.images import write_dicom, write_grayscale
 from tus.data.markers import draw_markers
 
 ORGANS = ("testicle", "thyroid")
@@ -36,6 +36,10 @@ NOISE_FLOOR_DB = -32.0
 # from independent generators: changing pool_size does not change the labeled images.
 LABELED_STREAM, POOL_STREAM, ASSIGNMENT_STREAM, NOISE_STREAM = 1, 2, 3, 4
 LABELED_PATIENT_STREAM, POOL_PATIENT_STREAM = 5, 6
+# With dicom=True every CINE_EVERY-th patient's views are one multi-frame DICOM (a cine loop).
+CINE_EVERY = 5
+# The synthetic PatientName written into phantom DICOMs: tests grep outputs for it.
+PHANTOM_PATIENT_NAME = "Phantomname^Never^Shown"
 
 
 @dataclass(frozen=True)
@@ -79,8 +83,15 @@ def generate_phantom(
     pool_size: int = 300,
     seed: int = 0,
     label_noise: float = 0.0,
+    dicom: bool = False,
 ) -> PhantomPaths:
     """Write the labeled and unlabeled phantom datasets under ``out_dir``.
+
+    ``dicom=True`` writes the labelled images as DICOM instead (the same pixels, uncompressed,
+    PatientName ``PHANTOM_PATIENT_NAME``): one single-frame file per image, except every
+    ``CINE_EVERY``-th patient, whose views form one multi-frame file (its manifest row loads as
+    the middle frame by default, as every frame with ``data.dicom_frames: all``). That manifest's
+    ``patient_id`` and ``organ`` read ``from_dicom``. The pool stays PNG.
 
     ``images_per_patient`` is an inclusive range. Exactly ``round(positive_fraction *
     num_patients)`` patients are inhomogeneous, and exactly ``round(label_noise * N)`` of
@@ -118,6 +129,8 @@ def generate_phantom(
     labeled["class_name"] = [CLASS_NAMES[label] for label in labeled["label"]]
     labeled["sample_id"] = labeled["path"]
     labeled = labeled[["path", "patient_id", "label", "class_name", "organ", "has_markers", "clean_label", "sample_id"]]
+    if dicom:
+        labeled = _as_dicom(root / "labeled", labeled)
     labeled.to_csv(root / "labeled" / "manifest.csv", index=False)
 
     pool_rows = []
@@ -146,6 +159,32 @@ def generate_phantom(
     pool = pool[["path", "patient_id", "organ", "sample_id"]]
     pool.to_csv(root / "unlabeled" / "manifest.csv", index=False)
     return PhantomPaths(root, root / "labeled" / "manifest.csv", root / "unlabeled" / "manifest.csv")
+
+
+def _as_dicom(folder: Path, labeled: pd.DataFrame) -> pd.DataFrame:
+    """Rewrite the labelled PNGs as DICOMs (removing the PNGs) and return the DICOM manifest."""
+    from tus.data.images import read_grayscale
+
+    rows = []
+    for number, (patient, group) in enumerate(labeled.groupby("patient_id", sort=True)):
+        images = [read_grayscale(folder / path) for path in group["path"]]
+        first = group.iloc[0].to_dict()
+        if number % CINE_EVERY == CINE_EVERY - 1 and len(images) > 1:
+            path = f"images/{patient}_cine.dcm"
+            write_dicom(folder / path, np.stack(images), patient_id=str(patient), patient_name=PHANTOM_PATIENT_NAME, body_part="TESTIS")
+            # A loop's frames share the patient's label; has_markers: any frame has them.
+            rows.append({**first, "path": path, "sample_id": path, "has_markers": int(group["has_markers"].max())})
+        else:
+            for record, image in zip(group.to_dict("records"), images):
+                path = str(Path(record["path"]).with_suffix(".dcm"))
+                write_dicom(folder / path, image, patient_id=str(patient), patient_name=PHANTOM_PATIENT_NAME, body_part="TESTIS")
+                rows.append({**record, "path": path, "sample_id": path})
+        for png in group["path"]:
+            (folder / png).unlink()
+    frame = pd.DataFrame(rows, columns=labeled.columns)
+    frame["patient_id"] = "from_dicom"
+    frame["organ"] = "from_dicom"
+    return frame
 
 
 def _render_rows(folder: Path, rows: list[dict], stream: list[int], image_size: int, marker_fraction: float) -> pd.DataFrame:
