@@ -111,3 +111,76 @@ def test_nothing_is_written_into_a_dicom(tmp_path):
     write_dicom(tmp_path / "a.dcm", np.zeros((4, 4), np.uint8), patient_id="p")
     with pytest.raises(FileExistsError, match="never writes into a DICOM"):
         write_dicom(tmp_path / "a.dcm", np.zeros((4, 4), np.uint8), patient_id="p")
+
+
+def test_dicom_phantom_cv_keeps_patient_names_out_of_every_output(tmp_path):
+    """A tiny CV on the DICOM phantom with every cine frame as a row: loops stay in one fold, ids
+    come from PatientID (asked with from_dicom), and the PatientName is in no file written."""
+    from tests.stages.test_finetune_cv import tiny_config
+    from tus.data.phantom import PHANTOM_PATIENT_NAME, generate_phantom
+    from tus.stages.finetune_cv import run_cv
+
+    paths = generate_phantom(tmp_path / "phantom", num_patients=10, images_per_patient=(2, 3), image_size=32, positive_fraction=0.4, pool_size=0, dicom=True)
+    written = pd.read_csv(paths.labeled_manifest)
+    cine = written[written["path"].str.endswith("_cine.dcm")]
+    assert len(cine) == 2 and (written["patient_id"] == "from_dicom").all()
+    config = tiny_config(paths.labeled_manifest, tmp_path / "runs", "data.dicom_frames=all", "trainer.max_epochs=1", f"data.cache_dir={tmp_path / 'cache'}", "data.num_folds=2", "data.num_workers=0")
+    run_dir = run_cv(config)
+    folds = pd.read_csv(run_dir / "folds.csv", dtype=str)
+    frames = folds[folds["sample_id"].str.contains("_cine.dcm#frame")]
+    assert len(frames) >= 4  # two loops of 2-3 frames, one row each
+    assert frames.groupby("patient_id")["fold"].nunique().eq(1).all()
+    assert set(folds["patient_id"]) == {f"P{p:04d}" for p in range(10)}
+    name_parts = [part.encode() for part in PHANTOM_PATIENT_NAME.split("^")]
+    leaked = [str(f) for root in (run_dir, tmp_path / "cache") for f in root.rglob("*") if f.is_file() and any(part.lower() in f.read_bytes().lower() for part in name_parts)]
+    assert leaked == []
+    # The search does find the name where it is: in the DICOMs themselves (inputs, never written to).
+    assert all(name_parts[0] in f.read_bytes() for f in (tmp_path / "phantom").rglob("*.dcm"))
+
+
+def _jpeg(image: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def test_data_check_reports_frames_of_unequal_size_with_the_row(tmp_path, capsys):
+    from pydicom import dcmread
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    from tus.cli.data import main
+
+    write_dicom(tmp_path / "loop.dcm", np.zeros((3, 16, 16), np.uint8), patient_id="p")
+    loop = dcmread(tmp_path / "loop.dcm")
+    # Frame 1 is stored 24x16 although the header says 16x16 (a broken export).
+    loop.PixelData = encapsulate([_jpeg(np.zeros((16, 16), np.uint8)), _jpeg(np.zeros((16, 24), np.uint8)), _jpeg(np.zeros((16, 16), np.uint8))])
+    loop.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    loop["PixelData"].VR = "OB"
+    loop.save_as(tmp_path / "broken.dcm", enforce_file_format=True)
+    manifest = _write_manifest(tmp_path, [{"path": "broken.dcm", "patient_id": "a"}])
+    assert main(["check", str(manifest), "--unlabeled"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "manifest.csv line 2 (broken.dcm#frame1): broken.dcm: frames of unequal size: the header says 16x16 (WxH) but frame 1: 24x16"
+
+
+def test_crop_uses_the_dicom_ultrasound_regions_on_each_frame(tmp_path):
+    from tus.data.crop import crop_manifest
+
+    loop = np.zeros((2, 20, 30), np.uint8)
+    loop[0, 5:15, 10:25] = 100
+    loop[1, 5:15, 10:25] = 150
+    # Regions' MaxX1/MaxY1 are inclusive: rows 5..14, columns 10..24 -> box (10, 5, 25, 15).
+    write_dicom(tmp_path / "loop.dcm", loop, patient_id="p", regions=[(10, 5, 24, 14)])
+    manifest = _write_manifest(tmp_path, [{"path": "loop.dcm", "patient_id": "from_dicom", "label": 1}])
+    out = crop_manifest(manifest, tmp_path / "crops", dicom_frames="all")
+    crops = pd.read_csv(out)
+    assert crops["box"].tolist() == ["10,5,25,15", "10,5,25,15"]
+    assert crops["sample_id"].tolist() == ["loop.dcm#frame0#view0", "loop.dcm#frame1#view0"]
+    assert crops["patient_id"].tolist() == ["p", "p"]
+    assert [int(read_grayscale(tmp_path / "crops" / p).mean()) for p in crops["path"]] == [100, 150]
+    assert load_manifest(out)["label"].tolist() == [1, 1]
