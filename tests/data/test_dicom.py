@@ -45,6 +45,11 @@ def test_rgb_dicom_gets_the_luma_of_an_rgb_png(tmp_path):
     write_dicom(tmp_path / "rgb.dcm", rgb, patient_id="p", photometric="RGB")
     # ITU-R 601: 0.299 R + 0.587 G + 0.114 B = 59.8 + 58.7 + 5.7 = 124.2
     assert (read_grayscale(tmp_path / "rgb.dcm") == 124).all()
+    from pydicom.pixels import convert_color_space
+
+    # The same colour stored as YBR_FULL is converted back to RGB first (rounding: +-1 level).
+    write_dicom(tmp_path / "ybr.dcm", convert_color_space(rgb, "RGB", "YBR_FULL"), patient_id="p", photometric="YBR_FULL")
+    assert np.abs(read_grayscale(tmp_path / "ybr.dcm").astype(int) - 124).max() <= 1
 
 
 def test_cine_loop_expands_to_frame_rows_with_one_patient_in_one_fold(tmp_path):
