@@ -104,6 +104,8 @@ def is_dicom(path: str | Path) -> bool:
     path = split_frame(path)[0]
     if path.suffix.lower() in DICOM_SUFFIXES:
         return True
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return False
     try:
         with open(path, "rb") as handle:
             return handle.read(132)[128:] == b"DICM"
@@ -176,10 +178,14 @@ def read_dicom_grayscale(path: str | Path) -> np.ndarray:
         raise ImageReadError(f"{file}: multi-frame DICOM ({frames} frames); name a frame as {file.name}{FRAME_MARK}<k> or set data.dicom_frames in a manifest's config")
     if frame is not None and frame >= frames:
         raise ImageReadError(f"{file}: frame {frame} requested but the DICOM has {frames} frame(s) (0..{frames - 1})")
+    index = frame if frames > 1 else None
     try:
-        dataset = pydicom.dcmread(file, force=True)
-        pixels = pydicom.pixels.pixel_array(dataset, index=frame if frames > 1 else None)
-        return _dicom_to_uint8_gray(pixels, dataset)
+        try:
+            # From the file, pydicom reads only the requested frame of a loop.
+            pixels = pydicom.pixels.pixel_array(file, index=index)
+        except Exception:  # e.g. a file without the preamble, which only dcmread(force=True) reads
+            pixels = pydicom.pixels.pixel_array(pydicom.dcmread(file, force=True), index=index)
+        return _dicom_to_uint8_gray(pixels, header)
     except ImageReadError:
         raise
     except Exception as error:  # a truncated or inconsistent pixel stream
