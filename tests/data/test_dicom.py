@@ -189,3 +189,15 @@ def test_crop_uses_the_dicom_ultrasound_regions_on_each_frame(tmp_path):
     assert crops["patient_id"].tolist() == ["p", "p"]
     assert [int(read_grayscale(tmp_path / "crops" / p).mean()) for p in crops["path"]] == [100, 150]
     assert load_manifest(out)["label"].tolist() == [1, 1]
+
+
+def test_dicom_frames_option_is_checked_where_it_is_given():
+    from tus.config import ConfigError
+    from tus.data.configs import ImageSourceConfig, LabeledDataConfig
+
+    assert LabeledDataConfig().dicom_frames == "middle" and LabeledDataConfig(dicom_frames=" ALL ").dicom_frames == "all"
+    assert LabeledDataConfig(dicom_frames=3).dicom_frames == "3"  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^data.dicom_frames must be one of \['all', 'first', 'middle'\] or a frame index >= 0, got 'last'$"):
+        LabeledDataConfig(dicom_frames="last")
+    with pytest.raises(ConfigError, match="^dicom_frames must be"):
+        ImageSourceConfig(manifest="m.csv", dicom_frames="-1")

@@ -9,6 +9,16 @@ from collections import Counter
 from tus.data.images import read_grayscale
 
 
+def _dicom_frames(value: str) -> str:
+    from tus.config import ConfigError
+    from tus.data.configs import check_dicom_frames
+
+    try:
+        return check_dicom_frames(value, "--dicom-frames")
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="tus data", description="Dataset tools.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -17,7 +27,7 @@ def main(argv: list[str]) -> int:
     check.add_argument("manifest")
     check.add_argument("--unlabeled", action="store_true", help="labels and patient ids are optional (pretraining pools)")
     check.add_argument("--folds", type=int, default=3, help="fold count the classes must fill (labelled data)")
-    check.add_argument("--dicom-frames", default="middle", metavar="all|first|middle|K", help="rows of a multi-frame DICOM, as data.dicom_frames (default: middle)")
+    check.add_argument("--dicom-frames", default="middle", type=_dicom_frames, metavar="all|first|middle|K", help="rows of a multi-frame DICOM, as data.dicom_frames (default: middle)")
 
     phantom = commands.add_parser("phantom", help="generate the embedded phantom dataset (labelled set + unlabelled two-organ pool)")
     phantom.add_argument("--out", required=True)
@@ -33,7 +43,7 @@ def main(argv: list[str]) -> int:
     crop.add_argument("--out", required=True, help="new folder for crops, manifest.csv and preview.png")
     crop.add_argument("--box", action="append", default=None, metavar="X0,Y0,X1,Y1", help="fixed box(es) instead of detection; repeat for dual view")
     crop.add_argument("--max-views", type=int, default=2)
-    crop.add_argument("--dicom-frames", default="middle", metavar="all|first|middle|K", help="frames of a multi-frame DICOM to crop (default: middle)")
+    crop.add_argument("--dicom-frames", default="middle", type=_dicom_frames, metavar="all|first|middle|K", help="frames of a multi-frame DICOM to crop (default: middle)")
 
     overlap = commands.add_parser("overlap", help="images a pool shares with the labelled set (same file or same pixels), per labelled fold")
     overlap.add_argument("pool", help="the pool's manifest")
