@@ -26,6 +26,8 @@ STAGES = {
     "filter": ("tus.cli.synthetic:filter_main", "k-NN manifold filter of generated images"),
     "noisy-labels": ("tus.cli.noisy_labels:main", "flag noisy labels from per-sample loss trajectories"),
     "explain": ("tus.cli.explain:main", "Grad-CAM++ overlays and marker sensitivity"),
+    "predict": ("tus.cli.predict:main", "run a trained classifier (fold ensemble or refit) on new images"),
+    "export": ("tus.cli.export:main", "export a classifier to ONNX or TorchScript with a model card"),
     "experiment": ("tus.cli.experiment:main", "run a study's arms and render its table"),
     "demo": ("tus.cli.demo:main", "the whole pipeline on the generated phantom dataset"),
 }

@@ -18,10 +18,12 @@ from typing import Any
 import pandas as pd
 
 from tus.eval.cv_metrics import METRIC_NAMES
-from tus.eval.statistics import paper_spread, patient_bootstrap_cis
+from tus.eval.statistics import METRIC_FNS, paper_spread, patient_bootstrap_cis
 
 CI_BOOTSTRAPS = 1000
 CI_ALPHA = 0.05
+# Written by tus.stages.cv_decision when a run asks for a threshold rule or calibration.
+DECISION_FILE = "decision.json"
 
 
 def collect_runs(run_dir: Path) -> pd.DataFrame:
@@ -116,6 +118,8 @@ def write_summary(run_dir: Path, runs: pd.DataFrame, frame: pd.DataFrame, config
         "ci_note": CI_TEXT.format(confidence=1 - CI_ALPHA, n_boot=n_boot, runs=predictions[["fold", "seed"]].drop_duplicates().shape[0], patients=predictions["patient_id"].nunique()),
         "baselines": baselines,
     }
+    if (run_dir / DECISION_FILE).is_file() and len(predictions):
+        summary["decision"] = decision_metrics(predictions, json.loads((run_dir / DECISION_FILE).read_text()), n_boot=n_boot)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (run_dir / "summary.md").write_text(render_summary_markdown(summary))
     return summary
@@ -135,6 +139,10 @@ def render_summary_markdown(summary: dict) -> str:
     for key, label in (("always_negative", "always negative"), ("prior_random", "random (prior-matched)")):
         base = summary["baselines"][key]
         rows.append(f"| *{label}* | " + " | ".join(f"{base[n] * 100:.1f}" for n in METRIC_NAMES) + " |")
+    decision = summary.get("decision")
+    if decision:
+        rows.append(f"| *at threshold ({decision['rule']})* | " + " | ".join(format_mean_std(decision["metrics"][n]) for n in METRIC_NAMES) + " |")
+        rows.append("| *its 95% CI, patients* | " + " | ".join(_format_ci(decision["ci"].get(n)) for n in METRIC_NAMES) + " |")
     p = summary["baselines"]["positive_rate"]
     return "\n".join(
         [
@@ -146,9 +154,51 @@ def render_summary_markdown(summary: dict) -> str:
             *([f"*paper spread*: {summary['spread_note']}."] if spread else []),
             *([f"*95% CI, patients*: {summary['ci_note']}."] if cis else []),
             f"Model selection: {summary['selection_note']}.",
+            *([decision_text(decision)] if decision else []),
             "",
         ]
     )
+
+
+def decision_metrics(predictions: pd.DataFrame, decision: dict, n_boot: int = CI_BOOTSTRAPS) -> dict:
+    """The test metrics at each run's own chosen threshold (and temperature), beside the 0.5 ones above.
+
+    Each fold x seed run's test predictions are calibrated with its temperature and thresholded at its threshold
+    (both fitted without its test fold, see :mod:`tus.stages.cv_decision`); mean +- std over runs, patient
+    bootstrap CIs of the pooled predictions, and the expected calibration error of the pooled test predictions
+    before and after calibration.
+    """
+    from tus.eval.calibration import apply_temperature, expected_calibration_error
+
+    chosen = {(r["fold"], r["seed"]): r for r in decision["per_run"]}
+    parts, records = [], []
+    for (fold, seed), run in predictions.groupby(["fold", "seed"]):
+        settings = chosen.get((int(fold), int(seed)), {"threshold": 0.5, "temperature": 1.0})
+        calibrated = apply_temperature(run["prob"].to_numpy(), settings["temperature"])
+        part = run.assign(prob=calibrated, pred=(calibrated >= settings["threshold"]).astype(int))
+        parts.append(part)
+        records.append({name: METRIC_FNS[name](part) for name in METRIC_NAMES})
+    pooled = pd.concat(parts, ignore_index=True)
+    labels = predictions["label"].to_numpy()
+    return {
+        "rule": decision["rule"],
+        "calibration": decision["calibration"],
+        "thresholds": {f"fold{r['fold']}-seed{r['seed']}": r["threshold"] for r in decision["per_run"]},
+        "metrics": aggregate(pd.DataFrame(records)),
+        "ci": bootstrap_cis(pooled, n_boot=n_boot),
+        "ece": {"before": expected_calibration_error(predictions["prob"].to_numpy(), labels), "after": expected_calibration_error(pooled["prob"].to_numpy(), pooled["label"].to_numpy())},
+    }
+
+
+def decision_text(decision: dict) -> str:
+    thresholds = list(decision["thresholds"].values())
+    text = (
+        f"*at threshold ({decision['rule']})*: each run's test fold thresholded at the value chosen on its training folds' out-of-fold predictions "
+        f"({min(thresholds):.3g}-{max(thresholds):.3g} over runs)"
+    )
+    if decision["calibration"] != "none":
+        text += f"; {decision['calibration']} calibration fitted the same way, ECE of the pooled test predictions {decision['ece']['before']:.3f} before, {decision['ece']['after']:.3f} after"
+    return text + "."
 
 
 def _format_ci(ci: dict | None, scale: float = 100.0, digits: int = 1) -> str:

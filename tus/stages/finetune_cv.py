@@ -36,7 +36,7 @@ from tus.callbacks.loss_recorder import PerSampleLossRecorder
 from tus.callbacks.progress import stage_progress
 from tus.config import ConfigError, to_dict, write_text_atomic
 from tus.data.datamodules import LabeledDataModule
-from tus.data.folds import assign_folds, assign_folds_for_seed, fold_table
+from tus.data.folds import FoldError, assign_folds, assign_folds_for_seed, fold_table, folds_from_table, read_fold_table
 from tus.data.images import content_hash
 from tus.data.manifest import load_manifest
 from tus.data.seeding import derive_seed
@@ -160,6 +160,7 @@ def run_cv(
         ):
             for fold, seed in todo:
                 run_single(config, frame, folds[seed] if isinstance(folds, dict) else folds, fold, seed, run_dir / "runs" / f"fold{fold}-seed{seed}", _with_stage_callbacks(callback_factory))
+        finish_models(config, frame, run_dir)
         runs = collect_runs(run_dir)
         write_summary(run_dir, runs, frame, config)
     return run_dir
@@ -178,12 +179,7 @@ def _manifest_and_folds(config: FineTuneCVConfig) -> tuple[pd.DataFrame, np.ndar
         raise ConfigError(f"seeds: {config.seeds} repeats a seed (each fold x seed run must be distinct)")
     backbone_for_inputs(config.model, config.data.image_size)  # a ViT's size mismatch, before any run dir
     frame = load_manifest(config.data.manifest, require_labels=True, num_folds=config.data.num_folds, dicom_frames=config.data.dicom_frames)
-    folds = (
-        {seed: assign_folds_for_seed(frame, config.data.num_folds, config.data.fold_seed, seed, per_seed=True) for seed in config.seeds}
-        if config.data.folds_per_seed
-        else assign_folds(frame, config.data.num_folds, config.data.fold_seed)
-    )
-    return frame, folds
+    return frame, cv_folds(config, frame)
 
 
 # A CV split over processes (a SLURM job array: one fold x seed per task or GPU):
@@ -241,8 +237,23 @@ def join_cv(config: FineTuneCVConfig, run_dir: str | Path) -> Path:
         )
     frame, _ = _manifest_and_folds(config)
     with RunLock(run_dir):
+        finish_models(config, frame, run_dir)  # refit models (trained here) and thresholds, as run_cv does
         write_summary(run_dir, collect_runs(run_dir), frame, config)
     return run_dir
+
+
+def cv_folds(config: FineTuneCVConfig, frame: pd.DataFrame) -> np.ndarray | dict[int, np.ndarray]:
+    """The folds of ``frame``'s rows: read from ``data.folds_from``, else drawn (once, or per
+    seed with ``data.folds_per_seed``: then a dict seed -> folds)."""
+    data = config.data
+    if data.folds_from:
+        try:
+            return folds_from_table(frame, read_fold_table(data.folds_from), data.num_folds, list(config.seeds), data.folds_per_seed, source=f"data.folds_from={data.folds_from}")
+        except FoldError as error:
+            raise ConfigError(str(error)) from error
+    if data.folds_per_seed:
+        return {seed: assign_folds_for_seed(frame, data.num_folds, data.fold_seed, seed, per_seed=True) for seed in config.seeds}
+    return assign_folds(frame, data.num_folds, data.fold_seed)
 
 
 def _with_stage_callbacks(extra: CallbackFactory | None) -> CallbackFactory:
@@ -335,6 +346,56 @@ def run_single(
         record = {**run_info, **metrics, "epochs": trainer.current_epoch, "selection": config.selection}
         write_text_atomic(run_dir / "metrics.json", json.dumps(record, indent=2))
     return metrics
+
+
+def finish_models(config: FineTuneCVConfig, frame: pd.DataFrame, run_dir: Path) -> None:
+    """After every fold: the refit models (``config.refit``), then each model's threshold and temperature."""
+    from tus.stages.cv_decision import decide
+
+    if config.refit:
+        for seed in config.seeds:
+            if not (run_dir / "runs" / f"refit-seed{seed}" / "refit.json").exists():
+                run_refit(config, frame, seed, run_dir / "runs" / f"refit-seed{seed}")
+    decide(run_dir, frame, config.threshold, config.calibration)
+
+
+def run_refit(config: FineTuneCVConfig, frame: pd.DataFrame, seed: int, run_dir: Path) -> dict:
+    """Train one model on every labelled image with the CV's recipe and epoch count; write refit.json last (= done).
+
+    Nothing is held out, so nothing is evaluated: refit.json says so, and the model's expected performance is the
+    CV's. No per-sample losses or Grad-CAM are recorded (they are for held-out folds). Needs ``selection: last``:
+    with inner validation each fold chose its own epoch, so there is no one epoch count to repeat.
+    """
+    if config.selection != "last":
+        raise ConfigError("refit=true needs selection=last: with inner_val each fold chose its own epoch, so there is no one recipe to refit with")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(seed, workers=True)
+    datamodule = LabeledDataModule(config.data, frame, None, None, seed)
+    module = FineTuneModule(config.model, config.optim)
+    logging = LoggingConfig(**{**to_dict(config.logging), "group": config.logging.group or config.name, "job_type": "refit"})
+    loggers = build_loggers(run_dir, logging, name=f"{config.name}-refit-seed{seed}", config={**to_dict(config), "seed": seed, "refit": True}, tags=["refit", f"seed{seed}"])
+    trainer = build_trainer(replace(config.trainer, limit_val_batches=0), run_dir, loggers=loggers, callbacks=[_EpochSeededStream(seed)])
+    trainer.fit(module, datamodule=datamodule, ckpt_path=last_checkpoint(run_dir))
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()
+    record = {
+        "seed": seed,
+        "refit": True,
+        "evaluated": False,
+        "note": "trained on every labelled image; never evaluated (nothing held out): its expected performance is the CV's (summary.json)",
+        "images": int(len(frame)),
+        "patients": int(frame["patient_id"].nunique()),
+        "epochs": trainer.current_epoch,
+        "init": config.init_label or config.model.init,
+    }
+    if trainer.is_global_zero:
+        folder = save_finetuned(module, run_dir / "model", image_size=config.data.image_size)
+        exported = json.loads((folder / "config.json").read_text())
+        write_text_atomic(folder / "config.json", json.dumps({**exported, "refit": record}, indent=2))  # marked in the model itself
+        _drop_training_state(run_dir)
+        write_text_atomic(run_dir / "refit.json", json.dumps(record, indent=2))
+    return record
 
 
 def _drop_training_state(run_dir: Path) -> None:
