@@ -155,7 +155,7 @@ def read_image_source(source: ImageSourceConfig) -> pd.DataFrame:
     if (source.manifest is None) == (source.folder is None):
         raise ValueError("an image source needs exactly one of 'manifest' or 'folder'")
     if source.manifest is not None:
-        frame = load_manifest(source.manifest, require_labels=False, decode_images=False)
+        frame = load_manifest(source.manifest, require_labels=False, decode_images=False, dicom_frames=source.dicom_frames)
     else:
         paths = list_images(source.folder)
         if not paths:

@@ -192,7 +192,7 @@ def _manifest_and_folds(config: FineTuneCVConfig) -> tuple[pd.DataFrame, np.ndar
     if len(set(config.seeds)) != len(config.seeds):
         raise ConfigError(f"seeds: {config.seeds} repeats a seed (each fold x seed run must be distinct)")
     backbone_for_inputs(config.model, config.data.image_size)  # a ViT's size mismatch, before any run dir
-    frame = load_manifest(config.data.manifest, require_labels=True, num_folds=config.data.num_folds)
+    frame = load_manifest(config.data.manifest, require_labels=True, num_folds=config.data.num_folds, dicom_frames=config.data.dicom_frames)
     return frame, cv_folds(config, frame)
 
 

@@ -238,7 +238,7 @@ def write_shared_fold_table(config: FineTuneCVConfig, manifest: str, study: Stud
     from tus.stages.finetune_cv import cv_folds
 
     path = Path(config.data.folds_from)
-    frame = load_manifest(manifest, require_labels=True, num_folds=config.data.num_folds)
+    frame = load_manifest(manifest, require_labels=True, num_folds=config.data.num_folds, dicom_frames=config.data.dicom_frames)
     folds = cv_folds(dataclasses.replace(config, data=dataclasses.replace(config.data, folds_from=None)), frame)
     table = pd.concat([fold_table(frame, f).assign(seed=seed) for seed, f in folds.items()]) if isinstance(folds, dict) else fold_table(frame, folds)
     text = table.to_csv(index=False)
