@@ -123,7 +123,9 @@ def finetune_config(args, manifest: Path, name: str, recipe: str, extra: list[st
     overrides = [*finetune_cv_overrides(manifest, args.out / "arms", args, folds=args.folds), f"--name={name}"]
     if recipe == "constant":
         overrides += ["--optim.schedule=constant", "--optim.weight_decay=0.01"]
-    return load_config(FineTuneCVConfig, "finetune/cpu", [*overrides, *extra])
+    if recipe == "scratch":
+        overrides += [f"--{setting}" for setting in args.scratch_set]
+    return load_config(FineTuneCVConfig, args.finetune_config, [*overrides, *extra])
 
 
 def arm_label(args, arm: str) -> str:
@@ -319,6 +321,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variant", default="", help="names a recipe variant of the pretrained arms (ARM-VARIANT)")
     parser.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE", help="pretraining config override (repeatable)")
     parser.add_argument("--finetune-set", action="append", default=[], metavar="KEY=VALUE", help="fine-tuning override of the pretrained arms (repeatable)")
+    parser.add_argument("--scratch-set", action="append", default=[], metavar="KEY=VALUE", help="fine-tuning override of the scratch arm (repeatable)")
+    parser.add_argument(
+        "--finetune-config", default="finetune/cpu", help="packaged fine-tuning recipe of every tus arm (finetune/vit_cpu with --model vit_tiny_patch16_224: the ViT arms)"
+    )
     parser.add_argument("--downstream-probe", action="store_true", help="k-NN probe of BUSI (fold's training images) during pretraining")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     config_path = parser.parse_known_args(argv)[0].config

@@ -23,7 +23,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score, BinaryPrecision, BinaryRecall
 
 from tus.config import from_dict, to_dict
-from tus.models.backbones import BackboneConfig, create_backbone
+from tus.models.backbones import BackboneConfig, create_backbone, create_head
 from tus.models.export import WEIGHTS_FILE, classifier_normalization, load_export, save_export
 from tus.models.vit import layerwise_lr_decay_groups
 from tus.models.weights import CheckpointError
@@ -114,7 +114,8 @@ class FineTuneModule(L.LightningModule):
         self.save_hyperparameters({"backbone": to_dict(backbone), "optim": to_dict(optim), "num_classes": num_classes})
         self.optim_config = optim
         self.backbone = create_backbone(backbone)
-        self.head = nn.Linear(self.backbone.num_features, num_classes)
+        # MAE's head init for a ViT from MAE weights (BackboneConfig.head_init), nn.Linear's otherwise.
+        self.head = create_head(self.backbone, backbone, num_classes)
         self.val_metrics = binary_metrics("val/")
         self.test_metrics = binary_metrics("test/")
 
