@@ -322,9 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE", help="pretraining config override (repeatable)")
     parser.add_argument("--finetune-set", action="append", default=[], metavar="KEY=VALUE", help="fine-tuning override of the pretrained arms (repeatable)")
     parser.add_argument("--scratch-set", action="append", default=[], metavar="KEY=VALUE", help="fine-tuning override of the scratch arm (repeatable)")
-    parser.add_argument(
-        "--finetune-config", default="finetune/cpu", help="packaged fine-tuning recipe of every tus arm (finetune/vit_cpu with --model vit_tiny_patch16_224: the ViT arms)"
-    )
+    parser.add_argument("--finetune-config", default="finetune/cpu", help="packaged fine-tuning recipe of every tus arm (finetune/vit_cpu with --model vit_tiny_patch16_224: the ViT arms)")
     parser.add_argument("--downstream-probe", action="store_true", help="k-NN probe of BUSI (fold's training images) during pretraining")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     config_path = parser.parse_known_args(argv)[0].config
