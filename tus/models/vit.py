@@ -12,8 +12,7 @@ classifier head MAE fine-tunes, and the optimiser parameter groups of MAE pretra
   no fallback to random weights.
 - :func:`vit_export_kwargs` / :func:`is_vit_export`: what a tus MAE export records about its ViT.
 - :func:`init_mae_head`: MAE's fine-tuning head init (``trunc_normal_(std=2e-5)``, zero bias).
-- :func:`layerwise_lr_decay_groups`: fine-tuning with layer-wise lr decay (timm's ``param_groups_layer_decay``,
-  the reference ``param_groups_lrd``).
+- :func:`layerwise_lr_decay_groups`: fine-tuning with layer-wise lr decay (the reference ``param_groups_lrd``).
 - :func:`mae_param_groups`: pretraining AdamW groups as MAE's ``main_pretrain.py`` builds them.
 
 This module sits below :mod:`tus.models.backbones` (which builds a backbone from a config and imports this one),
@@ -29,9 +28,9 @@ from typing import Literal
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed, trunc_normal_
-from timm.models import adapt_input_conv, group_parameters
+from timm.models import adapt_input_conv
 from timm.models.vision_transformer import VisionTransformer
-from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from tus.models.export import load_export
@@ -210,6 +209,15 @@ def init_mae_head(head: nn.Linear) -> nn.Linear:
     return head
 
 
+def _vit_layer_id(name: str, num_blocks: int) -> int:
+    """Layer of a ViT parameter for lr decay: embeddings 0, block i -> i + 1, final norm/head num_blocks + 1."""
+    if name in ("cls_token", "reg_token", "pos_embed") or name.startswith(("patch_embed", "norm_pre")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return num_blocks + 1
+
+
 def layerwise_lr_decay_groups(
     model: VisionTransformer,
     head: nn.Module | None,
@@ -217,35 +225,42 @@ def layerwise_lr_decay_groups(
     weight_decay: float,
     layer_decay: float = 0.75,
 ) -> list[dict]:
-    """Parameter groups for fine-tuning with layer-wise lr decay (He et al. 2022, Appendix A.1; BEiT).
+    """Parameter groups for fine-tuning with layer-wise lr decay (He et al. 2022, Appendix A.1; BEiT), as MAE's
+    ``util/lr_decay.param_groups_lrd``.
 
-    timm's ``param_groups_layer_decay`` on the ViT (the reference's ``util/lr_decay.param_groups_lrd``): with ``n``
-    blocks, layer ids are 0 for the patch embedding, class token and position embedding, ``i + 1`` for block ``i``
-    and ``n + 1`` for the final norm / ``fc_norm``; the ``head`` (a separate module here) joins layer ``n + 1``.
-    Each group's lr is ``base_lr * layer_decay ** (n + 1 - layer_id)``. 1-D parameters, tokens and position
-    embeddings get no weight decay. Each group carries ``name`` (``layer_<id>_decay``/``layer_<id>_no_decay``),
-    ``params``, ``lr`` (already scaled), ``lr_scale`` and ``weight_decay``; a scheduler that sets lrs itself must
-    multiply its lr by ``lr_scale``.
+    Not timm's ``param_groups_layer_decay``: timm groups the final norm with the last block and so has one layer
+    fewer, which scales every layer below the head by one more factor ``layer_decay`` than the reference
+    (``tests/models/test_vit_loading.py`` shows the difference).
+
+    With ``n`` blocks, layer ids are 0 for the patch embedding, class token and position embedding, ``i + 1`` for
+    block ``i`` and ``n + 1`` for the final norm and the ``head``; each group's lr is
+    ``base_lr * layer_decay ** (n + 1 - layer_id)``. 1-D parameters, biases, tokens and position embeddings get no
+    weight decay. Each group carries ``name`` (``layer_<id>_decay``/``layer_<id>_no_decay``), ``params``, ``lr``
+    (already scaled), ``lr_scale`` and ``weight_decay``; a scheduler that sets lrs itself must multiply its lr by
+    ``lr_scale``.
     """
-    timm_groups = param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=model.no_weight_decay(), layer_decay=layer_decay)
-    # The layer ids timm grouped by (its group names are not returned), to name the groups.
-    layer_map = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
-    top = max(layer_map.values())
-    layer_of = {id(param): layer_map.get(name, top) for name, param in model.named_parameters()}
-    groups: dict[str, dict] = {}
-    for group in timm_groups:
-        key = f"layer_{layer_of[id(group['params'][0])]}_{'decay' if group['weight_decay'] else 'no_decay'}"
-        groups[key] = {"name": key, "params": list(group["params"]), "lr": base_lr * group["lr_scale"], "lr_scale": group["lr_scale"], "weight_decay": group["weight_decay"]}
+    num_blocks = len(model.blocks)
+    named = [(name, param, _vit_layer_id(name, num_blocks)) for name, param in model.named_parameters()]
     if head is not None:
-        seen = {id(param) for group in groups.values() for param in group["params"]}
-        for name, param in head.named_parameters():
-            if not param.requires_grad or id(param) in seen:
-                continue
-            decay = not (param.ndim <= 1 or name.endswith(".bias"))
-            key = f"layer_{top}_{'decay' if decay else 'no_decay'}"
-            if key not in groups:
-                groups[key] = {"name": key, "params": [], "lr": base_lr, "lr_scale": 1.0, "weight_decay": weight_decay if decay else 0.0}
-            groups[key]["params"].append(param)
+        seen = {id(param) for _, param, _ in named}
+        named += [(f"head.{name}", param, num_blocks + 1) for name, param in head.named_parameters() if id(param) not in seen]
+    no_decay_names = model.no_weight_decay()
+    groups: dict[str, dict] = {}
+    for name, param, layer_id in named:
+        if not param.requires_grad:
+            continue
+        decay = not (param.ndim == 1 or name.endswith(".bias") or name in no_decay_names)
+        group_name = f"layer_{layer_id}_{'decay' if decay else 'no_decay'}"
+        if group_name not in groups:
+            scale = layer_decay ** (num_blocks + 1 - layer_id)
+            groups[group_name] = {
+                "name": group_name,
+                "params": [],
+                "lr": base_lr * scale,
+                "lr_scale": scale,
+                "weight_decay": weight_decay if decay else 0.0,
+            }
+        groups[group_name]["params"].append(param)
     return list(groups.values())
 
 
