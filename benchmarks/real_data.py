@@ -26,7 +26,9 @@ breast image at all). The pretrained arms fine-tune with the default recipe, as 
 Recipe search: ``--pretrain-set KEY=VALUE`` (pretraining config keys) and ``--finetune-set
 KEY=VALUE`` (fine-tuning keys of the pretrained arms), repeatable, with ``--variant NAME``, which
 names the pretrained arms ``ARM:NAME`` and keeps their runs apart, so each candidate recipe is
-one more row of the same table. ``--downstream-probe`` adds the k-NN probe of BUSI (the fold's
+one more row of the same table. ``--finetune-config`` swaps the packaged recipe of every tus arm
+(``finetune/vit_cpu`` with ``--model vit_tiny_patch16_224``: a ViT from scratch and from MAE) and
+``--scratch-set KEY=VALUE`` overrides the scratch arm alone. ``--downstream-probe`` adds the k-NN probe of BUSI (the fold's
 training images only) to every pretraining, logged as ``probe/downstream_auroc``.
 
 Output (``--out``): ``table.md`` / ``table.csv`` (mean +- std over folds x seeds of F1 and AUROC, and
