@@ -34,7 +34,7 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from tus.models.export import load_export
-from tus.models.weights import CheckpointError, read_state_dict
+from tus.models.weights import CheckpointError, check_weight_values, read_state_dict
 
 # How an encoder export's ViT is rebuilt: tus.models.vit.create_vit_encoder(name, **kwargs).
 VIT_BUILDER = "tus.models.vit.create_vit_encoder"
@@ -173,6 +173,7 @@ def mae_checkpoint_to_timm(
             k = wrong_shape[0]
             detail.append(f"{len(wrong_shape)} shape mismatch(es), e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}")
         raise CheckpointError(f"{source} ({layout} layout): weights do not fit the ViT: " + "; ".join(detail))
+    check_weight_values(state, expected, source)
     return {k: state[k].to(expected[k].dtype) for k in expected}
 
 
