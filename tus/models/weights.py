@@ -227,3 +227,21 @@ def _first_line(error: BaseException) -> str:
     if "weights_only" in text or "WeightsUnpickler" in text:
         return type(error).__name__
     return text[:200]
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict safely with :func:`load_weights` (a TorchScript file gives its module's state dict);
+    Lightning/timm wrappers (``state_dict``, ``model``) and DDP's ``module.`` are removed."""
+    path = Path(path)
+    state = load_weights(path)
+    if isinstance(state, torch.jit.ScriptModule):
+        state = dict(state.state_dict())
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a state dict, got {type(state).__name__}")
+    tensors = {str(k).removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path}: holds no tensors (keys {sorted(map(str, state))[:5]}), not a state dict")
+    return tensors

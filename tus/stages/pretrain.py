@@ -27,6 +27,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch import nn
 
 from tus.callbacks.probes import DownstreamProbe, OrganProbe, write_heldout_embeddings
+from tus.callbacks.reconstruction import ReconstructionGrid
 from tus.config import ConfigError, require_seeds, to_dict
 from tus.data.pools import PretrainDataConfig, PretrainDataModule
 from tus.figures.runs import EMBEDDINGS_FILE, write_pretrain_figures
@@ -127,6 +128,11 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path | None = None, *
                 batch_size=config.monitor.batch_size,
             )
             callbacks.append(downstream)
+        # Methods that can reconstruct their input (MAE) get the reconstruction grids; the stage attaches the
+        # callback so that methods never import callbacks.
+        every = getattr(method, "reconstruction_every_n_steps", 0)
+        if every > 0 and hasattr(module, "reconstruct"):
+            callbacks.append(ReconstructionGrid(every, num_images=method.reconstruction_images))
         loggers = build_loggers(run_dir, config.logging, name=config.name, config={**to_dict(config), "pool": report}, tags=["pretrain", method_cls.__name__])
         trainer = build_trainer(config.trainer, run_dir, loggers=loggers, callbacks=callbacks, checkpoint_every_n_steps=config.checkpoint_every_n_steps, resumes_mid_epoch=True)
         if config.sync_batchnorm and trainer.world_size > 1:
