@@ -52,9 +52,9 @@ def test_planted_duplicates_are_found_per_fold(tmp_path):
     assert found == {"copy_lab0.png": ("lab0.png", 0, "file"), "recoded_lab3.png": ("lab3.png", 1, "pixels"), "recoded_lab4.bmp": ("lab4.png", 2, "pixels")}
     report = overlap_report(overlap, folds, len(pool))
     assert report["per_fold"] == {
-        0: {"labeled_images": 2, "in_pool": 1, "pool_images": 1, "identical_files": 1, "same_pixels": 0},
-        1: {"labeled_images": 2, "in_pool": 1, "pool_images": 1, "identical_files": 0, "same_pixels": 1},
-        2: {"labeled_images": 2, "in_pool": 1, "pool_images": 1, "identical_files": 0, "same_pixels": 1},
+        0: {"labeled_images": 2, "in_pool": 1, "pool_images": 1, "identical_files": 1, "same_pixels": 0, "near_duplicates": 0, "same_patient": 0},
+        1: {"labeled_images": 2, "in_pool": 1, "pool_images": 1, "identical_files": 0, "same_pixels": 1, "near_duplicates": 0, "same_patient": 0},
+        2: {"labeled_images": 2, "in_pool": 1, "pool_images": 1, "identical_files": 0, "same_pixels": 1, "near_duplicates": 0, "same_patient": 0},
     }
     assert (report["labeled_in_pool"], report["pool_images_shared"], report["pool_images"]) == (3, 3, 8)
 
@@ -72,10 +72,10 @@ def test_overlap_command_prints_one_line_per_fold_and_a_total(tmp_path, capsys):
     assert data_main(["overlap", str(pool_path), str(labeled_path)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines == [
-        "fold 0: 1 of 2 labelled images in the pool (1 pool images; 1 identical files, 0 re-encoded)",
-        "fold 1: 1 of 2 labelled images in the pool (1 pool images; 0 identical files, 1 re-encoded)",
-        "fold 2: 1 of 2 labelled images in the pool (1 pool images; 0 identical files, 1 re-encoded)",
-        "total: 3 of 6 labelled images in the pool; 3 of 8 pool images are labelled images",
+        "fold 0: 1 of 2 labelled images in the pool (1 pool images; 1 identical files, 0 re-encoded, 0 near duplicates, 0 of the fold's patients)",
+        "fold 1: 1 of 2 labelled images in the pool (1 pool images; 0 identical files, 1 re-encoded, 0 near duplicates, 0 of the fold's patients)",
+        "fold 2: 1 of 2 labelled images in the pool (1 pool images; 0 identical files, 1 re-encoded, 0 near duplicates, 0 of the fold's patients)",
+        "total: 3 of 6 labelled images in the pool; 3 of 8 pool images are labelled images, their near duplicates or their patients' images",
     ]
 
 
