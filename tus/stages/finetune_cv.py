@@ -42,7 +42,7 @@ from tus.data.manifest import load_manifest
 from tus.data.seeding import derive_seed
 from tus.eval.cv_summary import collect_runs, write_summary
 from tus.methods.classifier import METRIC_NAMES, FineTuneModule, FineTuneOptimConfig, save_finetuned
-from tus.models.backbones import BackboneConfig
+from tus.models.backbones import BackboneConfig, CheckpointError, read_tus_encoder_meta
 from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, last_checkpoint, open_run
 
 
@@ -149,9 +149,11 @@ def run_cv(
         if config.data.folds_per_seed
         else assign_folds(frame, config.data.num_folds, config.data.fold_seed)
     )
+    jobs = [(fold, seed) for seed in config.seeds for fold in range(config.data.num_folds)]
+    for fold, seed in jobs:  # before any run dir or training: every fold's encoder fits its test fold
+        check_encoder_exclusion(weights_for_run(config.model, fold, seed), frame, folds[seed] if isinstance(folds, dict) else folds, fold)
     with open_run(config, output_root=config.output_root, name=config.name, resume=run_dir, allow_config_change=allow_config_change, create=create) as run_dir:
         write_or_check_folds(run_dir, frame, folds)
-        jobs = [(fold, seed) for seed in config.seeds for fold in range(config.data.num_folds)]
         todo = [(fold, seed) for fold, seed in jobs if not (run_dir / "runs" / f"fold{fold}-seed{seed}" / "metrics.json").exists()]
         # One bar over every remaining epoch of every fold x seed: the ETA is the whole CV's.
         with stage_progress(
@@ -162,6 +164,44 @@ def run_cv(
         runs = collect_runs(run_dir)
         write_summary(run_dir, runs, frame, config)
     return run_dir
+
+
+# ``model.weights`` may name one encoder per fold x seed (a study's per-fold pretraining): these
+# placeholders are replaced by the run's fold and seed.
+WEIGHTS_PLACEHOLDERS = ("{fold}", "{seed}")
+
+
+def weights_for_run(model: BackboneConfig, fold: int, seed: int) -> BackboneConfig:
+    """``model`` with ``{fold}``/``{seed}`` in ``weights`` replaced by the run's."""
+    if not model.weights or not any(p in model.weights for p in WEIGHTS_PLACEHOLDERS):
+        return model
+    return replace(model, weights=model.weights.replace("{fold}", str(fold)).replace("{seed}", str(seed)))
+
+
+def check_encoder_exclusion(model: BackboneConfig, frame: pd.DataFrame, folds: np.ndarray, fold: int) -> None:
+    """Refuse a tus encoder whose pretraining pool did not leave out fold ``fold``'s test patients.
+
+    A tus encoder export records its pool's ``exclusion`` (:func:`tus.data.pools.encoder_exclusion`):
+    the labelled patients whose images (and near duplicates) were left out. Fine-tuning tests on
+    fold ``fold``, so each of its test patients must be among them; an encoder pretrained for
+    another fold would have seen this fold's test images. Encoders that record no exclusion
+    (``mode: none``, the reference's pools, or older exports) are accepted as they are.
+    """
+    if model.init != "tus" or not model.weights:
+        return
+    _, meta = read_tus_encoder_meta(model.weights)
+    exclusion = meta.get("exclusion") or {"mode": "none"}
+    if exclusion.get("mode", "none") == "none":
+        return
+    excluded = set(map(str, exclusion.get("excluded_patients", [])))
+    test_patients = set(frame.loc[np.asarray(folds).astype(int) == fold, "patient_id"].astype(str))
+    missing = sorted(test_patients - excluded)
+    if missing:
+        what = "every labelled patient" if exclusion["mode"] == "all" else f"the test patients of fold(s) {exclusion.get('test_folds')}"
+        raise CheckpointError(
+            f"{model.weights}: this encoder's pretraining pool left out {what} of {exclusion.get('labeled_manifest')}, not those of fold {fold}: "
+            f"{len(missing)} of fold {fold}'s {len(test_patients)} test patients (e.g. {', '.join(missing[:3])}) may be in its pool; give fold {fold}'s encoder (model.weights with {{fold}})"
+        )
 
 
 def _with_stage_callbacks(extra: CallbackFactory | None) -> CallbackFactory:
@@ -220,6 +260,8 @@ def run_single(
     A ``last.ckpt`` left in ``run_dir/checkpoints`` by a killed attempt is resumed from; the
     checkpoints are deleted once the run is finished (``model.safetensors`` stays).
     """
+    config = replace(config, model=weights_for_run(config.model, fold, seed))
+    check_encoder_exclusion(config.model, frame, folds, fold)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(seed, workers=True)
     inner = config.selection == "inner_val"
