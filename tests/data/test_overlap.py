@@ -69,7 +69,7 @@ def test_planted_duplicates_are_found_per_fold(tmp_path):
 
 def test_overlap_command_prints_one_line_per_fold_and_a_total(tmp_path, capsys):
     pool_path, labeled_path = planted(tmp_path)
-    assert data_main(["overlap", str(pool_path), str(labeled_path)]) == 0
+    assert data_main(["overlap", str(pool_path), str(labeled_path), "--list", "0"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines == [
         "fold 0: 1 of 2 labelled images in the pool (1 pool images; 1 identical files, 0 re-encoded, 0 near duplicates, 0 of the fold's patients)",

@@ -8,7 +8,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -44,9 +43,7 @@ def fold_encoder(tmp_path_factory) -> tuple[Path, Path, pd.DataFrame]:
     Image.open(fold0["path"][0]).convert("L").save(root / "copy.jpg", quality=90)
     Image.fromarray(read_grayscale(fold0["path"][1])[:, ::-1].copy()).save(root / "mirrored.png")
     shutil.copy(pool["path"][0], root / "same_patient.png")  # another frame, tagged with a fold-0 patient
-    planted = pd.DataFrame(
-        {"path": [str(root / n) for n in ("copy.jpg", "mirrored.png", "same_patient.png")], "patient_id": ["", "", fold0["patient_id"][2]], "organ": "testicle"}
-    )
+    planted = pd.DataFrame({"path": [str(root / n) for n in ("copy.jpg", "mirrored.png", "same_patient.png")], "patient_id": ["", "", fold0["patient_id"][2]], "organ": "testicle"})
     pd.concat([pool.iloc[1:], planted], ignore_index=True).to_csv(root / "pool.csv", index=False)
     overrides = [
         *cli_overrides(root / "pool.csv", root / "runs"),

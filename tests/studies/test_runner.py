@@ -174,9 +174,10 @@ def test_each_study_renders_the_papers_table_with_every_arm(study_runs, name):
 
 def test_arms_share_pretraining_runs_across_studies(study_runs):
     out, _, counts = study_runs
-    assert counts["tab2"]["run_pretraining"] == 3
+    # exclude_labeled: per_fold (the default): one pretraining per arm and test fold (2 shrunk folds).
+    assert counts["tab2"]["run_pretraining"] == 3 * 2
     # tab3 real_both and tab4 lambda_0.2 ask for tab2's `ud` pretraining: only the new ones ran.
-    assert counts["tab3"]["run_pretraining"] == 1 and counts["tab4"]["run_pretraining"] == 1
+    assert counts["tab3"]["run_pretraining"] == 2 and counts["tab4"]["run_pretraining"] == 2
     assert counts["tab1"]["run_pretraining"] == counts["markers"]["run_pretraining"] == 0
 
     def pretrain_run(study, arm):
@@ -185,9 +186,18 @@ def test_arms_share_pretraining_runs_across_studies(study_runs):
     assert pretrain_run("tab2", "ud") == pretrain_run("tab3", "real_both") == pretrain_run("tab4", "lambda_0.2")
     assert len({pretrain_run("tab2", a) for a in ("ud", "ud_testicles", "ud_thyroids")}) == 3
     assert pretrain_run("tab2", "scratch") is None
-    # Each tus arm fine-tuned from its own encoder; the table counts that pool's images.
+    # Each tus arm fine-tuned fold k from its own fold-k encoder, whose pool left out fold k's test patients.
     config = yaml.safe_load((out / "tab2-shrink" / "ud_testicles" / "finetune" / "config.yaml").read_text())
-    assert config["model"]["init"] == "tus" and config["model"]["weights"] == str(Path(pretrain_run("tab2", "ud_testicles")) / "encoder")
+    record = json.loads((out / "tab2-shrink" / "ud_testicles" / "arm.json").read_text())
+    assert record["exclude_labeled"] == "per_fold" and list(record["pretrain_runs"]) == ["fold0", "fold1"]
+    fold0 = record["pretrain_runs"]["fold0"]
+    assert fold0 == pretrain_run("tab2", "ud_testicles") and fold0.endswith("-fold0")
+    assert config["model"]["init"] == "tus" and config["model"]["weights"] == str(Path(fold0.removesuffix("0") + "{fold}") / "encoder")
+    folds = pd.read_csv(out / "tab2-shrink" / "ud_testicles" / "finetune" / "folds.csv", dtype={"patient_id": str})
+    for fold, run in enumerate(record["pretrain_runs"].values()):
+        exclusion = json.loads((Path(run) / "encoder" / "config.json").read_text())["exclusion"]
+        assert exclusion["mode"] == "test_folds" and exclusion["test_folds"] == [fold]
+        assert exclusion["excluded_patients"] == sorted(set(folds.loc[folds["fold"] == fold, "patient_id"]))
     pool = json.loads((Path(pretrain_run("tab2", "ud_testicles")) / "pool.json").read_text())
     assert pool["images_per_organ"] == {"testicle": pd.read_csv(study_runs[1]["TUS_POOL_TESTICLE"]).shape[0]}
     # Non-tus arms: the initialisation each names, from the weights files given as variables.

@@ -20,6 +20,7 @@ drops them from a pool for a run.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -96,9 +97,12 @@ def find_overlap(pool: pd.DataFrame, labeled: pd.DataFrame, folds: np.ndarray, n
         pool_hashes = hash_files(pool["abs_path"].tolist(), near)
         close = near_duplicate_pairs(pool_hashes, hash_files(labeled["abs_path"].tolist(), near), near.max_distance)
         exact = set(zip(pairs["pool_row"], pairs["labeled_row"]))
-        close = close[[(a, b) not in exact for a, b in zip(close["a_row"], close["b_row"])]]
+        close = close[np.array([(a, b) not in exact for a, b in zip(close["a_row"], close["b_row"])], dtype=bool)]
         found.append(
-            pool_keys.iloc[close["a_row"].to_numpy()].reset_index(drop=True).join(labeled_keys.iloc[close["b_row"].to_numpy()].reset_index(drop=True), lsuffix="_pool", rsuffix="_labeled").assign(match="near", distance=close["distance"].to_numpy())
+            pool_keys.iloc[close["a_row"].to_numpy()]
+            .reset_index(drop=True)
+            .join(labeled_keys.iloc[close["b_row"].to_numpy()].reset_index(drop=True), lsuffix="_pool", rsuffix="_labeled")
+            .assign(match="near", distance=close["distance"].to_numpy())
         )
     patient_rows = _patient_matches(pool, pool_keys, labeled_patients, folds)
     if len(patient_rows):
@@ -118,9 +122,7 @@ def _patient_matches(pool: pd.DataFrame, pool_keys: pd.DataFrame, labeled_patien
     carries = carries_patient_ids(pool)
     pool_patients = pool["patient_id"].astype(str).to_numpy() if "patient_id" in pool.columns else np.array([""] * len(pool))
     rows = [i for i in range(len(pool)) if carries[i] and pool_patients[i] in fold_of]
-    return pool_keys.iloc[rows].assign(
-        labeled_path="", labeled_sample_id="", labeled_patient_id=pool_patients[rows], fold=[int(fold_of[pool_patients[i]]) for i in rows], match="patient", distance=-1
-    )
+    return pool_keys.iloc[rows].assign(labeled_path="", labeled_sample_id="", labeled_patient_id=pool_patients[rows], fold=[int(fold_of[pool_patients[i]]) for i in rows], match="patient", distance=-1)
 
 
 def _near_patient_matches(pool: pd.DataFrame, pool_keys: pd.DataFrame, patient_rows: pd.DataFrame, near: NearDuplicateConfig) -> pd.DataFrame:
@@ -130,8 +132,17 @@ def _near_patient_matches(pool: pd.DataFrame, pool_keys: pd.DataFrame, patient_r
     close = near_duplicate_pairs(hashes, hashes.subset(seeds), near.max_distance)
     close = close[~np.isin(close["a_row"], seeds)]
     source = patient_rows.iloc[close["b_row"].to_numpy()].reset_index(drop=True)
-    return pool_keys.iloc[close["a_row"].to_numpy()].reset_index(drop=True).assign(
-        labeled_path="", labeled_sample_id="", labeled_patient_id=source["labeled_patient_id"].to_numpy(), fold=source["fold"].to_numpy(), match="near_patient", distance=close["distance"].to_numpy()
+    return (
+        pool_keys.iloc[close["a_row"].to_numpy()]
+        .reset_index(drop=True)
+        .assign(
+            labeled_path="",
+            labeled_sample_id="",
+            labeled_patient_id=source["labeled_patient_id"].to_numpy(),
+            fold=source["fold"].to_numpy(),
+            match="near_patient",
+            distance=close["distance"].to_numpy(),
+        )
     )
 
 
@@ -175,10 +186,14 @@ def format_overlap(report: dict) -> str:
 def format_matches(overlap: pd.DataFrame, limit: int = 20) -> str:
     """The matched pairs, one line each (``tus data overlap --list``)."""
     lines = []
+
+    def shown(path: str) -> str:  # relative to the working directory where it lies below it
+        return os.path.relpath(path) if path and Path(path).resolve().is_relative_to(Path.cwd()) else path
+
     for row in overlap.head(limit).itertuples():
-        target = row.labeled_path or f"patient {row.labeled_patient_id}"
+        target = shown(row.labeled_path) if row.labeled_path else f"patient {row.labeled_patient_id}"
         distance = f" ({row.distance} of 256 bits)" if row.match in ("near", "near_patient") else ""
-        lines.append(f"  {row.pool_path} ~ {target}: {row.match}{distance}, fold {row.fold}")
+        lines.append(f"  {shown(row.pool_path)} ~ {target}: {row.match}{distance}, fold {row.fold}")
     if len(overlap) > limit:
         lines.append(f"  ... and {len(overlap) - limit} more")
     return "\n".join(lines)

@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tus.config import require_at_least
 from tus.data.datamodules import ImagePoolDataModule, ImageSourceConfig
 from tus.data.datasets import ManifestDataset
-from tus.data.manifest import load_manifest
 from tus.data.images import content_hash
+from tus.data.manifest import load_manifest
 from tus.data.near_duplicates import MAX_DISTANCE, NearDuplicateConfig
 from tus.data.overlap import EXCLUDE_MODES, ExcludeLabeled, exclude_labeled, find_overlap, labeled_folds, overlap_report
 from tus.data.seeding import derive_seed

@@ -144,11 +144,7 @@ def run_cv(
     if len(set(config.seeds)) != len(config.seeds):
         raise ConfigError(f"seeds: {config.seeds} repeats a seed (each fold x seed run must be distinct)")
     frame = load_manifest(config.data.manifest, require_labels=True, num_folds=config.data.num_folds)
-    folds = (
-        {seed: assign_folds_for_seed(frame, config.data.num_folds, config.data.fold_seed, seed, per_seed=True) for seed in config.seeds}
-        if config.data.folds_per_seed
-        else assign_folds(frame, config.data.num_folds, config.data.fold_seed)
-    )
+    folds = cv_folds(config, frame)
     jobs = [(fold, seed) for seed in config.seeds for fold in range(config.data.num_folds)]
     for fold, seed in jobs:  # before any run dir or training: every fold's encoder fits its test fold
         check_encoder_exclusion(weights_for_run(config.model, fold, seed), frame, folds[seed] if isinstance(folds, dict) else folds, fold)
@@ -202,6 +198,14 @@ def check_encoder_exclusion(model: BackboneConfig, frame: pd.DataFrame, folds: n
             f"{model.weights}: this encoder's pretraining pool left out {what} of {exclusion.get('labeled_manifest')}, not those of fold {fold}: "
             f"{len(missing)} of fold {fold}'s {len(test_patients)} test patients (e.g. {', '.join(missing[:3])}) may be in its pool; give fold {fold}'s encoder (model.weights with {{fold}})"
         )
+
+
+def cv_folds(config: FineTuneCVConfig, frame: pd.DataFrame) -> np.ndarray | dict[int, np.ndarray]:
+    """The folds ``run_cv`` tests on: one assignment, or one per seed (``data.folds_per_seed``).
+    A study's per-fold pretraining pools leave out these folds' test patients."""
+    if config.data.folds_per_seed:
+        return {seed: assign_folds_for_seed(frame, config.data.num_folds, config.data.fold_seed, seed, per_seed=True) for seed in config.seeds}
+    return assign_folds(frame, config.data.num_folds, config.data.fold_seed)
 
 
 def _with_stage_callbacks(extra: CallbackFactory | None) -> CallbackFactory:
