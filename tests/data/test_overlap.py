@@ -101,3 +101,31 @@ def test_pools_drop_exactly_the_labelled_images_and_record_them(tmp_path):
     assert len(reference.prepare_frames()[0]) == 8 and reference.pool_report()["excluded_labeled"] == {"exclude_labeled": "none"}
     with pytest.raises(ValueError, match="test_folds needs test_folds"):
         PretrainDataModule(PretrainDataConfig(sources=[ImageSourceConfig(manifest=str(pool_path))], exclude_labeled="test_folds", labeled_manifest=str(labeled_path)), seed=0)
+
+
+def test_a_test_patients_other_images_and_their_near_duplicates_leave_the_pool(tmp_path):
+    """A pool with the labelled set's patient ids: every pool image of a test-fold patient leaves,
+    and so does a JPEG copy of such an image that carries no patient id; other folds' patients stay
+    unless they are tested on too."""
+    rng = np.random.default_rng(3)
+    smooth = lambda: np.kron(rng.integers(0, 255, (8, 8)), np.ones((6, 6))).astype(np.uint8)  # noqa: E731
+    labeled = []
+    for i in range(4):
+        write_grayscale(tmp_path / "labeled" / f"lab{i}.png", smooth())
+        labeled.append({"path": f"lab{i}.png", "patient_id": f"P{i}", "label": i % 2, "fold": i % 2})
+    pd.DataFrame(labeled).to_csv(tmp_path / "labeled" / "manifest.csv", index=False)
+    pool = tmp_path / "pool"
+    frames = {"p0_frame.png": "P0", "p1_frame.png": "P1", "own.png": "U7", "anonymous.png": ""}
+    for name in frames:
+        write_grayscale(pool / name, smooth())
+    Image.open(pool / "p0_frame.png").save(pool / "p0_frame_copy.jpg", quality=90)
+    frames["p0_frame_copy.jpg"] = ""
+    pd.DataFrame({"path": list(frames), "patient_id": list(frames.values()), "organ": "testis"}).to_csv(pool / "manifest.csv", index=False)
+    pool_frame = load_manifest(pool / "manifest.csv", require_labels=False)
+    labeled_frame = load_manifest(tmp_path / "labeled" / "manifest.csv")
+    overlap = find_overlap(pool_frame, labeled_frame, labeled_folds(labeled_frame))
+    found = {Path(p).name: (m, patient, fold) for p, m, patient, fold in overlap[["pool_path", "match", "labeled_patient_id", "fold"]].values}
+    assert found == {"p0_frame.png": ("patient", "P0", 0), "p0_frame_copy.jpg": ("near_patient", "P0", 0), "p1_frame.png": ("patient", "P1", 1)}
+    kept, _ = exclude_labeled(pool_frame, overlap, "test_folds", [0])
+    assert sorted(Path(p).name for p in kept["abs_path"]) == ["anonymous.png", "own.png", "p1_frame.png"]
+    assert overlap_report(overlap, labeled_folds(labeled_frame), len(pool_frame))["per_fold"][0]["same_patient"] == 2

@@ -23,6 +23,8 @@ from lightning.pytorch.loggers.logger import DummyLogger
 from safetensors.torch import save_file
 
 import tus.cli.experiment as experiment_cli
+import tus.data.folds
+import tus.data.manifest
 import tus.stages.finetune_cv
 import tus.studies.runner as runner
 import tus.studies.schema as schema
@@ -454,3 +456,51 @@ def test_unpaired_arms_are_not_compared_and_say_why(tmp_path):
     results = collect_results(study, tmp_path)
     assert "missing from arm" in results[1].comparisons["accuracy"]["error"]
     assert "Not compared: runs do not pair on (fold, seed)" in render_markdown(study, results)
+
+
+def test_pool_exclusion_modes_plan_per_fold_all_or_none(tmp_path, capsys):
+    """per_fold: one pretraining per fold (x seed with folds per seed) and a {fold} encoder path;
+    all: one pool without the labelled set; none: the pool as given, with the leakage warning."""
+    phantom = generate_phantom(tmp_path / "phantom", num_patients=15, image_size=32, pool_size=12)
+    pool = pd.read_csv(phantom.unlabeled_manifest)
+    pool["path"] = [str(phantom.unlabeled_manifest.parent / p) for p in pool["path"]]
+    labeled_image = pd.read_csv(phantom.labeled_manifest)["path"][0]
+    copy = pd.DataFrame({"path": [str(phantom.labeled_manifest.parent / labeled_image)], "patient_id": ["x"], "organ": ["testicle"], "sample_id": ["copy"]})
+    pd.concat([pool, copy], ignore_index=True).to_csv(tmp_path / "pool.csv", index=False)
+    arms = (
+        "arms: {"
+        "fold: {row: {Arm: a}, pretrain: []}, "
+        "seeded: {row: {Arm: b}, pretrain: [], finetune: [data.folds_per_seed=true, 'seeds=[0, 1]']}, "
+        "every: {row: {Arm: c}, pretrain: [], exclude_labeled: all}, "
+        "given: {row: {Arm: d}, pretrain: [], exclude_labeled: none}, "
+        "manual: {row: {Arm: e}, pretrain: [data.exclude_labeled=all]}}\n"
+        f"finetune: [data.manifest={phantom.labeled_manifest}, data.num_folds=3]\n"
+        f"pretrain: ['data.sources=[{{manifest: \"{tmp_path / 'pool.csv'}\"}}]']\n"
+    )
+    study = schema.load_study(write_study(tmp_path, arms))
+    assert study.config.exclude_labeled == "per_fold"
+    plans = {p.name: p for p in runner.plan_study(study, tmp_path / "out", variables={}, arms=["fold", "seeded", "every", "given"])}
+    fold = plans["fold"]
+    assert [r.excludes for r in fold.pretrains] == ["fold0", "fold1", "fold2"]
+    assert [r.config.data.test_folds for r in fold.pretrains] == [[0], [1], [2]]
+    assert {r.config.data.exclude_labeled for r in fold.pretrains} == {"test_folds"}
+    assert fold.finetune.model.init == "tus" and fold.finetune.model.weights == str(fold.pretrains[0].dir).removesuffix("0") + "{fold}/encoder"
+    seeded = plans["seeded"]
+    assert [r.excludes for r in seeded.pretrains] == [f"seed{s}-fold{k}" for s in (0, 1) for k in range(3)]
+    assert seeded.finetune.model.weights.endswith("-seed{seed}-fold{fold}/encoder")
+    (every,) = plans["every"].pretrains
+    assert (every.config.data.exclude_labeled, every.config.data.labeled_manifest) == ("all", str(phantom.labeled_manifest))
+    assert plans["every"].finetune.model.weights == str(every.dir / "encoder")
+    (given,) = plans["given"].pretrains
+    assert given.config.data.exclude_labeled == "none" and plans["given"].exclude_labeled == "none"
+    # The fold table a per-fold pool leaves out is the CV's own (run_cv draws the same folds).
+    runner.write_fold_tables(fold.pretrains[1])
+    table = pd.read_csv(fold.pretrains[1].config.data.labeled_manifest)
+    frame = tus.data.manifest.load_manifest(phantom.labeled_manifest, num_folds=3)
+    assert list(table["fold"]) == list(tus.data.folds.assign_folds(frame, 3, fold.finetune.data.fold_seed))
+    with pytest.raises(schema.StudyError, match=r"arm 'manual': its pretraining sets data.exclude_labeled=all; the study leaves labelled images out itself"):
+        runner.plan_study(study, tmp_path / "out", variables={}, arms=["manual"])
+    # Only the arm that keeps the pool as given is warned about, and the copy is counted.
+    runner.warn_pool_overlap(list(plans.values()))
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: arm 'given': 1 images of its pretraining pool")
