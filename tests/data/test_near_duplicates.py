@@ -133,3 +133,13 @@ def test_every_planted_variant_of_a_test_fold_image_is_found_and_excluded(phanto
     assert sorted(kept["abs_path"]) == sorted(str(phantom / "unlabeled" / p) for p in own["path"])
     kept, excluded = exclude_labeled(pool, overlap, "test_folds", [(test_fold + 1) % 3])
     assert len(kept) == len(pool) and excluded.empty
+
+
+def test_images_too_small_to_hash_match_exactly_only():
+    """A 1 x 3 image upsampled to the hash frame hashes like any other dark one: not compared."""
+    dark, darker = np.array([[4, 0, 0]], dtype=np.uint8), np.array([[0, 0, 0]], dtype=np.uint8)
+    texture = np.random.default_rng(0).integers(0, 250, (16, 16), dtype=np.uint8)
+    hashes = hash_images([dark, darker, texture, texture + 3])
+    assert hashes.hashable.tolist() == [False, False, True, True]
+    pairs = near_duplicate_pairs(hashes, hashes, same_set=True)
+    assert pairs[["a_row", "b_row"]].values.tolist() == [[2, 3]]

@@ -50,6 +50,11 @@ HASH_SIZE = 16
 FRAME = 4 * HASH_SIZE
 CROP_FRACTIONS = (0.95, 0.97, 0.985)
 MAX_DISTANCE = 24
+# Smaller images hold too little detail for a perceptual hash (a 3-pixel image, upsampled to the
+# 64-pixel frame, hashes like any other dark one): they are matched by their exact hashes only.
+MIN_SIDE = 16
+# The distance reported for pairs with such an image: never a near duplicate.
+UNHASHABLE = 10**6
 WORDS = HASH_SIZE * HASH_SIZE // 64
 
 
@@ -71,17 +76,18 @@ class NearDuplicateConfig:
 @dataclass
 class PerceptualHashes:
     """Hashes of N images as packed 256-bit words: ``whole`` (N, 2, 4) for the image and its mirror,
-    ``crops`` (N, K, 4) for its crop windows."""
+    ``crops`` (N, K, 4) for its crop windows; ``hashable`` (N,) False for images under ``MIN_SIDE``."""
 
     whole: np.ndarray
     crops: np.ndarray
+    hashable: np.ndarray
 
     def __len__(self) -> int:
         return len(self.whole)
 
-    def subset(self, rows: np.ndarray | list[int]) -> PerceptualHashes:
+    def subset(self, rows: np.ndarray | list[int] | range) -> PerceptualHashes:
         rows = np.asarray(rows, dtype=int)
-        return PerceptualHashes(self.whole[rows], self.crops[rows])
+        return PerceptualHashes(self.whole[rows], self.crops[rows], self.hashable[rows])
 
 
 def _dct_matrix(size: int) -> np.ndarray:
@@ -119,10 +125,17 @@ def hash_image(image: np.ndarray, config: NearDuplicateConfig = NearDuplicateCon
 
 def hash_images(images: Iterable[np.ndarray], config: NearDuplicateConfig = NearDuplicateConfig()) -> PerceptualHashes:
     """Hashes of (H, W) uint8 grey images."""
-    pairs = [hash_image(image, config) for image in images]
+    pairs, hashable = [], []
+    for image in images:
+        pairs.append(hash_image(image, config))
+        hashable.append(min(image.shape[:2]) >= MIN_SIDE)
+    return _stacked(pairs, hashable, config)
+
+
+def _stacked(pairs: list[tuple[np.ndarray, np.ndarray]], hashable: list[bool], config: NearDuplicateConfig) -> PerceptualHashes:
     if not pairs:
-        return PerceptualHashes(np.zeros((0, 2, WORDS), np.uint64), np.zeros((0, crop_windows(config.crop_fractions), WORDS), np.uint64))
-    return PerceptualHashes(np.stack([w for w, _ in pairs]), np.stack([c for _, c in pairs]))
+        return PerceptualHashes(np.zeros((0, 2, WORDS), np.uint64), np.zeros((0, crop_windows(config.crop_fractions), WORDS), np.uint64), np.zeros(0, dtype=bool))
+    return PerceptualHashes(np.stack([w for w, _ in pairs]), np.stack([c for _, c in pairs]), np.asarray(hashable, dtype=bool))
 
 
 def hash_files(paths: Iterable[str | Path], config: NearDuplicateConfig = NearDuplicateConfig()) -> PerceptualHashes:
@@ -130,19 +143,20 @@ def hash_files(paths: Iterable[str | Path], config: NearDuplicateConfig = NearDu
 
     Kept in memory per (file, size, modification time, crop fractions): a study checks its pools
     for the warning and again for each fold's exclusion, and each file is hashed once."""
-    pairs = []
+    pairs, hashable = [], []
     for path in paths:
         stat = Path(path).stat()
         key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, config.crop_fractions)
         if key not in _FILE_HASHES:
-            _FILE_HASHES[key] = hash_image(read_grayscale(path), config)
-        pairs.append(_FILE_HASHES[key])
-    if not pairs:
-        return hash_images([], config)
-    return PerceptualHashes(np.stack([w for w, _ in pairs]), np.stack([c for _, c in pairs]))
+            image = read_grayscale(path)
+            _FILE_HASHES[key] = (*hash_image(image, config), min(image.shape[:2]) >= MIN_SIDE)
+        whole, crops, ok = _FILE_HASHES[key]
+        pairs.append((whole, crops))
+        hashable.append(ok)
+    return _stacked(pairs, hashable, config)
 
 
-_FILE_HASHES: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+_FILE_HASHES: dict[tuple, tuple[np.ndarray, np.ndarray, bool]] = {}
 
 
 def _signs(words: np.ndarray) -> np.ndarray:
@@ -154,7 +168,8 @@ def _signs(words: np.ndarray) -> np.ndarray:
 def pair_distances(a: PerceptualHashes, b: PerceptualHashes, chunk_floats: int = 16_000_000, *, one_way: bool = False) -> np.ndarray:
     """(len(a), len(b)) near-duplicate distance: the smallest Hamming distance between a's image or
     mirror and b's image, between a's image or mirror and a crop window of b, and between a crop
-    window of a and b's image or mirror. ``one_way`` leaves out the last (for a set against itself,
+    window of a and b's image or mirror (:data:`UNHASHABLE` for images under :data:`MIN_SIDE`
+    pixels). ``one_way`` leaves out the last (for a set against itself,
     where it is the transpose's second).
 
     Hamming distances come from one matrix product of +-1 vectors (exact in float32)."""
@@ -176,6 +191,8 @@ def pair_distances(a: PerceptualHashes, b: PerceptualHashes, chunk_floats: int =
         if not one_way:
             best = np.maximum(best, (a_crops.reshape(c * ka, bits) @ b_whole.T).reshape(c, ka, m, 2).max(axis=(1, 3)))
         distances[start : start + c] = np.rint((bits - best) / 2).astype(np.int32)
+    distances[~a.hashable] = UNHASHABLE
+    distances[:, ~b.hashable] = UNHASHABLE
     return distances
 
 
@@ -185,7 +202,7 @@ def near_duplicate_pairs(a: PerceptualHashes, b: PerceptualHashes, max_distance:
     distances = pair_distances(a, b, one_way=same_set)
     if same_set:
         distances = np.minimum(distances, distances.T)  # the crop comparisons are not symmetric
-        distances[np.tril_indices(len(a))] = np.iinfo(np.int32).max
+        distances[np.tril_indices(len(a))] = UNHASHABLE
     a_rows, b_rows = np.nonzero(distances <= max_distance)
     return pd.DataFrame({"a_row": a_rows, "b_row": b_rows, "distance": distances[a_rows, b_rows]})
 
@@ -198,6 +215,7 @@ def crop_windows(crop_fractions: tuple[float, ...] = CROP_FRACTIONS) -> int:
 __all__ = [
     "CROP_FRACTIONS",
     "MAX_DISTANCE",
+    "MIN_SIDE",
     "NearDuplicateConfig",
     "PerceptualHashes",
     "crop_windows",
