@@ -19,9 +19,9 @@ import typing
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, make_dataclass
+from dataclasses import field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
@@ -42,12 +42,12 @@ from tus.callbacks.progress import StageProgressBar, active_stage_bar
 from tus.config import (
     ConfigError,
     changed_keys,
-    require_at_least,
     save_config,
     to_dict,
     write_text_atomic,
 )
 from tus.hardware import detect_caps, keep_opencv_on_calling_thread, resolve_precision
+from tus.run_config import LoggingConfig, TrainerConfig
 
 # Trainer arguments tus sets itself (run dir, loggers, callbacks, checkpointing) or that take
 # objects rather than values; every other Lightning Trainer argument is a config option.
@@ -76,6 +76,8 @@ def _config_type(annotation: Any) -> Any:
 
 
 def _trainer_fields() -> list[tuple[str, Any, Any]]:
+    """TrainerConfig's fields as derived from the installed Lightning's Trainer signature: what
+    :class:`tus.run_config.TrainerConfig` (written out, so configs load without Lightning) must match."""
     fields_ = []
     for name, parameter in inspect.signature(L.Trainer.__init__).parameters.items():
         if name in ("self", *_TRAINER_MANAGED) or parameter.kind is not inspect.Parameter.KEYWORD_ONLY:
@@ -92,31 +94,7 @@ def _trainer_fields() -> list[tuple[str, Any, Any]]:
     return fields_
 
 
-def _check_trainer_config(self: Any) -> None:
-    require_at_least(self, "trainer.", 0, "checkpoint_interval_s")
-
-
-TrainerConfig = make_dataclass("TrainerConfig", _trainer_fields(), namespace={"__post_init__": _check_trainer_config})
-TrainerConfig.__module__ = __name__
-TrainerConfig.__doc__ = """Every Lightning Trainer argument (Lightning's defaults, except ``precision: auto``, which picks
-bf16/16-mixed/32-true from the hardware), plus ``compile`` (torch.compile the model), ``channels_last`` (true/false/auto: auto converts
-convolutional models on GPUs and, on CPUs, where their first training batch measured faster; see
-tus.callbacks.performance) and ``checkpoint_interval_s`` (epoch-end resume checkpoints at most this
-often, in seconds of training; 0 = every epoch)."""
 LIGHTNING_TRAINER_DEFAULTS = {name: p.default for name, p in inspect.signature(L.Trainer.__init__).parameters.items()}
-
-
-@dataclass
-class LoggingConfig:
-    """Experiment tracking. W&B is offline unless WANDB_MODE or ``mode`` says otherwise."""
-
-    wandb: bool = True
-    project: str = "tus"
-    entity: str | None = None
-    group: str | None = None
-    job_type: str | None = None
-    tags: list[str] = field(default_factory=list)
-    mode: Literal["offline", "online", "disabled"] | None = None
 
 
 class _AppendingExperimentWriter(ExperimentWriter):

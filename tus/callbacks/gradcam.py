@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -22,28 +21,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
+from tus.callbacks.configs import GradCAMConfig as GradCAMConfig
 from tus.data.markers import MarkerConfig
 from tus.eval.explain import add_markers, check_cam_method, measure_marker_sensitivity, save_overlay_grid
-
-
-@dataclass
-class GradCAMConfig:
-    """Grad-CAM++ logging of a fine-tuning run (``gradcam:`` in a fine-tuning config).
-
-    ``target_layer`` is a dotted module name of the classifier (e.g. ``backbone.layer4``);
-    empty picks the backbone's last spatial layer (a ViT's last block ``norm1``). ``method`` is
-    ``gradcam++`` or ``scorecam`` (gradient-free; one forward pass per activation channel and image,
-    so slower). Markers come from the run's ``data.augment.markers`` config.
-    """
-
-    enabled: bool = False
-    num_images: int = 8
-    target_layer: str = ""
-    method: Literal["gradcam++", "scorecam"] = "gradcam++"
-    marker_seed: int = 0
-    every_n_epochs: int = 1
-    on_validation: bool = True
-    on_test: bool = True
 
 
 @dataclass

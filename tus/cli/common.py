@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -21,8 +22,13 @@ class StageArgs(Generic[T]):
     allow_config_change: bool
 
 
-def parse_stage_args(cls: type[T], argv: list[str], *, prog: str, description: str, default_config: str | None, resume_flags: tuple[str, ...] = ("--resume",)) -> StageArgs[T] | None:
-    """Parse a stage's argv into its config; None when ``--print_config`` printed it."""
+def parse_stage_args(
+    cls: type[T] | Callable[[], type[T]], argv: list[str], *, prog: str, description: str, default_config: str | None, resume_flags: tuple[str, ...] = ("--resume",)
+) -> StageArgs[T] | None:
+    """Parse a stage's argv into its config; None when ``--print_config`` printed it.
+
+    ``cls`` is the config dataclass or a function returning it, called only after ``--help``
+    was handled: a stage whose config module imports torch keeps ``--help`` instant."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description,
@@ -40,18 +46,19 @@ def parse_stage_args(cls: type[T], argv: list[str], *, prog: str, description: s
     unknown = [o for o in overrides if "=" not in o]
     if unknown:
         raise ConfigError(f"{prog}: options take the form --key.path=value; not understood: {' '.join(unknown)}")
+    config_class: type[T] = cls if isinstance(cls, type) else cls()
     if args.resume:
         if args.config:
             raise ConfigError(f"{prog}: --resume uses RUN_DIR/config.yaml; give overrides instead of --config")
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"{run_dir}: not a run dir to resume (no config.yaml)")
-        config = load_config(cls, run_dir / "config.yaml", overrides)
+        config = load_config(config_class, run_dir / "config.yaml", overrides)
     else:
         configs = args.config or ([default_config] if default_config else [])
         if not configs:
             raise ConfigError(f"{prog}: give --config CONFIG (a path or one of: {', '.join(packaged_config_names())})")
-        config = load_config(cls, configs, overrides)
+        config = load_config(config_class, configs, overrides)
     if args.print_config:
         sys.stdout.write(to_yaml(config))
         return None

@@ -14,11 +14,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import pandas as pd
-import yaml
-
-from tus.runs import new_run_dir
-
 
 @contextmanager
 def stage(title: str, timings: dict):
@@ -36,6 +31,7 @@ def run_demo(out_root: Path, *, label_noise: float, seeds: str) -> Path:
     from tus.eval.explain import format_summary
     from tus.eval.noisy_labels import FlaggingRule, find_loss_tables, format_report, read_losses
     from tus.eval.noisy_labels import write_report as write_noisy_label_report
+    from tus.runs import new_run_dir
     from tus.stages.diffusion import DiffusionConfig, run_diffusion
     from tus.stages.explain import run_explain
     from tus.stages.finetune_cv import FineTuneCVConfig, run_cv
@@ -122,6 +118,9 @@ def run_demo(out_root: Path, *, label_noise: float, seeds: str) -> Path:
 
 def _test_images(cv_dir: Path, count: int) -> list[str]:
     """Images of fold 0's test set, both classes, for the explanation step."""
+    import pandas as pd
+    import yaml
+
     folds = pd.read_csv(cv_dir / "folds.csv")
     test = folds[folds["fold"] == 0].sort_values("label", ascending=False)
     root = Path(yaml.safe_load((cv_dir / "config.yaml").read_text())["data"]["manifest"]).parent

@@ -7,12 +7,12 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from lightning.fabric.utilities.rank_zero import rank_zero_only
+from tus.studies.schema import STAGES, StageOverrides, StudyError, load_study
 
-from tus.studies.runner import STAGES, ArmPlan, plan_study, run_study
-from tus.studies.schema import StageOverrides, StudyError, load_study
-from tus.studies.tables import write_table
+if TYPE_CHECKING:
+    from tus.studies.runner import ArmPlan
 
 
 def parse_assignments(items: list[str]) -> dict[str, str]:
@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--stage", choices=STAGES, default="all", help="pretrain: only the arms' pretraining; finetune: only fine-tuning (pretraining must exist)")
     run.add_argument("--dry-run", action="store_true", help="resolve every arm and print what would run")
     args = parser.parse_args(argv)
+    # The runner imports every stage (torch, Lightning): not needed for --help.
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    from tus.studies.runner import plan_study, run_study
+    from tus.studies.tables import write_table
 
     try:
         study = load_study(args.study)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from tus.eval.explain import CAM_METHODS, format_summary
+from tus.eval.options import CAM_METHODS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     # Imported here: building the classifier pulls in Lightning and timm, which `tus explain --help` does not need.
+    from tus.eval.explain import format_summary
     from tus.stages.explain import run_explain
 
     summary = run_explain(

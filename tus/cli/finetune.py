@@ -6,7 +6,7 @@ from tus.cli.common import parse_stage_args
 
 
 def finetune_cv_main(argv: list[str]) -> int:
-    from tus.stages.finetune_cv import FineTuneCVConfig, run_cv
+    from tus.stages.configs import FineTuneCVConfig  # torch-free: --help and --print_config stay instant
 
     args = parse_stage_args(
         FineTuneCVConfig,
@@ -18,6 +18,8 @@ def finetune_cv_main(argv: list[str]) -> int:
     )
     if args is None:
         return 0
+    from tus.stages.finetune_cv import run_cv
+
     run_dir = run_cv(args.config, args.resume, allow_config_change=args.allow_config_change)
     print((run_dir / "summary.md").read_text())
     print(f"run dir: {run_dir}")

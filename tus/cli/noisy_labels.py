@@ -7,14 +7,6 @@ import sys
 from pathlib import Path
 
 from tus.data.images import UsageError
-from tus.eval.noisy_labels import (
-    FlaggingRule,
-    find_loss_tables,
-    format_report,
-    read_losses,
-    write_report,
-)
-from tus.studies.noisy_labels import training_manifest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     repeated = sorted({str(run) for run in resolved if resolved.count(run) > 1})
     if repeated:
         raise UsageError(f"RUN_DIR given more than once: {', '.join(repeated)} (each run would be counted twice)")
+    # pandas and matplotlib: not needed for --help
+    from tus.eval.noisy_labels import FlaggingRule, find_loss_tables, format_report, read_losses, write_report
+    from tus.studies.noisy_labels import training_manifest
+
     rule = FlaggingRule(args.threshold, args.min_exceed, args.min_fraction, args.counting)
     manifest = Path(args.manifest) if args.manifest else training_manifest(args.run_dirs)
     report = write_report(read_losses(find_loss_tables(args.run_dirs)), manifest, rule, out)

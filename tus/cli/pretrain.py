@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from lightning.fabric.utilities.rank_zero import rank_zero_only
-
 from tus.cli.common import parse_stage_args
 
 
-def main(argv: list[str] | None = None) -> int:
-    from tus.stages.pretrain import PretrainConfig, run_pretraining
+def _config_class() -> type:
+    from tus.stages.pretrain import PretrainConfig  # imports torch: only once --help is out of the way
 
+    return PretrainConfig
+
+
+def main(argv: list[str] | None = None) -> int:
     args = parse_stage_args(
-        PretrainConfig,
+        _config_class,
         list(argv or []),
         prog="tus pretrain",
         description="Self-supervised pretraining of an encoder by a registered method (simclr_organ, mae, ...); writes a new run dir with the encoder export.",
@@ -19,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args is None:
         return 0
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    from tus.stages.pretrain import run_pretraining
+
     run_dir = run_pretraining(args.config, args.resume, allow_config_change=args.allow_config_change)
     if rank_zero_only.rank == 0:
         print(f"encoder: {run_dir / 'encoder'}")

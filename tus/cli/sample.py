@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from tus.samplers import SAMPLERS
-from tus.stages.sample import generate
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tus sample", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="export .safetensors, Lightning .ckpt, or a diffusion run dir")
     parser.add_argument("--n", type=int, required=True, help="number of images the folder should hold")
     parser.add_argument("--out", required=True, help="output folder (new, or one to continue)")
-    parser.add_argument("--sampler", default="ddpm", help=f"a registered sampler ({', '.join(SAMPLERS)}) or a class path")
+    parser.add_argument("--sampler", default="ddpm", help="a registered sampler (ddpm, respaced, ddim, dpm: tus.samplers.SAMPLERS) or a class path")
     parser.add_argument("--steps", type=int, default=None, help="steps (default: the sampler's; ddpm runs all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -21,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=("32", "bf16"), default="32")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    from tus.stages.sample import generate  # torch and diffusers: not needed for --help
+
     manifest = generate(
         args.checkpoint,
         args.out,

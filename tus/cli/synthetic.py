@@ -7,10 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
-from tus.eval.features import WEIGHTS_ENV_VAR
-from tus.eval.filtering import FILTER_K, LINK_MODES
-from tus.eval.metrics import PRC_K
-from tus.stages.synthetic import format_filter_report, format_metrics_report, run_filter, run_metrics
+from tus.eval.options import FILTER_K, LINK_MODES, PRC_K, WEIGHTS_ENV_VAR
 
 
 def default_cache_dir() -> Path:
@@ -55,6 +52,8 @@ def metrics_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prc-k", type=int, default=PRC_K, help="neighbours for precision/recall")
     parser.add_argument("--seed", type=int, default=0, help="seed for drawing the real reference batches")
     args = parser.parse_args(argv)
+    from tus.stages.synthetic import format_metrics_report, run_metrics  # torch: not needed for --help
+
     metrics = run_metrics(args.real, args.generated, args.out, prc_k=args.prc_k, seed=args.seed, **_extraction_options(args))
     print(format_metrics_report(metrics, args.out))
     return 0
@@ -80,6 +79,8 @@ def filter_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", type=int, default=3, help="with --labeled and no 'fold' column: folds drawn as finetune-cv does")
     parser.add_argument("--fold-seed", type=int, default=0)
     args = parser.parse_args(argv)
+    from tus.stages.synthetic import format_filter_report, run_filter  # torch: not needed for --help
+
     report = run_filter(
         args.real,
         args.generated,

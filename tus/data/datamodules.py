@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import lightning as L
 import numpy as np
@@ -19,49 +18,19 @@ import torch
 from sklearn.model_selection import StratifiedGroupKFold
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, WeightedRandomSampler
 
-from tus.config import ConfigError, require_at_least
 from tus.data.cache import cached_images
+from tus.data.configs import ImageSourceConfig as ImageSourceConfig
+from tus.data.configs import LabeledDataConfig as LabeledDataConfig
 from tus.data.datasets import ManifestDataset
 from tus.data.images import list_images
 from tus.data.manifest import load_manifest
 from tus.data.seeding import derive_seed
 from tus.data.transforms import (
-    AugmentConfig,
     _transforms_of,
     eval_transform,
     finetune_train_transform,
     seed_transform_in_worker,
 )
-
-
-@dataclass
-class LabeledDataConfig:
-    manifest: str = ""
-    image_size: int = 224
-    num_folds: int = 3
-    fold_seed: int = 0
-    # False: one split (by fold_seed) shared by every seed, so seeds differ only in training
-    # randomness. True: the folds are re-drawn for each seed (the reference code), so the
-    # spread over seeds includes the split's; folds.csv then has a seed column.
-    folds_per_seed: bool = False
-    batch_size: int = 64
-    eval_batch_size: int = 128
-    num_workers: int = 2
-    weighted_sampler: bool = True
-    # Decoded, resized images on disk, shared by every fold x seed and later runs (see
-    # tus.data.cache); None: $TUS_CACHE_DIR/images, else ~/.cache/tus/images.
-    cache_images: bool = True
-    cache_dir: str | None = None
-    # Share of the training patients held out for model selection when selection=inner_val.
-    inner_val_fraction: float = 0.2
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-
-    def __post_init__(self) -> None:
-        require_at_least(self, "data.", 1, "image_size", "batch_size", "eval_batch_size")
-        require_at_least(self, "data.", 2, "num_folds")
-        require_at_least(self, "data.", 0, "num_workers")
-        if not 0 < self.inner_val_fraction < 1:
-            raise ConfigError(f"data.inner_val_fraction must be in (0, 1), got {self.inner_val_fraction}")
 
 
 class SamplerGenerator:
@@ -177,20 +146,6 @@ class LabeledDataModule(L.LightningDataModule):
             worker_init_fn=seed_transform_in_worker,
             **kwargs,
         )
-
-
-@dataclass
-class ImageSourceConfig:
-    """One source of the unlabelled pool: a manifest, or a folder of images (e.g. synthetic).
-
-    ``organ`` labels every image of a folder source (or fills a manifest's missing organs).
-    ``weight`` is the source's share of the draws, regardless of its size.
-    """
-
-    manifest: str | None = None
-    folder: str | None = None
-    organ: str | None = None
-    weight: float = 1.0
 
 
 def read_image_source(source: ImageSourceConfig) -> pd.DataFrame:

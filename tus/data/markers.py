@@ -14,7 +14,6 @@ any image of the same size.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import albumentations as A
@@ -23,7 +22,8 @@ import numpy as np
 import torch
 from albumentations.core.transforms_interface import BaseTransformInitSchema
 
-MARKER_TYPES = ("cross_plus", "cross_x", "caliper_line", "circle", "arrow", "text", "scale_bar")
+from tus.data.configs import MARKER_TYPES as MARKER_TYPES
+from tus.data.configs import MarkerConfig as MarkerConfig
 
 # Annotations commonly typed on scrotal/thyroid screenshots (Italian DX/SX for right/left).
 TEXT_LABELS = ("L", "R", "DX", "SX", "TEST", "LONG", "TRASV", "1", "2", "+")
@@ -31,43 +31,6 @@ TEXT_LABELS = ("L", "R", "DX", "SX", "TEST", "LONG", "TRASV", "1", "2", "+")
 # Below this many pixels a glyph or a cross collapses to a blob nobody would read as a
 # marker; small images still get recognisable (if relatively larger) markers.
 MIN_MARKER_PX = 5
-
-
-@dataclass(frozen=True)
-class MarkerConfig:
-    """What :func:`draw_markers` may draw.
-
-    ``size_range`` is a fraction of the image's shorter side (the arm of a cross, the
-    radius of a circle, the height of text); ``intensity_range`` and ``thickness_range``
-    are inclusive integer ranges (gray level, pixels).
-    """
-
-    types: tuple[str, ...] = MARKER_TYPES
-    min_count: int = 1
-    max_count: int = 4
-    size_range: tuple[float, float] = (0.04, 0.12)
-    intensity_range: tuple[int, int] = (200, 255)
-    thickness_range: tuple[int, int] = (1, 2)
-
-    def __post_init__(self) -> None:
-        # Configs often come from YAML, where tuples arrive as lists; freeze them so the
-        # config stays hashable and comparable.
-        for name in ("types", "size_range", "intensity_range", "thickness_range"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        unknown = sorted(set(self.types) - set(MARKER_TYPES))
-        if not self.types or unknown:
-            raise ValueError(f"marker types must be a non-empty subset of {MARKER_TYPES}, got {self.types}")
-        if not 0 <= self.min_count <= self.max_count:
-            raise ValueError(f"need 0 <= min_count <= max_count, got {self.min_count}, {self.max_count}")
-        low, high = self.size_range
-        if not 0 < low <= high <= 1:
-            raise ValueError(f"size_range must satisfy 0 < low <= high <= 1, got {self.size_range}")
-        low, high = self.intensity_range
-        if not 0 <= low <= high <= 255:
-            raise ValueError(f"intensity_range must lie in 0..255, got {self.intensity_range}")
-        low, high = self.thickness_range
-        if not 1 <= low <= high:
-            raise ValueError(f"thickness_range must satisfy 1 <= low <= high, got {self.thickness_range}")
 
 
 def draw_markers(image: np.ndarray, rng: np.random.Generator, config: MarkerConfig | None = None) -> tuple[np.ndarray, np.ndarray]:

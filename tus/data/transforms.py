@@ -9,29 +9,16 @@ torch seed (see :func:`seed_transform_in_worker`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import albumentations as A
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
 
-from tus.data.markers import MarkerConfig, MarkerInsertion
+from tus.data.configs import AugmentConfig as AugmentConfig
+from tus.data.markers import MarkerInsertion
 
 NORMALIZE_MEAN = 0.5
 NORMALIZE_STD = 0.25
-
-
-@dataclass
-class AugmentConfig:
-    """Fine-tuning augmentations: rotation, horizontal flip, small shifts, marker insertion."""
-
-    rotate_limit: float = 15.0
-    shift_limit: float = 0.05
-    hflip_p: float = 0.5
-    affine_p: float = 0.8
-    markers_p: float = 0.5
-    markers: MarkerConfig = field(default_factory=MarkerConfig)
 
 
 class AlbumentationsTransform:

@@ -17,8 +17,8 @@ from typing import Any
 
 import pandas as pd
 
+from tus.eval.cv_metrics import METRIC_NAMES
 from tus.eval.statistics import paper_spread, patient_bootstrap_cis
-from tus.methods.classifier import METRIC_NAMES
 
 CI_BOOTSTRAPS = 1000
 CI_ALPHA = 0.05

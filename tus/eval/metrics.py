@@ -27,8 +27,8 @@ from tus.data.images import DataError, list_images
 from tus.data.manifest import read_manifest
 from tus.eval.features import FEATURES, LOGITS, FeatureExtractor
 from tus.eval.manifold import improved_precision_recall
+from tus.eval.options import PRC_K as PRC_K
 
-PRC_K = 3
 REFERENCE_BATCHES = 3
 REFERENCE_BATCH_SIZE = 64
 ISC_SPLITS = 10

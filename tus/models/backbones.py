@@ -21,15 +21,14 @@ asked for and cannot be loaded, this raises: there is no silent fallback to rand
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import timm
 import torch
 from timm.models import adapt_input_conv
 from torch import nn
 
+from tus.models.configs import BackboneConfig as BackboneConfig
 from tus.models.export import classifier_normalization, load_export, read_export_config, save_export
 from tus.models.weights import CheckpointError, load_weights
 
@@ -39,27 +38,6 @@ __all__ = ["BackboneConfig", "CheckpointError", "create_backbone", "read_state_d
 # tus.models.vit.create_vit_encoder(name, **kwargs) for the ViTs of MAE pretraining.
 TIMM_BUILDER = "timm.create_model"
 VIT_BUILDER = "tus.models.vit.create_vit_encoder"
-
-
-@dataclass
-class BackboneConfig:
-    name: str = "resnet18"
-    in_chans: int = 1
-    init: Literal["scratch", "timm", "uscl", "tus", "mae"] = "timm"
-    weights: str | None = None
-    drop_rate: float = 0.0
-    # Architecture options handed to timm only when set (None keeps the model's default; DenseNets take no
-    # drop_path_rate). ViTs: stochastic depth, ``token`` (class token) or ``avg`` (mean of patch tokens, with
-    # timm's fc_norm) head pooling, input size and patch size (e.g. 64 px with 8 px patches on CPU).
-    drop_path_rate: float | None = None
-    global_pool: str | None = None
-    img_size: int | None = None
-    patch_size: int | None = None
-
-    def timm_kwargs(self) -> dict:
-        """The optional architecture options that are set, as ``timm.create_model`` keyword arguments."""
-        options = {"drop_path_rate": self.drop_path_rate, "global_pool": self.global_pool, "img_size": self.img_size, "patch_size": self.patch_size}
-        return {key: value for key, value in options.items() if value is not None}
 
 
 def architecture(name: str) -> str:

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -31,41 +30,22 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from torch.utils.data import DataLoader
 
-from tus.callbacks.gradcam import GradCAMConfig, GradCAMPlusPlusLogger
+from tus.callbacks.gradcam import GradCAMPlusPlusLogger
 from tus.callbacks.loss_recorder import PerSampleLossRecorder
 from tus.callbacks.progress import stage_progress
 from tus.config import ConfigError, to_dict, write_text_atomic
-from tus.data.datamodules import LabeledDataConfig, LabeledDataModule
+from tus.data.datamodules import LabeledDataModule
 from tus.data.folds import assign_folds, assign_folds_for_seed, fold_table
 from tus.data.images import content_hash
 from tus.data.manifest import load_manifest
 from tus.data.seeding import derive_seed
 from tus.eval.cv_summary import collect_runs, write_summary
-from tus.methods.classifier import METRIC_NAMES, FineTuneModule, FineTuneOptimConfig, save_finetuned
-from tus.models.backbones import BackboneConfig, CheckpointError, read_tus_encoder_meta
-from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, last_checkpoint, open_run
-
-
-@dataclass
-class FineTuneCVConfig:
-    """Everything ``tus finetune-cv`` runs: data, model, optimiser, trainer, protocol."""
-
-    name: str = "finetune"
-    output_root: str = "runs"
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
-    # "last": test the last epoch; "inner_val": test the best epoch on an inner split of the
-    # training folds. The test fold never takes part in model selection.
-    selection: Literal["last", "inner_val"] = "last"
-    selection_metric: str = "val/auroc"
-    # A short name for the initialisation, recorded with each run (e.g. for noisy-label runs).
-    init_label: str = ""
-    record_losses: bool = True
-    gradcam: GradCAMConfig = field(default_factory=GradCAMConfig)
-    data: LabeledDataConfig = field(default_factory=LabeledDataConfig)
-    model: BackboneConfig = field(default_factory=BackboneConfig)
-    optim: FineTuneOptimConfig = field(default_factory=FineTuneOptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+from tus.methods.classifier import METRIC_NAMES, FineTuneModule, save_finetuned
+from tus.models.backbones import CheckpointError, read_tus_encoder_meta
+from tus.models.configs import BackboneConfig
+from tus.run_config import LoggingConfig
+from tus.runs import build_loggers, build_trainer, last_checkpoint, open_run
+from tus.stages.configs import FineTuneCVConfig as FineTuneCVConfig
 
 
 class ResumeMismatchError(ValueError):

@@ -54,9 +54,9 @@ from tus.stages.pretrain import PretrainConfig, run_pretraining
 from tus.studies.markers import evaluate_markers
 from tus.studies.noisy_labels import FLAGGING_DIR, FLAGS_DIR, flag_labels, run_fold_safe_cv
 from tus.studies.schema import PRETRAIN_ROOT, StageOverrides, Study, StudyError, substitute
+from tus.studies.schema import STAGES as STAGES
 from tus.studies.tables import write_table
 
-STAGES = ("all", "pretrain", "finetune")
 # Trainer options that say where a run executes, not what it computes: a finished run is
 # found again whatever they are now (a pretraining done as a 2-GPU job is reused by a later
 # single-GPU invocation, e.g. `--stage finetune`).

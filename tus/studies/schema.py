@@ -11,9 +11,11 @@ from typing import Any, Literal
 import yaml
 
 from tus.config import ConfigError, build_config, from_dict, load_yaml, resolve_config_path
-from tus.data.markers import MarkerConfig
+from tus.data.configs import MarkerConfig
 
 PRETRAIN_ROOT = "_pretrain"
+# What `tus experiment run --stage` may run: every stage, only the arms' pretraining, or only fine-tuning.
+STAGES = ("all", "pretrain", "finetune")
 
 
 @dataclass(frozen=True)
