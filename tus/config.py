@@ -79,6 +79,10 @@ def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     bases = [bases] if isinstance(bases, str) else bases
     merged: dict = {}
     for base in bases:
+        try:
+            resolve_config_path(path.parent / str(base))
+        except ConfigError:
+            raise ConfigError(f"{path}: its 'base: {base}' names a config that does not exist ({path.parent / str(base)}; base paths are relative to the file naming them)") from None
         merged = deep_merge(merged, load_yaml(path.parent / base, (*_chain, key)))
     return deep_merge(merged, data)
 
@@ -261,6 +265,17 @@ def require_at_least(config: Any, prefix: str, minimum: int = 1, *names: str) ->
         value = getattr(config, name)
         if value is not None and value < minimum:
             raise ConfigError(f"{prefix}{name} must be >= {minimum}, got {value}")
+
+
+# Seeds reach NumPy (SeedSequence, Lightning's seed_everything), which takes 0 .. 2**32 - 1.
+MAX_SEED = 2**32 - 1
+
+
+def require_seeds(key: str, *seeds: int) -> None:
+    """Refuse seeds NumPy cannot take, naming the config key (NumPy's own message names none)."""
+    bad = [seed for seed in seeds if not 0 <= seed <= MAX_SEED]
+    if bad:
+        raise ConfigError(f"{key}: seed(s) {bad} out of range; seeds must be integers in 0 .. {MAX_SEED} (2**32 - 1)")
 
 
 def resolve_class(name: str, registry: dict[str, str], base: type, what: str) -> type:

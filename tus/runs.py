@@ -38,6 +38,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from tus.callbacks.checkpoint import ResumeCheckpoint
 from tus.callbacks.performance import ChannelsLast, CompileModel
+from tus.callbacks.preemption import StopAtResumablePoint
 from tus.callbacks.progress import StageProgressBar, active_stage_bar
 from tus.config import (
     ConfigError,
@@ -190,7 +191,7 @@ def open_run(
     """The run skeleton every stage uses; yields the run dir.
 
     - New run: rank 0 creates ``output_root/<time>-<name>`` and saves the resolved config;
-      other ranks join it (Lightning's relaunched workers through ``TUS_RUN_DIR``, torchrun's
+      other ranks join it (Lightning's relaunched workers through ``TUS_RUN_DIR``, torchrun's and srun's
       through a rendezvous file), so a 2-process run makes exactly one run dir.
     - Resume: the saved ``config.yaml`` must equal ``config``; a change is refused naming
       the changed keys, unless ``allow_config_change``, which records it in
@@ -258,34 +259,60 @@ def _dig(tree: Any, dotted: str) -> Any:
     return tree
 
 
+def _launch_key() -> tuple[str, int] | None:
+    """(the job's key, its number of processes) when a launcher started every rank itself:
+    torchrun (its run id and port) or SLURM's ``srun`` (job, step and restart: a requeued job
+    keeps its id); None otherwise (Lightning's own launcher passes ``TUS_RUN_DIR`` instead)."""
+    torchrun = os.environ.get("TORCHELASTIC_RUN_ID")
+    if torchrun:
+        return f"{torchrun}-{os.environ.get('MASTER_PORT', '')}", int(os.environ.get("WORLD_SIZE", "1"))
+    job = os.environ.get("SLURM_JOB_ID")
+    if job and os.environ.get("SLURM_PROCID") is not None:
+        step = os.environ.get("SLURM_STEP_ID", os.environ.get("SLURM_STEPID", ""))
+        restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+        return f"slurm{job}.{step}.{restart}", int(os.environ.get("SLURM_NTASKS", "1"))
+    return None
+
+
 def _rendezvous_file(output_root: Path, name: str) -> Path | None:
-    """Where rank 0 of a torchrun job tells its peers the run dir (None outside torchrun)."""
-    job = os.environ.get("TORCHELASTIC_RUN_ID")
-    if not job:
+    """Where rank 0 of a torchrun or srun job tells its peers the run dir (None otherwise).
+    ``output_root`` must be on a file system every rank sees (as the run dir must)."""
+    launch = _launch_key()
+    if launch is None:
         return None
-    return output_root / f".rendezvous-{name}-{job}-{os.environ.get('MASTER_PORT', '')}"
+    return output_root / f".rendezvous-{name}-{launch[0]}"
+
+
+# Set (by the SLURM scripts in docker/): rank 0 writes the path of the run dir it made into
+# this file, so a requeued job resumes that run dir instead of starting another.
+RUN_DIR_FILE_ENV = "TUS_RUN_DIR_FILE"
 
 
 def _publish_for_torchrun(output_root: Path, name: str, run_dir: Path) -> Path | None:
+    """Rank 0's new run dir, for the other ranks (torchrun, srun) and for a requeued job."""
+    record = os.environ.get(RUN_DIR_FILE_ENV)
+    if record:
+        write_text_atomic(Path(record), str(run_dir.resolve()) + "\n")
+    launch = _launch_key()
     path = _rendezvous_file(output_root, name)
-    if path is None or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if path is None or launch is None or launch[1] <= 1:
         return None
     write_text_atomic(path, str(run_dir))
     return path
 
 
 def _joined_run_dir(output_root: Path, name: str) -> Path:
-    """A worker's run dir: the one rank 0 made (inherited env var, or torchrun's rendezvous)."""
+    """A worker's run dir: the one rank 0 made (inherited env var, or the torchrun/srun rendezvous)."""
     inherited = os.environ.get(RUN_DIR_ENV)
     if inherited:
         return Path(inherited)
     path = _rendezvous_file(output_root, name)
     if path is None:
-        raise RunDirError(f"rank {rank_zero_only.rank}: no run dir from rank 0 ({RUN_DIR_ENV} unset, not under torchrun)")
+        raise RunDirError(f"rank {rank_zero_only.rank}: no run dir from rank 0 ({RUN_DIR_ENV} unset, not under torchrun or srun)")
     deadline = time.monotonic() + RENDEZVOUS_TIMEOUT_S
     while not path.is_file():
         if time.monotonic() > deadline:
-            raise RunDirError(f"rank {rank_zero_only.rank}: rank 0 did not publish its run dir in {path} within {RENDEZVOUS_TIMEOUT_S} s")
+            raise RunDirError(f"rank {rank_zero_only.rank}: rank 0 did not publish its run dir in {path} within {RENDEZVOUS_TIMEOUT_S} s (is {output_root} on a file system every node sees?)")
         time.sleep(0.2)
     return Path(path.read_text().strip())
 
@@ -392,12 +419,16 @@ def build_trainer(
     loggers: list[Logger],
     callbacks: list[Callback] = (),
     checkpoint_every_n_steps: int | None = None,
+    resumes_mid_epoch: bool = False,
 ) -> L.Trainer:
     """A Trainer writing checkpoints (``last.ckpt`` for resume) under ``run_dir/checkpoints``:
     at epoch ends, at most every ``trainer.checkpoint_interval_s`` seconds, or every
-    ``checkpoint_every_n_steps`` optimiser steps when given."""
+    ``checkpoint_every_n_steps`` optimiser steps when given. On SIGTERM/SIGUSR1 it saves
+    ``last.ckpt`` and stops at the next step (``resumes_mid_epoch``: the stage's data stream
+    resumes exactly from any step) or the epoch's end (:mod:`tus.callbacks.preemption`)."""
     checkpoint = ResumeCheckpoint(run_dir / "checkpoints", every_n_train_steps=checkpoint_every_n_steps, min_interval_s=trainer.checkpoint_interval_s)
-    all_callbacks: list[Callback] = [checkpoint, ChannelsLast(trainer.channels_last), *callbacks]
+    stop = StopAtResumablePoint("step" if resumes_mid_epoch else "epoch")
+    all_callbacks: list[Callback] = [checkpoint, ChannelsLast(trainer.channels_last), *callbacks, stop]
     if trainer.compile:
         all_callbacks.append(CompileModel())
     if trainer.enable_progress_bar:

@@ -169,3 +169,16 @@ def test_write_grayscale_roundtrip(tmp_path: Path):
     array = np.arange(64, dtype=np.uint8).reshape(8, 8)
     write_grayscale(tmp_path / "a" / "b.png", array)
     assert np.array_equal(read_grayscale(tmp_path / "a" / "b.png"), array)
+
+
+def test_utf8_bom_manifest_reads_like_plain_utf8(labeled_manifest: Path, capsys):
+    """Excel's "CSV UTF-8" writes a byte-order mark before the header: the manifest must read as
+    if it were not there (same columns, same rows), through `tus data check` too."""
+    bom = labeled_manifest.with_name("bom.csv")
+    bom.write_bytes(b"\xef\xbb\xbf" + labeled_manifest.read_bytes())
+    plain = load_manifest(labeled_manifest, num_folds=3)
+    with_bom = load_manifest(bom, num_folds=3)
+    assert list(with_bom.columns) == list(plain.columns)
+    pd.testing.assert_frame_equal(with_bom.drop(columns=["abs_path"]), plain.drop(columns=["abs_path"]))
+    assert tus_main(["data", "check", str(bom)]) == 0
+    assert "\ufeff" not in capsys.readouterr().out

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import stat
 from dataclasses import asdict
 from pathlib import Path
 
@@ -148,3 +150,22 @@ def test_an_export_of_another_kind_is_named(tmp_path: Path):
     save_finetuned(_classifier(), tmp_path / "fold")
     with pytest.raises(CheckpointError, match="this is a fine-tuned classifier export .*, not an encoder export"):
         create_backbone(BackboneConfig(name="resnet10t", init="tus", weights=str(tmp_path / "fold")))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_exported_files_get_the_mode_the_umask_gives_new_files(tmp_path: Path, umask: int):
+    """safetensors writes 0600 whatever the umask; a lab sharing a run folder must read exports."""
+    previous = os.umask(umask)
+    try:
+        encoder = save_encoder(create_backbone(ENCODER), ENCODER, tmp_path / "encoder")
+        unet = save_unet_export(build_unet(TINY_UNET), UNetExport(unet=TINY_UNET, process=ProcessConfig(num_timesteps=10), step=1), tmp_path / "unet")
+        (tmp_path / "plain.txt").write_text("x")  # what open() makes under this umask
+    finally:
+        os.umask(previous)
+    expected = 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == expected
+    files = [*Path(encoder).rglob("*.*"), *Path(unet).rglob("*.*")]
+    assert any(f.suffix == ".safetensors" for f in files)
+    for file in files:
+        if file.is_file():
+            assert stat.S_IMODE(file.stat().st_mode) == expected, f"{file.name}: {oct(file.stat().st_mode)}"

@@ -1,5 +1,5 @@
-"""Fault injection for the training stages: run ``tus <stage>`` as a subprocess, SIGKILL it at a
-random moment after its first checkpoint, and read back what the run dirs hold."""
+"""Fault injection for the training stages: run ``tus <stage>`` as a subprocess, SIGKILL (or
+SIGTERM) it at a random moment after its first checkpoint, and read back what the run dirs hold."""
 
 from __future__ import annotations
 
@@ -32,9 +32,10 @@ def start(stage: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen(tus_command(stage, *args), cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def kill_after_first_checkpoint(process: subprocess.Popen, root: Path, rng: random.Random, window_s: float) -> float:
-    """SIGKILL ``process`` ``U(0, window_s)`` seconds after a ``checkpoints/last.ckpt`` first
-    appears under ``root``; the delay used. Fails if the process ended before it was killed."""
+def kill_after_first_checkpoint(process: subprocess.Popen, root: Path, rng: random.Random, window_s: float, signum: int = signal.SIGKILL) -> float:
+    """Send ``signum`` (SIGKILL by default) to ``process`` ``U(0, window_s)`` seconds after a
+    ``checkpoints/last.ckpt`` first appears under ``root``; the delay used. Fails if the process
+    ended before the signal."""
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while not any(root.rglob("checkpoints/last.ckpt")):
         assert process.poll() is None, f"the run ended before its first checkpoint:\n{process.communicate()[0][-4000:]}"
@@ -43,8 +44,8 @@ def kill_after_first_checkpoint(process: subprocess.Popen, root: Path, rng: rand
     delay = rng.uniform(0.0, window_s)
     time.sleep(delay)
     assert process.poll() is None, "the run finished before the kill: lengthen it or shorten the window"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.send_signal(signum)
+    process.wait(timeout=STARTUP_TIMEOUT_S)
     return delay
 
 
@@ -95,12 +96,12 @@ def tus_in_process(stage: str, *args: str) -> None:
 class Killer:
     """Kills a stage subprocess from a thread while this process runs the uninterrupted twin."""
 
-    def __init__(self, process: subprocess.Popen, root: Path, rng: random.Random, window_s: float):
+    def __init__(self, process: subprocess.Popen, root: Path, rng: random.Random, window_s: float, signum: int = signal.SIGKILL):
         import threading
 
         self.delay: float | None = None
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._kill, args=(process, root, rng, window_s), daemon=True)
+        self._thread = threading.Thread(target=self._kill, args=(process, root, rng, window_s, signum), daemon=True)
         self._thread.start()
 
     def _kill(self, *args) -> None:

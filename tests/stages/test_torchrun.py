@@ -1,7 +1,9 @@
-"""One pretraining config, two 2-process CPU launches: torchrun and Lightning's own DDP launcher.
+"""One pretraining config, three 2-process CPU launches: torchrun, Lightning's own DDP launcher,
+and two processes started as ``srun`` starts them (SLURM's variables, no launcher; gloo).
 
-Both must run the same distributed job: same global batch, same per-rank data and view
-streams, same all-reduced gradients, hence the same final losses and encoder weights.
+All must run the same distributed job: same global batch, same per-rank data and view
+streams, same all-reduced gradients, hence the same final losses and encoder weights; each
+makes exactly one run dir (rank 1 joins rank 0's).
 """
 
 from __future__ import annotations
@@ -67,22 +69,33 @@ def finished_run(out: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_torchrun_and_lightning_ddp_launch_pretrain_identically(tmp_path):
+def test_torchrun_srun_and_lightning_ddp_launch_pretrain_identically(tmp_path):
+    from tests.stages.test_slurm_launch import free_port, srun_env
+
     pool = generate_phantom(tmp_path / "phantom", num_patients=4, image_size=32, pool_size=32).unlabeled_manifest
-    torchrun_out, lightning_out = tmp_path / "torchrun", tmp_path / "lightning"
+    torchrun_out, lightning_out, slurm_out = tmp_path / "torchrun", tmp_path / "lightning", tmp_path / "slurm"
     logs = [
         launch(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *pretrain_command(pool, torchrun_out)], tmp_path),
         launch(pretrain_command(pool, lightning_out), tmp_path),
     ]
     assert all("Starting with 2 processes" in log for log in logs)
+    # srun's two tasks, rank 1 started first: it must wait for rank 0's run dir, not make its own.
+    port = free_port()
+    tasks = [
+        subprocess.Popen([sys.executable, *pretrain_command(pool, slurm_out)], cwd=tmp_path, env=srun_env(rank, port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (1, 0)
+    ]
+    task_logs = [task.communicate(timeout=300)[0] for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], task_logs[0][-3000:] + task_logs[1][-3000:]
+    assert "Starting with 2 processes" in task_logs[1]
 
-    by_torchrun, by_lightning = finished_run(torchrun_out), finished_run(lightning_out)
-    summaries = [json.loads((run / "summary.json").read_text()) for run in (by_torchrun, by_lightning)]
-    assert summaries[0]["steps"] == summaries[1]["steps"] == STEPS
-    assert summaries[0]["last"].keys() == summaries[1]["last"].keys() and "train/loss" in summaries[0]["last"]
-    for name, value in summaries[0]["last"].items():
-        assert value == pytest.approx(summaries[1]["last"][name], rel=1e-5, abs=1e-6), name
-    weights = [load_file(str(run / "encoder" / "model.safetensors")) for run in (by_torchrun, by_lightning)]
-    assert weights[0].keys() == weights[1].keys()
-    for name in weights[0]:
-        torch.testing.assert_close(weights[0][name], weights[1][name], rtol=1e-5, atol=1e-6, msg=name)
+    runs = [finished_run(out) for out in (torchrun_out, lightning_out, slurm_out)]
+    summaries = [json.loads((run / "summary.json").read_text()) for run in runs]
+    weights = [load_file(str(run / "encoder" / "model.safetensors")) for run in runs]
+    for summary, weight in zip(summaries[1:], weights[1:]):
+        assert summaries[0]["steps"] == summary["steps"] == STEPS
+        assert summaries[0]["last"].keys() == summary["last"].keys() and "train/loss" in summary["last"]
+        for name, value in summaries[0]["last"].items():
+            assert value == pytest.approx(summary["last"][name], rel=1e-5, abs=1e-6), name
+        assert weights[0].keys() == weight.keys()
+        for name in weights[0]:
+            torch.testing.assert_close(weights[0][name], weight[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -25,7 +25,10 @@ def stage_progress(total: float, *, desc: str, unit: str = "epoch", enabled: boo
     if not enabled:
         yield None
         return
-    bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
+    # The count is fractional (epochs advance by batches): shown to one decimal, so a bar never
+    # reads 5.999999999999998/6.
+    bar_format = "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:g} " + unit + " [{elapsed}<{remaining}{postfix}]"
+    bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, bar_format=bar_format)
     _shared.append(bar)
     try:
         yield bar
@@ -48,6 +51,7 @@ class StageProgressBar(ProgressBar):
         self._own: tqdm | None = None
         self._desc = desc
         self._enabled = True
+        self._epoch_start = 0.0  # the shared bar's count when this epoch began
 
     def disable(self) -> None:
         self._enabled = False
@@ -64,12 +68,27 @@ class StageProgressBar(ProgressBar):
             total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
             self._own = tqdm(total=total, initial=trainer.global_step, desc=self._desc, unit="step", dynamic_ncols=True)
 
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._shared is not None:
+            self._epoch_start = self._shared.n
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A finished epoch counts exactly one, whatever its batches added up to in floating point.
+        if self._shared is not None and self._enabled and trainer.is_global_zero:
+            self._set_shared(self._epoch_start + 1)
+
+    def _set_shared(self, count: float) -> None:
+        assert self._shared is not None
+        self._shared.n = count
+        self._shared.update(0)  # redraw (at tqdm's usual rate)
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         bar = self._bar
         if bar is None or not self._enabled or not trainer.is_global_zero:
             return
         if self._shared is not None:
-            bar.update(1 / max(trainer.num_training_batches, 1))
+            batches = max(trainer.num_training_batches, 1)
+            self._set_shared(self._epoch_start + min(batch_idx + 1, batches) / batches)
         else:
             bar.update(trainer.global_step - bar.n)
         loss = trainer.callback_metrics.get("loss", trainer.callback_metrics.get("train/loss"))

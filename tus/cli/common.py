@@ -39,7 +39,7 @@ def parse_stage_args(
     )
     parser.add_argument("--config", action="append", default=[], help="YAML config: a path or a packaged name such as finetune/cpu (repeatable; later ones win)")
     parser.add_argument("--print_config", action="store_true", help="print the resolved config as YAML and exit")
-    parser.add_argument(*resume_flags, dest="resume", metavar="RUN_DIR", help="continue this run dir with its saved config (plus any overrides)")
+    parser.add_argument(*resume_flags, dest="resume", metavar="RUN_DIR", help="continue this run dir: with its saved config (plus any overrides), or with --config/overrides that give the same config")
     parser.add_argument("--allow-config-change", action="store_true", help="with --resume: accept overrides that change the saved config (recorded in the run dir)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args, overrides = parser.parse_known_args(argv)
@@ -48,12 +48,13 @@ def parse_stage_args(
         raise ConfigError(f"{prog}: options take the form --key.path=value; not understood: {' '.join(unknown)}")
     config_class: type[T] = cls if isinstance(cls, type) else cls()
     if args.resume:
-        if args.config:
-            raise ConfigError(f"{prog}: --resume uses RUN_DIR/config.yaml; give overrides instead of --config")
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"{run_dir}: not a run dir to resume (no config.yaml)")
-        config = load_config(config_class, run_dir / "config.yaml", overrides)
+        # Without --config the saved config is resumed (plus overrides); with it, the command
+        # that started the run can be repeated as it was: the config it builds must equal the
+        # saved one (the stage refuses a difference unless --allow-config-change).
+        config = load_config(config_class, args.config or run_dir / "config.yaml", overrides)
     else:
         configs = args.config or ([default_config] if default_config else [])
         if not configs:

@@ -14,17 +14,21 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+STAGES = 8
+
 
 @contextmanager
 def stage(title: str, timings: dict):
-    print(f"\n=== {title} ===", flush=True)
+    """One line when a step starts (with the demo's time so far) and one when it ends (its own time)."""
+    so_far = sum(timings.values())
+    print(f"\n=== {title} (step {len(timings) + 1} of {STAGES}; {so_far:.0f} s so far) ===", flush=True)
     start = time.perf_counter()
     yield
     timings[title] = time.perf_counter() - start
     print(f"--- {title}: {timings[title]:.0f} s", flush=True)
 
 
-def run_demo(out_root: Path, *, label_noise: float, seeds: str) -> Path:
+def run_demo(out_root: Path, *, label_noise: float, seeds: str, progress: bool = True) -> Path:
     from tus.config import load_config
     from tus.data.manifest import load_manifest, summarize
     from tus.data.phantom import generate_phantom
@@ -41,7 +45,8 @@ def run_demo(out_root: Path, *, label_noise: float, seeds: str) -> Path:
 
     demo = new_run_dir(out_root, "demo")
     timings: dict[str, float] = {}
-    quiet = ["trainer.enable_progress_bar=false"]
+    # One bar per training stage (pretraining and diffusion steps, the CV's epochs), each with its ETA.
+    quiet = [] if progress else ["trainer.enable_progress_bar=false"]
 
     with stage("1. phantom dataset + data check", timings):
         data = generate_phantom(demo / "data", seed=0, label_noise=label_noise)
@@ -93,11 +98,11 @@ def run_demo(out_root: Path, *, label_noise: float, seeds: str) -> Path:
 
     samples = demo / "samples"
     with stage("5. sampling (DDIM, 25 steps)", timings):
-        manifest = generate(diffusion_dir, samples, 32, sampler="ddim", steps=25, progress=False)
+        manifest = generate(diffusion_dir, samples, 32, sampler="ddim", steps=25, progress=progress)
         print(f"32 images in {samples} (manifest: {manifest})")
 
     with stage("6. synthetic metrics + k-NN manifold filter", timings):
-        features = {"cache_dir": demo / "feature_cache", "progress": True}
+        features = {"cache_dir": demo / "feature_cache", "progress": progress}
         metrics_file = demo / "synthetic_metrics.json"
         print(format_metrics_report(run_metrics(data.labeled_manifest, samples, metrics_file, **features), metrics_file))
         print(format_filter_report(run_filter(data.labeled_manifest, samples, demo / "filtered", k=10, organ="testicle", **features)))
@@ -195,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs", help="a new demo folder is created under this one")
     parser.add_argument("--label-noise", type=float, default=0.0, help="labels flipped on purpose in the phantom set")
     parser.add_argument("--seeds", default="[0]", help="fine-tuning seeds, as a YAML list")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (each step still prints a line when it starts and ends)")
     args = parser.parse_args(argv)
-    run_demo(Path(args.out), label_noise=args.label_noise, seeds=args.seeds)
+    run_demo(Path(args.out), label_noise=args.label_noise, seeds=args.seeds, progress=not args.no_progress)
     return 0

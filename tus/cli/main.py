@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import importlib
 import re
+import signal
 import sys
 import warnings
+
+from tus.preemption import TrainingStopped, stop_message, stop_on_signals
+from tus.preemption import requested as requested_signal
 
 # subcommand -> "module:function" taking argv and returning an exit code
 STAGES = {
@@ -29,7 +33,9 @@ STAGES = {
 
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand. Expected errors (bad config, bad data, bad weights) print one line
-    and exit 2 (usage/config) or 1 (data); ``--debug`` shows the traceback instead."""
+    and exit 2 (usage/config) or 1 (data); ``--debug`` shows the traceback instead. A run
+    stopped by SIGTERM/SIGUSR1 exits 128 + signal (143, 138) with one line on how to resume
+    (:mod:`tus.preemption`)."""
     # Library chatter (Lightning's pytree deprecation, "GPU available" banners, tips) says
     # nothing to a tus user; warnings tus itself raises still show.
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
@@ -46,13 +52,31 @@ def main(argv: list[str] | None = None) -> int:
     module_name, function_name = target.split(":")
     function = getattr(importlib.import_module(module_name), function_name)
     try:
-        return int(function([a for a in argv[1:] if a != "--debug"]) or 0)
+        with stop_on_signals():
+            return int(function([a for a in argv[1:] if a != "--debug"]) or 0)
+    except SystemExit as stop:
+        code = stopped_exit_code(stop)
+        if code is None:
+            raise
+        print(stop_message(stop, argv[0], argv[1:]), file=sys.stderr, flush=True)
+        return code
     except Exception as error:  # noqa: BLE001 - the one place that turns errors into exit codes
         code = exit_code(error)
         if debug or code is None:
             raise
         print(f"tus {argv[0]}: error: {one_line(error)}", file=sys.stderr)
         return code
+
+
+def stopped_exit_code(stop: SystemExit) -> int | None:
+    """128 + signal for a run stopped by SIGTERM/SIGUSR1 (ours, or Lightning's SIGTERMException,
+    whose code is 0 and which a signal between Lightning's handlers and ours may still raise);
+    None for any other exit."""
+    if isinstance(stop, TrainingStopped):
+        return 128 + stop.signum
+    if type(stop).__name__ == "SIGTERMException":
+        return 128 + (requested_signal() or int(signal.SIGTERM))
+    return None
 
 
 def exit_code(error: BaseException) -> int | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tus.config import ConfigError, require_at_least
+from tus.config import ConfigError, require_at_least, require_seeds
 
 MARKER_TYPES = ("cross_plus", "cross_x", "caliper_line", "circle", "arrow", "text", "scale_bar")
 
@@ -88,6 +88,7 @@ class LabeledDataConfig:
     def __post_init__(self) -> None:
         require_at_least(self, "data.", 1, "image_size", "batch_size", "eval_batch_size")
         require_at_least(self, "data.", 2, "num_folds")
+        require_seeds("data.fold_seed", self.fold_seed)
         require_at_least(self, "data.", 0, "num_workers")
         if not 0 < self.inner_val_fraction < 1:
             raise ConfigError(f"data.inner_val_fraction must be in (0, 1), got {self.inner_val_fraction}")

@@ -123,6 +123,10 @@ def crop_manifest(
     """
     manifest_csv = Path(manifest_csv)
     out_dir = Path(out_dir)
+    # Options are checked before any image: a bad one would otherwise surface as "no field of
+    # view" on the first image, blaming the data.
+    if detect_kwargs.get("max_views", 1) < 1:
+        raise UsageError(f"--max-views must be >= 1 (views kept per image), got {detect_kwargs['max_views']}")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise OutputExistsError(f"--out {out_dir}: output folder exists and is not empty; refusing to overwrite")
     if fixed_boxes is not None:

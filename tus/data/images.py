@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -47,11 +48,30 @@ class ImageReadError(DataError):
     """An image file is missing, unreadable, corrupt or not faithfully readable; the message names the file."""
 
 
+def not_an_image_file(path: str | Path) -> str | None:
+    """Why ``path`` cannot be an image file (``"file not found"``, ``"is a folder, not an image
+    file"``, a FIFO, device or socket likewise), or None for a regular file: a folder given as an
+    image is not "not found", and reading a FIFO would block."""
+    try:
+        mode = Path(path).stat().st_mode
+    except FileNotFoundError:
+        return "file not found"
+    except NotADirectoryError:
+        return "file not found (a parent of it is a file, not a folder)"
+    except OSError as error:
+        return f"cannot be read ({error.strerror or error})"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
+    return f"is {kind}, not an image file"
+
+
 def read_grayscale(path: str | Path) -> np.ndarray:
     """Decode ``path`` into a (H, W) uint8 array, upright according to its EXIF orientation."""
     path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(f"{path}: file not found")
+    if (problem := not_an_image_file(path)) is not None:
+        raise ImageReadError(f"{path}: {problem}")
     try:
         with Image.open(path) as image:
             frames = getattr(image, "n_frames", 1)

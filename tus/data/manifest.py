@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tus.data.images import DataError, ImageReadError, content_hash, read_grayscale
+from tus.data.images import DataError, ImageReadError, content_hash, not_an_image_file, read_grayscale
 
 LABEL_VALUES = (0, 1)
 # Columns tus derives when loading; a manifest must not carry them itself.
@@ -91,7 +91,9 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
 def _header(path: Path) -> list[str]:
     """The manifest's column names as written (stripped); refuses a column named twice."""
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
+        # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which is not part of the
+        # first column's name (pandas drops it too).
+        with open(path, newline="", encoding="utf-8-sig") as handle:
             header = [name.strip() for name in next(csv.reader(handle), [])]
     except (UnicodeDecodeError, csv.Error) as error:
         raise ManifestError(path, [Problem(str(path), f"not a readable UTF-8 CSV ({error})")]) from error
@@ -191,8 +193,8 @@ def _check_files(frame: pd.DataFrame, decode_images: bool, where, report_cross_p
     rows_by_hash: dict[str, list] = defaultdict(list)
     for row in frame.itertuples():
         file = Path(row.abs_path)
-        if not file.is_file():
-            problems.append(Problem(where(row), f"image file not found: {file}"))
+        if (problem := not_an_image_file(file)) is not None:
+            problems.append(Problem(where(row), f"image {problem}: {file}" if problem.startswith("file not found") else f"{file} {problem}"))
             continue
         if decode_images:
             try:

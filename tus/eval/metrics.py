@@ -23,7 +23,7 @@ import torch
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 
-from tus.data.images import DataError, list_images
+from tus.data.images import DataError, list_images, not_an_image_file
 from tus.data.manifest import read_manifest
 from tus.eval.features import FEATURES, LOGITS, FeatureExtractor
 from tus.eval.manifold import improved_precision_recall
@@ -48,9 +48,9 @@ def image_paths(manifest_or_folder: str | Path) -> list[Path]:
     else:
         frame = read_manifest(source)
         paths = [Path(p) for p in frame["abs_path"]]
-        missing = [f"line {line}: {p}" for line, p in zip(frame["line"], paths) if not p.is_file()]
+        missing = [f"line {line}: {p} ({problem})" for line, p in zip(frame["line"], paths) if (problem := not_an_image_file(p)) is not None]
         if missing:
-            raise FileNotFoundError(f"{source}: {len(missing)} image(s) not found: " + "; ".join(missing[:5]))
+            raise FileNotFoundError(f"{source}: {len(missing)} image(s) not found or not image files: " + "; ".join(missing[:5]))
     if not paths:
         raise DataError(f"{source}: no images")
     return paths

@@ -87,6 +87,7 @@ def save_export(folder: str | Path, kind: str, weights: nn.Module | dict[str, to
         if not hasattr(weights, "save_pretrained"):
             raise TypeError(f"a unet export is written by diffusers' save_pretrained; got {type(weights).__name__}")
         weights.save_pretrained(str(folder), safe_serialization=True)  # type: ignore[operator]
+        _mode_from_umask(*folder.glob("*.safetensors"))
         diffusers_config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
         write_text_atomic(folder / CONFIG_FILE, json.dumps({**diffusers_config, DIFFUSERS_TUS_KEY: meta}, indent=2))
         return folder
@@ -94,9 +95,19 @@ def save_export(folder: str | Path, kind: str, weights: nn.Module | dict[str, to
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     partial = folder / f".{WEIGHTS_FILE}.partial"
     save_file(tensors, str(partial), metadata={"format": "pt"})
+    _mode_from_umask(partial)
     os.replace(partial, folder / WEIGHTS_FILE)
     write_text_atomic(folder / CONFIG_FILE, json.dumps(meta, indent=2))
     return folder
+
+
+def _mode_from_umask(*paths: Path) -> None:
+    """safetensors creates its files with mode 0600 whatever the umask: give them the mode any new
+    file gets (0666 minus the umask), so a lab sharing a run folder can read the exports."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in paths:
+        os.chmod(path, 0o666 & ~mask)
 
 
 def load_export(path: str | Path, kind: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:

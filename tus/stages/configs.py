@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from tus.callbacks.configs import GradCAMConfig
+from tus.config import require_seeds
 from tus.data.configs import LabeledDataConfig
 from tus.methods.configs import FineTuneOptimConfig
 from tus.models.configs import BackboneConfig
@@ -34,3 +35,6 @@ class FineTuneCVConfig:
     optim: FineTuneOptimConfig = field(default_factory=FineTuneOptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        require_seeds("seeds", *self.seeds)

@@ -25,7 +25,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
 from tus.callbacks.diffusion import ExportEma, SampleGridCallback, SampleGridConfig
-from tus.config import ConfigError, to_dict
+from tus.config import ConfigError, require_seeds, to_dict
 from tus.data.pools import DiffusionDataConfig, DiffusionDataModule
 from tus.methods.iddpm import (
     DiffusionModule,
@@ -55,6 +55,9 @@ class DiffusionConfig:
     samples: SampleGridConfig = field(default_factory=SampleGridConfig)
     trainer: TrainerConfig = field(default_factory=_default_trainer)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        require_seeds("seed", self.seed)
 
 
 def run_diffusion(config: DiffusionConfig, run_dir: str | Path | None = None, *, allow_config_change: bool = False, create: bool = False) -> Path:

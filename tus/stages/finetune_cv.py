@@ -25,6 +25,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pandas as pd
+import timm
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
@@ -41,11 +42,40 @@ from tus.data.manifest import load_manifest
 from tus.data.seeding import derive_seed
 from tus.eval.cv_summary import collect_runs, write_summary
 from tus.methods.classifier import METRIC_NAMES, FineTuneModule, save_finetuned
-from tus.models.backbones import CheckpointError, read_tus_encoder_meta
+from tus.models.backbones import CheckpointError, architecture, is_vit_export, read_tus_encoder_meta
 from tus.models.configs import BackboneConfig
 from tus.run_config import LoggingConfig
-from tus.runs import build_loggers, build_trainer, last_checkpoint, open_run
+from tus.runs import RunDirError, RunLock, build_loggers, build_trainer, check_config_change, last_checkpoint, open_run
 from tus.stages.configs import FineTuneCVConfig as FineTuneCVConfig
+
+
+def backbone_for_inputs(model: BackboneConfig, image_size: int) -> BackboneConfig:
+    """The backbone config built for inputs of ``image_size`` px: a ViT takes one input size, so
+    an unset ``model.img_size`` becomes ``data.image_size`` (a ViT export's or MAE checkpoint's
+    position embeddings are resized to it when loaded) and a different one is refused, naming
+    both keys. Other backbones take any size and are returned as they are."""
+    if not _is_vit(model):
+        return model
+    if model.img_size is None:
+        return replace(model, img_size=image_size)
+    if model.img_size != image_size:
+        raise ConfigError(
+            f"model.img_size={model.img_size} but data.image_size={image_size}: a ViT is built for one input size; "
+            f"set --model.img_size={image_size} or --model.img_size=null (then it is data.image_size"
+            f"{'; the export is resized to it' if model.init in ('tus', 'mae') else ''})"
+        )
+    return model
+
+
+def _is_vit(model: BackboneConfig) -> bool:
+    if model.init == "tus" and model.weights:
+        return is_vit_export(read_tus_encoder_meta(model.weights)[1])
+    try:
+        entrypoint = timm.models.model_entrypoint(architecture(model.name))
+    except (KeyError, RuntimeError):  # an unknown name: timm.create_model reports it later
+        return False
+    # timm's VisionTransformer family (DeiT subclasses it): their patch grid is fixed at build time.
+    return entrypoint.__module__ in ("timm.models.vision_transformer", "timm.models.deit")
 
 
 class ResumeMismatchError(ValueError):
@@ -119,17 +149,11 @@ def run_cv(
     The callbacks each run gets come from the config (:func:`finetune_callbacks`), plus those
     of ``callback_factory``.
     """
-    if not config.seeds:
-        raise ConfigError("seeds: give at least one seed")
-    if len(set(config.seeds)) != len(config.seeds):
-        raise ConfigError(f"seeds: {config.seeds} repeats a seed (each fold x seed run must be distinct)")
-    frame = load_manifest(config.data.manifest, require_labels=True, num_folds=config.data.num_folds)
-    folds = cv_folds(config, frame)
-    jobs = [(fold, seed) for seed in config.seeds for fold in range(config.data.num_folds)]
-    for fold, seed in jobs:  # before any run dir or training: every fold's encoder fits its test fold
-        check_encoder_exclusion(weights_for_run(config.model, fold, seed), frame, folds[seed] if isinstance(folds, dict) else folds, fold)
+    frame, folds = _manifest_and_folds(config)
+    check_encoders(config, frame, folds)  # before any run dir or training: every fold's encoder fits its test fold
     with open_run(config, output_root=config.output_root, name=config.name, resume=run_dir, allow_config_change=allow_config_change, create=create) as run_dir:
         write_or_check_folds(run_dir, frame, folds)
+        jobs = cv_jobs(config)
         todo = [(fold, seed) for fold, seed in jobs if not (run_dir / "runs" / f"fold{fold}-seed{seed}" / "metrics.json").exists()]
         # One bar over every remaining epoch of every fold x seed: the ETA is the whole CV's.
         with stage_progress(
@@ -180,12 +204,94 @@ def check_encoder_exclusion(model: BackboneConfig, frame: pd.DataFrame, folds: n
         )
 
 
+def check_encoders(config: FineTuneCVConfig, frame: pd.DataFrame, folds: np.ndarray | dict[int, np.ndarray]) -> None:
+    """:func:`check_encoder_exclusion` for every fold x seed run of the CV."""
+    for fold, seed in cv_jobs(config):
+        check_encoder_exclusion(weights_for_run(config.model, fold, seed), frame, folds[seed] if isinstance(folds, dict) else folds, fold)
+
+
 def cv_folds(config: FineTuneCVConfig, frame: pd.DataFrame) -> np.ndarray | dict[int, np.ndarray]:
     """The folds ``run_cv`` tests on: one assignment, or one per seed (``data.folds_per_seed``).
     A study's per-fold pretraining pools leave out these folds' test patients."""
     if config.data.folds_per_seed:
         return {seed: assign_folds_for_seed(frame, config.data.num_folds, config.data.fold_seed, seed, per_seed=True) for seed in config.seeds}
     return assign_folds(frame, config.data.num_folds, config.data.fold_seed)
+
+
+def cv_jobs(config: FineTuneCVConfig) -> list[tuple[int, int]]:
+    """Every (fold, seed) run of a CV, in the order :func:`run_cv` trains them (a job array's
+    task index is a position in this list)."""
+    return [(fold, seed) for seed in config.seeds for fold in range(config.data.num_folds)]
+
+
+def _manifest_and_folds(config: FineTuneCVConfig) -> tuple[pd.DataFrame, np.ndarray | dict[int, np.ndarray]]:
+    if not config.seeds:
+        raise ConfigError("seeds: give at least one seed")
+    if len(set(config.seeds)) != len(config.seeds):
+        raise ConfigError(f"seeds: {config.seeds} repeats a seed (each fold x seed run must be distinct)")
+    backbone_for_inputs(weights_for_run(config.model, 0, config.seeds[0]), config.data.image_size)  # a ViT's size mismatch, before any run dir
+    frame = load_manifest(config.data.manifest, require_labels=True, num_folds=config.data.num_folds)
+    return frame, cv_folds(config, frame)
+
+
+# A CV split over processes (a SLURM job array: one fold x seed per task or GPU):
+# prepare_cv makes the run dir, run_cv_task trains one run into it, join_cv writes the summary
+# a local run_cv writes (and refuses while a run is missing).
+
+
+def prepare_cv(config: FineTuneCVConfig) -> Path:
+    """A new CV run dir (``config.yaml``, ``folds.csv``), no training: fold x seed runs are then
+    trained by :func:`run_cv_task` (any process, any order) and summarised by :func:`join_cv`."""
+    frame, folds = _manifest_and_folds(config)
+    check_encoders(config, frame, folds)
+    with open_run(config, output_root=config.output_root, name=config.name) as run_dir:
+        write_or_check_folds(run_dir, frame, folds)
+    return run_dir
+
+
+def run_cv_task(config: FineTuneCVConfig, run_dir: str | Path, fold: int, seed: int, callback_factory: CallbackFactory | None = None) -> Path:
+    """Train the one run (``fold``, ``seed``) of the CV run dir ``run_dir`` (made by
+    :func:`prepare_cv` or :func:`run_cv`); returns its folder. Other runs of the same CV may be
+    trained at the same time by other processes: each run's folder is locked, not the CV's.
+    A finished run is left as it is; an interrupted one resumes from its ``last.ckpt``."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise RunDirError(f"{run_dir}: not a CV run dir (no config.yaml); make one with tus finetune-cv --prepare")
+    check_config_change(run_dir, config, allow=False)
+    if (fold, seed) not in cv_jobs(config):
+        raise ConfigError(f"fold={fold},seed={seed}: not a run of this CV (folds 0..{config.data.num_folds - 1}, seeds {config.seeds})")
+    frame, folds = _manifest_and_folds(config)
+    write_or_check_folds(run_dir, frame, folds)
+    target = run_dir / "runs" / f"fold{fold}-seed{seed}"
+    if (target / "metrics.json").exists():
+        return target
+    with RunLock(target), stage_progress(max(config.trainer.max_epochs or 1, 1), desc=f"{config.name}: fold{fold}-seed{seed}", enabled=config.trainer.enable_progress_bar is not False):
+        run_single(config, frame, folds[seed] if isinstance(folds, dict) else folds, fold, seed, target, _with_stage_callbacks(callback_factory))
+    return target
+
+
+def missing_runs(config: FineTuneCVConfig, run_dir: str | Path) -> list[str]:
+    """The fold x seed runs of ``run_dir`` that have not finished (no ``metrics.json``)."""
+    return [f"fold{fold}-seed{seed}" for fold, seed in cv_jobs(config) if not (Path(run_dir) / "runs" / f"fold{fold}-seed{seed}" / "metrics.json").exists()]
+
+
+def join_cv(config: FineTuneCVConfig, run_dir: str | Path) -> Path:
+    """Write ``runs.csv`` and the summary of a CV whose runs were trained separately, as
+    :func:`run_cv` does; refuses (naming them) while any fold x seed run is missing: a
+    summary is never a mean over fewer runs than the protocol has."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise RunDirError(f"{run_dir}: not a CV run dir (no config.yaml)")
+    missing = missing_runs(config, run_dir)
+    if missing:
+        total = len(cv_jobs(config))
+        raise RunDirError(
+            f"{run_dir}: {len(missing)} of {total} fold x seed runs have not finished ({', '.join(missing)}); run them (tus finetune-cv --run-dir {run_dir} --only fold=F,seed=S), then join again"
+        )
+    frame, _ = _manifest_and_folds(config)
+    with RunLock(run_dir):
+        write_summary(run_dir, collect_runs(run_dir), frame, config)
+    return run_dir
 
 
 def _with_stage_callbacks(extra: CallbackFactory | None) -> CallbackFactory:
@@ -250,7 +356,7 @@ def run_single(
     L.seed_everything(seed, workers=True)
     inner = config.selection == "inner_val"
     datamodule = LabeledDataModule(config.data, frame, folds, fold, seed, inner_validation=inner)
-    module = FineTuneModule(config.model, config.optim)
+    module = FineTuneModule(backbone_for_inputs(config.model, config.data.image_size), config.optim)
     run_info = {"fold": fold, "seed": seed, "init": config.init_label or config.model.init}
     callbacks = [_EpochSeededStream(seed), *(callback_factory(config, run_info, run_dir) if callback_factory else [])]
     selector = None

@@ -28,7 +28,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch import nn
 
 from tus.callbacks.probes import DownstreamProbe, OrganProbe
-from tus.config import ConfigError, to_dict
+from tus.config import ConfigError, require_seeds, to_dict
 from tus.data.pools import PretrainDataConfig, PretrainDataModule, encoder_exclusion
 from tus.methods import method_options, resolved_method_block
 from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, finish_loggers, last_checkpoint, open_run, write_json_atomic
@@ -72,6 +72,7 @@ class PretrainConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def __post_init__(self) -> None:
+        require_seeds("seed", self.seed)
         self.method = resolved_method_block(self.method)
 
 
@@ -123,7 +124,7 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path | None = None, *
             )
             callbacks.append(downstream)
         loggers = build_loggers(run_dir, config.logging, name=config.name, config={**to_dict(config), "pool": report}, tags=["pretrain", method_cls.__name__])
-        trainer = build_trainer(config.trainer, run_dir, loggers=loggers, callbacks=callbacks, checkpoint_every_n_steps=config.checkpoint_every_n_steps)
+        trainer = build_trainer(config.trainer, run_dir, loggers=loggers, callbacks=callbacks, checkpoint_every_n_steps=config.checkpoint_every_n_steps, resumes_mid_epoch=True)
         if config.sync_batchnorm and trainer.world_size > 1:
             module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
         trainer.fit(module, datamodule=datamodule, ckpt_path=last_checkpoint(run_dir))
