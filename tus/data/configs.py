@@ -73,6 +73,10 @@ class LabeledDataConfig:
     # randomness. True: the folds are re-drawn for each seed (the reference code), so the
     # spread over seeds includes the split's; folds.csv then has a seed column.
     folds_per_seed: bool = False
+    # A folds.csv (sample_id, fold[, seed]) whose folds this CV reuses instead of drawing its
+    # own: an arm that drops or relabels rows of a labelled set is then tested on the same
+    # patients as the arm on the whole set (studies set it; num_folds/fold_seed are then unused).
+    folds_from: str | None = None
     batch_size: int = 64
     eval_batch_size: int = 128
     num_workers: int = 2

@@ -36,7 +36,7 @@ from tus.callbacks.loss_recorder import PerSampleLossRecorder
 from tus.callbacks.progress import stage_progress
 from tus.config import ConfigError, to_dict, write_text_atomic
 from tus.data.datamodules import LabeledDataModule
-from tus.data.folds import assign_folds, assign_folds_for_seed, fold_table
+from tus.data.folds import FoldError, assign_folds, assign_folds_for_seed, fold_table, folds_from_table, read_fold_table
 from tus.data.images import content_hash
 from tus.data.manifest import load_manifest
 from tus.data.seeding import derive_seed
@@ -210,14 +210,6 @@ def check_encoders(config: FineTuneCVConfig, frame: pd.DataFrame, folds: np.ndar
         check_encoder_exclusion(weights_for_run(config.model, fold, seed), frame, folds[seed] if isinstance(folds, dict) else folds, fold)
 
 
-def cv_folds(config: FineTuneCVConfig, frame: pd.DataFrame) -> np.ndarray | dict[int, np.ndarray]:
-    """The folds ``run_cv`` tests on: one assignment, or one per seed (``data.folds_per_seed``).
-    A study's per-fold pretraining pools leave out these folds' test patients."""
-    if config.data.folds_per_seed:
-        return {seed: assign_folds_for_seed(frame, config.data.num_folds, config.data.fold_seed, seed, per_seed=True) for seed in config.seeds}
-    return assign_folds(frame, config.data.num_folds, config.data.fold_seed)
-
-
 def cv_jobs(config: FineTuneCVConfig) -> list[tuple[int, int]]:
     """Every (fold, seed) run of a CV, in the order :func:`run_cv` trains them (a job array's
     task index is a position in this list)."""
@@ -292,6 +284,21 @@ def join_cv(config: FineTuneCVConfig, run_dir: str | Path) -> Path:
     with RunLock(run_dir):
         write_summary(run_dir, collect_runs(run_dir), frame, config)
     return run_dir
+
+
+def cv_folds(config: FineTuneCVConfig, frame: pd.DataFrame) -> np.ndarray | dict[int, np.ndarray]:
+    """The folds of ``frame``'s rows: read from ``data.folds_from``, else drawn (once, or per
+    seed with ``data.folds_per_seed``: then a dict seed -> folds). A study's per-fold pretraining
+    pools leave out these folds' test patients."""
+    data = config.data
+    if data.folds_from:
+        try:
+            return folds_from_table(frame, read_fold_table(data.folds_from), data.num_folds, list(config.seeds), data.folds_per_seed, source=f"data.folds_from={data.folds_from}")
+        except FoldError as error:
+            raise ConfigError(str(error)) from error
+    if data.folds_per_seed:
+        return {seed: assign_folds_for_seed(frame, data.num_folds, data.fold_seed, seed, per_seed=True) for seed in config.seeds}
+    return assign_folds(frame, data.num_folds, data.fold_seed)
 
 
 def _with_stage_callbacks(extra: CallbackFactory | None) -> CallbackFactory:

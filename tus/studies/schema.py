@@ -139,6 +139,10 @@ class StudyConfig:
     title: str = ""
     finetune_config: str = "../finetune/paper.yaml"
     pretrain_config: str | None = None
+    # Re-draw the folds for each seed (the reference code), for every arm: the comparisons'
+    # corrected resampled t-test assumes resampled splits. False shares one split across seeds
+    # (then the table compares arms with a patient bootstrap of the pooled test predictions).
+    folds_per_seed: bool = True
     # Overrides every arm gets before its own.
     finetune: list[str] = field(default_factory=list)
     pretrain: list[str] = field(default_factory=list)
@@ -149,7 +153,7 @@ class StudyConfig:
     # What an arm's pretraining pool leaves out of the labelled set it fine-tunes on (the labelled
     # images, their near duplicates and, where the pool has patient ids, their patients' images):
     # - per_fold: for each test fold, a pool without that fold's test patients, so one pretraining
-    #   per fold (per fold and seed with data.folds_per_seed): K times the pretraining cost; fold k
+    #   per fold and seed (folds_per_seed, the default), one per fold without it: K x seeds (or K) times the pretraining cost; fold k
     #   fine-tunes from fold k's encoder and refuses any other;
     # - all: one pool without any labelled patient, one pretraining for every fold (the cheap safe option);
     # - none: the pool as given (the reference: its test folds' images reach pretraining).
