@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-STAGES = 8
+STAGES = 9
 
 
 @contextmanager
@@ -116,9 +116,40 @@ def run_demo(out_root: Path, *, label_noise: float, seeds: str, progress: bool =
         model = cv_dir / "runs" / "fold0-seed0" / "model.safetensors"
         print(format_summary(run_explain(model, _test_images(cv_dir, 8), demo / "explain")))
 
+    with stage("9. predict held-out phantom images with the CV's fold ensemble, export it (ONNX)", timings):
+        predict_and_export(demo, cv_dir, progress=progress)
+
     write_report(demo, cv_dir, pretrain_dir, diffusion_dir, timings)
     print(f"\n{(demo / 'REPORT.md').read_text()}")
     return demo
+
+
+def predict_and_export(demo: Path, cv_dir: Path, progress: bool = False) -> None:
+    """New phantom patients (another seed, never seen by the CV) through ``tus predict`` and ``tus export``."""
+    from tus.data.phantom import generate_phantom
+    from tus.stages.export import run_export
+    from tus.stages.predict import render_labelled_summary, run_predict
+
+    heldout = generate_phantom(demo / "heldout", num_patients=20, pool_size=0, seed=1)
+    result = run_predict(cv_dir, heldout.labeled_manifest, demo / "heldout_predictions.csv", progress=progress)
+    print(render_labelled_summary(result["labelled"], result["kind"]))
+    run_export(cv_dir, "onnx", demo / "export")
+    print(f"exported the fold ensemble to {demo / 'export'}")
+
+
+def _predict_section(demo: Path) -> list[str]:
+    result = json.loads((demo / "heldout_predictions.metrics.json").read_text())
+    from tus.stages.predict import render_labelled_summary
+
+    return [
+        "## Predictions on held-out phantom patients",
+        "",
+        f"`tus predict` with the CV run's {len(result['members'])} fold models (mean probability) on {result['images']} images of new "
+        f"phantom patients (`heldout/`, another seed), threshold {result['threshold']:.3g}; `heldout_predictions.csv`. "
+        "The ensemble, exported to ONNX with its model card, is in `export/`.",
+        "",
+        render_labelled_summary(result["labelled"], "fold ensemble"),
+    ]
 
 
 def _test_images(cv_dir: Path, count: int) -> list[str]:
@@ -176,6 +207,7 @@ def write_report(demo: Path, cv_dir: Path, pretrain_dir: Path, diffusion_dir: Pa
         f"- Grad-CAM++ mass on marker pixels: {markers['cam_mass_on_markers_marked']:.1%} with markers, "
         f"{markers['cam_mass_on_markers_clean']:.1%} on the same pixels without (marker area {markers['marker_area']:.1%})",
         "",
+        *_predict_section(demo),
         "## Time per stage",
         "",
         "| stage | seconds |",

@@ -20,8 +20,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from tus.data.images import ImageReadError, OutputExistsError, UsageError, read_grayscale, write_grayscale
+from tus.data.images import ImageReadError, UsageError, read_grayscale, write_grayscale
 from tus.data.manifest import read_manifest
+from tus.data.outputs import check_output_folder, claim_output
 
 Box = tuple[int, int, int, int]
 
@@ -127,8 +128,7 @@ def crop_manifest(
     # view" on the first image, blaming the data.
     if detect_kwargs.get("max_views", 1) < 1:
         raise UsageError(f"--max-views must be >= 1 (views kept per image), got {detect_kwargs['max_views']}")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise OutputExistsError(f"--out {out_dir}: output folder exists and is not empty; refusing to overwrite")
+    check_output_folder(out_dir, "--out")
     if fixed_boxes is not None:
         fixed_boxes = [parse_box(",".join(str(v) for v in box)) if not isinstance(box, str) else parse_box(box) for box in fixed_boxes]
     # read_manifest refuses empty files and repeated columns; its derived columns are not carried over.
@@ -139,9 +139,13 @@ def crop_manifest(
     source = parsed[written]
     rng = np.random.default_rng(seed)
     preview_rows = set(rng.choice(len(source), size=min(preview_count, len(source)), replace=False).tolist())
-    preview_items: list[tuple[np.ndarray, list[Box]]] = []
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with claim_output(out_dir, "--out"):  # writable and locked, before any image is cropped
+        return _crop_into(out_dir, manifest_csv, source, lines, fixed_boxes, preview_rows, detect_kwargs)
+
+
+def _crop_into(out_dir: Path, manifest_csv: Path, source: pd.DataFrame, lines: list, fixed_boxes, preview_rows: set, detect_kwargs: dict) -> Path:
+    preview_items: list[tuple[np.ndarray, list[Box]]] = []
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         crop_rows = []

@@ -14,6 +14,8 @@ restored, so the classes differ in texture, not in mean organ brightness.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import pandas as pd
 
 from tus.data.images import write_grayscale
 from tus.data.markers import draw_markers
+from tus.data.outputs import claim_output
 
 ORGANS = ("testicle", "thyroid")
 CLASS_NAMES = ("homogeneous", "inhomogeneous")
@@ -93,6 +96,22 @@ def generate_phantom(
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
     root = Path(out_dir)
+    # Like every --out: a new or empty folder (an existing dataset is never overwritten or mixed
+    # with new images), written aside and renamed into place when complete.
+    with claim_output(root, "--out"):
+        staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.absolute().parent))
+        try:
+            _write_phantom(staging, num_patients, low, high, image_size, positive_fraction, marker_fraction, pool_size, seed, label_noise)
+            if root.exists():
+                root.rmdir()
+            staging.rename(root)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return PhantomPaths(root, root / "labeled" / "manifest.csv", root / "unlabeled" / "manifest.csv")
+
+
+def _write_phantom(root: Path, num_patients: int, low: int, high: int, image_size: int, positive_fraction: float, marker_fraction: float, pool_size: int, seed: int, label_noise: float) -> None:
     assignment = np.random.default_rng([seed, ASSIGNMENT_STREAM])
 
     positives = set(assignment.permutation(num_patients)[: round(positive_fraction * num_patients)].tolist())
@@ -145,7 +164,6 @@ def generate_phantom(
     pool["sample_id"] = pool["path"]
     pool = pool[["path", "patient_id", "organ", "sample_id"]]
     pool.to_csv(root / "unlabeled" / "manifest.csv", index=False)
-    return PhantomPaths(root, root / "labeled" / "manifest.csv", root / "unlabeled" / "manifest.csv")
 
 
 def _render_rows(folder: Path, rows: list[dict], stream: list[int], image_size: int, marker_fraction: float) -> pd.DataFrame:

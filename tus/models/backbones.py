@@ -30,7 +30,7 @@ from torch import nn
 
 from tus.models.configs import BackboneConfig as BackboneConfig
 from tus.models.export import classifier_normalization, load_export, read_export_config, save_export
-from tus.models.weights import CheckpointError, load_weights
+from tus.models.weights import CheckpointError, check_weight_values, load_weights
 
 __all__ = ["BackboneConfig", "CheckpointError", "create_backbone", "read_state_dict", "read_tus_encoder", "save_encoder"]
 
@@ -171,6 +171,7 @@ def load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor], source
         if unexpected:
             detail.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
         raise CheckpointError(f"{source}: weights do not fit the backbone: " + "; ".join(detail))
+    check_weight_values(state, expected, source)
     model.load_state_dict({k: state[k] for k in expected})
 
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from tus.models.backbones import is_vit_export, read_state_dict
 from tus.models.export import load_export
-from tus.models.weights import CheckpointError
+from tus.models.weights import CheckpointError, check_weight_values
 
 # Parameters that never get weight decay (besides 1-D ones and biases): learned tokens and position embeddings.
 NO_DECAY_PATTERNS = ("*cls_token", "*reg_token", "*mask_token", "*pos_embed")
@@ -152,6 +152,7 @@ def mae_checkpoint_to_timm(
             k = wrong_shape[0]
             detail.append(f"{len(wrong_shape)} shape mismatch(es), e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}")
         raise CheckpointError(f"{source} ({layout} layout): weights do not fit the ViT: " + "; ".join(detail))
+    check_weight_values(state, expected, source)
     return {k: state[k].to(expected[k].dtype) for k in expected}
 
 

@@ -34,7 +34,7 @@ from tus.methods.iddpm import (
     ProcessConfig,
     UNetConfig,
 )
-from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, finish_loggers, last_checkpoint, open_run, write_json_atomic
+from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, check_output_root, finish_loggers, open_run, resume_checkpoint, write_json_atomic
 from tus.samplers import resolve_steps
 
 
@@ -70,11 +70,14 @@ def run_diffusion(config: DiffusionConfig, run_dir: str | Path | None = None, *,
         raise ConfigError("trainer.max_steps must be > 0: diffusion training is bounded by steps")
     if config.samples.every_n_steps > 0:
         resolve_steps(config.samples.sampler, config.samples.steps, config.process.num_timesteps)
+    if run_dir is None:
+        check_output_root(config.output_root)  # before the data are read
     data = DiffusionDataModule(config.data, seed=config.seed)
+    data.decode_images()  # a corrupt image is refused before the run dir exists
     with open_run(config, output_root=config.output_root, name=config.name, resume=run_dir, allow_config_change=allow_config_change, create=create) as run_dir:
         if rank_zero_only.rank == 0:
             write_json_atomic(run_dir / "pool.json", data.pool_report())
-        checkpoint = last_checkpoint(run_dir)
+        checkpoint = resume_checkpoint(run_dir)
         L.seed_everything(config.seed, workers=True)
         module = DiffusionModule(config.unet, config.process, config.optim, config.ema, seed=config.seed, hflip=config.data.hflip)
         loggers = build_loggers(run_dir, config.logging, name=run_dir.name, config=to_dict(config), tags=["diffusion"])

@@ -31,7 +31,7 @@ from tus.callbacks.probes import DownstreamProbe, OrganProbe
 from tus.config import ConfigError, require_seeds, to_dict
 from tus.data.pools import PretrainDataConfig, PretrainDataModule, encoder_exclusion
 from tus.methods import method_options, resolved_method_block
-from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, finish_loggers, last_checkpoint, open_run, write_json_atomic
+from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, check_output_root, finish_loggers, open_run, resume_checkpoint, write_json_atomic
 
 
 @dataclass
@@ -87,6 +87,8 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path | None = None, *
         raise ConfigError("data.sources is empty: give at least one manifest or folder of images")
     if config.trainer.max_steps <= 0:
         raise ConfigError("trainer.max_steps must be > 0: pretraining runs a fixed number of steps")
+    if run_dir is None:
+        check_output_root(config.output_root)  # before the data are read
     method_cls, method = method_options(config.method)
     L.seed_everything(config.seed, workers=False)
     datamodule = PretrainDataModule(
@@ -99,6 +101,7 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path | None = None, *
     if getattr(getattr(method, "loss", None), "organ_weight", 0) > 0 and not datamodule.organ_classes:
         raise ConfigError("method.loss.organ_weight > 0 but no image has an organ: add an 'organ' column, set the source's organ, or use --method.loss.organ_weight=0")
     report = datamodule.pool_report()
+    datamodule.decode_images()  # a corrupt image is refused before the run dir exists
     with open_run(config, output_root=config.output_root, name=config.name, resume=run_dir, allow_config_change=allow_config_change, create=create) as run_dir:
         if rank_zero_only.rank == 0:
             write_json_atomic(run_dir / "pool.json", report)
@@ -127,7 +130,7 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path | None = None, *
         trainer = build_trainer(config.trainer, run_dir, loggers=loggers, callbacks=callbacks, checkpoint_every_n_steps=config.checkpoint_every_n_steps, resumes_mid_epoch=True)
         if config.sync_batchnorm and trainer.world_size > 1:
             module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=last_checkpoint(run_dir))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(run_dir))
         finish_loggers(loggers)
         if trainer.is_global_zero:
             export = {
