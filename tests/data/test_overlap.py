@@ -52,9 +52,9 @@ def test_planted_duplicates_are_found_per_fold(tmp_path):
     assert found == {"copy_lab0.png": ("lab0.png", 0, "file"), "recoded_lab3.png": ("lab3.png", 1, "pixels"), "recoded_lab4.bmp": ("lab4.png", 2, "pixels")}
     report = overlap_report(overlap, folds, len(pool))
     assert report["per_fold"] == {
-        0: {"labeled_images": 2, "in_pool": 1, "pool_images": 1, "identical_files": 1, "same_pixels": 0},
-        1: {"labeled_images": 2, "in_pool": 1, "pool_images": 1, "identical_files": 0, "same_pixels": 1},
-        2: {"labeled_images": 2, "in_pool": 1, "pool_images": 1, "identical_files": 0, "same_pixels": 1},
+        0: {"labeled_images": 2, "in_pool": 1, "pool_images": 1, "identical_files": 1, "same_pixels": 0, "near_duplicates": 0, "same_patient": 0},
+        1: {"labeled_images": 2, "in_pool": 1, "pool_images": 1, "identical_files": 0, "same_pixels": 1, "near_duplicates": 0, "same_patient": 0},
+        2: {"labeled_images": 2, "in_pool": 1, "pool_images": 1, "identical_files": 0, "same_pixels": 1, "near_duplicates": 0, "same_patient": 0},
     }
     assert (report["labeled_in_pool"], report["pool_images_shared"], report["pool_images"]) == (3, 3, 8)
 
@@ -69,13 +69,13 @@ def test_planted_duplicates_are_found_per_fold(tmp_path):
 
 def test_overlap_command_prints_one_line_per_fold_and_a_total(tmp_path, capsys):
     pool_path, labeled_path = planted(tmp_path)
-    assert data_main(["overlap", str(pool_path), str(labeled_path)]) == 0
+    assert data_main(["overlap", str(pool_path), str(labeled_path), "--list", "0"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines == [
-        "fold 0: 1 of 2 labelled images in the pool (1 pool images; 1 identical files, 0 re-encoded)",
-        "fold 1: 1 of 2 labelled images in the pool (1 pool images; 0 identical files, 1 re-encoded)",
-        "fold 2: 1 of 2 labelled images in the pool (1 pool images; 0 identical files, 1 re-encoded)",
-        "total: 3 of 6 labelled images in the pool; 3 of 8 pool images are labelled images",
+        "fold 0: 1 of 2 labelled images in the pool (1 pool images; 1 identical files, 0 re-encoded, 0 near duplicates, 0 of the fold's patients)",
+        "fold 1: 1 of 2 labelled images in the pool (1 pool images; 0 identical files, 1 re-encoded, 0 near duplicates, 0 of the fold's patients)",
+        "fold 2: 1 of 2 labelled images in the pool (1 pool images; 0 identical files, 1 re-encoded, 0 near duplicates, 0 of the fold's patients)",
+        "total: 3 of 6 labelled images in the pool; 3 of 8 pool images are labelled images, their near duplicates or their patients' images",
     ]
 
 
@@ -101,3 +101,31 @@ def test_pools_drop_exactly_the_labelled_images_and_record_them(tmp_path):
     assert len(reference.prepare_frames()[0]) == 8 and reference.pool_report()["excluded_labeled"] == {"exclude_labeled": "none"}
     with pytest.raises(ValueError, match="test_folds needs test_folds"):
         PretrainDataModule(PretrainDataConfig(sources=[ImageSourceConfig(manifest=str(pool_path))], exclude_labeled="test_folds", labeled_manifest=str(labeled_path)), seed=0)
+
+
+def test_a_test_patients_other_images_and_their_near_duplicates_leave_the_pool(tmp_path):
+    """A pool with the labelled set's patient ids: every pool image of a test-fold patient leaves,
+    and so does a JPEG copy of such an image that carries no patient id; other folds' patients stay
+    unless they are tested on too."""
+    rng = np.random.default_rng(3)
+    smooth = lambda: np.kron(rng.integers(0, 255, (8, 8)), np.ones((6, 6))).astype(np.uint8)  # noqa: E731
+    labeled = []
+    for i in range(4):
+        write_grayscale(tmp_path / "labeled" / f"lab{i}.png", smooth())
+        labeled.append({"path": f"lab{i}.png", "patient_id": f"P{i}", "label": i % 2, "fold": i % 2})
+    pd.DataFrame(labeled).to_csv(tmp_path / "labeled" / "manifest.csv", index=False)
+    pool = tmp_path / "pool"
+    frames = {"p0_frame.png": "P0", "p1_frame.png": "P1", "own.png": "U7", "anonymous.png": ""}
+    for name in frames:
+        write_grayscale(pool / name, smooth())
+    Image.open(pool / "p0_frame.png").save(pool / "p0_frame_copy.jpg", quality=90)
+    frames["p0_frame_copy.jpg"] = ""
+    pd.DataFrame({"path": list(frames), "patient_id": list(frames.values()), "organ": "testis"}).to_csv(pool / "manifest.csv", index=False)
+    pool_frame = load_manifest(pool / "manifest.csv", require_labels=False)
+    labeled_frame = load_manifest(tmp_path / "labeled" / "manifest.csv")
+    overlap = find_overlap(pool_frame, labeled_frame, labeled_folds(labeled_frame))
+    found = {Path(p).name: (m, patient, fold) for p, m, patient, fold in overlap[["pool_path", "match", "labeled_patient_id", "fold"]].values}
+    assert found == {"p0_frame.png": ("patient", "P0", 0), "p0_frame_copy.jpg": ("near_patient", "P0", 0), "p1_frame.png": ("patient", "P1", 1)}
+    kept, _ = exclude_labeled(pool_frame, overlap, "test_folds", [0])
+    assert sorted(Path(p).name for p in kept["abs_path"]) == ["anonymous.png", "own.png", "p1_frame.png"]
+    assert overlap_report(overlap, labeled_folds(labeled_frame), len(pool_frame))["per_fold"][0]["same_patient"] == 2

@@ -23,6 +23,8 @@ from lightning.pytorch.loggers.logger import DummyLogger
 from safetensors.torch import save_file
 
 import tus.cli.experiment as experiment_cli
+import tus.data.folds
+import tus.data.manifest
 import tus.stages.finetune_cv
 import tus.studies.runner as runner
 import tus.studies.schema as schema
@@ -175,9 +177,10 @@ def test_each_study_renders_the_papers_table_with_every_arm(study_runs, name):
 
 def test_arms_share_pretraining_runs_across_studies(study_runs):
     out, _, counts = study_runs
-    assert counts["tab2"]["run_pretraining"] == 3
+    # exclude_labeled: per_fold (the default): one pretraining per arm and test fold (2 shrunk folds).
+    assert counts["tab2"]["run_pretraining"] == 3 * 2
     # tab3 real_both and tab4 lambda_0.2 ask for tab2's `ud` pretraining: only the new ones ran.
-    assert counts["tab3"]["run_pretraining"] == 1 and counts["tab4"]["run_pretraining"] == 1
+    assert counts["tab3"]["run_pretraining"] == 2 and counts["tab4"]["run_pretraining"] == 2
     assert counts["tab1"]["run_pretraining"] == counts["markers"]["run_pretraining"] == 0
 
     def pretrain_run(study, arm):
@@ -186,9 +189,20 @@ def test_arms_share_pretraining_runs_across_studies(study_runs):
     assert pretrain_run("tab2", "ud") == pretrain_run("tab3", "real_both") == pretrain_run("tab4", "lambda_0.2")
     assert len({pretrain_run("tab2", a) for a in ("ud", "ud_testicles", "ud_thyroids")}) == 3
     assert pretrain_run("tab2", "scratch") is None
-    # Each tus arm fine-tuned from its own encoder; the table counts that pool's images.
+    # Each tus arm fine-tuned fold k from its own fold-k encoder, whose pool left out fold k's test patients.
     config = yaml.safe_load((out / "tab2-shrink" / "ud_testicles" / "finetune" / "config.yaml").read_text())
-    assert config["model"]["init"] == "tus" and config["model"]["weights"] == str(Path(pretrain_run("tab2", "ud_testicles")) / "encoder")
+    record = json.loads((out / "tab2-shrink" / "ud_testicles" / "arm.json").read_text())
+    # Studies re-draw folds per seed: one pretraining per (seed, fold); shrunk: one seed.
+    assert record["exclude_labeled"] == "per_fold" and list(record["pretrain_runs"]) == ["seed0-fold0", "seed0-fold1"]
+    fold0 = record["pretrain_runs"]["seed0-fold0"]
+    assert fold0 == pretrain_run("tab2", "ud_testicles") and fold0.endswith("-seed0-fold0")
+    assert config["model"]["init"] == "tus" and config["model"]["weights"] == str(Path(fold0.removesuffix("seed0-fold0") + "seed{seed}-fold{fold}") / "encoder")
+    folds = pd.read_csv(out / "tab2-shrink" / "ud_testicles" / "finetune" / "folds.csv", dtype={"patient_id": str})
+    for fold, run in enumerate(record["pretrain_runs"].values()):
+        exclusion = json.loads((Path(run) / "encoder" / "config.json").read_text())["exclusion"]
+        assert exclusion["mode"] == "test_folds" and exclusion["test_folds"] == [fold]
+        tested = folds.loc[(folds["fold"] == fold) & (folds["seed"] == 0), "patient_id"] if "seed" in folds.columns else folds.loc[folds["fold"] == fold, "patient_id"]
+        assert exclusion["excluded_patients"] == sorted(set(tested))
     pool = json.loads((Path(pretrain_run("tab2", "ud_testicles")) / "pool.json").read_text())
     assert pool["images_per_organ"] == {"testicle": pd.read_csv(study_runs[1]["TUS_POOL_TESTICLE"]).shape[0]}
     # Non-tus arms: the initialisation each names, from the weights files given as variables.
@@ -577,3 +591,52 @@ def test_unpaired_arms_are_not_compared_and_say_why(tmp_path):
     results = collect_results(study, tmp_path)
     assert "missing from arm" in results[1].comparisons["accuracy"]["error"]
     assert "Not compared: runs do not pair on (fold, seed)" in render_markdown(study, results)
+
+
+def test_pool_exclusion_modes_plan_per_fold_all_or_none(tmp_path, capsys):
+    """per_fold: one pretraining per fold (x seed with folds per seed) and a {fold} encoder path;
+    all: one pool without the labelled set; none: the pool as given, with the leakage warning."""
+    phantom = generate_phantom(tmp_path / "phantom", num_patients=15, image_size=32, pool_size=12)
+    pool = pd.read_csv(phantom.unlabeled_manifest)
+    pool["path"] = [str(phantom.unlabeled_manifest.parent / p) for p in pool["path"]]
+    labeled_image = pd.read_csv(phantom.labeled_manifest)["path"][0]
+    copy = pd.DataFrame({"path": [str(phantom.labeled_manifest.parent / labeled_image)], "patient_id": ["x"], "organ": ["testicle"], "sample_id": ["copy"]})
+    pd.concat([pool, copy], ignore_index=True).to_csv(tmp_path / "pool.csv", index=False)
+    arms = (
+        "arms: {"
+        "fold: {row: {Arm: a}, pretrain: []}, "
+        "seeded: {row: {Arm: b}, pretrain: [], finetune: [data.folds_per_seed=true, 'seeds=[0, 1]']}, "
+        "every: {row: {Arm: c}, pretrain: [], exclude_labeled: all}, "
+        "given: {row: {Arm: d}, pretrain: [], exclude_labeled: none}, "
+        "manual: {row: {Arm: e}, pretrain: [data.exclude_labeled=all]}}\n"
+        "folds_per_seed: false\n"
+        f"finetune: [data.manifest={phantom.labeled_manifest}, data.num_folds=3]\n"
+        f"pretrain: ['data.sources=[{{manifest: \"{tmp_path / 'pool.csv'}\"}}]']\n"
+    )
+    study = schema.load_study(write_study(tmp_path, arms))
+    assert study.config.exclude_labeled == "per_fold"
+    plans = {p.name: p for p in runner.plan_study(study, tmp_path / "out", variables={}, arms=["fold", "seeded", "every", "given"])}
+    fold = plans["fold"]
+    assert [r.excludes for r in fold.pretrains] == ["fold0", "fold1", "fold2"]
+    assert [r.config.data.test_folds for r in fold.pretrains] == [[0], [1], [2]]
+    assert {r.config.data.exclude_labeled for r in fold.pretrains} == {"test_folds"}
+    assert fold.finetune.model.init == "tus" and fold.finetune.model.weights == str(fold.pretrains[0].dir).removesuffix("0") + "{fold}/encoder"
+    seeded = plans["seeded"]
+    assert [r.excludes for r in seeded.pretrains] == [f"seed{s}-fold{k}" for s in (0, 1) for k in range(3)]
+    assert seeded.finetune.model.weights.endswith("-seed{seed}-fold{fold}/encoder")
+    (every,) = plans["every"].pretrains
+    assert (every.config.data.exclude_labeled, every.config.data.labeled_manifest) == ("all", str(phantom.labeled_manifest))
+    assert plans["every"].finetune.model.weights == str(every.dir / "encoder")
+    (given,) = plans["given"].pretrains
+    assert given.config.data.exclude_labeled == "none" and plans["given"].exclude_labeled == "none"
+    # The fold table a per-fold pool leaves out is the CV's own (run_cv draws the same folds).
+    runner.write_fold_tables(fold.pretrains[1])
+    table = pd.read_csv(fold.pretrains[1].config.data.labeled_manifest)
+    frame = tus.data.manifest.load_manifest(phantom.labeled_manifest, num_folds=3)
+    assert list(table["fold"]) == list(tus.data.folds.assign_folds(frame, 3, fold.finetune.data.fold_seed))
+    with pytest.raises(schema.StudyError, match=r"arm 'manual': its pretraining sets data.exclude_labeled=all; the study leaves labelled images out itself"):
+        runner.plan_study(study, tmp_path / "out", variables={}, arms=["manual"])
+    # Only the arm that keeps the pool as given is warned about, and the copy is counted.
+    runner.warn_pool_overlap(list(plans.values()))
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: arm 'given': 1 images of its pretraining pool")

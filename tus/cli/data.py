@@ -45,11 +45,14 @@ def main(argv: list[str]) -> int:
     crop.add_argument("--max-views", type=int, default=2)
     crop.add_argument("--dicom-frames", default="middle", type=_dicom_frames, metavar="all|first|middle|K", help="frames of a multi-frame DICOM to crop (default: middle)")
 
-    overlap = commands.add_parser("overlap", help="images a pool shares with the labelled set (same file or same pixels), per labelled fold")
-    overlap.add_argument("pool", help="the pool's manifest")
+    overlap = commands.add_parser("overlap", help="images a pool shares with the labelled set (same file, same pixels, near duplicates, same patient), per labelled fold")
+    overlap.add_argument("pool", help="the pool's manifest (a patient_id column in the labelled set's ids links its images to labelled patients)")
     overlap.add_argument("labeled", help="the labelled manifest; its 'fold' column (a CV run's folds.csv) gives the folds")
     overlap.add_argument("--folds", type=int, default=3, help="without a 'fold' column: folds to assign, as finetune-cv does")
     overlap.add_argument("--fold-seed", type=int, default=0, help="without a 'fold' column: the fold seed (data.fold_seed)")
+    overlap.add_argument("--max-distance", type=int, default=None, help="near duplicates: Hamming distance in bits of 256 (default: tus.data.near_duplicates.MAX_DISTANCE)")
+    overlap.add_argument("--exact", action="store_true", help="identical files and pixels only (no near duplicates)")
+    overlap.add_argument("--list", type=int, default=20, metavar="N", help="print the first N matched pairs (0: none)")
 
     args = parser.parse_args(argv)
     return {"check": run_check, "phantom": run_phantom, "crop": run_crop, "overlap": run_overlap}[args.command](args)
@@ -109,10 +112,15 @@ def run_crop(args) -> int:
 
 def run_overlap(args) -> int:
     from tus.data.manifest import load_manifest
-    from tus.data.overlap import find_overlap, format_overlap, labeled_folds, overlap_report
+    from tus.data.near_duplicates import MAX_DISTANCE, NearDuplicateConfig
+    from tus.data.overlap import find_overlap, format_matches, format_overlap, labeled_folds, overlap_report
 
     pool = load_manifest(args.pool, require_labels=False, decode_images=False)
     labeled = load_manifest(args.labeled, require_labels=True, decode_images=False)
     folds = labeled_folds(labeled, args.folds, args.fold_seed)
-    print(format_overlap(overlap_report(find_overlap(pool, labeled, folds), folds, len(pool))))
+    near = None if args.exact else NearDuplicateConfig(MAX_DISTANCE if args.max_distance is None else args.max_distance)
+    overlap = find_overlap(pool, labeled, folds, near)
+    print(format_overlap(overlap_report(overlap, folds, len(pool))))
+    if args.list and len(overlap):
+        print(format_matches(overlap, args.list))
     return 0

@@ -75,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:
 def describe(plan: ArmPlan) -> str:
     done = (plan.finetune_dir / "summary.json").is_file()
     lines = [f"{plan.name}: {plan.dir} ({'finished' if done else 'to run'})"]
-    if plan.pretrain_dir is not None:
-        pretrained = (plan.pretrain_dir / "summary.json").is_file()
-        lines.append(f"  pretrain -> {plan.pretrain_dir} ({'finished' if pretrained else 'to run'}): {' '.join(plan.overrides['pretrain'])}")
+    for run in plan.pretrains:
+        pretrained = (run.dir / "summary.json").is_file()
+        lines.append(
+            f"  pretrain ({'pool as given' if run.excludes == 'none' else f'pool without {run.excludes} labelled patients'}) -> {run.dir} ({'finished' if pretrained else 'to run'}): {' '.join(plan.overrides['pretrain'])}"
+        )
     lines.append(f"  finetune: {' '.join(plan.overrides['finetune'])}")
     return "\n".join(lines)

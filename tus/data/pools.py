@@ -21,7 +21,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tus.config import require_at_least
 from tus.data.datamodules import ImagePoolDataModule, ImageSourceConfig
 from tus.data.datasets import ManifestDataset
+from tus.data.images import content_hash
 from tus.data.manifest import load_manifest
+from tus.data.near_duplicates import MAX_DISTANCE, NearDuplicateConfig
 from tus.data.overlap import EXCLUDE_MODES, ExcludeLabeled, exclude_labeled, find_overlap, labeled_folds, overlap_report
 from tus.data.seeding import derive_seed
 from tus.data.transforms import eval_transform
@@ -43,6 +45,8 @@ class DiffusionDataConfig:
     exclude_labeled: ExcludeLabeled = "none"
     labeled_manifest: str | None = None
     test_folds: list[int] | None = None
+    # Near duplicates (bits of 256, tus.data.near_duplicates) of the excluded images leave too; null: exact copies only.
+    near_duplicate_distance: int | None = MAX_DISTANCE
 
     def __post_init__(self) -> None:
         require_at_least(self, "data.", 1, "image_size", "batch_size", "steps_per_epoch")
@@ -53,19 +57,28 @@ class DiffusionDataConfig:
 class LabeledExclusion:
     """Which labelled images to leave out of a pool.
 
-    ``exclude_labeled``: ``none`` (the reference), ``test_folds`` (pool images equal to a labelled
-    image of ``test_folds``; the labelled manifest needs a ``fold`` column, e.g. a CV run's
-    folds.csv) or ``all`` (every pool image equal to a labelled image).
+    ``exclude_labeled``: ``none`` (the reference), ``test_folds`` (the labelled manifest needs a
+    ``fold`` column, e.g. a CV run's folds.csv) or ``all`` (every labelled image). What leaves
+    the pool (:func:`tus.data.overlap.find_overlap`): copies of those labelled images (identical
+    files or pixels), their near duplicates (within ``near_duplicate_distance`` bits; None: exact
+    copies only) and, where the pool carries the labelled set's ``patient_id``, every image of
+    their patients and its near duplicates.
     """
 
     exclude_labeled: ExcludeLabeled = "none"
     labeled_manifest: str | None = None
     test_folds: tuple[int, ...] | None = None
+    near_duplicate_distance: int | None = MAX_DISTANCE
 
     @classmethod
     def of(cls, config) -> LabeledExclusion:
         folds = getattr(config, "test_folds", None)
-        return cls(getattr(config, "exclude_labeled", "none"), getattr(config, "labeled_manifest", None), tuple(folds) if folds is not None else None)
+        return cls(
+            getattr(config, "exclude_labeled", "none"),
+            getattr(config, "labeled_manifest", None),
+            tuple(folds) if folds is not None else None,
+            getattr(config, "near_duplicate_distance", MAX_DISTANCE),
+        )
 
     def __post_init__(self) -> None:
         if self.exclude_labeled not in EXCLUDE_MODES:
@@ -84,9 +97,10 @@ class LabeledExclusion:
         if self.exclude_labeled == "test_folds" and "fold" not in labeled.columns:
             raise ValueError(f"{self.labeled_manifest}: exclude_labeled: test_folds needs a 'fold' column (give the CV run's folds.csv)")
         folds = labeled_folds(labeled) if "fold" in labeled.columns else np.full(len(labeled), -1)
+        near = NearDuplicateConfig(self.near_duplicate_distance) if self.near_duplicate_distance is not None else None
         kept, excluded, reports = [], [], {}
         for source, frame in zip(sources, frames):
-            overlap = find_overlap(frame, labeled, folds)
+            overlap = find_overlap(frame, labeled, folds, near)
             reports[str(source.manifest or source.folder)] = overlap_report(overlap, folds, len(frame))
             frame, dropped = exclude_labeled(frame, overlap, self.exclude_labeled, list(self.test_folds or []))
             if frame.empty:
@@ -94,16 +108,42 @@ class LabeledExclusion:
             kept.append(frame)
             excluded.append(dropped.assign(source=str(source.manifest or source.folder)))
         excluded_rows = pd.concat(excluded, ignore_index=True)
+        in_test = np.isin(folds, list(self.test_folds or [])) if self.exclude_labeled == "test_folds" else np.ones(len(labeled), dtype=bool)
         record.update(
             {
                 "labeled_manifest": str(self.labeled_manifest),
+                # What the fine-tuning checks an encoder against (tus.models.exclusion): whose images were left out.
+                "labeled_manifest_hash": content_hash(self.labeled_manifest),
                 "test_folds": list(self.test_folds) if self.test_folds else None,
+                "excluded_patients": sorted(set(labeled.loc[in_test, "patient_id"].astype(str))),
+                "excluded_labeled_images": int(in_test.sum()),
+                "near_duplicate_distance": self.near_duplicate_distance,
                 "overlap_per_source": reports,
                 "excluded_images": int(excluded_rows[["source", "pool_row"]].drop_duplicates().shape[0]),
                 "excluded": excluded_rows.drop(columns="pool_row").drop_duplicates(["source", "pool_path"]).to_dict("records"),
             }
         )
         return kept, record
+
+
+def encoder_exclusion(record: dict | None) -> dict:
+    """The ``exclusion`` an encoder export records (``config.json``): which labelled images and patients its
+    pool left out, from a pool report's ``excluded_labeled`` record. The fine-tuning of fold k checks it
+    (:func:`tus.stages.finetune_cv.check_encoder_exclusion`)."""
+    record = record or {"exclude_labeled": "none"}
+    if record.get("exclude_labeled", "none") == "none":
+        return {"mode": "none"}
+    return {
+        "mode": record["exclude_labeled"],
+        "labeled_manifest": record["labeled_manifest"],
+        "labeled_manifest_hash": record["labeled_manifest_hash"],
+        "test_folds": record["test_folds"],
+        "excluded_patients": record["excluded_patients"],
+        "excluded_patient_count": len(record["excluded_patients"]),
+        "excluded_labeled_images": record["excluded_labeled_images"],
+        "excluded_pool_images": record["excluded_images"],
+        "near_duplicate_distance": record["near_duplicate_distance"],
+    }
 
 
 def to_signed_unit(image: np.ndarray) -> torch.Tensor:
@@ -196,6 +236,8 @@ class PretrainDataConfig:
     exclude_labeled: ExcludeLabeled = "none"
     labeled_manifest: str | None = None
     test_folds: list[int] | None = None
+    # Near duplicates (bits of 256, tus.data.near_duplicates) of the excluded images leave too; null: exact copies only.
+    near_duplicate_distance: int | None = MAX_DISTANCE
 
     def __post_init__(self) -> None:
         require_at_least(self, "data.", 1, "image_size", "batch_size", "samples_per_epoch")

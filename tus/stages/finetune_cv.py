@@ -46,7 +46,7 @@ from tus.data.seeding import derive_seed
 from tus.eval.cv_summary import FAILED_FILE, collapse_reason, collect_runs, write_summary
 from tus.figures.runs import write_cv_figures
 from tus.methods.classifier import METRIC_NAMES, FineTuneModule, save_finetuned
-from tus.models.backbones import architecture, is_vit_export, read_tus_encoder_meta
+from tus.models.backbones import CheckpointError, architecture, is_vit_export, read_tus_encoder_meta
 from tus.models.configs import BackboneConfig
 from tus.run_config import LoggingConfig
 from tus.runs import RunDirError, RunLock, build_loggers, build_trainer, check_config_change, check_output_root, open_run, resume_checkpoint
@@ -157,6 +157,7 @@ def run_cv(
     if run_dir is None:
         check_output_root(config.output_root)  # before the data are read
     frame, folds = _manifest_and_folds(config)
+    check_encoders(config, frame, folds)  # before any run dir or training: every fold's encoder fits its test fold
     with open_run(config, output_root=config.output_root, name=config.name, resume=run_dir, allow_config_change=allow_config_change, create=create) as run_dir:
         write_or_check_folds(run_dir, frame, folds)
         jobs = cv_jobs(config)
@@ -180,6 +181,50 @@ def run_cv(
     return run_dir
 
 
+# ``model.weights`` may name one encoder per fold x seed (a study's per-fold pretraining): these
+# placeholders are replaced by the run's fold and seed.
+WEIGHTS_PLACEHOLDERS = ("{fold}", "{seed}")
+
+
+def weights_for_run(model: BackboneConfig, fold: int, seed: int) -> BackboneConfig:
+    """``model`` with ``{fold}``/``{seed}`` in ``weights`` replaced by the run's."""
+    if not model.weights or not any(p in model.weights for p in WEIGHTS_PLACEHOLDERS):
+        return model
+    return replace(model, weights=model.weights.replace("{fold}", str(fold)).replace("{seed}", str(seed)))
+
+
+def check_encoder_exclusion(model: BackboneConfig, frame: pd.DataFrame, folds: np.ndarray, fold: int) -> None:
+    """Refuse a tus encoder whose pretraining pool did not leave out fold ``fold``'s test patients.
+
+    A tus encoder export records its pool's ``exclusion`` (:func:`tus.data.pools.encoder_exclusion`):
+    the labelled patients whose images (and near duplicates) were left out. Fine-tuning tests on
+    fold ``fold``, so each of its test patients must be among them; an encoder pretrained for
+    another fold would have seen this fold's test images. Encoders that record no exclusion
+    (``mode: none``, the reference's pools, or older exports) are accepted as they are.
+    """
+    if model.init != "tus" or not model.weights:
+        return
+    _, meta = read_tus_encoder_meta(model.weights)
+    exclusion = meta.get("exclusion") or {"mode": "none"}
+    if exclusion.get("mode", "none") == "none":
+        return
+    excluded = set(map(str, exclusion.get("excluded_patients", [])))
+    test_patients = set(frame.loc[np.asarray(folds).astype(int) == fold, "patient_id"].astype(str))
+    missing = sorted(test_patients - excluded)
+    if missing:
+        what = "every labelled patient" if exclusion["mode"] == "all" else f"the test patients of fold(s) {exclusion.get('test_folds')}"
+        raise CheckpointError(
+            f"{model.weights}: this encoder's pretraining pool left out {what} of {exclusion.get('labeled_manifest')}, not those of fold {fold}: "
+            f"{len(missing)} of fold {fold}'s {len(test_patients)} test patients (e.g. {', '.join(missing[:3])}) may be in its pool; give fold {fold}'s encoder (model.weights with {{fold}})"
+        )
+
+
+def check_encoders(config: FineTuneCVConfig, frame: pd.DataFrame, folds: np.ndarray | dict[int, np.ndarray]) -> None:
+    """:func:`check_encoder_exclusion` for every fold x seed run of the CV."""
+    for fold, seed in cv_jobs(config):
+        check_encoder_exclusion(weights_for_run(config.model, fold, seed), frame, folds[seed] if isinstance(folds, dict) else folds, fold)
+
+
 def cv_jobs(config: FineTuneCVConfig) -> list[tuple[int, int]]:
     """Every (fold, seed) run of a CV, in the order :func:`run_cv` trains them (a job array's
     task index is a position in this list)."""
@@ -191,7 +236,7 @@ def _manifest_and_folds(config: FineTuneCVConfig) -> tuple[pd.DataFrame, np.ndar
         raise ConfigError("seeds: give at least one seed")
     if len(set(config.seeds)) != len(config.seeds):
         raise ConfigError(f"seeds: {config.seeds} repeats a seed (each fold x seed run must be distinct)")
-    backbone_for_inputs(config.model, config.data.image_size)  # a ViT's size mismatch, before any run dir
+    backbone_for_inputs(weights_for_run(config.model, 0, config.seeds[0]), config.data.image_size)  # a ViT's size mismatch, before any run dir
     frame = load_manifest(config.data.manifest, require_labels=True, num_folds=config.data.num_folds, dicom_frames=config.data.dicom_frames)
     return frame, cv_folds(config, frame)
 
@@ -205,6 +250,7 @@ def prepare_cv(config: FineTuneCVConfig) -> Path:
     """A new CV run dir (``config.yaml``, ``folds.csv``), no training: fold x seed runs are then
     trained by :func:`run_cv_task` (any process, any order) and summarised by :func:`join_cv`."""
     frame, folds = _manifest_and_folds(config)
+    check_encoders(config, frame, folds)
     with open_run(config, output_root=config.output_root, name=config.name) as run_dir:
         write_or_check_folds(run_dir, frame, folds)
     return run_dir
@@ -258,7 +304,8 @@ def join_cv(config: FineTuneCVConfig, run_dir: str | Path) -> Path:
 
 def cv_folds(config: FineTuneCVConfig, frame: pd.DataFrame) -> np.ndarray | dict[int, np.ndarray]:
     """The folds of ``frame``'s rows: read from ``data.folds_from``, else drawn (once, or per
-    seed with ``data.folds_per_seed``: then a dict seed -> folds)."""
+    seed with ``data.folds_per_seed``: then a dict seed -> folds). A study's per-fold pretraining
+    pools leave out these folds' test patients."""
     data = config.data
     if data.folds_from:
         try:
@@ -326,6 +373,8 @@ def run_single(
     A ``last.ckpt`` left in ``run_dir/checkpoints`` by a killed attempt is resumed from; the
     checkpoints are deleted once the run is finished (``model.safetensors`` stays).
     """
+    config = replace(config, model=weights_for_run(config.model, fold, seed))
+    check_encoder_exclusion(config.model, frame, folds, fold)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / FAILED_FILE).unlink(missing_ok=True)  # a retried run starts clean
     L.seed_everything(seed, workers=True)

@@ -8,7 +8,8 @@ One run directory per run::
     metrics.csv               losses, organ accuracy, learning rates, probe accuracies
     checkpoints/last.ckpt     resume point (model, optimiser, scheduler, step)
     wandb_id.txt, wandb/      the W&B run (offline unless WANDB_MODE says otherwise)
-    encoder/                  the encoder f (model.safetensors + config.json), for ``--model.weights=<run>/encoder``
+    encoder/                  the encoder f (model.safetensors + config.json, which records the pool's
+                              ``exclusion``), for ``--model.weights=<run>/encoder``
     summary.json              steps done, last losses, the probe history
 
 The budget is ``trainer.max_steps`` optimizer steps, not epochs, so pools of different sizes
@@ -29,7 +30,7 @@ from torch import nn
 from tus.callbacks.probes import DownstreamProbe, OrganProbe, write_heldout_embeddings
 from tus.callbacks.reconstruction import ReconstructionGrid
 from tus.config import ConfigError, require_seeds, to_dict
-from tus.data.pools import PretrainDataConfig, PretrainDataModule
+from tus.data.pools import PretrainDataConfig, PretrainDataModule, encoder_exclusion
 from tus.figures.runs import EMBEDDINGS_FILE, write_pretrain_figures
 from tus.methods import method_options, resolved_method_block
 from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, check_output_root, finish_loggers, open_run, resume_checkpoint, write_json_atomic
@@ -146,6 +147,9 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path | None = None, *
                 "image_size": config.data.image_size,
                 "pretrain_run": run_dir.name,
                 "method": config.method["name"],
+                # What the pool left out (labelled patients of the test folds, or all): fine-tuning on a
+                # fold whose test patients it did not leave out refuses this encoder.
+                "exclusion": encoder_exclusion(report["excluded_labeled"]),
             }
             module.export_encoder(run_dir / "encoder", export)
             last = {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("train/")}

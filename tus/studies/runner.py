@@ -20,6 +20,10 @@ Layout under ``--out`` (deterministic, so re-running resumes and skips finished 
                                          (``data.folds_from``): the arms are paired by construction
     <out>/_pretrain/<key>/               pretraining runs keyed by a hash of their config: arms of
                                          any study asking for the same pretraining share one run
+    <out>/_pretrain/<key>-fold<k>/       with ``exclude_labeled: per_fold`` (the default), one run per
+                                         test fold (``-seed<s>-fold<k>`` with folds drawn per seed),
+                                         its pool without that fold's test patients
+    <out>/_pretrain/folds/<hash>.csv     the fold tables those pools leave out (as ``run_cv`` draws them)
 
 ``--shrink`` appends the study's ``shrink`` overrides (tiny CPU sizes) and writes to
 ``<out>/<study>-shrink/`` instead, so a smoke run never mixes with real results.
@@ -41,11 +45,14 @@ import yaml
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from tus.config import ConfigError, changed_keys, load_config, to_dict, write_text_atomic
+from tus.data.folds import fold_table
 from tus.data.images import content_hash, list_images
 from tus.data.manifest import load_manifest
+from tus.data.near_duplicates import MAX_DISTANCE, NearDuplicateConfig
+from tus.data.overlap import find_overlap
 from tus.eval.noisy_labels import FlaggingRule
 from tus.runs import read_json, write_json_atomic
-from tus.stages.finetune_cv import FineTuneCVConfig, ResumeMismatchError, run_cv
+from tus.stages.finetune_cv import FineTuneCVConfig, ResumeMismatchError, cv_folds, run_cv
 from tus.stages.pretrain import PretrainConfig, run_pretraining
 from tus.studies.markers import evaluate_markers
 from tus.studies.noisy_labels import FLAGGING_DIR, FLAGS_DIR, flag_labels, read_fold_safe_flags, run_fold_safe_cv
@@ -61,19 +68,40 @@ LAUNCH_OPTIONS = ("accelerator", "devices", "num_nodes", "strategy", "enable_pro
 
 
 @dataclass
+class PretrainRun:
+    """One pretraining of an arm: its config, its run dir, and what its pool leaves out
+    (``none``, ``all``, ``fold<k>`` or ``seed<s>-fold<k>``)."""
+
+    config: PretrainConfig
+    dir: Path
+    excludes: str
+    # Per-fold pools: the fold table to write (before pretraining) for ``config.data.labeled_manifest``.
+    fold_table: tuple[FineTuneCVConfig, int | None] | None = None
+
+
+@dataclass
 class ArmPlan:
     """Everything one arm runs, fully resolved."""
 
     name: str
     dir: Path
     finetune: FineTuneCVConfig
-    pretrain: PretrainConfig | None
-    pretrain_dir: Path | None
+    pretrains: list[PretrainRun]
     overrides: dict[str, list[str]]
     labels: str = "complete"
     label_protocol: str = "reference"
     # The labelled manifest before any flagging (fold-safe arms and the flags start from it).
     complete_manifest: str = ""
+    exclude_labeled: str = "none"
+
+    @property
+    def pretrain(self) -> PretrainConfig | None:
+        """The (first) pretraining's config; None for an arm that only fine-tunes."""
+        return self.pretrains[0].config if self.pretrains else None
+
+    @property
+    def pretrain_dir(self) -> Path | None:
+        return self.pretrains[0].dir if self.pretrains else None
 
     @property
     def finetune_dir(self) -> Path:
@@ -85,13 +113,76 @@ class ArmPlan:
 
 
 def pretrain_key(config: PretrainConfig) -> str:
-    """A hash of what a pretraining computes (not its name, logging or where it runs)."""
+    """A hash of what a pretraining computes (not its name, logging or where it runs); a pool that
+    leaves labelled images out is keyed by the labelled manifest's content too, not only its path."""
     data = to_dict(config)
     for name in ("name", "output_root", "logging"):
         data.pop(name)
     for name in LAUNCH_OPTIONS:
         data["trainer"].pop(name)
+    labeled = config.data.labeled_manifest
+    if config.data.exclude_labeled != "none" and labeled and Path(labeled).is_file():
+        data["data"]["labeled_manifest_hash"] = content_hash(labeled)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+POOL_FOLDS_DIR = "folds"
+
+
+def pool_runs(base: PretrainConfig, mode: str, finetune: FineTuneCVConfig, root: Path) -> list[PretrainRun]:
+    """The pretraining runs of an arm whose pools leave out its labelled images as ``mode`` says
+    (:data:`tus.studies.schema.POOL_EXCLUSIONS`); ``root`` is ``<out>/_pretrain``.
+
+    ``per_fold``: one run per test fold of the arm's CV (per fold and seed when its folds are
+    drawn per seed), each pool without that fold's test patients; the fold tables are written
+    under ``root/folds`` before pretraining (:func:`write_fold_tables`), keyed by the labelled
+    manifest's content and the fold options.
+    """
+    manifest = finetune.data.manifest
+    if mode == "none":
+        return [PretrainRun(base, root / pretrain_key(base), "none")]
+    if mode == "all":
+        config = dataclasses.replace(base, data=dataclasses.replace(base.data, exclude_labeled="all", labeled_manifest=manifest, test_folds=None))
+        return [PretrainRun(config, root / pretrain_key(config), "all")]
+    data = finetune.data
+    seeds: list[int | None] = list(finetune.seeds) if data.folds_per_seed else [None]
+    source = content_hash(manifest) if Path(manifest).is_file() else manifest
+    folds_key = hashlib.sha256(json.dumps([source, data.num_folds, data.fold_seed, data.folds_per_seed, seeds]).encode()).hexdigest()[:12]
+    shared = dataclasses.replace(base, data=dataclasses.replace(base.data, exclude_labeled="test_folds", labeled_manifest=None, test_folds=None))
+    key = f"{pretrain_key(shared)}-{folds_key}"
+    runs = []
+    for seed in seeds:
+        table = root / POOL_FOLDS_DIR / (f"{folds_key}.csv" if seed is None else f"{folds_key}-seed{seed}.csv")
+        for fold in range(data.num_folds):
+            excludes = f"fold{fold}" if seed is None else f"seed{seed}-fold{fold}"
+            config = dataclasses.replace(base, data=dataclasses.replace(base.data, exclude_labeled="test_folds", labeled_manifest=str(table), test_folds=[fold]))
+            runs.append(PretrainRun(config, root / f"{key}-{excludes}", excludes, (finetune, seed)))
+    return runs
+
+
+def encoder_template(runs: list[PretrainRun]) -> str:
+    """``model.weights`` for the fine-tuning: the encoder, or with per-fold pools each run's
+    (``{fold}``/``{seed}`` filled in by :func:`tus.stages.finetune_cv.weights_for_run`)."""
+    first = runs[0]
+    if first.fold_table is None:
+        return str(first.dir / "encoder")
+    name = first.dir.name.removesuffix(first.excludes) + ("fold{fold}" if first.fold_table[1] is None else "seed{seed}-fold{fold}")
+    return str(first.dir.parent / name / "encoder")
+
+
+def write_fold_tables(run: PretrainRun) -> None:
+    """Write the fold table a per-fold pool leaves out (the folds ``run_cv`` will test on), unless there."""
+    if run.fold_table is None:
+        return
+    table = Path(run.config.data.labeled_manifest or "")
+    if table.is_file():
+        return
+    finetune, seed = run.fold_table
+    frame = load_manifest(finetune.data.manifest, require_labels=True, num_folds=finetune.data.num_folds)
+    folds = cv_folds(finetune, frame)
+    rows = fold_table(frame, folds[seed] if isinstance(folds, dict) else folds).assign(path=frame["abs_path"].to_numpy())
+    table.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(table, rows.to_csv(index=False))
 
 
 def plan_study(
@@ -144,22 +235,33 @@ def plan_study(
         # A shrunk smoke run is grouped apart from the real one (tab2-shrink/ud vs tab2/ud).
         tags = [study.name, name, *(["shrink"] if shrink else [])]
         group = f"{study_dir.name}/{name}"
-        pretrain_config = pretrain_dir = None
-        if resolved[name]["pretrain"] is not None:
-            pretrain_config = _load_stage(PretrainConfig, study, name, "pretrain", config.arms[name].pretrain_config or config.pretrain_config, resolved[name]["pretrain"])
-            pretrain_dir = out / PRETRAIN_ROOT / pretrain_key(pretrain_config)
-            pretrain_config = dataclasses.replace(
-                pretrain_config,
-                name=f"{study_dir.name}-{name}-pretrain",
-                output_root=str(out / PRETRAIN_ROOT),
-                logging=_tagged(pretrain_config.logging, group, "pretrain", tags),
-            )
-        finetune_config = _load_stage(FineTuneCVConfig, study, name, "finetune", config.arms[name].finetune_config or config.finetune_config, resolved[name]["finetune"])
-        model = finetune_config.model
-        if pretrain_dir is not None:
-            model = dataclasses.replace(model, init="tus", weights=str(pretrain_dir / "encoder"))
         arm = config.arms[name]
+        finetune_config = _load_stage(FineTuneCVConfig, study, name, "finetune", arm.finetune_config or config.finetune_config, resolved[name]["finetune"])
         complete = finetune_config.data.manifest
+        exclude = arm.exclude_labeled or config.exclude_labeled
+        runs: list[PretrainRun] = []
+        if resolved[name]["pretrain"] is not None:
+            base = _load_stage(PretrainConfig, study, name, "pretrain", arm.pretrain_config or config.pretrain_config, resolved[name]["pretrain"])
+            if base.data.exclude_labeled != "none" and exclude != "none":
+                raise StudyError(
+                    f"{study.path}: arm '{name}': its pretraining sets data.exclude_labeled={base.data.exclude_labeled}; the study leaves labelled images out itself (exclude_labeled: {exclude}); "
+                    "drop the override or set the arm's exclude_labeled: none"
+                )
+            runs = [
+                dataclasses.replace(
+                    run,
+                    config=dataclasses.replace(
+                        run.config,
+                        name=f"{study_dir.name}-{name}-pretrain" + ("" if run.excludes in ("none", "all") else f"-{run.excludes}"),
+                        output_root=str(out / PRETRAIN_ROOT),
+                        logging=_tagged(run.config.logging, group, "pretrain", tags),
+                    ),
+                )
+                for run in pool_runs(base, exclude, finetune_config, out / PRETRAIN_ROOT)
+            ]
+        model = finetune_config.model
+        if runs:
+            model = dataclasses.replace(model, init="tus", weights=encoder_template(runs))
         data = finetune_config.data
         # Every CV of the study reads its labelled manifest's folds from one table: arms are paired
         # by construction, also those that drop or relabel rows (noisy-label arms).
@@ -174,7 +276,7 @@ def plan_study(
             data=data,
             logging=_tagged(finetune_config.logging, group, "finetune", tags),
         )
-        plans.append(ArmPlan(name, study_dir / name, finetune_config, pretrain_config, pretrain_dir, resolved[name], arm.labels, arm.label_protocol, complete))
+        plans.append(ArmPlan(name, study_dir / name, finetune_config, runs, resolved[name], arm.labels, arm.label_protocol, complete, exclude if runs else "none"))
     return plans
 
 
@@ -293,9 +395,10 @@ def run_study(
         warn_pool_overlap(plans)
     if stage != "finetune":
         for plan in plans:
-            if plan.pretrain is not None and _takes_part(plan.pretrain.trainer):
-                ensure_pretrained(plan)
-                _wait_for_rank_zero()
+            for run in plan.pretrains:
+                if _takes_part(run.config.trainer):
+                    ensure_pretrained(run)
+                    _wait_for_rank_zero()
     study_dir = study.output_dir(Path(out), shrink)
     if stage == "pretrain":
         return study_dir
@@ -314,8 +417,12 @@ def run_study(
     for plan in plans:
         if not _takes_part(plan.finetune.trainer):
             continue
-        if plan.pretrain_dir is not None and not (plan.pretrain_dir / "summary.json").is_file():
-            raise StudyError(f"{study.path}: arm '{plan.name}' needs its pretraining ({plan.pretrain_dir}); run --stage pretrain (or all) first, with the same --pretrain overrides")
+        unfinished = [run.dir for run in plan.pretrains if not (run.dir / "summary.json").is_file()]
+        if unfinished:
+            raise StudyError(
+                f"{study.path}: arm '{plan.name}' needs its pretraining ({unfinished[0]}{f' and {len(unfinished) - 1} more' if len(unfinished) > 1 else ''}); "
+                "run --stage pretrain (or all) first, with the same --pretrain overrides"
+            )
         ensure_finetuned(plan, study, flags_dir)
         if study.config.marker_eval is not None and rank_zero:
             evaluate_markers(plan.finetune_dir, study.config.marker_eval, plan.markers_dir)
@@ -329,30 +436,36 @@ def run_study(
 def warn_pool_overlap(plans: list[ArmPlan]) -> None:
     """Warn when an arm pretrains on a pool holding labelled images it will be tested on.
 
-    The reference's pools contain its labelled set, so test-fold images reach pretraining. This
-    compares file contents (fast; ``tus data overlap`` also finds re-encoded copies); arms that
-    set ``data.exclude_labeled`` are not checked, since their pool is cleaned when it is built."""
+    The reference's pools contain its labelled set, so test-fold images reach pretraining. Only arms
+    with ``exclude_labeled: none`` are checked (the others' pools are cleaned when built), with
+    :func:`tus.data.overlap.find_overlap`: identical files or pixels, near duplicates (re-encoded,
+    resized, brightened, cropped, mirrored) and, where the pool has patient ids, labelled patients' images."""
     checked: dict[str, int] = {}
     for plan in plans:
-        if plan.pretrain is None or plan.pretrain.data.exclude_labeled != "none":
+        if plan.exclude_labeled != "none" or plan.pretrain is None or plan.pretrain.data.exclude_labeled != "none":
             continue
         key = pretrain_key(plan.pretrain)
         if key not in checked:
-            labeled = {content_hash(p) for p in load_manifest(plan.complete_manifest or plan.finetune.data.manifest)["abs_path"]}
-            pool = [content_hash(p) for source in plan.pretrain.data.sources for p in _source_paths(source)]
-            checked[key] = sum(h in labeled for h in pool)
+            labeled = load_manifest(plan.complete_manifest or plan.finetune.data.manifest, require_labels=False, decode_images=False)
+            shared = set()
+            for index, source in enumerate(plan.pretrain.data.sources):
+                pool = _source_frame(source)
+                overlap = find_overlap(pool, labeled, [-1] * len(labeled), NearDuplicateConfig(MAX_DISTANCE))
+                shared |= {(index, row) for row in overlap["pool_row"]}
+            checked[key] = len(shared)
         if checked[key]:
             print(
-                f"warning: arm '{plan.name}': {checked[key]} images of its pretraining pool are labelled images it is tested on "
-                f"(test-fold leakage, as in the reference); add --pretrain data.exclude_labeled=all data.labeled_manifest=<labelled manifest> to leave them out",
+                f"warning: arm '{plan.name}': {checked[key]} images of its pretraining pool are labelled images it is tested on, their near duplicates or their patients' images "
+                f"(test-fold leakage, as in the reference); set the study's (or arm's) exclude_labeled: per_fold or all to leave them out",
                 flush=True,
             )
 
 
-def _source_paths(source) -> list[str]:
+def _source_frame(source) -> pd.DataFrame:
     if source.manifest:
-        return load_manifest(source.manifest, require_labels=False)["abs_path"].tolist()
-    return [str(p) for p in list_images(source.folder)]
+        return load_manifest(source.manifest, require_labels=False, decode_images=False)
+    paths = [str(p) for p in list_images(source.folder)]
+    return pd.DataFrame({"abs_path": paths, "sample_id": paths, "patient_id": paths})
 
 
 def _takes_part(trainer) -> bool:
@@ -393,18 +506,23 @@ def write_arm_record(plan: ArmPlan, study: Study) -> None:
         "study_file": str(study.path.resolve()),
         "arm": plan.name,
         "pretrain_run": str(plan.pretrain_dir.resolve()) if plan.pretrain_dir else None,
+        # What the pools left out (per_fold | all | none) and every pretraining run (per fold: one each).
+        "exclude_labeled": plan.exclude_labeled,
+        "pretrain_runs": {run.excludes: str(run.dir.resolve()) for run in plan.pretrains},
         "finetune_run": str(plan.finetune_dir.resolve()),
         "overrides": plan.overrides,
     }
     write_json_atomic(plan.dir / "arm.json", record)
 
 
-def ensure_pretrained(plan: ArmPlan) -> None:
-    """Pretrain unless ``summary.json`` (written last) says this config already was."""
-    if (plan.pretrain_dir / "summary.json").is_file():
+def ensure_pretrained(run: PretrainRun) -> None:
+    """Pretrain unless ``summary.json`` (written last) says this config already was; a per-fold
+    pool's fold table is written first."""
+    if (run.dir / "summary.json").is_file():
         return
-    plan.pretrain_dir.mkdir(parents=True, exist_ok=True)
-    run_pretraining(plan.pretrain, plan.pretrain_dir, create=True)
+    write_fold_tables(run)
+    run.dir.mkdir(parents=True, exist_ok=True)
+    run_pretraining(run.config, run.dir, create=True)
 
 
 def ensure_finetuned(plan: ArmPlan, study: Study, flags_dir: Path | None = None) -> None:

@@ -77,6 +77,12 @@ class ArmConfig:
     # fold (the paper; its test folds saw the rule), ``fold_safe`` in the training folds only.
     labels: Literal["complete", "filtered", "flipped"] = "complete"
     label_protocol: Literal["reference", "fold_safe"] = "reference"
+    # The study's ``exclude_labeled`` for this arm's pretraining pool (None: the study's).
+    exclude_labeled: Literal["per_fold", "all", "none"] | None = None
+
+
+# How a pretraining pool is kept apart from the images an arm is tested on (StudyConfig.exclude_labeled).
+POOL_EXCLUSIONS = ("per_fold", "all", "none")
 
 
 @dataclass
@@ -144,6 +150,14 @@ class StudyConfig:
     noisy_labels: NoisyLabelsStudy | None = None
     table: TableConfig = field(default_factory=TableConfig)
     shrink: StageOverrides = field(default_factory=StageOverrides)
+    # What an arm's pretraining pool leaves out of the labelled set it fine-tunes on (the labelled
+    # images, their near duplicates and, where the pool has patient ids, their patients' images):
+    # - per_fold: for each test fold, a pool without that fold's test patients, so one pretraining
+    #   per fold and seed (folds_per_seed, the default), one per fold without it: K x seeds (or K) times the pretraining cost; fold k
+    #   fine-tunes from fold k's encoder and refuses any other;
+    # - all: one pool without any labelled patient, one pretraining for every fold (the cheap safe option);
+    # - none: the pool as given (the reference: its test folds' images reach pretraining).
+    exclude_labeled: Literal["per_fold", "all", "none"] = "per_fold"
     # Built per arm in __post_init__, so an error names the arm (arms.<name>.<key>).
     arms: dict[str, Any] = field(default_factory=dict)
 
