@@ -70,3 +70,36 @@ def test_unconditional_stays_the_default():
         DiffusionModule(TINY_UNET, ProcessConfig(p_uncond=0.1), OptimConfig(), EmaConfig())
     with pytest.raises(ValueError, match="p_uncond must be in"):
         ProcessConfig(p_uncond=1.5)
+
+
+def test_conditional_run_exports_a_model_that_samples_labels(tmp_path):
+    from tests.methods.test_iddpm import disk_manifest, tiny_config
+    from tus.cli.sample import main as sample_main
+    from tus.config import ConfigError
+    from tus.data.images import UsageError
+    from tus.data.manifest import load_manifest
+    from tus.methods.iddpm import latest_export
+    from tus.stages.diffusion import run_diffusion
+
+    manifest = disk_manifest(tmp_path / "data")  # labels 0, 1, 0, 1, ...
+    run = run_diffusion(tiny_config(tmp_path, manifest, **{"unet.num_classes": 2, "process.p_uncond": 0.2, "process.num_timesteps": 20, "trainer.max_steps": 3}))
+    assert '"images_per_label": {\n    "0": 6,\n    "1": 6' in (run / "pool.json").read_text()
+    export = latest_export(run)
+    common = ["--checkpoint", str(export), "--sampler", "respaced", "--steps", "4", "--no-progress"]
+    assert sample_main([*common, "--n", "3", "--out", str(tmp_path / "one"), "--label", "1", "--guidance", "2.0"]) == 0
+    rows = load_manifest(tmp_path / "one" / "manifest.csv", require_labels=True, require_patients=False)
+    assert rows["label"].tolist() == [1, 1, 1] and set(rows["guidance"].astype(float)) == {2.0}
+    # A class mix: image i takes the label of row i mod 12 of the manifest.
+    assert sample_main([*common, "--n", "14", "--out", str(tmp_path / "mix"), "--labels-from", str(manifest)]) == 0
+    mixed = load_manifest(tmp_path / "mix" / "manifest.csv", require_labels=True, require_patients=False)
+    assert mixed.sort_values("index")["label"].tolist() == [i % 12 % 2 for i in range(14)]
+    # Unconditional sampling of the same model: no label column.
+    assert sample_main([*common, "--n", "2", "--out", str(tmp_path / "none")]) == 0
+    assert "label" not in (tmp_path / "none" / "manifest.csv").read_text().splitlines()[0]
+    with pytest.raises(UsageError, match="--label 2 is outside 0..1"):
+        sample_main([*common, "--n", "1", "--out", str(tmp_path / "bad"), "--label", "2"])
+    with pytest.raises(UsageError, match="--guidance needs --label"):
+        sample_main([*common, "--n", "1", "--out", str(tmp_path / "bad"), "--guidance", "1"])
+    # Labels outside the classes fail before training, naming the manifest.
+    with pytest.raises(ConfigError, match=r"manifest.csv: label 1 is outside 0..0"):
+        run_diffusion(tiny_config(tmp_path, manifest, **{"unet.num_classes": 1}))
