@@ -41,8 +41,8 @@ import torch
 from matplotlib.figure import Figure
 
 from tus.data.images import DataError, OutputExistsError, UsageError, list_images, read_grayscale
-from tus.eval.features import FEATURES, LOGITS, FeatureExtractor, InceptionExtractor
 from tus.data.manifest import read_manifest
+from tus.eval.features import FEATURES, LOGITS, FeatureExtractor, InceptionExtractor
 from tus.eval.manifold import kth_neighbour_radii, manifold_membership
 from tus.eval.metrics import (
     PRC_K,
@@ -160,9 +160,7 @@ def per_class_membership(
     return inside, ratios
 
 
-def check_filter_arguments(
-    real: str | Path, generated_dir: str | Path, out_dir: str | Path, k: int, sweep_ks: Sequence[int] | None = None, per_class: bool = False
-) -> None:
+def check_filter_arguments(real: str | Path, generated_dir: str | Path, out_dir: str | Path, k: int, sweep_ks: Sequence[int] | None = None, per_class: bool = False) -> None:
     """Every check of ``tus filter`` that needs no feature: the output folder, the generated images, k and
     the swept ks (and, per class, both sets' labels). Run first, so a mistake costs no feature extraction."""
     generated_dir, out_dir = Path(generated_dir), Path(out_dir)
@@ -260,9 +258,7 @@ def filter_generated(
         "link": link,
     }
     if labels is not None:
-        summary["per_class"] = {
-            str(label): {"generated": int((labels == label).sum()), "kept": int(inside[labels == label].sum())} for label in sorted(set(labels.tolist()))
-        }
+        summary["per_class"] = {str(label): {"generated": int((labels == label).sum()), "kept": int(inside[labels == label].sum())} for label in sorted(set(labels.tolist()))}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
