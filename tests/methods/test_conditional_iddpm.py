@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -103,3 +104,36 @@ def test_conditional_run_exports_a_model_that_samples_labels(tmp_path):
     # Labels outside the classes fail before training, naming the manifest.
     with pytest.raises(ConfigError, match=r"manifest.csv: label 1 is outside 0..0"):
         run_diffusion(tiny_config(tmp_path, manifest, **{"unet.num_classes": 1}))
+
+
+def squares(count: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """8 px squares at random places on a 16 px mid-grey field: bright (+0.8) for label 1, dark (-0.8) for label 0."""
+    images = np.zeros((count, 1, 16, 16), np.float32)
+    labels = rng.integers(0, 2, count)
+    for i in range(count):
+        y, x = rng.integers(0, 9, 2)
+        images[i, 0, y : y + 8, x : x + 8] = 0.8 if labels[i] else -0.8
+    return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+@pytest.mark.slow
+def test_a_tiny_conditional_model_draws_the_class_it_is_asked_for():
+    from tus.samplers import sample_images
+
+    torch.manual_seed(0)
+    module = DiffusionModule(CONDITIONAL, ProcessConfig(num_timesteps=100, p_uncond=0.2), OptimConfig(lr=2e-3), EmaConfig(decay=0.99), seed=0)
+    module.log_dict = lambda *args, **kwargs: None
+    optimizer = module.configure_optimizers()
+    rng = np.random.default_rng(0)
+    for step in range(300):
+        images, labels = squares(16, rng)
+        loss = module.training_step({"image": images, "label": labels}, step)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        module.ema.update(module.unet, step=step)
+    wanted = [0, 1] * 16
+    samples = sample_images(module.ema.module.eval(), module.schedule, "respaced", 25, list(range(32)), labels=wanted, guidance=2.0)
+    # The trivial classifier: brighter than the mid-grey field on average is "bright".
+    predicted = (samples.mean(dim=(1, 2, 3)) > 0).long()
+    assert (predicted == torch.tensor(wanted)).float().mean().item() > 0.9
