@@ -112,9 +112,9 @@ table: $(if $(SHRINK),phantom,setup)
 tables: setup
 	for s in tab1 tab2 tab3 tab4 markers; do $(MAKE) table STUDY=$$s || exit $$?; done
 
-# Upload offline W&B runs once you have an account (wandb login).
+# Upload offline W&B runs with their artifacts and lineage once you have an account (wandb login).
 wandb-sync: setup
-	find $(RUNS) -type d -name 'offline-run-*' -print0 | xargs -0 -r $(BIN)/wandb sync
+	$(BIN)/tus wandb export $(RUNS)
 
 docker:
 	docker build -f docker/Dockerfile -t tus .

@@ -33,4 +33,5 @@ run pretrain_mae benchmarks/pretrain_throughput.py --method mae --rounds 2
 run diffusion benchmarks/diffusion_throughput.py
 run cv_wall benchmarks/cv_wall.py
 run cv_wall_2_epochs benchmarks/cv_wall.py --epochs 2 --rounds 3
+run predict benchmarks/predict_throughput.py --images 128 --repeats 3
 echo "logs: $OUT"

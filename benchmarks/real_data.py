@@ -26,7 +26,9 @@ breast image at all). The pretrained arms fine-tune with the default recipe, as 
 Recipe search: ``--pretrain-set KEY=VALUE`` (pretraining config keys) and ``--finetune-set
 KEY=VALUE`` (fine-tuning keys of the pretrained arms), repeatable, with ``--variant NAME``, which
 names the pretrained arms ``ARM:NAME`` and keeps their runs apart, so each candidate recipe is
-one more row of the same table. ``--downstream-probe`` adds the k-NN probe of BUSI (the fold's
+one more row of the same table. ``--finetune-config`` swaps the packaged recipe of every tus arm
+(``finetune/vit_cpu`` with ``--model vit_tiny_patch16_224``: a ViT from scratch and from MAE) and
+``--scratch-set KEY=VALUE`` overrides the scratch arm alone. ``--downstream-probe`` adds the k-NN probe of BUSI (the fold's
 training images only) to every pretraining, logged as ``probe/downstream_auroc``.
 
 Output (``--out``): ``table.md`` / ``table.csv`` (mean +- std over folds x seeds of F1 and AUROC, and
@@ -123,7 +125,9 @@ def finetune_config(args, manifest: Path, name: str, recipe: str, extra: list[st
     overrides = [*finetune_cv_overrides(manifest, args.out / "arms", args, folds=args.folds), f"--name={name}"]
     if recipe == "constant":
         overrides += ["--optim.schedule=constant", "--optim.weight_decay=0.01"]
-    return load_config(FineTuneCVConfig, "finetune/cpu", [*overrides, *extra])
+    if recipe == "scratch":
+        overrides += [f"--{setting}" for setting in args.scratch_set]
+    return load_config(FineTuneCVConfig, args.finetune_config, [*overrides, *extra])
 
 
 def arm_label(args, arm: str) -> str:
@@ -319,6 +323,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variant", default="", help="names a recipe variant of the pretrained arms (ARM-VARIANT)")
     parser.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE", help="pretraining config override (repeatable)")
     parser.add_argument("--finetune-set", action="append", default=[], metavar="KEY=VALUE", help="fine-tuning override of the pretrained arms (repeatable)")
+    parser.add_argument("--scratch-set", action="append", default=[], metavar="KEY=VALUE", help="fine-tuning override of the scratch arm (repeatable)")
+    parser.add_argument("--finetune-config", default="finetune/cpu", help="packaged fine-tuning recipe of every tus arm (finetune/vit_cpu with --model vit_tiny_patch16_224: the ViT arms)")
     parser.add_argument("--downstream-probe", action="store_true", help="k-NN probe of BUSI (fold's training images) during pretraining")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     config_path = parser.parse_known_args(argv)[0].config

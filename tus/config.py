@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import importlib
+import os
 import re
 import typing
 import uuid
@@ -317,13 +319,62 @@ def to_yaml(config: Any) -> str:
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write via a unique temp file + rename: a reader (another rank under torchrun, or a
-    resumed run after a crash) sees the old file or the whole new one, never half."""
+    resumed run after a crash) sees the old file or the whole new one, never half. A full
+    disk or a read-only folder leaves the old file and no temp file (:class:`StorageError`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise as_storage_error(error, path) from error
     return path
+
+
+# Why a write failed, in words, for the errors a full disk, a read-only mount, a quota or
+# the wrong owner give: they are the user's to fix, not tracebacks.
+STORAGE_ERRNOS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOTDIR: "a path component is a file, not a folder",
+    errno.EFBIG: "file too large for this file system",
+}
+
+
+class StorageError(ValueError):
+    """A file or folder could not be written (full disk, read-only, no permission); one line."""
+
+
+def is_storage_error(error: BaseException) -> bool:
+    return isinstance(error, StorageError) or (isinstance(error, OSError) and error.errno in STORAGE_ERRNOS)
+
+
+def as_storage_error(error: OSError, path: str | Path, option: str | None = None) -> StorageError | OSError:
+    """``error`` as one line naming ``path`` (and the option that chose it) and the cause;
+    errors other than storage errors are returned unchanged (a bug keeps its traceback)."""
+    if isinstance(error, StorageError) or error.errno not in STORAGE_ERRNOS:
+        return error
+    where = f"{option} {path}" if option else str(path)
+    return StorageError(f"{where}: cannot write: {STORAGE_ERRNOS[error.errno]} ({errno.errorcode[error.errno]})")
+
+
+def fsync_folder(folder: str | Path) -> None:
+    """Make a rename inside ``folder`` durable (a no-op where folders cannot be opened)."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
 
 
 def save_config(config: Any, path: str | Path) -> Path:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from tus.config import require_at_least
+from tus.config import ConfigError, require_at_least
 
 
 @dataclass
@@ -22,7 +22,9 @@ class TrainerConfig:
     bf16/16-mixed/32-true from the hardware), plus ``compile`` (torch.compile the model), ``channels_last``
     (true/false/auto: auto converts convolutional models on GPUs and, on CPUs, where a timed trial of
     training steps measured it faster; see tus.callbacks.performance) and ``checkpoint_interval_s``
-    (epoch-end resume checkpoints at most this often, in seconds of training; 0 = every epoch)."""
+    (epoch-end resume checkpoints at most this often, in seconds of training; 0 = every epoch) and
+    ``max_nonfinite_steps`` (consecutive NaN/inf training losses, or steps skipped by the 16-mixed gradient
+    scaler, tolerated before the run stops with an error; auto: 25 under 16-mixed, else 0)."""
 
     accelerator: str = "auto"
     strategy: str = "auto"
@@ -65,9 +67,13 @@ class TrainerConfig:
     channels_last: bool | Literal["auto"] = "auto"
     # Epoch-end resume checkpoints at most this often (tus.callbacks.checkpoint says why).
     checkpoint_interval_s: float = 60.0
+    # Consecutive non-finite training losses tolerated before the run stops (tus.callbacks.finite_loss).
+    max_nonfinite_steps: int | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
         require_at_least(self, "trainer.", 0, "checkpoint_interval_s")
+        if self.max_nonfinite_steps != "auto" and self.max_nonfinite_steps < 0:
+            raise ConfigError(f"trainer.max_nonfinite_steps must be >= 0 or auto, got {self.max_nonfinite_steps}")
 
 
 @dataclass

@@ -33,14 +33,15 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
-from tus.callbacks.checkpoint import ResumeCheckpoint
+from tus.callbacks.checkpoint import BackgroundCheckpointIO, ResumeCheckpoint, SafeCheckpointIO, usable_checkpoint
+from tus.callbacks.finite_loss import StopOnNonFiniteLoss, resolve_max_nonfinite_steps
 from tus.callbacks.performance import ChannelsLast, CompileModel
 from tus.callbacks.preemption import StopAtResumablePoint
 from tus.callbacks.progress import StageProgressBar, active_stage_bar
 from tus.config import (
+    STORAGE_ERRNOS,
     ConfigError,
     changed_keys,
     save_config,
@@ -92,6 +93,8 @@ def _trainer_fields() -> list[tuple[str, Any, Any]]:
     fields_.append(("channels_last", typing.Union[bool, typing.Literal["auto"]], "auto"))  # noqa: UP007
     # Epoch-end resume checkpoints at most this often (tus.callbacks.checkpoint says why).
     fields_.append(("checkpoint_interval_s", float, 60.0))
+    # Consecutive non-finite training losses tolerated before the run stops (tus.callbacks.finite_loss).
+    fields_.append(("max_nonfinite_steps", typing.Union[int, typing.Literal["auto"]], "auto"))  # noqa: UP007
     return fields_
 
 
@@ -162,20 +165,56 @@ class RunDirError(ValueError):
     """A run dir cannot be used: missing, locked by another process, or not a run dir."""
 
 
-def new_run_dir(root: str | Path, name: str) -> Path:
-    """Create and return a fresh ``root/<timestamp>-<name>`` folder (never reuses one)."""
+def check_output_root(root: str | Path) -> None:
+    """Refuse an ``output_root`` where no run dir can be made, before a stage reads its data:
+    a file, a read-only or full file system, a virtual one (``/proc``). A folder is made and
+    removed there to find out; folders this made on the way are removed again."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    if root.exists() and not root.is_dir():
+        raise RunDirError(f"output_root {root}: is a file, not a folder; give a folder for the run dirs")
+    missing = [p for p in [root, *root.absolute().parents] if not p.exists()]
+    probe = root / f".tus-write-check-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as error:
+        raise _cannot_make_run_dir(root, error) from error
+    finally:
+        for folder in missing:  # innermost first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def _cannot_make_run_dir(root: Path, error: OSError) -> RunDirError:
+    reason = STORAGE_ERRNOS.get(error.errno or 0) or (os.strerror(error.errno) if error.errno else str(error))
+    return RunDirError(f"output_root {root}: cannot create a run dir there: {reason.lower()}")
+
+
+def new_run_dir(root: str | Path, name: str) -> Path:
+    """Create and return a fresh ``root/<timestamp>-<name>`` folder (never reuses one).
+
+    A root that is a file, read-only, full or on a virtual file system (``/proc``) is refused
+    in one line naming ``output_root``, before any training."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise RunDirError(f"output_root {root}: is a file, not a folder; give a folder for the run dirs")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for attempt in range(1000):
-        suffix = f"-{attempt}" if attempt else ""
-        candidate = root / f"{stamp}-{name}{suffix}"
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
-    raise RunDirError(f"could not create a new run directory under {root}")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for attempt in range(1000):
+            suffix = f"-{attempt}" if attempt else ""
+            candidate = root / f"{stamp}-{name}{suffix}"
+            try:
+                candidate.mkdir()
+                return candidate
+            except FileExistsError:
+                continue
+    except OSError as error:
+        raise _cannot_make_run_dir(root, error) from error
+    raise RunDirError(f"output_root {root}: could not create a new run directory")
 
 
 @contextmanager
@@ -241,7 +280,7 @@ def check_config_change(run_dir: Path, config: Any, allow: bool) -> None:
     """Refuse (or, allowed, record) a resume whose config differs from the saved one."""
     saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     current = to_dict(config)
-    changed = changed_keys(saved, current)
+    changed = [key for key in changed_keys(saved, current) if not _added_since(key, saved, current, config)]
     if not changed:
         return
     if not allow:
@@ -251,6 +290,26 @@ def check_config_change(run_dir: Path, config: Any, allow: bool) -> None:
     history = (yaml.safe_load(log.read_text()) or []) if log.is_file() else []
     write_text_atomic(log, yaml.safe_dump([*history, record], sort_keys=False))
     save_config(config, run_dir / "config.yaml")
+
+
+_MISSING = object()
+
+
+def _added_since(key: str, saved: dict, current: dict, config: Any) -> bool:
+    """Whether ``key`` is an option a newer tus added (absent from the saved config) and left at
+    its default: a run started before the option existed resumes without a config change."""
+    tree: Any = saved
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            break
+        tree = tree[part]
+    else:
+        return False  # the saved config has the key: a real change
+    try:
+        default = _dig(to_dict(type(config)()), key)
+    except Exception:  # noqa: BLE001 - a config without defaults: treat the key as changed
+        return False
+    return default is not None and default == _dig(current, key)
 
 
 def _dig(tree: Any, dotted: str) -> Any:
@@ -409,6 +468,10 @@ def build_loggers(run_dir: Path, logging: LoggingConfig, *, name: str, config: d
                 config=config,
             )
         )
+        # Lightning passes anonymous=None, on which W&B warns that the setting has no effect.
+        wandb_init = getattr(loggers[-1], "_wandb_init", None)
+        if isinstance(wandb_init, dict):
+            wandb_init.pop("anonymous", None)
     return loggers
 
 
@@ -427,21 +490,23 @@ def build_trainer(
     ``last.ckpt`` and stops at the next step (``resumes_mid_epoch``: the stage's data stream
     resumes exactly from any step) or the epoch's end (:mod:`tus.callbacks.preemption`)."""
     checkpoint = ResumeCheckpoint(run_dir / "checkpoints", every_n_train_steps=checkpoint_every_n_steps, min_interval_s=trainer.checkpoint_interval_s)
+    options = trainer_options(trainer)
+    stop_on_nan = StopOnNonFiniteLoss(resolve_max_nonfinite_steps(trainer.max_nonfinite_steps, options["precision"]))
     stop = StopAtResumablePoint("step" if resumes_mid_epoch else "epoch")
-    all_callbacks: list[Callback] = [checkpoint, ChannelsLast(trainer.channels_last), *callbacks, stop]
+    all_callbacks: list[Callback] = [stop_on_nan, checkpoint, ChannelsLast(trainer.channels_last), *callbacks, stop]
     if trainer.compile:
         all_callbacks.append(CompileModel())
     if trainer.enable_progress_bar:
         all_callbacks.append(StageProgressBar(active_stage_bar(), desc=run_dir.name))
     if loggers:
         all_callbacks.append(LearningRateMonitor(logging_interval="step"))
-    options = trainer_options(trainer)
     write_json_atomic(run_dir / "runtime.json", runtime_report(trainer, options["precision"]))
     # This process augments (num_workers 0) or forks the loader workers that do.
     keep_opencv_on_calling_thread()
     # A background thread writes the resume checkpoints while training goes on (Lightning
-    # waits for the last write before the run ends).
-    return L.Trainer(**options, logger=loggers, callbacks=all_callbacks, default_root_dir=str(run_dir), plugins=[AsyncCheckpointIO()])
+    # waits for the last write before the run ends), atomically in their own folder, and
+    # reads them back without unpickling code (tus.callbacks.checkpoint).
+    return L.Trainer(**options, logger=loggers, callbacks=all_callbacks, default_root_dir=str(run_dir), plugins=[BackgroundCheckpointIO(SafeCheckpointIO())])
 
 
 def trainer_options(trainer: TrainerConfig) -> dict:
@@ -452,6 +517,7 @@ def trainer_options(trainer: TrainerConfig) -> dict:
     options.pop("compile")
     options.pop("channels_last")
     options.pop("checkpoint_interval_s")
+    options.pop("max_nonfinite_steps")
     options["precision"] = resolve_precision(str(options["precision"]), str(options["accelerator"]))
     return {name: value for name, value in options.items() if name == "precision" or value != LIGHTNING_TRAINER_DEFAULTS.get(name)}
 
@@ -478,9 +544,16 @@ def runtime_report(trainer: TrainerConfig, precision: str) -> dict:
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
-    """``run_dir/checkpoints/last.ckpt`` if a previous attempt left one (for resume)."""
+    """``run_dir/checkpoints/last.ckpt`` if a previous attempt left one (read-only use)."""
     path = Path(run_dir) / "checkpoints" / "last.ckpt"
     return path if path.is_file() else None
+
+
+def resume_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint a resumed stage continues from: ``last.ckpt`` if it loads, else the
+    previous one (a corrupt one is set aside with a warning); None: start from the beginning.
+    A checkpoint that would run code is refused (one line), whichever it is."""
+    return usable_checkpoint(Path(run_dir) / "checkpoints" / "last.ckpt", set_aside=rank_zero_only.rank == 0)
 
 
 def read_json(path: Path) -> dict | None:

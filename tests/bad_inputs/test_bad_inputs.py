@@ -215,10 +215,14 @@ CASES = [
     Case("crop-duplicate-column", ["data", "crop", "{in}/bad.csv", "--out", "{out}"], manifest_text("path,label,label\nimages/i0.png,0,1\n"), 1, ("bad.csv", "'label'")),
     Case("crop-empty-csv", ["data", "crop", "{in}/bad.csv", "--out", "{out}"], manifest_text(""), 1, ("bad.csv", "empty")),
     Case("crop-out-occupied", ["data", "crop", "{in}/manifest.csv", "--out", "{out}"], occupied_out, 2, ("out",)),
+    Case("crop-out-under-proc", ["data", "crop", "{in}/manifest.csv", "--out", "/proc/tus-crops"], None, 1, ("--out", "/proc/tus-crops", "cannot write")),
     Case("crop-multipage-tiff", ["data", "crop", "{in}/manifest.csv", "--out", "{out}"], bad_image("multipage"), 1, ("line 3", "i1.tif", "multi-page")),
     Case("crop-corrupt-image", ["data", "crop", "{in}/manifest.csv", "--out", "{out}"], bad_image("corrupt"), 1, ("line 3", "i1.png")),
     # tus data phantom (tus.data.phantom validates; any non-zero code)
     Case("phantom-label-noise-above-one", ["data", "phantom", "--out", "{out}", "--label-noise", "2"], None, None, ("label_noise",)),
+    Case("phantom-out-is-a-dataset", ["data", "phantom", "--out", "{in}", "--patients", "2", "--pool-size", "0"], None, 2, ("--out", "not empty")),
+    Case("phantom-out-is-a-file", ["data", "phantom", "--out", "{in}/manifest.csv", "--patients", "2"], None, 2, ("--out", "manifest.csv", "not a folder")),
+    Case("phantom-out-under-proc", ["data", "phantom", "--out", "/proc/tus-phantom", "--patients", "2"], None, 1, ("--out", "/proc/tus-phantom", "cannot write")),
     # tus metrics
     Case("metrics-weights-pickle-payload", ["metrics", *SYN, "--weights", "{in}/incep.pt"], payload_at("incep.pt"), 1, ("incep.pt", "refused")),
     Case("metrics-weights-raw-pickle", ["metrics", *SYN, "--weights", "{in}/incep.pkl"], payload_at("incep.pkl", "pickle"), 1, ("incep.pkl", "refused")),
@@ -244,6 +248,10 @@ CASES = [
     Case("metrics-real-duplicate-column", ["metrics", "--real", "{in}/bad.csv", "--generated", "{in}/generated"], manifest_text("path,path\nimages/i0.png,images/i1.png\n"), 1, ("bad.csv", "'path'")),
     Case("metrics-batch-size-zero", ["metrics", *SYN, "--batch-size", "0"], None, 2, ("--batch-size",)),
     Case("metrics-out-is-a-folder", ["metrics", *SYN, "--out", "{in}/images"], None, 2, ("--out",)),
+    Case("metrics-out-dev-full", ["metrics", *SYN, "--out", "/dev/full"], None, 2, ("--out", "/dev/full", "not a regular file")),
+    Case("metrics-out-under-proc", ["metrics", *SYN, "--out", "/proc/tus-metrics.json"], None, 1, ("--out", "/proc/tus-metrics.json", "cannot write")),
+    Case("metrics-image-size-one", ["metrics", *SYN, "--extractor", "{in}/encoder", "--image-size", "1"], None, 2, ("--image-size 1", "minimum input size, 32 px")),
+    Case("metrics-image-size-with-inception", ["metrics", *SYN, "--image-size", "64"], None, 2, ("--image-size", "Inception")),
     # tus filter
     Case("filter-weights-payload", ["filter", *SYN, "--out", "{out}", "--k", "2", "--weights", "{in}/incep.pt"], payload_at("incep.pt"), 1, ("incep.pt", "refused")),
     Case("filter-env-weights-payload", ["filter", *SYN, "--out", "{out}", "--k", "2"], payload_at("incep.pt", "pickle-text"), 1, ("incep.pt",), env={"TUS_INCEPTION_WEIGHTS": "{in}/incep.pt"}),
@@ -252,6 +260,8 @@ CASES = [
     Case("filter-empty-sweep", ["filter", *SYN, "--out", "{out}", "--k", "2", "--sweep", ","], None, 2, ("--sweep",)),
     Case("filter-sweep-k-too-large", ["filter", *SYN, "--out", "{out}", "--k", "2", "--sweep", "2,50"], None, 2, ("--sweep", "50")),
     Case("filter-k-zero", ["filter", *SYN, "--out", "{out}", "--k", "0"], None, 2, ("k must be",)),
+    Case("filter-out-under-proc", ["filter", *SYN, "--out", "/proc/tus-filtered", "--k", "2"], None, 1, ("--out", "/proc/tus-filtered", "cannot write")),
+    Case("filter-out-is-a-file", ["filter", *SYN, "--out", "{in}/manifest.csv", "--k", "2"], None, 2, ("--out", "manifest.csv")),
     Case("filter-non-utf8-file-name", ["filter", *SYN, "--out", "{out}", "--k", "2"], non_utf8_generated_name, 1, ("g\\xff.png", "UTF-8")),
     Case("filter-generated-missing", ["filter", "--real", "{in}/manifest.csv", "--generated", "{in}/nothing", "--out", "{out}"], None, 1, ("nothing",)),
     # tus explain

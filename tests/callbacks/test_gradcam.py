@@ -239,10 +239,10 @@ def test_logger_under_ddp_explains_on_rank_zero_only(tmp_path, monkeypatch):
     calls = tmp_path / "calls.txt"
     real_save = gradcam_module.save_overlay_grid
 
-    def counting_save(result, names, path):
+    def counting_save(result, names, path, labels=None):
         with calls.open("a") as handle:
             handle.write(f"{os.getpid()}\n")
-        return real_save(result, names, path)
+        return real_save(result, names, path, labels)
 
     monkeypatch.setattr(gradcam_module, "save_overlay_grid", counting_save)
     # Lightning's launcher sets MASTER_PORT in this process; keep it from leaking to later tests.

@@ -81,3 +81,43 @@ def test_folds_fixed_across_seeds_or_redrawn_per_seed():
         assert (folds == assign_folds(frame, 3, seed)).all()  # the run seed is the splitter's seed
         check_folds(frame, folds, 3)
     assert len({tuple(f) for f in redrawn}) == 4
+
+
+def test_a_fold_table_gives_a_filtered_or_relabelled_manifest_the_same_folds():
+    from tus.data.folds import fold_table, folds_from_table
+
+    frame = manifest_frame([2, 1, 3, 2, 1, 2, 2, 1, 3], [1, 0, 0, 1, 0, 1, 0, 1, 0])
+    per_seed = {seed: assign_folds(frame, 3, seed) for seed in (4, 5)}
+    table = pd.concat([fold_table(frame, f).assign(seed=s) for s, f in per_seed.items()])
+    # A filtered manifest (two images dropped, shuffled) keeps each remaining image's fold, per seed
+    filtered = frame[~frame["sample_id"].isin(["2-0", "6-1"])].sample(frac=1.0, random_state=0)
+    folds = folds_from_table(filtered, table, 3, [4, 5], per_seed=True)
+    for seed in (4, 5):
+        expected = dict(zip(frame["sample_id"], per_seed[seed]))
+        assert folds[seed].tolist() == [expected[i] for i in filtered["sample_id"]]
+    # A relabelled manifest: the same folds (a table is looked up by sample id, not label)
+    flipped = frame.assign(label=np.where(frame["sample_id"] == "0-0", 0, frame["label"]))
+    assert folds_from_table(flipped, table, 3, [4], per_seed=True)[4].tolist() == per_seed[4].tolist()
+    # Refused, naming what is wrong: an image without a fold, a seed without folds, the other design
+    extra = pd.concat([frame, pd.DataFrame([{"sample_id": "new", "path": "new.png", "patient_id": "P99", "label": 0}])])
+    with pytest.raises(FoldError, match=r"1 manifest image\(s\) have no fold for seed 4, e.g. \['new'\]"):
+        folds_from_table(extra, table, 3, [4], per_seed=True)
+    with pytest.raises(FoldError, match=r"no folds for seed\(s\) \[7\]"):
+        folds_from_table(frame, table, 3, [4, 7], per_seed=True)
+    with pytest.raises(FoldError, match="folds_per_seed=true"):
+        folds_from_table(frame, table, 3, [4], per_seed=False)
+    with pytest.raises(FoldError, match="num_folds=2"):
+        folds_from_table(frame, table, 2, [4], per_seed=True)
+
+
+def test_images_tested_and_distinct_splits_read_a_fold_table():
+    from tus.data.folds import distinct_splits, images_tested
+
+    table = pd.DataFrame({"sample_id": list("abcdabcd"), "fold": [0, 0, 1, 1, 0, 1, 0, 1], "seed": [0] * 4 + [1] * 4})
+    assert images_tested(table) == {(0, 0): {"a", "b"}, (1, 0): {"c", "d"}, (0, 1): {"a", "c"}, (1, 1): {"b", "d"}}
+    assert distinct_splits(table) == 2
+    # the same partition with the fold numbers swapped is the same split
+    same = table.iloc[:4]
+    assert distinct_splits(pd.concat([same, same.assign(seed=1, fold=1 - same["fold"])])) == 1
+    one = table.iloc[:4].drop(columns="seed")
+    assert distinct_splits(one) == 1 and images_tested(one, seeds=[2, 3])[(1, 3)] == {"c", "d"}

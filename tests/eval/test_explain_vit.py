@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -91,6 +92,52 @@ def test_vit_target_layer_and_reshape_are_chosen_automatically(vit_patch_detecto
     tokens = torch.randn(2, 1 + 16, 192)
     assert reshape(tokens).shape == (2, 192, 4, 4)
     assert token_reshape_transform(nn.Sequential(nn.Conv2d(1, 2, 3)), "0") is None
+
+
+def hand_gradcam_plus_plus(model: ViTClassifier, images: torch.Tensor) -> np.ndarray:
+    """Grad-CAM++ (Chattopadhay et al. 2018, eq. 19) of the predicted class at the last block's norm1, written out:
+    the patch tokens as a (C, 4, 4) map A (class token dropped, row-major), G = d score / d A,
+    alpha = G^2 / (2 G^2 + sum_ab A * G^3) (0 where G = 0), w_k = sum_ij relu(G) alpha, CAM = relu(sum_k w_k A_k),
+    min-max scaled, bilinearly resized to the input (cv2, as pytorch-grad-cam), min-max scaled again."""
+    captured = {}
+
+    def keep(_module, _inputs, output):
+        output.retain_grad()
+        captured["tokens"] = output
+
+    hook = model.backbone.blocks[-1].norm1.register_forward_hook(keep)
+    try:
+        inputs = images.clone().requires_grad_(True)
+        logits = model(inputs)
+        logits[torch.arange(len(images)), logits.argmax(1)].sum().backward()
+    finally:
+        hook.remove()
+    tokens, grads = captured["tokens"], captured["tokens"].grad
+    side = SIZE // PATCH
+    activation = tokens[:, 1:].detach().reshape(len(images), side, side, -1).permute(0, 3, 1, 2).double().numpy()
+    gradient = grads[:, 1:].reshape(len(images), side, side, -1).permute(0, 3, 1, 2).double().numpy()
+    alpha = gradient**2 / (2 * gradient**2 + activation.sum(axis=(2, 3), keepdims=True) * gradient**3 + 1e-6)
+    alpha = np.where(gradient != 0, alpha, 0.0)
+    weights = (np.maximum(gradient, 0) * alpha).sum(axis=(2, 3))
+    cams = []
+    for cam in np.maximum((weights[:, :, None, None] * activation).sum(axis=1), 0):
+        cam = cam - cam.min()
+        cam = cv2.resize(np.float32(cam / (cam.max() + 1e-7)), (SIZE, SIZE))
+        cam = np.maximum(cam, 0) - np.maximum(cam, 0).min()
+        cams.append(cam / (cam.max() + 1e-7))
+    return np.stack(cams)
+
+
+def test_gradcam_plus_plus_equals_the_formula_written_out(vit_patch_detector: ViTClassifier) -> None:
+    images, _ = patch_images(4, True, seed=7)
+    name, layer = resolve_target_layer(vit_patch_detector, None, images)
+    cams, _ = class_activation_maps(vit_patch_detector, images, layer, "gradcam++", token_reshape_transform(vit_patch_detector, name))
+    expected = hand_gradcam_plus_plus(vit_patch_detector, images)
+    assert expected.std() > 0.05  # not a flat map that any reshape would reproduce
+    np.testing.assert_allclose(cams, expected, atol=1e-4)
+    # A transposed token grid (column-major) gives another map: the reshape is what the comparison checks.
+    transposed = cv2.resize(np.float32(expected[0].T), (SIZE, SIZE))
+    assert np.abs(transposed - cams[0]).max() > 0.05
 
 
 @pytest.mark.parametrize("method", ["gradcam++", "scorecam"])

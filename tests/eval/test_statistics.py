@@ -86,53 +86,31 @@ def _runs(values: np.ndarray, metric: str = "f1") -> pd.DataFrame:
     return pd.DataFrame({"fold": folds.ravel(), "seed": seeds.ravel(), metric: values})
 
 
-def _arm(rng: np.random.Generator, shift: float = 0.0) -> np.ndarray:
-    """Scores of one arm over 3 folds x 4 seeds under the corrected test's own model.
-
-    Nadeau & Bengio's correction assumes runs correlate with rho = n_test / (n_train + n_test)
-    (1/3 here). A random effect shared by all runs of an arm, with variance tau^2 = s^2 / 2 next to
-    a per-run noise s^2, gives paired differences exactly that correlation: 2 tau^2 / (2 tau^2 + 2 s^2).
-    """
-    noise = 0.02
-    return 0.8 + shift + rng.normal(0.0, noise / math.sqrt(2)) + rng.normal(0.0, noise, FOLDS * SEEDS)
+# Fixed scores of two arms over 3 folds x 4 seeds (fold-major, as _runs lays them out).
+BASELINE_F1 = np.array([0.71, 0.64, 0.69, 0.75, 0.66, 0.70, 0.73, 0.68, 0.62, 0.70, 0.72, 0.67])
+ARM_F1 = np.array([0.74, 0.69, 0.70, 0.79, 0.66, 0.76, 0.75, 0.71, 0.66, 0.73, 0.73, 0.72])
 
 
-def test_compare_arms_p_values_are_uniform_without_a_true_difference() -> None:
-    p_values, naive_p = [], []
-    for repetition in range(200):
-        rng = np.random.default_rng(repetition)
-        baseline, arm = _arm(rng), _arm(rng)
-        # Shuffled rows: pairing must go by (fold, seed), not by position.
-        arm_runs = _runs(arm).sample(frac=1.0, random_state=repetition)
-        result = compare_arms(_runs(baseline), arm_runs, "f1", N_TRAIN, N_TEST, n_boot=200)
-        p_values.append(result["p"])
-        naive_p.append(stats.ttest_rel(arm, baseline).pvalue)
-    p_values = np.array(p_values)
-    assert np.mean(p_values < 0.05) < 0.12
-    assert 0.35 < p_values.mean() < 0.65
-    # The uncorrected paired t-test on the same data is far too liberal: the reason for the correction.
-    assert np.mean(np.array(naive_p) < 0.05) > 0.3
-
-
-def test_compare_arms_detects_a_large_shift() -> None:
-    rng = np.random.default_rng(7)
-    baseline, arm = _arm(rng), _arm(rng, shift=0.2)
-    result = compare_arms(_runs(baseline), _runs(arm), "f1", N_TRAIN, N_TEST)
-
-    diffs = arm - baseline
-    assert result["p"] < 0.01
-    assert result["t"] > 0
-    assert result["n_pairs"] == FOLDS * SEEDS
-    assert result["mean_diff"] == pytest.approx(diffs.mean())
-    assert result["arm_mean"] - result["baseline_mean"] == pytest.approx(diffs.mean())
-    assert (result["t"], result["p"]) == pytest.approx(nadeau_bengio_ttest(diffs, N_TRAIN, N_TEST))
-    # Percentile bootstrap of a mean of 12 values: close to mean +- 1.96 * plug-in standard error.
-    assert result["ci_low"] < result["mean_diff"] < result["ci_high"]
-    normal_width = 2 * 1.96 * diffs.std(ddof=0) / math.sqrt(len(diffs))
-    assert result["ci_high"] - result["ci_low"] == pytest.approx(normal_width, rel=0.25)
-    # Seeded: the same call gives the same interval.
-    again = compare_arms(_runs(baseline), _runs(arm), "f1", N_TRAIN, N_TEST)
-    assert (again["ci_low"], again["ci_high"]) == (result["ci_low"], result["ci_high"])
+def test_compare_arms_equals_the_corrected_test_written_out() -> None:
+    # Shuffled rows: pairing must go by (fold, seed), not by position.
+    result = compare_arms(_runs(BASELINE_F1), _runs(ARM_F1).sample(frac=1.0, random_state=3), "f1", N_TRAIN, N_TEST)
+    d = ARM_F1 - BASELINE_F1
+    j = len(d)
+    mean = d.sum() / j
+    variance = ((d - mean) ** 2).sum() / (j - 1)
+    # Nadeau & Bengio (2003): t = mean / sqrt((1/J + n_test/n_train) * var), J - 1 df.
+    se = math.sqrt((1 / j + N_TEST / N_TRAIN) * variance)
+    t = mean / se
+    assert result["t"] == pytest.approx(t, rel=1e-12)
+    assert result["p"] == pytest.approx(2 * stats.t.sf(abs(t), df=j - 1), rel=1e-10)
+    half = stats.t.ppf(0.975, df=j - 1) * se
+    assert (result["ci_low"], result["ci_high"]) == pytest.approx((mean - half, mean + half), rel=1e-12)
+    assert (result["mean_diff"], result["n_pairs"], result["test"]) == (pytest.approx(mean), 12, "nadeau_bengio")
+    assert result["arm_mean"] - result["baseline_mean"] == pytest.approx(mean)
+    # The uncorrected paired t-test on the same runs (scipy) gives a far smaller p-value.
+    assert stats.ttest_rel(ARM_F1, BASELINE_F1).pvalue < result["p"] / 10
+    # A shift of 0.2 in every run (with the same spread) is clearly significant.
+    assert compare_arms(_runs(BASELINE_F1), _runs(ARM_F1 + 0.2), "f1", N_TRAIN, N_TEST)["p"] < 0.001
 
 
 def test_compare_arms_names_unpaired_and_repeated_runs() -> None:
@@ -147,6 +125,98 @@ def test_compare_arms_names_unpaired_and_repeated_runs() -> None:
     # Identical arms: zero difference, p = 1, a degenerate interval at 0.
     result = compare_arms(baseline, baseline, "f1", N_TRAIN, N_TEST)
     assert (result["mean_diff"], result["p"], result["ci_low"], result["ci_high"]) == (0.0, 1.0, 0.0, 0.0)
+
+
+def _folds_csv(assignment: dict[int, list[list[str]]], labels: dict[str, int] | None = None) -> pd.DataFrame:
+    """A folds.csv with a seed column from {seed: [fold 0 ids, fold 1 ids, ...]}."""
+    rows = [{"sample_id": i, "patient_id": f"p{i}", "label": (labels or {}).get(i, 0), "fold": f, "seed": s} for s, folds in assignment.items() for f, ids in enumerate(folds) for i in ids]
+    return pd.DataFrame(rows)
+
+
+def test_compare_arms_refuses_arms_tested_on_different_images_in_one_line() -> None:
+    from tus.eval.statistics import UnpairedRunsError
+
+    runs = pd.DataFrame({"fold": [0, 1, 0, 1], "seed": [0, 0, 1, 1], "f1": [0.7, 0.6, 0.65, 0.7]})
+    split = {0: [["a", "b"], ["c", "d"]], 1: [["a", "c"], ["b", "d"]]}
+    # The arm re-split its own manifest for seed 1: b and c swapped folds.
+    resplit = {0: [["a", "b"], ["c", "d"]], 1: [["a", "b"], ["c", "d"]]}
+    with pytest.raises(UnpairedRunsError) as error:
+        compare_arms(runs, runs, "f1", 2, 2, baseline_folds=_folds_csv(split), arm_folds=_folds_csv(resplit), names=("complete", "filtered"))
+    message = str(error.value)
+    assert "\n" not in message and "'complete'" in message and "'filtered'" in message
+    assert "2 of 4 runs" in message and "fold 0, seed 1" in message
+    # A filtered arm that dropped image d from the test folds is not paired either.
+    dropped = {s: [[i for i in fold if i != "d"] for fold in folds] for s, folds in split.items()}
+    with pytest.raises(UnpairedRunsError, match=r"1 image\(s\) only in 'complete' \(e.g. d\)"):
+        compare_arms(runs, runs, "f1", 2, 2, baseline_folds=_folds_csv(split), arm_folds=_folds_csv(dropped), names=("complete", "filtered"))
+    # The same images with one label flipped: paired on images, and the change is counted.
+    result = compare_arms(runs, runs, "f1", 2, 2, baseline_folds=_folds_csv(split), arm_folds=_folds_csv(split, {"c": 1}), names=("complete", "flipped"))
+    assert result["label_changes"] == 1 and result["n_pairs"] == 4
+    # One split without a seed column pairs with every seed's runs of the same split.
+    one = _folds_csv({0: split[0]}).drop(columns="seed")
+    assert compare_arms(runs[runs["seed"] == 0], runs[runs["seed"] == 0], "f1", 2, 2, baseline_folds=one, arm_folds=_folds_csv({0: split[0]}))["n_pairs"] == 2
+
+
+def _paired_predictions(rng: np.random.Generator, n_patients: int = 14, seeds: int = 2) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Pooled test predictions of two arms on one split (2 folds) over ``seeds`` seeds."""
+    sizes = rng.integers(1, 4, n_patients)
+    patients = np.repeat([f"q{i:02d}" for i in rng.permutation(n_patients)], sizes)
+    labels = np.repeat(np.arange(n_patients) % 2, sizes)
+    fold = np.repeat(np.arange(n_patients) % 2, sizes)
+    frames = {}
+    for name, skill in (("base", 0.6), ("arm", 0.75)):
+        rows = []
+        for seed in range(seeds):
+            prob = np.clip(np.where(labels == 1, skill, 1 - skill) + rng.normal(0, 0.25, len(labels)), 0, 1)
+            rows.append(
+                pd.DataFrame({"sample_id": [f"x{i}" for i in range(len(labels))], "patient_id": patients, "label": labels, "prob": prob, "pred": (prob >= 0.5).astype(int), "fold": fold, "seed": seed})
+            )
+        frames[name] = pd.concat(rows, ignore_index=True)
+    return frames["base"], frames["arm"]
+
+
+@pytest.mark.parametrize("metric", ["f1", "auroc"])
+def test_pooled_prediction_comparison_equals_a_bootstrap_by_hand(metric) -> None:
+    from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+
+    from tus.eval.statistics import compare_pooled_predictions
+
+    base, arm = _paired_predictions(np.random.default_rng(4))
+    fn = {
+        "accuracy": lambda f: accuracy_score(f["label"], f["pred"]),
+        "f1": lambda f: f1_score(f["label"], f["pred"], zero_division=0),
+        "auroc": lambda f: roc_auc_score(f["label"], f["prob"]) if f["label"].nunique() == 2 else math.nan,
+    }[metric]
+    n_boot, seed = 100, 9
+    # By hand: draw patients (sorted ids) with replacement, stack both arms' rows of the drawn
+    # patients, take the difference of the metric, then quantiles and the two tail counts.
+    patients = np.unique(base["patient_id"])
+    draws = np.random.default_rng(seed).integers(0, len(patients), (n_boot, len(patients)))
+    rows_of = [np.flatnonzero(base["patient_id"].to_numpy() == patient) for patient in patients]
+    diffs = []
+    for draw in draws:
+        rows = np.concatenate([rows_of[i] for i in draw])
+        diffs.append(fn(arm.iloc[rows]) - fn(base.iloc[rows]))  # the arms' rows are in the same order
+    diffs = np.array(diffs)
+    diffs = diffs[~np.isnan(diffs)]
+    low, high = np.quantile(diffs, [0.025, 0.975])
+    p = min(1.0, 2 * (min((diffs <= 0).sum(), (diffs >= 0).sum()) + 1) / (len(diffs) + 1))
+
+    result = compare_pooled_predictions(base, arm.sample(frac=1.0, random_state=1), metric, n_boot=n_boot, seed=seed)
+    assert (result["ci_low"], result["ci_high"]) == pytest.approx((low, high), abs=1e-12)
+    assert result["p"] == pytest.approx(p)
+    assert result["mean_diff"] == pytest.approx(fn(arm) - fn(base))
+    assert (result["n_pairs"], result["patients"], result["test"]) == (4, 14, "patient_bootstrap")
+
+
+def test_pooled_prediction_comparison_refuses_unpaired_predictions() -> None:
+    from tus.eval.statistics import UnpairedRunsError, compare_pooled_predictions
+
+    base, arm = _paired_predictions(np.random.default_rng(0))
+    with pytest.raises(UnpairedRunsError, match=r"arms 'complete' and 'filtered' have different test predictions \(2 row\(s\) in one only.*only in 'complete'"):
+        compare_pooled_predictions(base, arm[arm["sample_id"] != "x0"], "accuracy", n_boot=50, names=("complete", "filtered"))
+    same = compare_pooled_predictions(base, base, "accuracy", n_boot=50)
+    assert (same["mean_diff"], same["ci_low"], same["ci_high"], same["p"]) == (0.0, 0.0, 0.0, 1.0)
 
 
 def test_metric_functions_match_hand_counts() -> None:
@@ -166,9 +236,10 @@ def _reference_patient_bootstrap(frame: pd.DataFrame, metric, n_boot: int, alpha
     """Plain loop: draw patients (sorted ids) with replacement, stack all their rows, recompute, quantiles."""
     patients = np.unique(frame["patient_id"])
     draws = np.random.default_rng(seed).integers(0, len(patients), (n_boot, len(patients)))
+    rows_of = [np.flatnonzero(frame["patient_id"].to_numpy() == patient) for patient in patients]
     values = []
     for draw in draws:
-        replicate = pd.concat([frame[frame["patient_id"] == patients[i]] for i in draw])
+        replicate = frame.iloc[np.concatenate([rows_of[i] for i in draw])]
         values.append(metric(replicate))
     values = np.array(values)
     values = values[~np.isnan(values)]
@@ -260,7 +331,9 @@ def test_format_p_and_markers() -> None:
 
 
 def test_vectorised_bootstrap_equals_the_per_replicate_metrics():
-    from tus.eval.statistics import METRIC_FNS, patient_bootstrap_ci, patient_bootstrap_cis
+    from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
+
+    from tus.eval.statistics import patient_bootstrap_cis
 
     rng = np.random.default_rng(5)
     rows = 90
@@ -273,6 +346,13 @@ def test_vectorised_bootstrap_equals_the_per_replicate_metrics():
         }
     )
     frame["pred"] = (frame["prob"] > 0.5).astype(int)
-    fast = patient_bootstrap_cis(frame, list(METRIC_FNS), n_boot=300, seed=3)
-    for name, metric in METRIC_FNS.items():
-        np.testing.assert_allclose(fast[name], patient_bootstrap_ci(frame, metric, n_boot=300, seed=3), rtol=0, atol=1e-12, err_msg=name)
+    fast = patient_bootstrap_cis(frame, list(METRIC_FNS), n_boot=120, seed=3)
+    by_sklearn = {
+        "accuracy": lambda f: accuracy_score(f["label"], f["pred"]),
+        "f1": lambda f: f1_score(f["label"], f["pred"], zero_division=0),
+        "precision": lambda f: precision_score(f["label"], f["pred"], zero_division=0),
+        "recall": lambda f: recall_score(f["label"], f["pred"], zero_division=0),
+        "auroc": lambda f: roc_auc_score(f["label"], f["prob"]) if f["label"].nunique() == 2 else math.nan,
+    }
+    for name in METRIC_FNS:
+        np.testing.assert_allclose(fast[name], _reference_patient_bootstrap(frame, by_sklearn[name], n_boot=120, alpha=0.05, seed=3), rtol=0, atol=1e-12, err_msg=name)

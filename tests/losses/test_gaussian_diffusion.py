@@ -140,7 +140,108 @@ def test_vlb_term_trains_only_the_variance():
     torch.testing.assert_close(terms.loss, terms.mse + terms.vlb)
 
 
-def test_vlb_is_zero_for_the_true_noise_and_posterior_variance():
+def hand_alpha_bars(num_timesteps: int = T) -> list[float]:
+    """alpha_bar_t = prod_{s <= t} (1 - beta_s), in Python floats from the paper's cosine betas (eq. 17)."""
+    f0 = math.cos(0.008 / 1.008 * math.pi / 2) ** 2
+    alpha_bar = [math.cos(((t + 1) / num_timesteps + 0.008) / 1.008 * math.pi / 2) ** 2 / f0 for t in range(num_timesteps)]
+    betas = [min(1 - alpha_bar[0], 0.999)] + [min(1 - alpha_bar[t] / alpha_bar[t - 1], 0.999) for t in range(1, num_timesteps)]
+    product, result = 1.0, []
+    for beta in betas:
+        product *= 1 - beta
+        result.append(product)
+    return result
+
+
+def hand_posterior(abar: list[float], t: int, x0: float, xt: float) -> tuple[float, float]:
+    """Mean and variance of q(x_{t-1} | x_t, x_0), Ho et al. 2020 eq. 6-7 written out (t >= 1)."""
+    beta = 1 - abar[t] / abar[t - 1]
+    mean = math.sqrt(abar[t - 1]) * beta / (1 - abar[t]) * x0 + math.sqrt(1 - beta) * (1 - abar[t - 1]) / (1 - abar[t]) * xt
+    return mean, (1 - abar[t - 1]) / (1 - abar[t]) * beta
+
+
+def test_posterior_equals_bayes_rule_on_a_grid_and_the_written_out_formula():
+    """q(x_{t-1} | x_t, x_0) is proportional to q(x_t | x_{t-1}) q(x_{t-1} | x_0): its mean and variance by brute
+    force on a grid, against the closed form and tus's q_posterior."""
+    schedule = NoiseSchedule.cosine(T)
+    abar = hand_alpha_bars()
+    x0, xt = 0.4, -0.3
+    for t in (1, 20, 500, 990):
+        beta = 1 - abar[t] / abar[t - 1]
+        x = torch.linspace(-6, 6, 400_001, dtype=torch.float64)
+        log_density = -0.5 * (xt - math.sqrt(1 - beta) * x) ** 2 / beta - 0.5 * (x - math.sqrt(abar[t - 1]) * x0) ** 2 / (1 - abar[t - 1])
+        weights = torch.exp(log_density - log_density.max())
+        weights = weights / torch.trapezoid(weights, x)
+        grid_mean = torch.trapezoid(weights * x, x).item()
+        grid_variance = torch.trapezoid(weights * (x - grid_mean) ** 2, x).item()
+        mean, variance = hand_posterior(abar, t, x0, xt)
+        assert grid_mean == pytest.approx(mean, rel=1e-6, abs=1e-9) and grid_variance == pytest.approx(variance, rel=1e-5)
+        tus_mean, tus_log_variance = q_posterior(schedule, torch.tensor([[x0]], dtype=torch.float64), torch.tensor([[xt]], dtype=torch.float64), torch.tensor([t]))
+        assert tus_mean.item() == pytest.approx(mean, rel=1e-9, abs=1e-12)
+        assert tus_log_variance.item() == pytest.approx(math.log(variance), rel=1e-9)
+    # improved-diffusion clips the t = 0 log-variance (beta~_0 = 0) to that of t = 1.
+    _, log_variance_0 = q_posterior(schedule, torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64), torch.tensor([0]))
+    assert log_variance_0.item() == pytest.approx(math.log(hand_posterior(abar, 1, 0.0, 0.0)[1]), rel=1e-9)
+
+
+def test_vlb_term_equals_the_kl_written_out_by_hand():
+    """L_t (t > 0) in bits per dim: KL between the true posterior and p's Gaussian, whose mean is the posterior mean
+    at x0_hat = (x_t - sqrt(1 - abar) eps_hat) / sqrt(abar) and whose log-variance is v-interpolated (Nichol &
+    Dhariwal eq. 15), averaged over pixels, all computed pixel by pixel in Python floats."""
+    schedule = NoiseSchedule.cosine(T)
+    abar = hand_alpha_bars()
+    x0, noise = toy_batch(batch=3, size=2)
+    t = torch.tensor([1, 400, 900])
+    xt = q_sample(schedule, x0, t, noise)
+    eps_hat = noise + 0.3 * torch.randn(noise.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    v = torch.rand(noise.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 2 - 1
+    ours = vlb_bits_per_dim(schedule, torch.cat([eps_hat, v], dim=1), x0, xt, t)
+    for b, step in enumerate(t.tolist()):
+        beta = 1 - abar[step] / abar[step - 1]
+        kls = []
+        for i in range(2):
+            for j in range(2):
+                x0_ij, xt_ij = x0[b, 0, i, j].item(), xt[b, 0, i, j].item()
+                x0_hat = (xt_ij - math.sqrt(1 - abar[step]) * eps_hat[b, 0, i, j].item()) / math.sqrt(abar[step])
+                true_mean, true_variance = hand_posterior(abar, step, x0_ij, xt_ij)
+                model_mean, _ = hand_posterior(abar, step, x0_hat, xt_ij)
+                frac = (v[b, 0, i, j].item() + 1) / 2
+                model_log_variance = frac * math.log(beta) + (1 - frac) * math.log(true_variance)
+                model_variance = math.exp(model_log_variance)
+                kls.append(0.5 * (math.log(model_variance / true_variance) + (true_variance + (true_mean - model_mean) ** 2) / model_variance - 1))
+        assert ours[b].item() == pytest.approx(sum(kls) / len(kls) / math.log(2), rel=1e-7)
+
+
+def test_vlb_at_t0_is_the_decoder_nll_integrated_by_hand():
+    """L_0: minus log of the Gaussian's mass on each pixel's bin [x - 1/255, x + 1/255] (edge bins open), in bits per
+    dim; the mass integrated numerically pixel by pixel."""
+    schedule = NoiseSchedule.cosine(T)
+    abar = hand_alpha_bars()
+    x0, noise = toy_batch(batch=2, size=2)
+    x0[0, 0, 0, 0], x0[1, 0, 1, 1] = -1.0, 1.0  # one open edge bin each
+    t = torch.zeros(2, dtype=torch.long)
+    xt = q_sample(schedule, x0, t, noise)
+    output = torch.cat([noise * 0.9, torch.full_like(noise, 0.5)], dim=1)
+    ours = vlb_bits_per_dim(schedule, output, x0, xt, t)
+    beta_0 = 1 - abar[0]
+    # At t = 0, p's mean is the posterior mean at x0_hat with abar_{-1} = 1: x0_hat itself; its variance
+    # interpolates log beta_0 and the clipped log beta~ (that of t = 1) with frac = (0.5 + 1) / 2.
+    log_variance = 0.75 * math.log(beta_0) + 0.25 * math.log(hand_posterior(abar, 1, 0.0, 0.0)[1])
+    std = math.exp(0.5 * log_variance)
+    for b in range(2):
+        nll = []
+        for i in range(2):
+            for j in range(2):
+                x = x0[b, 0, i, j].item()
+                mean = (xt[b, 0, i, j].item() - math.sqrt(1 - abar[0]) * 0.9 * noise[b, 0, i, j].item()) / math.sqrt(abar[0])
+                lo = -math.inf if x < -0.999 else x - 1 / 255
+                hi = math.inf if x > 0.999 else x + 1 / 255
+                grid = torch.linspace(max(lo, mean - 12 * std), min(hi, mean + 12 * std), 200_001, dtype=torch.float64)
+                mass = torch.trapezoid(gaussian_density(grid, mean, std), grid).item() if grid[-1] > grid[0] else 0.0
+                nll.append(-math.log(max(mass, 1e-12)))
+        assert ours[b].item() == pytest.approx(sum(nll) / 4 / math.log(2), rel=1e-5)
+
+
+def test_perfect_model_has_zero_vlb_and_recovers_x0():
     schedule = NoiseSchedule.cosine(T)
     x0, noise = toy_batch(batch=3)
     t = torch.tensor([1, 400, 900])
@@ -149,21 +250,7 @@ def test_vlb_is_zero_for_the_true_noise_and_posterior_variance():
     perfect = torch.cat([noise, -torch.ones_like(noise)], dim=1)
     assert vlb_bits_per_dim(schedule, perfect, x0, xt, t).abs().max().item() < 1e-9
     prediction = p_mean_variance(schedule, perfect, xt, t, clip_denoised=False)
-    posterior_mean, _ = q_posterior(schedule, x0, xt, t)
-    torch.testing.assert_close(prediction.mean, posterior_mean)
     torch.testing.assert_close(prediction.pred_x0, x0)
-
-
-def test_vlb_at_t0_is_the_decoder_nll_in_bits():
-    schedule = NoiseSchedule.cosine(T)
-    x0, noise = toy_batch(batch=2)
-    t = torch.zeros(2, dtype=torch.long)
-    xt = q_sample(schedule, x0, t, noise)
-    output = torch.cat([noise * 0.9, torch.zeros_like(noise)], dim=1)
-    prediction = p_mean_variance(schedule, output, xt, t, clip_denoised=False)
-    nll = -discretized_gaussian_log_likelihood(x0, prediction.mean, 0.5 * prediction.log_variance)
-    expected = nll.flatten(1).mean(1) / math.log(2)
-    torch.testing.assert_close(vlb_bits_per_dim(schedule, output, x0, xt, t), expected)
 
 
 def test_loss_aware_sampler_is_uniform_until_warm_then_follows_the_losses():

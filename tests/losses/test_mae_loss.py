@@ -40,8 +40,10 @@ def test_random_masking_differs_across_images_and_calls() -> None:
     assert torch.equal(first, again)
 
 
-@pytest.mark.parametrize(("num_patches", "ratio", "kept"), [(49, 0.75, 12), (196, 0.75, 49), (10, 0.5, 5), (4, 0.0, 4)])
-def test_random_masking_kept_count_is_rounded(num_patches: int, ratio: float, kept: int) -> None:
+# MAE's random_masking: len_keep = int(L * (1 - mask_ratio)), truncated: 196 patches at 0.9 keep 19 (19.6), 7 at 0.5
+# keep 3 (3.5), where rounding would keep 20 and 4.
+@pytest.mark.parametrize(("num_patches", "ratio", "kept"), [(49, 0.75, 12), (196, 0.75, 49), (196, 0.9, 19), (7, 0.5, 3), (10, 0.5, 5), (4, 0.0, 4)])
+def test_random_masking_kept_count_is_truncated_as_mae(num_patches: int, ratio: float, kept: int) -> None:
     ids_keep, mask, _ = random_masking(2, num_patches, ratio)
     assert ids_keep.shape[1] == kept
     assert torch.equal(mask.sum(dim=1), torch.full((2,), float(num_patches - kept)))

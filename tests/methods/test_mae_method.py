@@ -17,6 +17,7 @@ from tus.data.pools import PretrainDataConfig
 from tus.losses.mae import mae_loss, patchify
 from tus.methods import pretraining_method
 from tus.methods.mae import MaskedAutoencoder, MaskedAutoencoderConfig, MaskedImageTransform, mask_seed, predict_mean_loss
+from tus.models.backbones import BackboneConfig, create_backbone
 from tus.models.vit import create_vit_from_export
 from tus.stages.pretrain import PretrainConfig, run_pretraining
 
@@ -97,7 +98,8 @@ def test_optimizer_is_adamw_with_scaled_lr_and_no_decay_on_norms_biases_tokens(m
 def test_export_rebuilds_the_trained_vit(mae_run: Path):
     meta = json.loads((mae_run / "encoder" / "config.json").read_text())
     assert meta["method"] == "mae" and meta["architecture"]["name"] == "vit_tiny_patch16_224" and meta["in_chans"] == 1
-    assert meta["architecture"]["kwargs"] == {"img_size": SIZE, "patch_size": PATCH, "in_chans": 1, "global_pool": "token", "fc_norm": False}
+    # The architecture only: fc_norm (MAE pretraining keeps the final norm) is the fine-tuning head's choice.
+    assert meta["architecture"]["kwargs"] == {"img_size": SIZE, "patch_size": PATCH, "in_chans": 1, "global_pool": "token"}
     loaded = create_vit_from_export(mae_run / "encoder").eval()
     checkpoint = torch.load(mae_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     trained = MaskedAutoencoder(tiny_config(), num_organs=2, batch_size=BATCH)
@@ -107,9 +109,14 @@ def test_export_rebuilds_the_trained_vit(mae_run: Path):
         expected = trained.encoder.eval()(images)
         assert expected.shape == (3, 192)
         assert torch.equal(loaded(images), expected)
-    # The fine-tuning variant: average pooling with a fresh identity fc_norm, drop path.
-    avg = create_vit_from_export(mae_run / "encoder" / "config.json", global_pool="avg", fc_norm=True, drop_path_rate=0.1)
-    assert avg.global_pool == "avg" and torch.equal(avg.fc_norm.weight, torch.ones(192))
+    # Fine-tuning as production builds it (finetune/vit.yaml: global_pool avg, drop path): MAE's head, the mean of
+    # the patch tokens of the trained blocks, then a fresh fc_norm (the pretrained final norm is not used).
+    backbone = BackboneConfig(name="vit_tiny_patch16_224", init="tus", weights=str(mae_run / "encoder" / "config.json"), global_pool="avg", drop_path_rate=0.1)
+    avg = create_backbone(backbone).eval()
+    assert avg.global_pool == "avg" and isinstance(avg.norm, torch.nn.Identity) and torch.equal(avg.fc_norm.weight, torch.ones(192))
+    with torch.no_grad():
+        tokens = trained.encoder.blocks(trained.encoder._pos_embed(trained.encoder.patch_embed(images)))
+        torch.testing.assert_close(avg(images), torch.nn.functional.layer_norm(tokens[:, 1:].mean(dim=1), (192,), eps=1e-6), rtol=1e-5, atol=1e-5)
 
 
 def test_reconstruction_grids_are_written_every_n_steps(mae_run: Path):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tus.losses.mae import mae_loss, patchify, random_masking
+from tus.losses.mae import random_masking
 from tus.models.mae import MaskedAutoencoderViT, sincos_pos_embed_2d
 from tus.models.vit import create_vit_encoder, mae_param_groups
 
@@ -80,14 +80,31 @@ def test_visible_tokens_match_full_image_encoding_without_attention() -> None:
         assert torch.allclose(latent[b, 1:], full[b, 1 + ids_keep[b]], atol=1e-6)
 
 
+def reference_mae_loss(images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch: int) -> torch.Tensor:
+    """MAE's ``forward_loss`` with ``norm_pix_loss`` written out patch by patch: each patch's pixels (row, column,
+    channel order) normalised by their own mean and unbiased variance (+1e-6), squared error averaged over the
+    pixels of a patch, then over the masked patches only."""
+    batch, _, height, width = images.shape
+    total, count = 0.0, 0.0
+    for b in range(batch):
+        for index in range(mask.shape[1]):
+            if mask[b, index] == 0:
+                continue
+            row, col = divmod(index, width // patch)
+            pixels = images[b, :, row * patch : (row + 1) * patch, col * patch : (col + 1) * patch].permute(1, 2, 0).reshape(-1)
+            target = (pixels - pixels.mean()) / (pixels.var(unbiased=True) + 1e-6) ** 0.5
+            total += ((pred[b, index] - target) ** 2).mean()
+            count += 1
+    return total / count
+
+
 def test_forward_returns_masked_loss_and_trains() -> None:
     model = tiny_mae()
     images = torch.randn(3, 1, 32, 32)
     out = model(images, mask_ratio=0.75, generator=torch.Generator().manual_seed(5))
     assert out["pred"].shape == (3, 16, 64)
     assert torch.equal(out["mask"].sum(dim=1), torch.full((3,), 12.0))
-    expected = mae_loss(out["pred"], patchify(images, 8), out["mask"], norm_pix_loss=True)
-    assert torch.allclose(out["loss"], expected)
+    assert torch.allclose(out["loss"], reference_mae_loss(images, out["pred"], out["mask"], patch=8), rtol=1e-5, atol=1e-6)
     out["loss"].backward()
     assert model.mask_token.grad is not None and model.mask_token.grad.abs().sum() > 0
     assert model.encoder.patch_embed.proj.weight.grad.abs().sum() > 0
@@ -118,10 +135,15 @@ def test_encoder_exports_as_plain_timm_vit(global_pool: str) -> None:
         assert torch.allclose(rebuilt(images), model.encoder(images))
 
 
-def test_no_weight_decay_on_norms_biases_and_tokens() -> None:
+def test_weight_decay_groups_are_mae_main_pretrain_s() -> None:
+    """MAE's main_pretrain.py: timm's add_weight_decay with no skip list, i.e. no decay exactly for 1-D parameters
+    and biases; the class and mask tokens (3-D) ARE decayed; frozen parameters are in no group."""
     model = tiny_mae()
     names = {id(p): n for n, p in model.named_parameters()}
     groups = {g["name"]: {names[id(p)] for p in g["params"]} for g in mae_param_groups(model, weight_decay=0.05)}
-    assert {"encoder.cls_token", "mask_token", "encoder.blocks.0.norm1.weight", "decoder_pred.bias"} <= groups["no_decay"]
-    assert {"encoder.blocks.0.attn.qkv.weight", "encoder.patch_embed.proj.weight", "decoder_pred.weight"} <= groups["decay"]
-    assert all(not n.endswith(".bias") and "norm" not in n for n in groups["decay"])
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert groups["no_decay"] == {n for n, p in trainable.items() if p.ndim == 1 or n.endswith(".bias")}
+    assert groups["decay"] == {n for n, p in trainable.items() if p.ndim > 1 and not n.endswith(".bias")}
+    assert {"encoder.cls_token", "mask_token", "encoder.blocks.0.attn.qkv.weight", "decoder_pred.weight"} <= groups["decay"]
+    assert {"encoder.blocks.0.norm1.weight", "decoder_pred.bias"} <= groups["no_decay"]
+    assert "encoder.pos_embed" not in groups["decay"] | groups["no_decay"]

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
+from timm.optim import param_groups_layer_decay
 from torch import nn
 
 from tus.models.vit import (
@@ -49,6 +51,25 @@ def grey_vit(**kwargs: object) -> nn.Module:
     return create_vit_encoder("vit_tiny_patch16_224", in_chans=1, **{**TINY, **kwargs})
 
 
+def mae_interpolate_pos_embed(pos_embed: torch.Tensor, old: int, new: int) -> torch.Tensor:
+    """MAE's util/pos_embed.interpolate_pos_embed written out: the class token kept, the (old x old, D) grid as
+    (1, D, old, old), F.interpolate bicubic with align_corners=False and no antialiasing, back to tokens."""
+    dim = pos_embed.shape[-1]
+    extra, tokens = pos_embed[:, :1], pos_embed[:, 1:]
+    grid = tokens.reshape(-1, old, old, dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
+    return torch.cat([extra, grid.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
+
+
+@pytest.mark.parametrize(("old", "new"), [(4, 6), (14, 4), (14, 8)])
+def test_interpolate_pos_embed_is_mae_s_plain_bicubic(old: int, new: int) -> None:
+    pos_embed = torch.randn(1, 1 + old * old, 8, generator=torch.Generator().manual_seed(old * new))
+    torch.testing.assert_close(interpolate_pos_embed(pos_embed, (new, new)), mae_interpolate_pos_embed(pos_embed, old, new), rtol=0, atol=1e-6)
+    if new < old:  # shrinking (a 224-px grid to 64 px) is where timm's antialiased default differs from MAE
+        antialiased = F.interpolate(pos_embed[:, 1:].reshape(1, old, old, 8).permute(0, 3, 1, 2), size=(new, new), mode="bicubic", antialias=True)
+        assert (antialiased.permute(0, 2, 3, 1).flatten(1, 2) - interpolate_pos_embed(pos_embed, (new, new))[:, 1:]).abs().max() > 0.05
+
+
 def test_interpolate_pos_embed_keeps_cls_and_is_identity_at_same_size() -> None:
     pos_embed = torch.randn(1, 1 + 16, 8)
     assert torch.equal(interpolate_pos_embed(pos_embed, (4, 4)), pos_embed)
@@ -83,16 +104,27 @@ def test_pos_embed_is_resized_to_the_model_grid() -> None:
     model = grey_vit(img_size=48)  # 6x6 grid
     model.load_state_dict(mae_checkpoint_to_timm(fb_mae_checkpoint(encoder), model), strict=True)
     assert torch.equal(model.pos_embed[:, 0], encoder["pos_embed"][:, 0])
-    assert torch.equal(model.pos_embed.detach(), interpolate_pos_embed(encoder["pos_embed"], (6, 6)))
+    torch.testing.assert_close(model.pos_embed.detach(), mae_interpolate_pos_embed(encoder["pos_embed"], 4, 6), rtol=0, atol=1e-6)
 
 
-def test_avg_pool_model_gets_identity_fc_norm_from_pretraining_checkpoint() -> None:
+def test_avg_pool_model_gets_a_fresh_fc_norm_from_pretraining_checkpoint() -> None:
+    """MAE's models_vit.py with global_pool: mean of the patch tokens, then a fresh LayerNorm (the pretrained final
+    norm is deleted), checked against that forward written out."""
     encoder = rgb_vit_state()
-    model = grey_vit(global_pool="avg")  # timm: fc_norm after pooling, no final norm
+    model = grey_vit(global_pool="avg").eval()  # timm: fc_norm after pooling, no final norm
     mapped = mae_checkpoint_to_timm(fb_mae_checkpoint(encoder), model)
     model.load_state_dict(mapped, strict=True)
     assert torch.equal(model.fc_norm.weight, torch.ones(192)) and torch.equal(model.fc_norm.bias, torch.zeros(192))
+    assert isinstance(model.norm, nn.Identity) and "norm.weight" not in mapped
     assert torch.equal(model.blocks[1].mlp.fc2.weight, encoder["blocks.1.mlp.fc2.weight"])
+    images = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        x = model.patch_embed(images) + model.pos_embed[:, 1:]
+        x = torch.cat([(model.cls_token + model.pos_embed[:, :1]).expand(2, -1, -1), x], dim=1)
+        for block in model.blocks:
+            x = block(x)
+        expected = F.layer_norm(x[:, 1:].mean(dim=1), (192,), eps=1e-6)
+        torch.testing.assert_close(model(images), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_mismatched_checkpoints_are_refused() -> None:
@@ -165,3 +197,13 @@ def test_layerwise_lr_decay_groups() -> None:
     assert decayed == {n for n, p in named if p.ndim > 1 and n not in ("cls_token", "pos_embed")}
     assert by_param[id(params["patch_embed.proj.weight"])]["name"] == "layer_0_decay"
     assert by_param[id(params["head.bias"])]["name"] == "layer_3_no_decay"
+
+
+def test_timm_layer_decay_groups_are_not_the_reference_s() -> None:
+    """Why tus keeps its own groups: timm's param_groups_layer_decay puts the final norm in the last block's layer,
+    so with 2 blocks the embeddings get 0.5 ** 2 instead of MAE's param_groups_lrd 0.5 ** 3 (num_layers = depth + 1
+    there). If timm ever matches the reference, this test fails and tus can use timm's."""
+    model = grey_vit()
+    scale_of = {id(p): g["lr_scale"] for g in param_groups_layer_decay(model, layer_decay=0.5, no_weight_decay_list=model.no_weight_decay()) for p in g["params"]}
+    assert scale_of[id(model.patch_embed.proj.weight)] == pytest.approx(0.25)
+    assert scale_of[id(model.blocks[1].mlp.fc1.weight)] == pytest.approx(1.0)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from tus.losses.gaussian_diffusion import NoiseSchedule
 from tus.samplers.base import initial_noise
-from tus.samplers.solvers import solver_sample
+from tus.samplers.solvers import DDIMSampler, solver_sample
 
 T = 50
 STEPS = 10
@@ -70,3 +71,44 @@ def test_ddim_matches_improved_diffusion_where_clipping_triggers():
         x0 = ((unclipped_eps - (1 - a_t).sqrt() * eps_hat) / a_t.sqrt()).clamp(-1, 1)
         unclipped_eps = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps_hat
     assert (unclipped_eps - reference).abs().max() > 0.05
+
+
+class RecordingNoiseModel(AnalyticNoiseModel):
+    """The analytic model, recording the timesteps the sampler hands it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[int] = []
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> SimpleNamespace:
+        self.seen.append(int(t))
+        return super().forward(x, t)
+
+
+def test_ddim_steps_that_do_not_divide_t_follow_improved_diffusions_ddim_spacing():
+    """improved-diffusion's space_timesteps(1000, "ddim30") takes the integer stride k with len(range(0, 1000, k))
+    = 30: k = 34 (30 * 34 = 1020 > 1000 > 29 * 34 = 986), so t = 0, 34, ..., 986. diffusers' "leading" spacing
+    would take k = 1000 // 30 = 33 (t = 0, ..., 957). The chain steps between consecutive kept timesteps."""
+    schedule = NoiseSchedule.cosine(1000)
+    model = RecordingNoiseModel()
+    generators = [torch.Generator().manual_seed(0)]
+    ours = solver_sample(model, "ddim", schedule, 30, generators, SHAPE, torch.device("cpu"))
+    assert model.seen == [986 - 34 * i for i in range(30)]
+
+    abar = torch.cumprod(1 - schedule.betas.float(), dim=0)
+    x = initial_noise([torch.Generator().manual_seed(0)], SHAPE, torch.device("cpu"))
+    for t in reversed(range(0, 1000, 34)):
+        a_t = abar[t]
+        a_prev = abar[t - 34] if t >= 34 else torch.tensor(1.0)
+        eps_hat = AnalyticNoiseModel()(x, t).sample[:, :1]
+        x0 = ((x - (1 - a_t).sqrt() * eps_hat) / a_t.sqrt()).clamp(-1, 1)
+        eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
+
+
+def test_ddim_refuses_a_step_count_no_integer_stride_gives():
+    # ceil(1000 / k) jumps from 334 (k = 3) to 250 (k = 4): 300 steps have no integer stride.
+    with pytest.raises(ValueError, match="nearest step counts that have one are 250 or 334"):
+        DDIMSampler().resolve_steps(300, 1000)
+    assert DDIMSampler().resolve_steps(None, 1000) == 50

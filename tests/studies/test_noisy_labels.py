@@ -169,6 +169,46 @@ def test_noisy_label_studies_compose_and_name_their_inits(tmp_path):
         load_study(no_block)
 
 
+def per_fold_losses() -> pd.DataFrame:
+    """Flagging runs (test fold k, seed s) of one init over samples A (fold 0), B (fold 1) and C
+    (fold 2); a run trains on the two samples outside its test fold, 4 epochs each. A has high
+    losses only in the runs tested on fold 1, B in every run, C only in run (0, seed 0)."""
+    fold_of = {"A": 0, "B": 1, "C": 2}
+    high = {("A", 1, 0), ("A", 1, 1), ("B", 0, 0), ("B", 0, 1), ("B", 2, 0), ("B", 2, 1), ("C", 0, 0)}
+    rows = []
+    for k in range(3):
+        for seed in range(2):
+            for sample, fold in fold_of.items():
+                if fold == k:
+                    continue
+                for epoch in range(4):
+                    loss = 2.0 if (sample, k, seed) in high else 0.2
+                    rows.append({"run": f"init/fold{k}-seed{seed}", "sample_id": sample, "epoch": epoch, "step": epoch, "label": 0, "loss": loss, "fold": k, "seed": seed, "init": "init"})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize(
+    ("per_seed", "expected"),
+    [
+        # one split: run (k, s) is flagged from runs (k, every seed): C is high in 1 of its 2
+        (False, {(0, 0): {"B"}, (0, 1): {"B"}, (1, 0): {"A"}, (1, 1): {"A"}, (2, 0): {"B"}, (2, 1): {"B"}}),
+        # folds per seed: run (k, s) from run (k, s) alone
+        (True, {(0, 0): {"B", "C"}, (0, 1): {"B"}, (1, 0): {"A"}, (1, 1): {"A"}, (2, 0): {"B"}, (2, 1): {"B"}}),
+    ],
+)
+def test_fold_safe_flags_come_from_the_runs_tested_on_that_fold_only(per_seed, expected):
+    from tus.studies.noisy_labels import fold_safe_flags
+
+    losses = per_fold_losses()
+    table = fold_safe_flags(losses, FlaggingRule(), seeds=[0, 1], per_seed=per_seed)
+    got = {key: set(rows["sample_id"]) for key, rows in table.groupby(["fold", "seed"])}
+    assert got == expected
+    # the flags from every run (the old fold-safe flags) miss A: suspicious in 2 of its 4 runs
+    assert set(flag_samples(losses, FlaggingRule()).query("flagged").index) == {"B"}
+    # no flag of run (k, s) comes from a run that trained on fold k: A (fold 0) is never flagged for fold 0
+    assert "A" not in got[(0, 0)] | got[(0, 1)]
+
+
 @pytest.mark.parametrize("variant", ["filtered", "flipped"])
 def test_fold_safe_manifests_never_change_a_test_fold(tmp_path, variant):
     rng = np.random.default_rng(0)
@@ -179,11 +219,15 @@ def test_fold_safe_manifests_never_change_a_test_fold(tmp_path, variant):
     pd.DataFrame(rows).to_csv(tmp_path / "data" / "manifest.csv", index=False)
     manifest = load_manifest(tmp_path / "data" / "manifest.csv")
     folds = np.arange(12) % 3
-    flagged = {"s00.png", "s04.png", "s05.png", "s11.png"}  # in folds 0, 1, 2, 2
+    # Each test fold has its own flags (from the flagging runs tested on it); s00 is in fold 0,
+    # so fold 0's own flag set could not even name it, but fold 1's and 2's do.
+    flagged = {0: {"s04.png", "s05.png"}, 1: {"s00.png", "s11.png"}, 2: {"s00.png", "s04.png", "s05.png"}}
     paths = fold_safe_manifests(manifest, folds, flagged, variant, tmp_path / "fold_safe")
     assert sorted(paths) == [0, 1, 2]
     source = manifest.assign(fold=folds).set_index("sample_id")
     columns = ["abs_path", "patient_id", "label", "note", "fold"]
+    # the training rows each run changes, by hand: fold k's flags minus fold k's own rows
+    changed_by_hand = {0: {"s04.png", "s05.png"}, 1: {"s00.png", "s11.png"}, 2: {"s00.png", "s04.png"}}
     for fold, path in paths.items():
         written = load_manifest(path).astype({"fold": int}).set_index("sample_id")
         test = written[written["fold"] == fold]
@@ -191,7 +235,7 @@ def test_fold_safe_manifests_never_change_a_test_fold(tmp_path, variant):
         pd.testing.assert_frame_equal(test[columns], source[source["fold"] == fold][columns])
         train = written[written["fold"] != fold]
         expected = source[source["fold"] != fold]
-        changed = expected.index.isin(sorted(flagged))
+        changed = expected.index.isin(sorted(changed_by_hand[fold]))
         if variant == "filtered":
             pd.testing.assert_frame_equal(train[columns], expected[~changed][columns])
         else:
@@ -213,9 +257,9 @@ def test_noisy_label_study_on_a_phantom_with_flipped_labels(tmp_path, capsys):
     )
     study = load_study(study_file)
     assert list(study.config.noisy_labels.inits) == ["tiny"]
-    common = ["seeds=[0]", "data.batch_size=16", "optim.lr_backbone=3e-3", "optim.lr_head=3e-3", "logging.wandb=false", "trainer.enable_progress_bar=false", "model.name=test_resnet"]
+    common = ["seeds=[0, 1]", "data.batch_size=16", "optim.lr_backbone=3e-3", "optim.lr_head=3e-3", "logging.wandb=false", "trainer.enable_progress_bar=false", "model.name=test_resnet"]
     variables = {"TUS_LABELED": str(manifest)}
-    arms = ["complete", "flipped", "flipped_fold_safe"]
+    arms = ["complete", "filtered", "flipped", "flipped_fold_safe"]
     # The flagging CVs train 12 epochs; the arms 1 epoch (a later override wins).
     flagging = runner.plan_flagging(study, tmp_path / "out", variables=variables, extra=StageOverrides(finetune=[*common, "trainer.max_epochs=12"]))
     assert flagging["tiny"].record_losses and flagging["tiny"].trainer.max_epochs == 12
@@ -223,6 +267,7 @@ def test_noisy_label_study_on_a_phantom_with_flipped_labels(tmp_path, capsys):
     from tus.studies.noisy_labels import flag_labels
 
     study_dir = study.output_dir(tmp_path / "out", False)
+    runner.write_shared_fold_table(flagging["tiny"], flagging["tiny"].data.manifest, study)  # as run_study does first
     flags = flag_labels(flagging, study_dir / "_flagging", study_dir / "flags", Rule(), [1, 3, 5])
     out = runner.run_study(study, tmp_path / "out", arms=arms, variables=variables, extra=StageOverrides(finetune=[*common, "trainer.max_epochs=1"]))
     assert flags == out / "flags"
@@ -237,7 +282,7 @@ def test_noisy_label_study_on_a_phantom_with_flipped_labels(tmp_path, capsys):
     # flagged the oversampled positives more often (9 of 15 flags were positives vs 6 of 10)
     assert quality["recall"] >= 0.4
     assert clean_flagged <= 0.1 * clean_samples and quality["precision"] >= 0.5  # ...and few clean ones
-    assert report["max_evaluations"] == 2
+    assert report["max_evaluations"] == 4  # 2 seeds x 2 training folds
 
     losses = pd.read_csv(out / "_flagging" / "tiny" / "runs" / "fold0-seed0" / "losses.csv")
     assert set(losses["init"]) == {"tiny"} and losses["epoch"].max() == 11
@@ -245,14 +290,58 @@ def test_noisy_label_study_on_a_phantom_with_flipped_labels(tmp_path, capsys):
     assert "flags/manifest_flipped.csv" in flipped_config
     # fold-safe: each test fold keeps its labels; the training folds have the flags flipped
     fold_safe = sorted((out / "flipped_fold_safe" / "finetune" / "fold_safe").glob("fold*.csv"))
-    assert len(fold_safe) == 3
+    assert len(fold_safe) == 3 * 2
     table = (out / "table.md").read_text()
     assert "| Flipped | reference |" in table and "| Flipped | fold-safe |" in table
 
+    # Paired by construction: every CV read the study's one fold table (folds re-drawn per seed)...
+    shared = sorted((out / "folds").glob("*.csv"))
+    assert len(shared) == 1 and set(pd.read_csv(shared[0])["seed"]) == {0, 1}
+    cvs = {arm: out / arm / "finetune" for arm in arms} | {"flagging": out / "_flagging" / "tiny"}
+    for cv in cvs.values():
+        assert f"folds_from: {shared[0]}" in (cv / "config.yaml").read_text()
+
+    def tested(cv: Path) -> dict:  # (fold, seed) -> the sample ids of that test fold, from folds.csv
+        folds = pd.read_csv(cv / "folds.csv", dtype={"sample_id": str})
+        return {key: set(rows["sample_id"]) for key, rows in folds.groupby(["fold", "seed"])}
+
+    complete = tested(cvs["complete"])
+    assert len(complete) == 6 and complete[(0, 0)] != complete[(0, 1)]  # two different splits
+    flagged = set(pd.read_csv(out / "flags" / "flagged.csv", dtype={"sample_id": str})["sample_id"])
+    assert flagged
+    for name in ("flagging", "flipped", "flipped_fold_safe"):
+        assert tested(cvs[name]) == complete, name
+    # ...the reference filtered arm kept every remaining row's fold (its test folds lost the flagged rows)...
+    assert tested(cvs["filtered"]) == {key: ids - flagged for key, ids in complete.items()}
+    # ...and each comparison in the table is between identical test sets, or refused in one line.
+    rows = {r[0]: r for r in _table_rows(table.split("**Compared with `complete`**")[1])}
+    paired = [name for name in arms[1:] if rows[name][1].startswith("yes")]
+    assert sorted(paired) == ["flipped", "flipped_fold_safe"]
+    assert all(tested(cvs[name]) == complete for name in paired)
+    assert rows["filtered"][1] == "no" and "Not compared: arms 'complete' and 'filtered' were not tested on the same images in 6 of 6 runs" in table
+    assert "folds re-drawn per seed (2 splits)" in table and "Nadeau-Bengio" in table
+
+    # Fold-safe flags: run (k, s) was flagged from the flagging run tested on fold k of seed s alone
+    per_fold = pd.read_csv(out / "flags" / "fold_safe_flags.csv", comment="#", dtype={"sample_id": str})
+    labels = pd.read_csv(manifest, dtype={"sample_id": str}).set_index("sample_id")["label"]
+    assert (per_fold["evaluations"] == 1).all()  # 1 init x the one run (k, s)
+    for (k, seed), ids in complete.items():
+        flags = set(per_fold.query("fold == @k and seed == @seed")["sample_id"])
+        assert not flags & ids  # never a row of the test fold
+        written = pd.read_csv(out / "flipped_fold_safe" / "finetune" / "fold_safe" / f"fold{k}-seed{seed}.csv", dtype={"sample_id": str}).set_index("sample_id")
+        assert set(written.index[written["label"] != labels.loc[written.index]]) == flags  # exactly this run's flags flipped
+    assert "flagged from the flagging runs whose test fold was k only" in table
+
     # resuming a finished study trains nothing and keeps the flags
     finished = {p: p.stat().st_mtime_ns for p in [out / "flags" / "report.json", *out.glob("*/*/runs/*/model.safetensors")]}
-    assert len(finished) == 1 + 3 + 3 * 3  # the flags, the flagging CV (3 folds), 3 arms x 3 folds
+    assert len(finished) == 1 + 6 + 4 * 6  # the flags, the flagging CV (3 folds x 2 seeds), 4 arms x 6 runs
     runner.run_study(study, tmp_path / "out", arms=arms, variables=variables, extra=StageOverrides(finetune=[*common, "trainer.max_epochs=1"]))
     assert {p: p.stat().st_mtime_ns for p in finished} == finished
     with capsys.disabled():
         print(f"\nphantom flagging: precision {quality['precision']:.2f}, recall {quality['recall']:.2f}, {clean_flagged} of {clean_samples} clean samples flagged")
+
+
+def _table_rows(markdown: str) -> list[list[str]]:
+    """The cells of the first markdown table in ``markdown``."""
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines]

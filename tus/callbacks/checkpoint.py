@@ -8,15 +8,38 @@ the fine-tuning data stream is reproducible from an epoch boundary, so a resumed
 ends bit-identical to an uninterrupted one; a kill loses at most ``min_interval_s`` plus one
 epoch of work. Step-based saving (``every_n_train_steps``, used by pretraining and diffusion,
 whose samplers resume mid-epoch) is not throttled: the caller chose that cadence.
+
+How a checkpoint reaches the disk (:class:`SafeCheckpointIO`): Lightning's own writer goes
+through an fsspec transaction that writes to ``/tmp`` and moves the file across file systems,
+so a full disk left a truncated ``last.ckpt`` that no resume could read. tus writes a temp file
+in the checkpoint's own folder, fsyncs it and renames it over the old one, after hard-linking
+the old one to ``last.prev.ckpt``: at every moment a complete checkpoint is on disk. A resume
+(:func:`usable_checkpoint`) sets a checkpoint that does not load aside
+(``last.ckpt.corrupt-<time>``) with a warning and takes the previous one. Checkpoints are read
+through tus's weights loader (``torch.load(weights_only=True)``): a pickle that would run code
+is refused in one line, never set aside as merely corrupt and never unpickled.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
+
+from tus.config import as_storage_error, fsync_folder
+from tus.models.weights import CheckpointError, UnsafeCheckpointError, load_weights
+
+# The previous complete resume checkpoint, kept beside ``last.ckpt`` (``*.ckpt``: finished runs drop it too).
+PREVIOUS_SUFFIX = ".prev.ckpt"
 
 
 class ResumeCheckpoint(ModelCheckpoint):
@@ -56,3 +79,93 @@ class ResumeCheckpoint(ModelCheckpoint):
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
         self._last_saved_at = self.clock()
+
+
+class BackgroundCheckpointIO(AsyncCheckpointIO):
+    """Lightning's background writer, except that a failed write (a full disk) stops the run at
+    the next save instead of after it: the next checkpoint is not attempted on a disk that
+    just refused one, and the one on disk stays the last complete one."""
+
+    def save_checkpoint(self, *args: Any, **kwargs: Any) -> None:
+        if self._error is not None:
+            raise self._error
+        super().save_checkpoint(*args, **kwargs)
+
+
+def previous_of(path: Path) -> Path:
+    """``last.ckpt`` -> ``last.prev.ckpt``."""
+    return path.with_name(path.name.removesuffix(".ckpt") + PREVIOUS_SUFFIX)
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written atomically in their own folder and read without unpickling code."""
+
+    def __init__(self, keep_previous: Callable[[Path], bool] = lambda path: path.name == "last.ckpt"):
+        self.keep_previous = keep_previous
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            if self.keep_previous(path) and path.is_file():
+                _keep_as_previous(path, tmp.with_name(tmp.name + ".prev"))
+            os.replace(tmp, path)
+            fsync_folder(path.parent)
+        except OSError as error:
+            tmp.unlink(missing_ok=True)
+            raise as_storage_error(error, path) from error
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        # weights_only is always on, whatever a caller asks: tus never unpickles a checkpoint.
+        checkpoint = load_weights(path)
+        if not isinstance(checkpoint, dict):
+            raise CheckpointError(f"{path}: not a Lightning checkpoint (holds a {type(checkpoint).__name__})")
+        return checkpoint
+
+
+def _keep_as_previous(path: Path, link: Path) -> None:
+    """Hard-link ``path`` as its previous copy (no data copied). File systems without hard
+    links keep no previous copy; the new checkpoint is still written atomically."""
+    link.unlink(missing_ok=True)
+    try:
+        os.link(path, link)
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        return
+    os.replace(link, previous_of(path))
+
+
+def usable_checkpoint(path: Path, *, set_aside: bool = True) -> Path | None:
+    """``path`` (e.g. ``last.ckpt``), or its previous copy, whichever loads first; None if neither.
+
+    A checkpoint that does not load (truncated, corrupt) is renamed to
+    ``<name>.corrupt-<time>`` (when ``set_aside``) with a warning on stderr; one that would run
+    code raises :class:`~tus.models.weights.UnsafeCheckpointError` (one line).
+    """
+    for candidate in (path, previous_of(path)):
+        if not candidate.is_file():
+            continue
+        try:
+            load_weights(candidate)
+        except UnsafeCheckpointError:
+            raise
+        except CheckpointError as error:
+            message = f"warning: {candidate} does not load ({error}); "
+            if set_aside:
+                aside = candidate.with_name(f"{candidate.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+                try:
+                    candidate.rename(aside)
+                    message += f"set aside as {aside.name}; "
+                except FileNotFoundError:
+                    pass  # another rank set it aside first
+            fallback = previous_of(path) if candidate == path and previous_of(path).is_file() else None
+            print(message + (f"resuming from {fallback.name}" if fallback else "starting this run over"), file=sys.stderr, flush=True)
+            continue
+        return candidate
+    return None

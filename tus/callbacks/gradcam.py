@@ -32,6 +32,7 @@ class _FixedImages:
     images: torch.Tensor
     marked: torch.Tensor
     masks: np.ndarray = field(repr=False)
+    labels: list[int] | None = None
 
 
 class GradCAMPlusPlusLogger(Callback):
@@ -95,7 +96,7 @@ class GradCAMPlusPlusLogger(Callback):
         self.target_layer = result.target_layer
         summary = result.summary()
         stem = self.out_dir / f"{stage}-epoch{trainer.current_epoch:03d}"
-        image = save_overlay_grid(result, fixed.names, stem.with_suffix(".png"))
+        image = save_overlay_grid(result, fixed.names, stem.with_suffix(".png"), fixed.labels)
         stem.with_suffix(".json").write_text(json.dumps({**summary, "epoch": trainer.current_epoch, "step": trainer.global_step, "images": fixed.names}, indent=2))
         self.last_summary[stage] = summary
         metrics = {f"{stage}/markers/{key}": float(value) for key, value in summary.items() if key not in ("num_images", "target_layer", "method")}
@@ -114,4 +115,5 @@ class GradCAMPlusPlusLogger(Callback):
         with torch.inference_mode(False):
             images = torch.stack([item["image"].clone() for item in items])
         marked, masks = add_markers(images, np.random.default_rng(self.marker_seed), self.marker_config)
-        return _FixedImages([str(item["sample_id"]) for item in items], images, marked, masks)
+        labels = [int(item["label"]) for item in items] if all("label" in item for item in items) else None
+        return _FixedImages([str(item["sample_id"]) for item in items], images, marked, masks, labels)

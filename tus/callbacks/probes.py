@@ -193,3 +193,17 @@ class DownstreamProbe(PeriodicProbe):
     def evaluate(self, module: L.LightningModule) -> dict[str, float]:
         features, labels = embed(module, self.dataset, self.batch_size)
         return {"probe/downstream_auroc": probe_auroc(features, labels, self.folds, self.classifier, self.k, self.seed)}
+
+
+def write_heldout_embeddings(module: L.LightningModule, dataset: ManifestDataset, frame: pd.DataFrame, path: str | Path, batch_size: int = 256) -> Path:
+    """The encoder's features of the held-out images as ``sample_id, organ, f0..fN`` (the UMAP's
+    input, :func:`tus.figures.embeddings.umap_figure`); spatial features are average-pooled."""
+    features, _, _ = encode(module, dataset, batch_size)
+    if features.ndim > 2:
+        features = features.reshape(len(features), features.shape[1], -1).mean(-1)
+    table = pd.DataFrame(features, columns=[f"f{i}" for i in range(features.shape[1])])
+    table.insert(0, "organ", frame["organ"].astype(str).to_numpy())
+    table.insert(0, "sample_id", frame["sample_id"].astype(str).to_numpy())
+    path = Path(path)
+    table.to_csv(path, index=False, float_format="%.6g")
+    return path

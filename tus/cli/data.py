@@ -9,6 +9,16 @@ from collections import Counter
 from tus.data.images import read_grayscale
 
 
+def _dicom_frames(value: str) -> str:
+    from tus.config import ConfigError
+    from tus.data.configs import check_dicom_frames
+
+    try:
+        return check_dicom_frames(value, "--dicom-frames")
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="tus data", description="Dataset tools.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -17,6 +27,7 @@ def main(argv: list[str]) -> int:
     check.add_argument("manifest")
     check.add_argument("--unlabeled", action="store_true", help="labels and patient ids are optional (pretraining pools)")
     check.add_argument("--folds", type=int, default=3, help="fold count the classes must fill (labelled data)")
+    check.add_argument("--dicom-frames", default="middle", type=_dicom_frames, metavar="all|first|middle|K", help="rows of a multi-frame DICOM, as data.dicom_frames (default: middle)")
 
     phantom = commands.add_parser("phantom", help="generate the embedded phantom dataset (labelled set + unlabelled two-organ pool)")
     phantom.add_argument("--out", required=True)
@@ -25,12 +36,14 @@ def main(argv: list[str]) -> int:
     phantom.add_argument("--image-size", type=int, default=128)
     phantom.add_argument("--pool-size", type=int, default=300)
     phantom.add_argument("--label-noise", type=float, default=0.0, help="fraction of labels flipped on purpose")
+    phantom.add_argument("--dicom", action="store_true", help="write the labelled set as DICOM (single-frame files and a few multi-frame cine loops)")
 
     crop = commands.add_parser("crop", help="detect fields of view, split dual views, write crops + a new manifest")
     crop.add_argument("manifest")
     crop.add_argument("--out", required=True, help="new folder for crops, manifest.csv and preview.png")
     crop.add_argument("--box", action="append", default=None, metavar="X0,Y0,X1,Y1", help="fixed box(es) instead of detection; repeat for dual view")
     crop.add_argument("--max-views", type=int, default=2)
+    crop.add_argument("--dicom-frames", default="middle", type=_dicom_frames, metavar="all|first|middle|K", help="frames of a multi-frame DICOM to crop (default: middle)")
 
     overlap = commands.add_parser("overlap", help="images a pool shares with the labelled set (same file or same pixels), per labelled fold")
     overlap.add_argument("pool", help="the pool's manifest")
@@ -50,6 +63,7 @@ def run_check(args) -> int:
             args.manifest,
             require_labels=not args.unlabeled,
             num_folds=None if args.unlabeled else args.folds,
+            dicom_frames=args.dicom_frames,
         )
     except (ManifestError, FileNotFoundError) as error:
         print(f"error: {error}")
@@ -77,6 +91,7 @@ def run_phantom(args) -> int:
         pool_size=args.pool_size,
         seed=args.seed,
         label_noise=args.label_noise,
+        dicom=args.dicom,
     )
     print(f"labelled manifest:   {paths.labeled_manifest}")
     print(f"unlabelled manifest: {paths.unlabeled_manifest}")
@@ -87,7 +102,7 @@ def run_crop(args) -> int:
     from tus.data.crop import crop_manifest
 
     boxes = [tuple(int(v) for v in box.split(",")) for box in args.box] if args.box else None
-    manifest = crop_manifest(args.manifest, args.out, fixed_boxes=boxes, max_views=args.max_views)
+    manifest = crop_manifest(args.manifest, args.out, fixed_boxes=boxes, max_views=args.max_views, dicom_frames=args.dicom_frames)
     print(f"crops and manifest: {manifest}")
     return 0
 

@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-STAGES = 8
+STAGES = 9
 
 
 @contextmanager
@@ -35,6 +35,7 @@ def run_demo(out_root: Path, *, label_noise: float, seeds: str, progress: bool =
     from tus.eval.explain import format_summary
     from tus.eval.noisy_labels import FlaggingRule, find_loss_tables, format_report, read_losses
     from tus.eval.noisy_labels import write_report as write_noisy_label_report
+    from tus.figures.runs import write_diffusion_figures
     from tus.runs import new_run_dir
     from tus.stages.diffusion import DiffusionConfig, run_diffusion
     from tus.stages.explain import run_explain
@@ -104,7 +105,9 @@ def run_demo(out_root: Path, *, label_noise: float, seeds: str, progress: bool =
     with stage("6. synthetic metrics + k-NN manifold filter", timings):
         features = {"cache_dir": demo / "feature_cache", "progress": progress}
         metrics_file = demo / "synthetic_metrics.json"
-        print(format_metrics_report(run_metrics(data.labeled_manifest, samples, metrics_file, **features), metrics_file))
+        synthetic = run_metrics(data.labeled_manifest, samples, metrics_file, **features)
+        print(format_metrics_report(synthetic, metrics_file))
+        write_diffusion_figures(diffusion_dir, fid=synthetic.get("fid"))  # the sample grid's caption gets the FID
         print(format_filter_report(run_filter(data.labeled_manifest, samples, demo / "filtered", k=10, organ="testicle", **features)))
 
     with stage("7. noisy-label detection from the recorded per-sample losses", timings):
@@ -116,9 +119,40 @@ def run_demo(out_root: Path, *, label_noise: float, seeds: str, progress: bool =
         model = cv_dir / "runs" / "fold0-seed0" / "model.safetensors"
         print(format_summary(run_explain(model, _test_images(cv_dir, 8), demo / "explain")))
 
+    with stage("9. predict held-out phantom images with the CV's fold ensemble, export it (ONNX)", timings):
+        predict_and_export(demo, cv_dir, progress=progress)
+
     write_report(demo, cv_dir, pretrain_dir, diffusion_dir, timings)
     print(f"\n{(demo / 'REPORT.md').read_text()}")
     return demo
+
+
+def predict_and_export(demo: Path, cv_dir: Path, progress: bool = False) -> None:
+    """New phantom patients (another seed, never seen by the CV) through ``tus predict`` and ``tus export``."""
+    from tus.data.phantom import generate_phantom
+    from tus.stages.export import run_export
+    from tus.stages.predict import render_labelled_summary, run_predict
+
+    heldout = generate_phantom(demo / "heldout", num_patients=20, pool_size=0, seed=1)
+    result = run_predict(cv_dir, heldout.labeled_manifest, demo / "heldout_predictions.csv", progress=progress)
+    print(render_labelled_summary(result["labelled"], result["kind"]))
+    run_export(cv_dir, "onnx", demo / "export")
+    print(f"exported the fold ensemble to {demo / 'export'}")
+
+
+def _predict_section(demo: Path) -> list[str]:
+    result = json.loads((demo / "heldout_predictions.metrics.json").read_text())
+    from tus.stages.predict import render_labelled_summary
+
+    return [
+        "## Predictions on held-out phantom patients",
+        "",
+        f"`tus predict` with the CV run's {len(result['members'])} fold models (mean probability) on {result['images']} images of new "
+        f"phantom patients (`heldout/`, another seed), threshold {result['threshold']:.3g}; `heldout_predictions.csv`. "
+        "The ensemble, exported to ONNX with its model card, is in `export/`.",
+        "",
+        render_labelled_summary(result["labelled"], "fold ensemble"),
+    ]
 
 
 def _test_images(cv_dir: Path, count: int) -> list[str]:
@@ -134,6 +168,7 @@ def _test_images(cv_dir: Path, count: int) -> list[str]:
 
 def write_report(demo: Path, cv_dir: Path, pretrain_dir: Path, diffusion_dir: Path, timings: dict) -> None:
     from tus.eval.metrics import format_metrics_table
+    from tus.figures.runs import figures_markdown
 
     def read(path: Path) -> dict:
         return json.loads(path.read_text())
@@ -147,8 +182,9 @@ def write_report(demo: Path, cv_dir: Path, pretrain_dir: Path, diffusion_dir: Pa
         "",
         "Produced by `make demo` on the generated phantom dataset.",
         "",
-        (cv_dir / "summary.md").read_text().replace("# ", "## Fine-tuning: ", 1),
+        (cv_dir / "summary.md").read_text().split("\n## Figures")[0].replace("# ", "## Fine-tuning: ", 1),
         "",
+        *figures_markdown(demo, [cv_dir, pretrain_dir, diffusion_dir]),
         "## Pretraining",
         "",
         f"{pretrain['steps']} steps; last values: " + ", ".join(f"{k} {v:.3f}" for k, v in pretrain["last"].items()),
@@ -176,6 +212,7 @@ def write_report(demo: Path, cv_dir: Path, pretrain_dir: Path, diffusion_dir: Pa
         f"- Grad-CAM++ mass on marker pixels: {markers['cam_mass_on_markers_marked']:.1%} with markers, "
         f"{markers['cam_mass_on_markers_clean']:.1%} on the same pixels without (marker area {markers['marker_area']:.1%})",
         "",
+        *_predict_section(demo),
         "## Time per stage",
         "",
         "| stage | seconds |",

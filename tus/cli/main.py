@@ -26,7 +26,11 @@ STAGES = {
     "filter": ("tus.cli.synthetic:filter_main", "k-NN manifold filter of generated images"),
     "noisy-labels": ("tus.cli.noisy_labels:main", "flag noisy labels from per-sample loss trajectories"),
     "explain": ("tus.cli.explain:main", "Grad-CAM++ overlays and marker sensitivity"),
+    "predict": ("tus.cli.predict:main", "run a trained classifier (fold ensemble or refit) on new images"),
+    "export": ("tus.cli.export:main", "export a classifier to ONNX or TorchScript with a model card"),
     "experiment": ("tus.cli.experiment:main", "run a study's arms and render its table"),
+    "report": ("tus.cli.report:main", "re-render figures and summaries of finished runs from their CSVs"),
+    "wandb": ("tus.cli.wandb_export:main", "export offline W&B runs with their artifacts and lineage"),
     "demo": ("tus.cli.demo:main", "the whole pipeline on the generated phantom dataset"),
 }
 
@@ -81,16 +85,22 @@ def stopped_exit_code(stop: SystemExit) -> int | None:
 
 def exit_code(error: BaseException) -> int | None:
     """2 for usage and config errors, 1 for data/weights/run-dir errors, None: a bug (traceback)."""
-    from tus.config import ConfigError
+    from tus.config import ConfigError, is_storage_error
 
     if isinstance(error, ConfigError):
         return 2
+    if is_storage_error(error):  # a full disk, a read-only mount: the user's to fix, not a bug
+        return 1
     if isinstance(error, (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError, UnicodeError)):
         return 1
     return None
 
 
 def one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.filename is not None:
+        from tus.config import as_storage_error
+
+        error = as_storage_error(error, error.filename)
     text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
     return text or type(error).__name__
 

@@ -33,12 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     if repeated:
         raise UsageError(f"RUN_DIR given more than once: {', '.join(repeated)} (each run would be counted twice)")
     # pandas and matplotlib: not needed for --help
+    from tus.data.outputs import claim_output
     from tus.eval.noisy_labels import FlaggingRule, find_loss_tables, format_report, read_losses, write_report
     from tus.studies.noisy_labels import training_manifest
 
     rule = FlaggingRule(args.threshold, args.min_exceed, args.min_fraction, args.counting)
     manifest = Path(args.manifest) if args.manifest else training_manifest(args.run_dirs)
-    report = write_report(read_losses(find_loss_tables(args.run_dirs)), manifest, rule, out)
+    with claim_output(out, "--out"):  # writable and locked before the losses are read
+        report = write_report(read_losses(find_loss_tables(args.run_dirs)), manifest, rule, out)
     print(format_report(report))
     print(f"written to {out}")
     return 0

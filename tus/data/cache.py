@@ -40,7 +40,7 @@ import numpy as np
 import PIL
 from filelock import FileLock
 
-from tus.data.images import ImageReadError, content_hash, read_grayscale
+from tus.data.images import ImageReadError, content_hash, read_grayscale, split_frame
 
 # Bump when the file layout or the decode/resize code changes in a way the versions below miss.
 FORMAT_VERSION = 1
@@ -88,7 +88,8 @@ def clear_memory_cache() -> None:
 def _stat_key(path: Path) -> list[int]:
     # ctime cannot be set from user space and changes on every write, so a file rewritten
     # with its old size and mtime restored still gets a new key.
-    stat = path.stat()
+    # A DICOM frame ("file.dcm#frame3") changes when its file does.
+    stat = split_frame(path)[0].stat()
     return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
 
 

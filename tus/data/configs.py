@@ -11,6 +11,19 @@ from dataclasses import dataclass, field
 
 from tus.config import ConfigError, require_at_least, require_seeds
 
+# How a multi-frame DICOM (a cine loop) becomes manifest rows (tus.data.manifest): every frame,
+# the first, the middle one (the default), or a frame index from 0.
+DICOM_FRAME_CHOICES = ("all", "first", "middle")
+
+
+def check_dicom_frames(value: str | int, option: str = "data.dicom_frames") -> str:
+    """``value`` as a valid ``dicom_frames`` choice (all, first, middle, or a frame index >= 0)."""
+    text = str(value).strip().lower()
+    if text in DICOM_FRAME_CHOICES or (text.isdigit() and int(text) >= 0):
+        return text
+    raise ConfigError(f"{option} must be one of {list(DICOM_FRAME_CHOICES)} or a frame index >= 0, got {value!r}")
+
+
 MARKER_TYPES = ("cross_plus", "cross_x", "caliper_line", "circle", "arrow", "text", "scale_bar")
 
 
@@ -73,6 +86,10 @@ class LabeledDataConfig:
     # randomness. True: the folds are re-drawn for each seed (the reference code), so the
     # spread over seeds includes the split's; folds.csv then has a seed column.
     folds_per_seed: bool = False
+    # A folds.csv (sample_id, fold[, seed]) whose folds this CV reuses instead of drawing its
+    # own: an arm that drops or relabels rows of a labelled set is then tested on the same
+    # patients as the arm on the whole set (studies set it; num_folds/fold_seed are then unused).
+    folds_from: str | None = None
     batch_size: int = 64
     eval_batch_size: int = 128
     num_workers: int = 2
@@ -83,9 +100,13 @@ class LabeledDataConfig:
     cache_dir: str | None = None
     # Share of the training patients held out for model selection when selection=inner_val.
     inner_val_fraction: float = 0.2
+    # Multi-frame DICOMs (cine loops): all (one row per frame, sample_id "<id>#frame<k>", the
+    # patient shared), first, middle, or a frame index from 0. Single images are unaffected.
+    dicom_frames: str = "middle"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
+        self.dicom_frames = check_dicom_frames(self.dicom_frames)
         require_at_least(self, "data.", 1, "image_size", "batch_size", "eval_batch_size")
         require_at_least(self, "data.", 2, "num_folds")
         require_seeds("data.fold_seed", self.fold_seed)
@@ -106,3 +127,8 @@ class ImageSourceConfig:
     folder: str | None = None
     organ: str | None = None
     weight: float = 1.0
+    # A manifest's multi-frame DICOMs (see LabeledDataConfig.dicom_frames).
+    dicom_frames: str = "middle"
+
+    def __post_init__(self) -> None:
+        self.dicom_frames = check_dicom_frames(self.dicom_frames, "dicom_frames")

@@ -4,6 +4,11 @@ Clinical frames are screenshots: one or two B-mode views (transverse and sagitta
 side in TesticulUS) on a black screen with text, rulers and logos around them. Each view
 is cropped out and becomes its own sample inheriting the screenshot's label (TesticulUS
 thesis, Sec. 3 and Fig. 8.2: threshold, connected components, tight bounding boxes).
+
+DICOM rows are cropped frame by frame (a cine loop's frames chosen by ``dicom_frames``, as
+:func:`tus.data.manifest.expand_dicom_rows` does when a manifest loads). A DICOM's own
+Sequence of Ultrasound Regions (0018,6011) gives its views when present (its 2-D regions, the
+region's inclusive MaxX1/MaxY1 made exclusive); the image analysis is used otherwise.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from tus.data.images import ImageReadError, OutputExistsError, UsageError, read_grayscale, write_grayscale
-from tus.data.manifest import read_manifest
+from tus.data.images import ImageReadError, UsageError, is_dicom, read_dicom_header, read_grayscale, split_frame, write_grayscale
+from tus.data.manifest import expand_dicom_rows, read_manifest
+from tus.data.outputs import check_output_folder, claim_output
 
 Box = tuple[int, int, int, int]
 
@@ -101,6 +107,7 @@ def crop_manifest(
     fixed_boxes: Sequence[Sequence[int]] | None = None,
     preview_count: int = 16,
     seed: int = 0,
+    dicom_frames: str | int = "middle",
     **detect_kwargs: Any,
 ) -> Path:
     """Crop every view of every image in a manifest into a new dataset; return its manifest.
@@ -127,21 +134,29 @@ def crop_manifest(
     # view" on the first image, blaming the data.
     if detect_kwargs.get("max_views", 1) < 1:
         raise UsageError(f"--max-views must be >= 1 (views kept per image), got {detect_kwargs['max_views']}")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise OutputExistsError(f"--out {out_dir}: output folder exists and is not empty; refusing to overwrite")
+    check_output_folder(out_dir, "--out")
     if fixed_boxes is not None:
         fixed_boxes = [parse_box(",".join(str(v) for v in box)) if not isinstance(box, str) else parse_box(box) for box in fixed_boxes]
     # read_manifest refuses empty files and repeated columns; its derived columns are not carried over.
     parsed = read_manifest(manifest_csv)
+    problems: list = []
+    parsed = expand_dicom_rows(parsed, dicom_frames, lambda row: f"{manifest_csv} line {row.line} ({row.path})", problems)
+    if problems:
+        raise ImageReadError(str(problems[0]))
     lines = parsed["line"].tolist()
+    sample_ids = parsed["sample_id"].tolist()
     # Columns after abs_path (a sample_id defaulted to the path) were added by read_manifest, not written.
     written = list(parsed.columns[: list(parsed.columns).index("abs_path")])
     source = parsed[written]
     rng = np.random.default_rng(seed)
     preview_rows = set(rng.choice(len(source), size=min(preview_count, len(source)), replace=False).tolist())
-    preview_items: list[tuple[np.ndarray, list[Box]]] = []
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with claim_output(out_dir, "--out"):  # writable and locked, before any image is cropped
+        return _crop_into(out_dir, manifest_csv, source, lines, sample_ids, fixed_boxes, preview_rows, detect_kwargs)
+
+
+def _crop_into(out_dir: Path, manifest_csv: Path, source: pd.DataFrame, lines: list, sample_ids: list, fixed_boxes, preview_rows: set, detect_kwargs: dict) -> Path:
+    preview_items: list[tuple[np.ndarray, list[Box]]] = []
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         crop_rows = []
@@ -153,7 +168,10 @@ def crop_manifest(
                 image = read_grayscale(resolved)
             except ImageReadError as error:
                 raise ImageReadError(f"{where}: {error}") from error
-            if fixed_boxes is None:
+            regions = ultrasound_regions(resolved, image.shape) if fixed_boxes is None else []
+            if regions:
+                boxes = regions
+            elif fixed_boxes is None:
                 boxes = detect_fields_of_view(image, **detect_kwargs)
                 if not boxes:
                     raise ImageReadError(f"{where}: no field of view detected in {resolved}")
@@ -162,9 +180,11 @@ def crop_manifest(
             if position in preview_rows:
                 preview_items.append((image, boxes))
             source_path = str(resolved) if image_path.is_absolute() else os.path.relpath(resolved, out_dir)
-            source_id = row.get("sample_id") or row["path"]
+            source_id = sample_ids[position] or row["path"]
+            frame_index = split_frame(resolved)[1]
+            frame_tag = "" if frame_index is None else f"_frame{frame_index}"
             for view_index, (x0, y0, x1, y1) in enumerate(boxes):
-                crop_path = f"images/{position:05d}_{image_path.stem}_view{view_index}.png"
+                crop_path = f"images/{position:05d}_{image_path.stem}{frame_tag}_view{view_index}.png"
                 write_grayscale(staging / crop_path, np.ascontiguousarray(image[y0:y1, x0:x1]))
                 crop_rows.append(
                     {
@@ -186,6 +206,28 @@ def crop_manifest(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir / "manifest.csv"
+
+
+def ultrasound_regions(path: str | Path, shape: tuple[int, int]) -> list[Box]:
+    """The views a DICOM's Sequence of Ultrasound Regions gives, left to right (2-D regions, or
+    all when none says its format), clipped to the image; [] for other files or without one."""
+    file = split_frame(path)[0]
+    if not is_dicom(file):
+        return []
+    regions = read_dicom_header(file).get("SequenceOfUltrasoundRegions") or []
+    two_d = [r for r in regions if int(r.get("RegionSpatialFormat", 1) or 0) == 1] or list(regions)
+    height, width = shape
+    boxes = []
+    for region in two_d:
+        try:
+            x0, y0 = int(region.RegionLocationMinX0), int(region.RegionLocationMinY0)
+            x1, y1 = int(region.RegionLocationMaxX1) + 1, int(region.RegionLocationMaxY1) + 1
+        except AttributeError:
+            continue
+        x0, y0, x1, y1 = max(0, x0), max(0, y0), min(width, x1), min(height, y1)
+        if x0 < x1 and y0 < y1:
+            boxes.append((x0, y0, x1, y1))
+    return sorted(boxes)
 
 
 def _checked_box(box: Sequence[int], shape: tuple[int, int], name: str) -> Box:

@@ -74,7 +74,8 @@ def inner_validation_split(frame: pd.DataFrame, fraction: float, seed: int) -> t
 
 
 class LabeledDataModule(L.LightningDataModule):
-    """Train on every fold but ``test_fold``; test on ``test_fold``.
+    """Train on every fold but ``test_fold``; test on ``test_fold``. ``test_fold=None`` trains on every row
+    and has no test set (a refit on all labelled images; ``folds`` is then unused).
 
     With ``inner_validation`` a stratified patient-grouped slice of the training folds
     becomes the validation set used for model selection; the test fold is only ever used
@@ -85,15 +86,15 @@ class LabeledDataModule(L.LightningDataModule):
         self,
         config: LabeledDataConfig,
         frame: pd.DataFrame,
-        folds: np.ndarray,
-        test_fold: int,
+        folds: np.ndarray | None,
+        test_fold: int | None,
         seed: int,
         inner_validation: bool = False,
     ):
         super().__init__()
         self.config = config
         self.frame = frame.reset_index(drop=True)
-        self.folds = np.asarray(folds)
+        self.folds = np.asarray(folds) if test_fold is not None else np.zeros(len(self.frame), dtype=int)
         self.test_fold = test_fold
         self.seed = seed
         self.inner_validation = inner_validation
@@ -107,8 +108,9 @@ class LabeledDataModule(L.LightningDataModule):
             # Decode the whole manifest into one cache first: every fold x seed then reads
             # its rows from it, and the cache's key does not depend on the fold split.
             cached_images(self.frame["abs_path"].tolist(), self.config.image_size, self.config.cache_dir)
-        train_frame = self.frame[self.folds != self.test_fold].reset_index(drop=True)
-        test_frame = self.frame[self.folds == self.test_fold].reset_index(drop=True)
+        test_rows = self.folds == self.test_fold if self.test_fold is not None else np.zeros(len(self.frame), dtype=bool)
+        train_frame = self.frame[~test_rows].reset_index(drop=True)
+        test_frame = self.frame[test_rows].reset_index(drop=True)
         if self.inner_validation:
             train_index, val_index = inner_validation_split(train_frame, self.config.inner_val_fraction, self.seed)
             val_frame = train_frame.iloc[val_index].reset_index(drop=True)
@@ -153,7 +155,7 @@ def read_image_source(source: ImageSourceConfig) -> pd.DataFrame:
     if (source.manifest is None) == (source.folder is None):
         raise ValueError("an image source needs exactly one of 'manifest' or 'folder'")
     if source.manifest is not None:
-        frame = load_manifest(source.manifest, require_labels=False, decode_images=False)
+        frame = load_manifest(source.manifest, require_labels=False, decode_images=False, dicom_frames=source.dicom_frames)
     else:
         paths = list_images(source.folder)
         if not paths:
@@ -298,15 +300,23 @@ class ImagePoolDataModule(L.LightningDataModule):
                 counts[organ] = counts.get(organ, 0) + int(n)
         return counts
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.dataset is not None:
-            return
-        organ_index = self.organ_index
+    def decode_images(self) -> None:
+        """Decode every image of the pool into the image cache (when caching), once per process.
+
+        Stages call this before they make a run dir, so a corrupt pool image is refused before
+        anything is written; ``setup`` then finds the images decoded."""
+        self.prepare_frames()
         if self.cache_images and self.image_size:
             # One cache per whole source: the pool, a held-out slice and a probe bank drawn
             # from it all read rows of it, and its key does not depend on the split seed.
             for frame in self.source_frames:
                 cached_images(frame["abs_path"].tolist(), self.image_size, self.cache_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is not None:
+            return
+        organ_index = self.organ_index
+        self.decode_images()
         parts = [
             ManifestDataset(
                 frame,

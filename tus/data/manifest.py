@@ -5,6 +5,17 @@ Columns: ``path`` (relative to the manifest's folder, or absolute), ``patient_id
 (optional; defaults to ``path`` as written, so ids survive copying a manifest), and any
 extra columns, which are kept. Validation collects *every* problem, each naming its CSV line
 and file, instead of stopping at the first.
+
+DICOM rows (see :mod:`tus.data.images`): a multi-frame DICOM (a cine loop) becomes rows when
+the manifest is loaded, by ``dicom_frames`` (``data.dicom_frames``): ``middle`` (the default:
+one row, frame F // 2, usually the settled probe position rather than the moment it lands),
+``first``, an index ``k`` (from 0), or ``all`` (one row per frame, ``sample_id`` and ``path``
+``<as written>#frame<k>``; every frame keeps the row's patient, so folds, which are assigned by
+patient, never split a loop). A ``path`` may also name one frame itself (``loop.dcm#frame3``).
+A ``patient_id`` or ``organ`` cell reading ``from_dicom`` takes the file's PatientID or
+BodyPartExamined; a missing column or an empty cell stays as for any image (tus never reads a
+DICOM's identifiers unasked). No other header element is read, so patient names never reach an
+output.
 """
 
 from __future__ import annotations
@@ -16,11 +27,27 @@ from pathlib import Path
 
 import pandas as pd
 
-from tus.data.images import DataError, ImageReadError, content_hash, not_an_image_file, read_grayscale
+from tus.data.configs import check_dicom_frames
+from tus.data.images import (
+    DataError,
+    ImageReadError,
+    content_hash,
+    dicom_frame_count,
+    dicom_pixel_problem,
+    frame_reference,
+    is_dicom,
+    not_an_image_file,
+    read_dicom_header,
+    read_grayscale,
+    split_frame,
+)
 
 LABEL_VALUES = (0, 1)
 # Columns tus derives when loading; a manifest must not carry them itself.
 DERIVED_COLUMNS = ("abs_path", "line")
+# A patient_id / organ cell with this value is read from the DICOM's PatientID / BodyPartExamined.
+FROM_DICOM = "from_dicom"
+FROM_DICOM_TAGS = {"patient_id": "PatientID", "organ": "BodyPartExamined"}
 
 
 @dataclass(frozen=True)
@@ -116,14 +143,17 @@ def check_manifest(
     require_patients: bool | None = None,
     num_folds: int | None = None,
     decode_images: bool = True,
+    dicom_frames: str | int = "middle",
 ) -> tuple[pd.DataFrame, list[Problem]]:
     """Validate a manifest and return (frame, problems); an empty list means it is good.
 
     ``require_patients`` defaults to ``require_labels``: grouped cross-validation needs
     patients, an unlabelled pretraining pool does not (each image is then its own group).
-    Labels are converted to int (-1 where absent) and ``patient_id`` to str.
+    Labels are converted to int (-1 where absent) and ``patient_id`` to str. Multi-frame DICOMs
+    are expanded or reduced to frames by ``dicom_frames`` (see the module's docstring).
     """
     path = Path(path)
+    dicom_frames = check_dicom_frames(dicom_frames)
     frame = read_manifest(path)
     require_patients = require_labels if require_patients is None else require_patients
     problems: list[Problem] = []
@@ -139,6 +169,7 @@ def check_manifest(
     if frame.empty:
         return frame, [Problem(str(path), "manifest has no rows")]
 
+    frame = expand_dicom_rows(frame, dicom_frames, where, problems)
     frame["label"] = _parse_labels(frame, require_labels, where, problems)
     if "patient_id" in frame.columns:
         frame["patient_id"] = frame["patient_id"].str.strip()
@@ -162,6 +193,58 @@ def check_manifest(
     if num_folds is not None and require_labels and "label" in frame.columns:
         problems.extend(_check_class_sizes(path, frame, num_folds))
     return frame, problems
+
+
+def expand_dicom_rows(frame: pd.DataFrame, dicom_frames: str, where, problems: list[Problem]) -> pd.DataFrame:
+    """Rows with ``from_dicom`` cells filled and multi-frame DICOMs turned into frame rows (a
+    frame parsed by :func:`read_manifest`); what is wrong is appended to ``problems``."""
+    dicom_frames = check_dicom_frames(dicom_frames)
+    asks = {column: frame[column].str.strip().str.lower() == FROM_DICOM for column in FROM_DICOM_TAGS if column in frame.columns}
+    rows = []
+    for index, row in enumerate(frame.itertuples(index=False)):
+        record = row._asdict()
+        file, named_frame = split_frame(record["abs_path"])
+        asked = [column for column, mask in asks.items() if mask.iloc[index]]
+        if not_an_image_file(file) is not None or not is_dicom(file):
+            for column in asked:
+                problems.append(Problem(where(row), f"{column} '{FROM_DICOM}' but {file.name} is not a DICOM file"))
+                record[column] = ""
+            rows.append(record)
+            continue
+        try:
+            header = read_dicom_header(file)
+        except ImageReadError as error:
+            problems.append(Problem(where(row), f"unreadable DICOM ({error})"))
+            rows.append(record)
+            continue
+        for column in asked:
+            value = str(header.get(FROM_DICOM_TAGS[column], "") or "").strip()
+            if not value:
+                problems.append(Problem(where(row), f"{column} '{FROM_DICOM}' but the DICOM has no {FROM_DICOM_TAGS[column]}"))
+            record[column] = value
+        count = dicom_frame_count(header)
+        if named_frame is not None or count == 1:
+            rows.append(record)
+            continue
+        if dicom_frames == "all":
+            chosen = list(range(count))
+        else:
+            chosen = [0 if dicom_frames == "first" else count // 2 if dicom_frames == "middle" else int(dicom_frames)]
+            if chosen[0] >= count:
+                problems.append(Problem(where(row), f"data.dicom_frames {dicom_frames} but the DICOM has {count} frame(s) (0..{count - 1})"))
+                rows.append(record)
+                continue
+        for k in chosen:
+            # One chosen frame keeps the row's ids; all frames get one id each, the patient shared.
+            rows.append(
+                {
+                    **record,
+                    "abs_path": frame_reference(record["abs_path"], k),
+                    "path": frame_reference(record["path"], k),
+                    "sample_id": frame_reference(record["sample_id"], k) if dicom_frames == "all" else record["sample_id"],
+                }
+            )
+    return pd.DataFrame(rows, columns=frame.columns)
 
 
 def _parse_labels(frame, require_labels, where, problems) -> list[int]:
@@ -191,20 +274,27 @@ def _check_files(frame: pd.DataFrame, decode_images: bool, where, report_cross_p
     problems = []
     patients_by_hash: dict[str, set[str]] = defaultdict(set)
     rows_by_hash: dict[str, list] = defaultdict(list)
+    checked_dicoms: set[Path] = set()
     for row in frame.itertuples():
-        file = Path(row.abs_path)
+        file, _ = split_frame(row.abs_path)
         if (problem := not_an_image_file(file)) is not None:
             problems.append(Problem(where(row), f"image {problem}: {file}" if problem.startswith("file not found") else f"{file} {problem}"))
             continue
+        if decode_images and file not in checked_dicoms and is_dicom(file):
+            checked_dicoms.add(file)
+            dicom_problems = _check_dicom_file(file)
+            problems.extend(Problem(where(row), message) for message in dicom_problems)
+            if dicom_problems:
+                continue
         if decode_images:
             try:
-                read_grayscale(file)
+                read_grayscale(row.abs_path)
             except ImageReadError as error:
                 problems.append(Problem(where(row), f"unreadable or corrupt image ({error})"))
                 continue
         if not report_cross_patient_duplicates:
             continue
-        digest = content_hash(file)
+        digest = content_hash(row.abs_path)
         patients_by_hash[digest].add(row.patient_id)
         rows_by_hash[digest].append(row)
     for digest, patients in patients_by_hash.items():
@@ -218,6 +308,53 @@ def _check_files(frame: pd.DataFrame, decode_images: bool, where, report_cross_p
                 )
             )
     return problems
+
+
+def _check_dicom_file(file: Path) -> list[str]:
+    """A DICOM's problems before decoding: no pixel data, no decoder for its compression, frames
+    whose stored size differs from the header's Rows x Columns (or a truncated pixel stream)."""
+    try:
+        header = read_dicom_header(file)
+        if (problem := dicom_pixel_problem(file, header)) is not None:
+            return [f"{file.name}: {problem}"]
+    except ImageReadError as error:
+        return [f"unreadable DICOM ({error})"]
+    sizes = _dicom_frame_sizes(file, header)
+    expected = (int(header.get("Columns", 0)), int(header.get("Rows", 0)))
+    unequal = {k: size for k, size in enumerate(sizes) if size is not None and size != expected}
+    if unequal:
+        shown = ", ".join(f"frame {k}: {w}x{h}" for k, (w, h) in list(unequal.items())[:5])
+        return [f"{file.name}: frames of unequal size: the header says {expected[0]}x{expected[1]} (WxH) but {shown}{' ...' if len(unequal) > 5 else ''}"]
+    return []
+
+
+def _dicom_frame_sizes(file: Path, header) -> list[tuple[int, int] | None]:
+    """Each frame's stored (width, height): from each compressed frame's own codestream header
+    (None where PIL cannot read it, e.g. JPEG-LS); an uncompressed stream of the wrong length is
+    reported as a frame of size (0, 0)."""
+    import io
+
+    import pydicom
+    from PIL import Image
+
+    dataset = pydicom.dcmread(file, force=True)
+    frames = dicom_frame_count(header)
+    syntax = dataset.file_meta.get("TransferSyntaxUID") if hasattr(dataset, "file_meta") else None
+    if syntax is None or not syntax.is_encapsulated:
+        rows, columns = int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))
+        samples, bits = int(dataset.get("SamplesPerPixel", 1)), int(dataset.get("BitsAllocated", 8))
+        expected = rows * columns * samples * frames * bits // 8
+        found = len(dataset.get("PixelData", b"") or b"")
+        # Uncompressed frames all have the header's size; only a short stream makes some of them wrong.
+        return [] if found >= expected else [(0, 0)] * frames
+    sizes: list[tuple[int, int] | None] = []
+    for data in pydicom.encaps.generate_frames(dataset.PixelData, number_of_frames=frames):
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                sizes.append(image.size)
+        except Exception:  # a codec PIL cannot parse (JPEG-LS, RLE): the decoder checks it later
+            sizes.append(None)
+    return sizes
 
 
 def _check_class_sizes(path: Path, frame: pd.DataFrame, num_folds: int) -> list[Problem]:
@@ -242,6 +379,7 @@ def load_manifest(
     require_patients: bool | None = None,
     num_folds: int | None = None,
     decode_images: bool = True,
+    dicom_frames: str | int = "middle",
 ) -> pd.DataFrame:
     """Validate and return the manifest frame; raise :class:`ManifestError` on any problem."""
     frame, problems = check_manifest(
@@ -250,6 +388,7 @@ def load_manifest(
         require_patients=require_patients,
         num_folds=num_folds,
         decode_images=decode_images,
+        dicom_frames=dicom_frames,
     )
     if problems:
         raise ManifestError(path, problems)

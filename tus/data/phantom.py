@@ -14,6 +14,8 @@ restored, so the classes differ in texture, not in mean organ brightness.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +23,9 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from tus.data.images import write_grayscale
+from tus.data.images import write_dicom, write_grayscale
 from tus.data.markers import draw_markers
+from tus.data.outputs import claim_output
 
 ORGANS = ("testicle", "thyroid")
 CLASS_NAMES = ("homogeneous", "inhomogeneous")
@@ -36,6 +39,10 @@ NOISE_FLOOR_DB = -32.0
 # from independent generators: changing pool_size does not change the labeled images.
 LABELED_STREAM, POOL_STREAM, ASSIGNMENT_STREAM, NOISE_STREAM = 1, 2, 3, 4
 LABELED_PATIENT_STREAM, POOL_PATIENT_STREAM = 5, 6
+# With dicom=True every CINE_EVERY-th patient's views are one multi-frame DICOM (a cine loop).
+CINE_EVERY = 5
+# The synthetic PatientName written into phantom DICOMs: tests grep outputs for it.
+PHANTOM_PATIENT_NAME = "Phantomname^Never^Shown"
 
 
 @dataclass(frozen=True)
@@ -79,8 +86,15 @@ def generate_phantom(
     pool_size: int = 300,
     seed: int = 0,
     label_noise: float = 0.0,
+    dicom: bool = False,
 ) -> PhantomPaths:
     """Write the labeled and unlabeled phantom datasets under ``out_dir``.
+
+    ``dicom=True`` writes the labelled images as DICOM instead (the same pixels, uncompressed,
+    PatientName ``PHANTOM_PATIENT_NAME``): one single-frame file per image, except every
+    ``CINE_EVERY``-th patient, whose views form one multi-frame file (its manifest row loads as
+    the middle frame by default, as every frame with ``data.dicom_frames: all``). That manifest's
+    ``patient_id`` and ``organ`` read ``from_dicom``. The pool stays PNG.
 
     ``images_per_patient`` is an inclusive range. Exactly ``round(positive_fraction *
     num_patients)`` patients are inhomogeneous, and exactly ``round(label_noise * N)`` of
@@ -93,6 +107,24 @@ def generate_phantom(
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
     root = Path(out_dir)
+    # Like every --out: a new or empty folder (an existing dataset is never overwritten or mixed
+    # with new images), written aside and renamed into place when complete.
+    with claim_output(root, "--out"):
+        staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.absolute().parent))
+        try:
+            _write_phantom(staging, num_patients, low, high, image_size, positive_fraction, marker_fraction, pool_size, seed, label_noise, dicom)
+            if root.exists():
+                root.rmdir()
+            staging.rename(root)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return PhantomPaths(root, root / "labeled" / "manifest.csv", root / "unlabeled" / "manifest.csv")
+
+
+def _write_phantom(
+    root: Path, num_patients: int, low: int, high: int, image_size: int, positive_fraction: float, marker_fraction: float, pool_size: int, seed: int, label_noise: float, dicom: bool = False
+) -> None:
     assignment = np.random.default_rng([seed, ASSIGNMENT_STREAM])
 
     positives = set(assignment.permutation(num_patients)[: round(positive_fraction * num_patients)].tolist())
@@ -118,6 +150,8 @@ def generate_phantom(
     labeled["class_name"] = [CLASS_NAMES[label] for label in labeled["label"]]
     labeled["sample_id"] = labeled["path"]
     labeled = labeled[["path", "patient_id", "label", "class_name", "organ", "has_markers", "clean_label", "sample_id"]]
+    if dicom:
+        labeled = _as_dicom(root / "labeled", labeled)
     labeled.to_csv(root / "labeled" / "manifest.csv", index=False)
 
     pool_rows = []
@@ -145,7 +179,32 @@ def generate_phantom(
     pool["sample_id"] = pool["path"]
     pool = pool[["path", "patient_id", "organ", "sample_id"]]
     pool.to_csv(root / "unlabeled" / "manifest.csv", index=False)
-    return PhantomPaths(root, root / "labeled" / "manifest.csv", root / "unlabeled" / "manifest.csv")
+
+
+def _as_dicom(folder: Path, labeled: pd.DataFrame) -> pd.DataFrame:
+    """Rewrite the labelled PNGs as DICOMs (removing the PNGs) and return the DICOM manifest."""
+    from tus.data.images import read_grayscale
+
+    rows = []
+    for number, (patient, group) in enumerate(labeled.groupby("patient_id", sort=True)):
+        images = [read_grayscale(folder / path) for path in group["path"]]
+        first = group.iloc[0].to_dict()
+        if number % CINE_EVERY == CINE_EVERY - 1 and len(images) > 1:
+            path = f"images/{patient}_cine.dcm"
+            write_dicom(folder / path, np.stack(images), patient_id=str(patient), patient_name=PHANTOM_PATIENT_NAME, body_part="TESTIS")
+            # A loop's frames share the patient's label; has_markers: any frame has them.
+            rows.append({**first, "path": path, "sample_id": path, "has_markers": int(group["has_markers"].max())})
+        else:
+            for record, image in zip(group.to_dict("records"), images):
+                path = str(Path(record["path"]).with_suffix(".dcm"))
+                write_dicom(folder / path, image, patient_id=str(patient), patient_name=PHANTOM_PATIENT_NAME, body_part="TESTIS")
+                rows.append({**record, "path": path, "sample_id": path})
+        for png in group["path"]:
+            (folder / png).unlink()
+    frame = pd.DataFrame(rows, columns=labeled.columns)
+    frame["patient_id"] = "from_dicom"
+    frame["organ"] = "from_dicom"
+    return frame
 
 
 def _render_rows(folder: Path, rows: list[dict], stream: list[int], image_size: int, marker_fraction: float) -> pd.DataFrame:

@@ -9,6 +9,8 @@ torch seed (see :func:`seed_transform_in_worker`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import albumentations as A
 import numpy as np
 import torch
@@ -24,9 +26,19 @@ NORMALIZE_STD = 0.25
 class AlbumentationsTransform:
     """Callable wrapper: uint8 (H, W) -> normalised tensor (1, H, W)."""
 
-    def __init__(self, transforms: list, seed: int | None = None):
+    def __init__(
+        self,
+        transforms: list,
+        seed: int | None = None,
+        *,
+        mean: float | Sequence[float] = NORMALIZE_MEAN,
+        std: float | Sequence[float] = NORMALIZE_STD,
+        channels: int = 1,
+    ):
+        # ``channels`` > 1 repeats the grey image (a network built for RGB input sees R = G = B).
+        self.channels = channels
         self.pipeline = A.Compose(
-            [*transforms, A.Normalize(mean=NORMALIZE_MEAN, std=NORMALIZE_STD, max_pixel_value=255.0), ToTensorV2()],
+            [*transforms, A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()],
             seed=seed,
         )
 
@@ -34,7 +46,8 @@ class AlbumentationsTransform:
         self.pipeline.set_random_seed(seed)
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
-        return self.pipeline(image=image[..., None])["image"]
+        stacked = image[..., None] if self.channels == 1 else np.repeat(image[..., None], self.channels, axis=2)
+        return self.pipeline(image=stacked)["image"]
 
 
 def finetune_train_transform(config: AugmentConfig, seed: int | None = None) -> AlbumentationsTransform:
@@ -54,8 +67,13 @@ def finetune_train_transform(config: AugmentConfig, seed: int | None = None) -> 
     return AlbumentationsTransform(transforms, seed=seed)
 
 
-def eval_transform() -> AlbumentationsTransform:
-    return AlbumentationsTransform([], seed=0)
+def eval_transform(normalization: dict[str, list[float]] | None = None, channels: int = 1) -> AlbumentationsTransform:
+    """No augmentation, only the normalisation: the training default, or an export's ``normalization``
+    (``{"mean": [...], "std": [...]}`` per channel, as :mod:`tus.models.export` records it)."""
+    if normalization is None:
+        return AlbumentationsTransform([], seed=0, channels=channels)
+    mean, std = normalization["mean"], normalization["std"]
+    return AlbumentationsTransform([], seed=0, mean=mean[0] if len(mean) == 1 else tuple(mean), std=std[0] if len(std) == 1 else tuple(std), channels=channels)
 
 
 def seed_transform_in_worker(worker_id: int) -> None:

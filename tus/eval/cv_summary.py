@@ -18,10 +18,39 @@ from typing import Any
 import pandas as pd
 
 from tus.eval.cv_metrics import METRIC_NAMES
-from tus.eval.statistics import paper_spread, patient_bootstrap_cis
+from tus.eval.statistics import METRIC_FNS, paper_spread, patient_bootstrap_cis
 
 CI_BOOTSTRAPS = 1000
 CI_ALPHA = 0.05
+NO_RESULT = {"mean": None, "std": None}  # a metric over no finished run (every run failed)
+# A run stopped by a non-finite loss leaves this (step, reason) instead of metrics.json.
+FAILED_FILE = "failed.json"
+# Test probabilities spread less than this: the model gives every image the same answer.
+CONSTANT_PROBABILITY_SPREAD = 1e-4
+
+
+def collapse_reason(predictions: pd.DataFrame, metrics_csv: Path, val_metric: str | None = None) -> str | None:
+    """Why a fine-tuned model looks collapsed (None if it does not): its test probabilities are
+    (nearly) constant, or its inner validation AUROC was 0.5 at every validation."""
+    probabilities = predictions["probability"].astype(float)
+    if len(probabilities) and float(probabilities.max() - probabilities.min()) < CONSTANT_PROBABILITY_SPREAD:
+        return f"every test image gets probability {probabilities.iloc[0]:.3f} (constant predictions)"
+    if val_metric is not None and Path(metrics_csv).is_file():
+        log = pd.read_csv(metrics_csv)
+        if "val/auroc" in log.columns:
+            values = log["val/auroc"].dropna().astype(float)
+            if len(values) and bool(((values - 0.5).abs() < 1e-9).all()):
+                return f"validation AUROC stayed at 0.5 at all {len(values)} validations"
+    return None
+
+
+def failed_runs(run_dir: Path) -> list[dict]:
+    """Runs that stopped with an error (``failed.json``) and have no result."""
+    return [{"run": p.parent.name, **json.loads(p.read_text())} for p in sorted((Path(run_dir) / "runs").glob(f"*/{FAILED_FILE}")) if not (p.parent / "metrics.json").exists()]
+
+
+# Written by tus.stages.cv_decision when a run asks for a threshold rule or calibration.
+DECISION_FILE = "decision.json"
 
 
 def collect_runs(run_dir: Path) -> pd.DataFrame:
@@ -115,16 +144,42 @@ def write_summary(run_dir: Path, runs: pd.DataFrame, frame: pd.DataFrame, config
         "ci": cis,
         "ci_note": CI_TEXT.format(confidence=1 - CI_ALPHA, n_boot=n_boot, runs=predictions[["fold", "seed"]].drop_duplicates().shape[0], patients=predictions["patient_id"].nunique()),
         "baselines": baselines,
+        "failed": [{"run": f["run"], "step": f.get("step"), "reason": f.get("reason")} for f in failed_runs(run_dir)],
+        "collapsed": _collapsed(runs),
+        "selected": _selected(runs),
     }
+    if (run_dir / DECISION_FILE).is_file() and len(predictions):
+        summary["decision"] = decision_metrics(predictions, json.loads((run_dir / DECISION_FILE).read_text()), n_boot=n_boot)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (run_dir / "summary.md").write_text(render_summary_markdown(summary))
     return summary
 
 
+def _run_name(row: Any) -> str:
+    return f"fold{int(row['fold'])}-seed{int(row['seed'])}"
+
+
+def _collapsed(runs: pd.DataFrame) -> list[dict]:
+    if "collapsed" not in runs.columns:
+        return []
+    return [{"run": _run_name(row), "reason": row.get("collapse_reason")} for _, row in runs.iterrows() if not pd.isna(row["collapsed"]) and bool(row["collapsed"])]
+
+
+def _selected(runs: pd.DataFrame) -> list[dict]:
+    """Per run, the epoch and step of the model that was tested (out of the steps trained)."""
+    if "selected_step" not in runs.columns:
+        return []
+    return [
+        {"run": _run_name(row), "epoch": int(row["selected_epoch"]), "step": int(row["selected_step"]), "of_steps": int(row["steps"])}
+        for _, row in runs.iterrows()
+        if not pd.isna(row.get("selected_step"))
+    ]
+
+
 def render_summary_markdown(summary: dict) -> str:
     header = "| | " + " | ".join(n.capitalize() if n != "auroc" else "AUROC" for n in METRIC_NAMES) + " |"
     rule = "|---" * (len(METRIC_NAMES) + 1) + "|"
-    model = "| " + summary["name"] + " | " + " | ".join(format_mean_std(summary["metrics"][n]) for n in METRIC_NAMES) + " |"
+    model = "| " + summary["name"] + " | " + " | ".join(format_mean_std(summary["metrics"].get(n, NO_RESULT)) for n in METRIC_NAMES) + " |"
     rows = [header, rule, model]
     spread = summary.get("spread") or {}
     if spread:
@@ -135,6 +190,10 @@ def render_summary_markdown(summary: dict) -> str:
     for key, label in (("always_negative", "always negative"), ("prior_random", "random (prior-matched)")):
         base = summary["baselines"][key]
         rows.append(f"| *{label}* | " + " | ".join(f"{base[n] * 100:.1f}" for n in METRIC_NAMES) + " |")
+    decision = summary.get("decision")
+    if decision:
+        rows.append(f"| *at threshold ({decision['rule']})* | " + " | ".join(format_mean_std(decision["metrics"][n]) for n in METRIC_NAMES) + " |")
+        rows.append("| *its 95% CI, patients* | " + " | ".join(_format_ci(decision["ci"].get(n)) for n in METRIC_NAMES) + " |")
     p = summary["baselines"]["positive_rate"]
     return "\n".join(
         [
@@ -146,9 +205,74 @@ def render_summary_markdown(summary: dict) -> str:
             *([f"*paper spread*: {summary['spread_note']}."] if spread else []),
             *([f"*95% CI, patients*: {summary['ci_note']}."] if cis else []),
             f"Model selection: {summary['selection_note']}.",
+            *_selected_lines(summary),
+            *_warning_lines(summary),
+            *([decision_text(decision)] if decision else []),
             "",
         ]
     )
+
+
+def _selected_lines(summary: dict) -> list[str]:
+    selected = summary.get("selected") or []
+    if summary.get("selection") != "inner_val" or not selected:
+        return []
+    return ["Selected models (epoch, step of steps trained): " + "; ".join(f"{s['run']} ({s['epoch']}, {s['step']} of {s['of_steps']})" for s in selected) + "."]
+
+
+def _warning_lines(summary: dict) -> list[str]:
+    """Runs that failed or collapsed, said where a reader of the table sees them."""
+    lines = []
+    for failed in summary.get("failed") or []:
+        lines.append(f"**WARNING: {failed['run']} FAILED** (not in the table): {failed['reason']}")
+    collapsed = summary.get("collapsed") or []
+    if collapsed:
+        lines.append(
+            f"**WARNING: {len(collapsed)} of {summary['runs']} runs COLLAPSED** (their numbers are in the table, but these models did not learn): "
+            + "; ".join(f"{c['run']}: {c['reason']}" for c in collapsed)
+        )
+    return [""] + lines if lines else []
+
+
+def decision_metrics(predictions: pd.DataFrame, decision: dict, n_boot: int = CI_BOOTSTRAPS) -> dict:
+    """The test metrics at each run's own chosen threshold (and temperature), beside the 0.5 ones above.
+
+    Each fold x seed run's test predictions are calibrated with its temperature and thresholded at its threshold
+    (both fitted without its test fold, see :mod:`tus.stages.cv_decision`); mean +- std over runs, patient
+    bootstrap CIs of the pooled predictions, and the expected calibration error of the pooled test predictions
+    before and after calibration.
+    """
+    from tus.eval.calibration import apply_temperature, expected_calibration_error
+
+    chosen = {(r["fold"], r["seed"]): r for r in decision["per_run"]}
+    parts, records = [], []
+    for (fold, seed), run in predictions.groupby(["fold", "seed"]):
+        settings = chosen.get((int(fold), int(seed)), {"threshold": 0.5, "temperature": 1.0})
+        calibrated = apply_temperature(run["prob"].to_numpy(), settings["temperature"])
+        part = run.assign(prob=calibrated, pred=(calibrated >= settings["threshold"]).astype(int))
+        parts.append(part)
+        records.append({name: METRIC_FNS[name](part) for name in METRIC_NAMES})
+    pooled = pd.concat(parts, ignore_index=True)
+    labels = predictions["label"].to_numpy()
+    return {
+        "rule": decision["rule"],
+        "calibration": decision["calibration"],
+        "thresholds": {f"fold{r['fold']}-seed{r['seed']}": r["threshold"] for r in decision["per_run"]},
+        "metrics": aggregate(pd.DataFrame(records)),
+        "ci": bootstrap_cis(pooled, n_boot=n_boot),
+        "ece": {"before": expected_calibration_error(predictions["prob"].to_numpy(), labels), "after": expected_calibration_error(pooled["prob"].to_numpy(), pooled["label"].to_numpy())},
+    }
+
+
+def decision_text(decision: dict) -> str:
+    thresholds = list(decision["thresholds"].values())
+    text = (
+        f"*at threshold ({decision['rule']})*: each run's test fold thresholded at the value chosen on its training folds' out-of-fold predictions "
+        f"({min(thresholds):.3g}-{max(thresholds):.3g} over runs)"
+    )
+    if decision["calibration"] != "none":
+        text += f"; {decision['calibration']} calibration fitted the same way, ECE of the pooled test predictions {decision['ece']['before']:.3f} before, {decision['ece']['after']:.3f} after"
+    return text + "."
 
 
 def _format_ci(ci: dict | None, scale: float = 100.0, digits: int = 1) -> str:

@@ -25,7 +25,7 @@ during training.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext, redirect_stderr
 from dataclasses import dataclass, fields
 from functools import partial
@@ -338,32 +338,55 @@ def _display(image: torch.Tensor) -> np.ndarray:
     return np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
 
 
-def save_overlay_grid(result: MarkerSensitivity, names: list[str], path: str | Path) -> Path:
-    """One row per image: image, its CAM, image + markers, its CAM."""
-    from pytorch_grad_cam.utils.image import show_cam_on_image  # see class_activation_maps: a slow import
+def save_overlay_grid(result: MarkerSensitivity, names: list[str], path: str | Path, labels: Sequence[int] | None = None) -> Path:
+    """:func:`overlay_figure` written as a PNG (no date or software in the file)."""
+    from tus.figures.style import METADATA
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    overlay_figure(result, names, labels).savefig(path, dpi=150, metadata=METADATA["png"])
+    return path
+
+
+def overlay_figure(result: MarkerSensitivity, names: list[str], labels: Sequence[int] | None = None) -> Figure:
+    """One row per image: image, its CAM, image + markers, its CAM (PNG).
+
+    The CAM is drawn over the grayscale image in a perceptually uniform map (viridis, alpha
+    0.5) with one colour bar; each image's title gives its true label (when ``labels`` are
+    known), the predicted class and the positive-class probability; pixels stay square.
+    """
+    import matplotlib
+
+    from tus.figures.style import RC, SEQUENCE_CMAP
 
     title = CAM_METHODS[result.method]
     rows = len(names)
-    figure = Figure(figsize=(10, 2.6 * rows), layout="constrained")
-    axes = figure.subplots(rows, 4, squeeze=False)
-    mass_clean, mass_marked = result.mass_clean, result.mass_marked
-    for row, name in enumerate(names):
-        clean, marked = _display(result.images[row]), _display(result.marked[row])
-        panels = [
-            # The file name only: full paths overflow into the neighbouring panel's title.
-            (clean, f"{Path(name).name}\np(pos)={result.probabilities_clean[row]:.2f}"),
-            (show_cam_on_image(clean, result.cams_clean[row], use_rgb=True), f"{title} clean\nmass on marker px {mass_clean[row]:.0%}"),
-            (marked, f"+ markers\np(pos)={result.probabilities_marked[row]:.2f}"),
-            (show_cam_on_image(marked, result.cams_marked[row], use_rgb=True), f"{title} marked\nmass on marker px {mass_marked[row]:.0%}"),
-        ]
-        for axis, (image, title) in zip(axes[row], panels):
-            axis.imshow(image)
-            axis.set_title(title, fontsize=8)
-            axis.axis("off")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    return path
+    height, width = result.images.shape[-2:]
+    panel = 1.6
+    with matplotlib.rc_context(RC):
+        figure = Figure(figsize=(4 * panel * width / height + 0.6, (panel + 0.45) * rows), layout="constrained")
+        axes = figure.subplots(rows, 4, squeeze=False)
+        mass_clean, mass_marked = result.mass_clean, result.mass_marked
+        heat = None
+        for row, name in enumerate(names):
+            clean, marked = _display(result.images[row])[..., 0], _display(result.marked[row])[..., 0]
+            truth = f"true {int(labels[row])}, " if labels is not None else ""
+            panels = [
+                # The file name only: full paths overflow into the neighbouring panel's title.
+                (clean, None, f"{Path(name).name}\n{truth}pred {int(result.predicted_clean[row])}, p(1)={result.probabilities_clean[row]:.2f}"),
+                (clean, result.cams_clean[row], f"{title}, clean\nCAM mass on marker px {mass_clean[row]:.0%}"),
+                (marked, None, f"+ markers\n{truth}pred {int(result.predicted_marked[row])}, p(1)={result.probabilities_marked[row]:.2f}"),
+                (marked, result.cams_marked[row], f"{title}, marked\nCAM mass on marker px {mass_marked[row]:.0%}"),
+            ]
+            for axis, (image, cam, text) in zip(axes[row], panels):
+                axis.imshow(image, cmap="gray", vmin=0, vmax=1, aspect="equal", interpolation="nearest")
+                if cam is not None:
+                    heat = axis.imshow(cam, cmap=SEQUENCE_CMAP, vmin=0, vmax=1, alpha=0.5, aspect="equal")
+                axis.set_title(text, fontsize=6)
+                axis.set_axis_off()
+        if heat is not None:
+            figure.colorbar(heat, ax=axes[:, [1, 3]].ravel().tolist(), label=f"{title} (normalised, 0-1)", shrink=0.9 if rows > 1 else 0.7)
+    return figure
 
 
 def format_summary(summary: dict) -> str:

@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d, FeatureExtractorInceptionV3
 from tqdm import tqdm
 
-from tus.data.images import content_hash, read_grayscale
+from tus.data.images import UsageError, content_hash, read_grayscale
 from tus.eval.options import WEIGHTS_ENV_VAR as WEIGHTS_ENV_VAR
 from tus.models.backbones import BackboneConfig, create_backbone, read_tus_encoder_meta
 from tus.models.weights import CheckpointError, load_weights
@@ -411,8 +411,10 @@ class EncoderExtractor(FeatureExtractor):
     """
 
     def __init__(self, encoder: torch.nn.Module, image_size: int = 224, name: str | None = None):
-        if image_size < 1:
-            raise ValueError(f"image_size must be >= 1, got {image_size}")
+        minimum = minimum_input_size(encoder)
+        if image_size < minimum:
+            # Smaller inputs still run (pooling a 1x1 map) but give features of nothing: FID 0, precision 1.
+            raise UsageError(f"--image-size {image_size}: below the encoder's minimum input size, {minimum} px (its total stride)")
         self.encoder = encoder.eval()
         self.image_size = image_size
         label = _safe_name(name or type(encoder).__name__)
@@ -428,6 +430,17 @@ class EncoderExtractor(FeatureExtractor):
         if not torch.is_tensor(features):
             raise ValueError(f"{self.identity}: the encoder must return a (B, D) tensor, got {type(features).__name__}")
         return {FEATURES: features}
+
+
+def minimum_input_size(encoder: torch.nn.Module) -> int:
+    """The smallest input side an encoder maps to at least one feature position: a timm model's
+    total stride (``feature_info``'s last reduction, e.g. 32 for a ResNet, the patch size for a
+    ViT); 1 for other modules, whose stride is unknown."""
+    info = getattr(encoder, "feature_info", None)
+    reductions = [int(entry["reduction"]) for entry in info if "reduction" in entry] if isinstance(info, list) else []
+    if hasattr(info, "reduction"):  # timm's FeatureInfo object
+        reductions = [int(r) for r in info.reduction()]
+    return max(reductions, default=1)
 
 
 def load_tus_encoder(path: str | Path) -> tuple[torch.nn.Module, dict]:

@@ -160,19 +160,28 @@ def histogram(losses: pd.DataFrame, threshold: float, min_exceeds=HISTOGRAM_MIN_
     return pd.DataFrame(rows)
 
 
-def plot_histogram(table: pd.DataFrame, threshold: float, path: Path) -> None:
+def plot_histogram(table: pd.DataFrame, threshold: float, path: Path, min_exceed: int | None = None) -> None:
+    """One panel per ``min_exceed`` of :func:`histogram`; the configured rule's panel (``min_exceed``)
+    is drawn in colour and titled so, the others in grey."""
+    import matplotlib
+
+    from tus.figures.style import METADATA, RC, colors
+
     min_exceeds = sorted(table["min_exceed"].unique())
-    figure = Figure(figsize=(4 * len(min_exceeds), 3.2), layout="constrained")
-    axes = figure.subplots(1, len(min_exceeds), squeeze=False)[0]
-    for axis, min_exceed in zip(axes, min_exceeds):
-        rows = table[table["min_exceed"] == min_exceed]
-        bars = axis.bar(rows["flagged_in"], rows["samples"], color="tab:red" if min_exceed == 3 else "tab:gray")
-        axis.bar_label(bars, fontsize=7)
-        axis.set_xticks(rows["flagged_in"])
-        axis.set_title(f"loss > {threshold:g} at least {min_exceed}x")
-        axis.set_xlabel("runs in which the sample was suspicious")
-    axes[0].set_ylabel("samples")
-    figure.savefig(path, dpi=100)
+    highlight = colors(2)[0]
+    with matplotlib.rc_context(RC):
+        figure = Figure(figsize=(2.2 * len(min_exceeds), 2.4), layout="constrained")
+        axes = figure.subplots(1, len(min_exceeds), squeeze=False, sharey=True)[0]
+        for axis, value in zip(axes, min_exceeds):
+            rows = table[table["min_exceed"] == value]
+            configured = value == min_exceed
+            bars = axis.bar(rows["flagged_in"], rows["samples"], color=highlight if configured else "0.65", edgecolor="black" if configured else "none", linewidth=0.6)
+            axis.bar_label(bars, fontsize=5)
+            axis.set_xticks(rows["flagged_in"])
+            axis.set_title(f"loss > {threshold:g} in ≥ {value} epochs" + (" (configured rule)" if configured else ""), fontweight="bold" if configured else "normal")
+            axis.set_xlabel("runs in which suspicious")
+        axes[0].set_ylabel("samples")
+    figure.savefig(path, dpi=150, metadata=METADATA["png"])
 
 
 def plot_trajectories(losses: pd.DataFrame, flags: pd.DataFrame, threshold: float, path: Path, count: int = 5) -> None:
@@ -181,26 +190,45 @@ def plot_trajectories(losses: pd.DataFrame, flags: pd.DataFrame, threshold: floa
     Each sample is drawn from the first run in which it was trained; a weighted sampler
     skips samples in some epochs, so samples have different numbers of points. Without an
     ``epoch`` column (per-draw counting of an old table) every draw is a point over steps.
+    Flagged samples are drawn bold in colour, the others thin and grey; the threshold is a
+    labelled dashed line, and the legend sits below the panels where it hides no curve.
     """
+    import matplotlib
+
+    from tus.figures.style import METADATA, RC, colors
+
     per_epoch = "epoch" in losses.columns
     points = epoch_means(losses) if per_epoch else losses
     x_column = "epoch" if per_epoch else "step"
     evaluated = flags[flags["evaluations"] > 0].assign(share=lambda f: f["flagged_in"] / f["evaluations"])
     ranked = evaluated.sort_values(["share", "exceedances"], ascending=False, kind="stable")
-    groups = (("most suspicious", ranked.index[:count], "tab:red"), ("least suspicious", ranked.index[::-1][:count], "tab:blue"))
-    figure = Figure(figsize=(10, 3.5), layout="constrained")
-    axes = figure.subplots(1, 2, sharey=True)
-    for axis, (title, samples, color) in zip(axes, groups):
-        for sample in samples:
-            rows = points[points["sample_id"] == sample]
-            rows = rows[rows["run"] == rows["run"].iloc[0]].sort_values(x_column)
-            axis.plot(rows[x_column], rows["loss"], marker=".", color=color, alpha=0.7, label=_short(sample))
-        axis.axhline(threshold, color="black", linestyle="--", linewidth=1)
-        axis.set_title(title)
-        axis.set_xlabel("epoch" if per_epoch else "training step")
-        axis.legend(fontsize=6)
-    axes[0].set_ylabel("per-sample loss (epoch mean)" if per_epoch else "per-sample loss")
-    figure.savefig(path, dpi=100)
+    groups = (("most suspicious", ranked.index[:count]), ("least suspicious", ranked.index[::-1][:count]))
+    flagged = set(flags.index[flags["flagged"].astype(bool)]) if "flagged" in flags else set()
+    palette = colors(count)
+    with matplotlib.rc_context(RC):
+        figure = Figure(figsize=(7.0, 3.0), layout="constrained")
+        axes = figure.subplots(1, 2, sharey=True)
+        for axis, (title, samples) in zip(axes, groups):
+            for index, sample in enumerate(samples):
+                rows = points[points["sample_id"] == sample]
+                rows = rows[rows["run"] == rows["run"].iloc[0]].sort_values(x_column)
+                is_flagged = sample in flagged
+                axis.plot(
+                    rows[x_column],
+                    rows["loss"],
+                    marker="o" if is_flagged else ".",
+                    markersize=3 if is_flagged else 2,
+                    linewidth=1.6 if is_flagged else 0.7,
+                    color=palette[index % len(palette)] if is_flagged else "0.6",
+                    zorder=3 if is_flagged else 2,
+                    label=_short(sample) + (" (flagged)" if is_flagged else ""),
+                )
+            axis.axhline(threshold, color="black", linestyle="--", linewidth=0.8, label=f"threshold {threshold:g}")
+            axis.set_title(title)
+            axis.set_xlabel("epoch" if per_epoch else "training step")
+            axis.legend(fontsize=5, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncols=2, frameon=False)
+        axes[0].set_ylabel("per-sample loss, epoch mean (nats)" if per_epoch else "per-sample loss (nats)")
+    figure.savefig(path, dpi=150, metadata=METADATA["png"])
 
 
 def _short(sample_id: str, width: int = 28) -> str:
@@ -243,7 +271,7 @@ def write_report(losses: pd.DataFrame, manifest_path: str | Path, rule: Flagging
 
     counts = histogram(losses, rule.threshold, histogram_min_exceed, rule.counting)
     counts.to_csv(out_dir / "flag_histogram.csv", index=False)
-    plot_histogram(counts, rule.threshold, out_dir / "flag_histogram.png")
+    plot_histogram(counts, rule.threshold, out_dir / "flag_histogram.png", rule.min_exceed)
     plot_trajectories(losses, flags, rule.threshold, out_dir / "loss_trajectories.png")
 
     report = {

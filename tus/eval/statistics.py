@@ -11,9 +11,13 @@ what a reviewer asks for:
 * :func:`nadeau_bengio_ttest` / :func:`compare_arms` -- the corrected resampled t-test
   (Nadeau & Bengio 2003, "Inference for the generalization error", Machine Learning 52;
   Bouckaert & Frank 2004, "Evaluating the replicability of significance tests for comparing
-  learning algorithms", PAKDD). Runs of one cross-validation share most of their training data,
-  so their scores are positively correlated and the ordinary paired t-test is far too liberal;
-  the correction inflates the variance of the mean difference accordingly.
+  learning algorithms", PAKDD), for folds re-drawn per seed. Runs of one cross-validation share
+  most of their training data, so their scores are positively correlated and the ordinary paired
+  t-test is far too liberal; the correction inflates the variance of the mean difference.
+* :func:`compare_pooled_predictions` -- for one split shared by every seed (the runs are then not
+  resampled splits): a patient bootstrap of the paired metric difference on pooled predictions.
+* :func:`check_same_test_sets` -- two arms are only compared when each run tested both on the
+  same images (their ``folds.csv``).
 * :func:`patient_bootstrap_ci` -- a percentile bootstrap over patients (clusters): images of one
   patient are correlated, so resampling images would understate the uncertainty.
 * :func:`format_p` / :func:`significance_marker` -- p-values and stars for rendered tables.
@@ -114,6 +118,43 @@ def nadeau_bengio_ttest(diffs: Sequence[float] | np.ndarray, n_train: float, n_t
     return float(t), p
 
 
+class UnpairedRunsError(ValueError):
+    """Two arms' runs cannot be paired: their (fold, seed) runs differ, or were tested on different images."""
+
+
+def check_same_test_sets(baseline_folds: pd.DataFrame, arm_folds: pd.DataFrame, runs: Iterable[tuple[int, int]], names: tuple[str, str] = ("baseline", "arm")) -> dict:
+    """Refuse (:class:`UnpairedRunsError`, one line naming both arms) unless every run
+    (fold, seed) of ``runs`` tested both arms on the same sample ids, as their ``folds.csv``
+    tables say. Returns ``{"runs": n, "label_changes": m}``: m test rows whose label differs
+    between the two tables (an arm tested on relabelled images, e.g. the reference protocol's
+    flipped labels: paired on images, not on labels)."""
+    from tus.data.folds import images_tested
+
+    runs = sorted({(int(f), int(s)) for f, s in runs})
+    seeds = sorted({s for _, s in runs})
+    base, arm = images_tested(baseline_folds, seeds), images_tested(arm_folds, seeds)
+    differing = [(key, base.get(key, frozenset()), arm.get(key, frozenset())) for key in runs if base.get(key, frozenset()) != arm.get(key, frozenset())]
+    if differing:
+        (fold, seed), only_base, only_arm = differing[0][0], differing[0][1] - differing[0][2], differing[0][2] - differing[0][1]
+        example = "; ".join(f"{len(ids)} image(s) only in '{name}' (e.g. {', '.join(sorted(ids)[:3])})" for name, ids in ((names[0], only_base), (names[1], only_arm)) if ids)
+        raise UnpairedRunsError(
+            f"arms '{names[0]}' and '{names[1]}' were not tested on the same images in {len(differing)} of {len(runs)} runs "
+            f"(fold {fold}, seed {seed}: {example}), so their runs are not paired; run both on one fold table (data.folds_from)"
+        )
+    changed = 0
+    if "label" in baseline_folds.columns and "label" in arm_folds.columns:
+        labels = {}
+        for table, side in ((baseline_folds, 0), (arm_folds, 1)):
+            key = table["sample_id"].astype(str) + ("/" + table["seed"].astype(str) if "seed" in table.columns else "")
+            labels[side] = pd.Series(table["label"].to_numpy(), index=key.to_numpy())
+        if ("seed" in baseline_folds.columns) == ("seed" in arm_folds.columns):
+            common = labels[0].index.intersection(labels[1].index)
+            changed = int((labels[0].loc[common] != labels[1].loc[common]).sum())
+            if "seed" in baseline_folds.columns:  # the same image is tested once per seed
+                changed = int(round(changed / max(baseline_folds["seed"].nunique(), 1)))
+    return {"runs": len(runs), "label_changes": changed}
+
+
 def _paired_runs(baseline_runs: pd.DataFrame, arm_runs: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Join the two runs tables on (fold, seed); ValueError naming every unmatched or repeated run."""
     for label, table in (("baseline", baseline_runs), ("arm", arm_runs)):
@@ -127,7 +168,7 @@ def _paired_runs(baseline_runs: pd.DataFrame, arm_runs: pd.DataFrame, metric: st
     base_keys = {(int(f), int(s)) for f, s in zip(baseline_runs["fold"], baseline_runs["seed"])}
     arm_keys = {(int(f), int(s)) for f, s in zip(arm_runs["fold"], arm_runs["seed"])}
     if base_keys != arm_keys:
-        raise ValueError(f"runs do not pair on (fold, seed): missing from arm {sorted(base_keys - arm_keys)}, missing from baseline {sorted(arm_keys - base_keys)}")
+        raise UnpairedRunsError(f"runs do not pair on (fold, seed): missing from arm {sorted(base_keys - arm_keys)}, missing from baseline {sorted(arm_keys - base_keys)}")
     left = baseline_runs[[*RUN_KEYS, metric]].rename(columns={metric: "baseline"})
     right = arm_runs[[*RUN_KEYS, metric]].rename(columns={metric: "arm"})
     return left.merge(right, on=list(RUN_KEYS), validate="one_to_one").sort_values(list(RUN_KEYS))
@@ -139,40 +180,106 @@ def compare_arms(
     metric: str,
     n_train: float,
     n_test: float,
-    n_boot: int = 10000,
     confidence: float = 0.95,
-    seed: int = 0,
+    *,
+    baseline_folds: pd.DataFrame | None = None,
+    arm_folds: pd.DataFrame | None = None,
+    names: tuple[str, str] = ("baseline", "arm"),
 ) -> dict:
-    """Compare an arm with a baseline on one metric over runs paired by (fold, seed).
+    """Compare an arm with a baseline on one metric over runs paired by (fold, seed): the
+    statistics for folds re-drawn per seed (repeated K-fold CV, several splits).
 
     Differences are ``arm - baseline`` per run. The p-value is the corrected resampled t-test
-    (:func:`nadeau_bengio_ttest`). The confidence interval of the mean difference is a percentile
-    bootstrap that resamples the paired runs (``scipy.stats.bootstrap``, seeded with ``seed``);
-    note that it treats the runs as independent, so it is narrower than the corrected test implies
-    and is meant as a descriptive range, not as the test.
-
-    Raises ValueError naming the (fold, seed) pairs present in one table but not the other.
+    (:func:`nadeau_bengio_ttest`) and the interval its inversion, mean -+ t_{J-1} * sqrt((1/J +
+    n_test/n_train) * var): the range the test does not reject. With ``baseline_folds`` and
+    ``arm_folds`` (the arms' ``folds.csv``) runs tested on different images are refused
+    (:func:`check_same_test_sets`); unmatched (fold, seed) runs always are.
     """
     paired = _paired_runs(baseline_runs, arm_runs, metric)
+    pairing = {"runs": len(paired), "label_changes": 0}
+    if baseline_folds is not None and arm_folds is not None:
+        pairing = check_same_test_sets(baseline_folds, arm_folds, zip(paired["fold"], paired["seed"]), names)
     diffs = (paired["arm"] - paired["baseline"]).to_numpy(dtype=float)
     t, p = nadeau_bengio_ttest(diffs, n_train, n_test)
-    if np.all(diffs == diffs[0]):
-        # Every resample has the same mean; scipy would warn about a degenerate distribution.
-        low = high = float(diffs[0])
-    else:
-        interval = stats.bootstrap((diffs,), np.mean, n_resamples=n_boot, confidence_level=confidence, method="percentile", rng=seed).confidence_interval
-        low, high = float(interval.low), float(interval.high)
+    j = len(diffs)
+    half = float(stats.t.ppf(0.5 + confidence / 2, df=j - 1) * math.sqrt((1.0 / j + n_test / n_train) * diffs.var(ddof=1)))
     return {
         "metric": metric,
-        "n_pairs": len(diffs),
+        "test": "nadeau_bengio",
+        "n_pairs": j,
+        "label_changes": pairing["label_changes"],
         "baseline_mean": float(paired["baseline"].mean()),
         "arm_mean": float(paired["arm"].mean()),
         "mean_diff": float(diffs.mean()),
         "t": t,
         "p": p,
-        "ci_low": low,
-        "ci_high": high,
+        "ci_low": float(diffs.mean()) - half,
+        "ci_high": float(diffs.mean()) + half,
         "confidence": confidence,
+    }
+
+
+def compare_pooled_predictions(
+    baseline_predictions: pd.DataFrame,
+    arm_predictions: pd.DataFrame,
+    metric: str,
+    n_boot: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    names: tuple[str, str] = ("baseline", "arm"),
+) -> dict:
+    """Patient bootstrap of the paired difference ``metric(arm) - metric(baseline)`` on the test
+    predictions pooled over all runs: the statistics for one split shared by every seed, where
+    the runs are not resampled splits and the corrected t-test does not apply.
+
+    Both arms must hold the same (sample_id, fold, seed) rows. Each replicate draws the patients
+    with replacement (all their rows, in both arms alike: the pairing is kept) and recomputes both
+    arms' metric (:func:`replicate_metrics`, patients ordered by ``np.unique``, draws
+    ``rng.integers(0, n_patients, (n_boot, n_patients))`` from ``default_rng(seed)``). The interval
+    is the percentile interval of the replicate differences (NaN replicates skipped) and the
+    two-sided p-value ``min(1, 2 * min(#(d* <= 0) + 1, #(d* >= 0) + 1) / (B + 1))``, which is
+    below 1 - confidence exactly when the percentile interval excludes 0 (up to the +1s).
+
+    It is conditional on the split and the trained models: it covers which patients were
+    tested, not how the split or the training would vary.
+    """
+    keys = ["sample_id", "fold", "seed"]
+    merged = baseline_predictions.merge(arm_predictions, on=keys, how="outer", suffixes=("_base", "_arm"), indicator=True)
+    unmatched = merged[merged["_merge"] != "both"]
+    if len(unmatched):
+        row = unmatched.iloc[0]
+        side = names[0] if row["_merge"] == "left_only" else names[1]
+        raise UnpairedRunsError(
+            f"arms '{names[0]}' and '{names[1]}' have different test predictions ({len(unmatched)} row(s) in one only, e.g. sample {row['sample_id']} of fold {row['fold']}, seed {row['seed']} only in '{side}'), so they are not paired"
+        )
+    patients, codes = np.unique(merged["patient_id_base"].astype(str).to_numpy(), return_inverse=True)
+    draws = np.random.default_rng(seed).integers(0, len(patients), (n_boot, len(patients)))
+    counts = np.zeros((n_boot, len(patients)), dtype=np.int64)
+    np.add.at(counts, (np.repeat(np.arange(n_boot), len(patients)), draws.ravel()), 1)
+    sides = {side: merged[[f"{c}_{side}" for c in ("label", "prob", "pred")]].set_axis(["label", "prob", "pred"], axis=1) for side in ("base", "arm")}
+    values = {side: replicate_metrics(frame, [metric], counts, codes)[metric] for side, frame in sides.items()}
+    diffs = values["arm"] - values["base"]
+    diffs = diffs[~np.isnan(diffs)]
+    if len(diffs) == 0:
+        raise ValueError(f"{metric} is undefined (NaN) on every bootstrap replicate")
+    low, high = np.quantile(diffs, [0.5 - confidence / 2, 0.5 + confidence / 2])
+    tail = min(int((diffs <= 0).sum()), int((diffs >= 0).sum()))
+    base_value, arm_value = METRIC_FNS[metric](sides["base"]), METRIC_FNS[metric](sides["arm"])
+    label_changes = int((sides["base"]["label"] != sides["arm"]["label"]).sum() / max(merged["seed"].nunique(), 1))
+    return {
+        "metric": metric,
+        "test": "patient_bootstrap",
+        "n_pairs": int(merged[["fold", "seed"]].drop_duplicates().shape[0]),
+        "patients": len(patients),
+        "label_changes": label_changes,
+        "baseline_mean": base_value,
+        "arm_mean": arm_value,
+        "mean_diff": arm_value - base_value,
+        "p": float(min(1.0, 2 * (tail + 1) / (len(diffs) + 1))),
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "confidence": confidence,
+        "n_boot": len(diffs),
     }
 
 

@@ -5,7 +5,7 @@ Pure tensor functions, kept apart from the model so they can be tested on their 
 - :func:`patchify` / :func:`unpatchify`: images (B, C, H, W) <-> patch rows (B, L, p*p*C), with the
   pixel order of the reference implementation (row-major patches; inside a patch: row, column, channel).
 - :func:`random_masking`: per-image random subset of patches (Sec. 3 "Masking": shuffle by sorting
-  uniform noise, keep the first ``round((1 - mask_ratio) * L)``).
+  uniform noise, keep the first ``int(L * (1 - mask_ratio))``, truncated as the reference's ``len_keep``).
 - :func:`mae_loss`: mean squared error on the masked patches only (Sec. 3 "Reconstruction target"),
   optionally against per-patch normalised pixels (``norm_pix_loss``, Sec. 3 and Table 1d).
 """
@@ -46,8 +46,8 @@ def random_masking(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draw an independent random mask per image, as in the reference ``random_masking``.
 
-    Each image keeps exactly ``round((1 - mask_ratio) * num_patches)`` patches (25 % at the paper's
-    default ratio 0.75). ``generator`` must live on ``device``.
+    Each image keeps exactly ``int(num_patches * (1 - mask_ratio))`` patches, truncated as the reference's
+    ``len_keep`` (25 % at the paper's default ratio 0.75; 196 patches at ratio 0.9 keep 19, not a rounded 20). ``generator`` must live on ``device``.
 
     Returns:
         ids_keep: (B, kept) indices of the visible patches, in shuffled order (gather these for the encoder).
@@ -56,7 +56,7 @@ def random_masking(
     """
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-    num_keep = round((1.0 - mask_ratio) * num_patches)
+    num_keep = int(num_patches * (1 - mask_ratio))
     if num_keep < 1:
         raise ValueError(f"mask_ratio {mask_ratio} leaves no visible patch out of {num_patches}")
     noise = torch.rand(batch, num_patches, generator=generator, device=device)

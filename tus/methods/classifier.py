@@ -15,7 +15,6 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
-from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score, BinaryPrecision, BinaryRecall
 
@@ -23,7 +22,7 @@ from tus.config import from_dict, to_dict
 from tus.eval.cv_metrics import METRIC_NAMES as METRIC_NAMES
 from tus.methods.configs import FINETUNE_SCHEDULES as FINETUNE_SCHEDULES
 from tus.methods.configs import FineTuneOptimConfig as FineTuneOptimConfig
-from tus.models.backbones import BackboneConfig, create_backbone
+from tus.models.backbones import BackboneConfig, create_backbone, create_head
 from tus.models.export import WEIGHTS_FILE, classifier_normalization, load_export, save_export
 from tus.models.vit import layerwise_lr_decay_groups
 from tus.models.weights import CheckpointError
@@ -57,7 +56,8 @@ class FineTuneModule(L.LightningModule):
         self.save_hyperparameters({"backbone": to_dict(backbone), "optim": to_dict(optim), "num_classes": num_classes})
         self.optim_config = optim
         self.backbone = create_backbone(backbone)
-        self.head = nn.Linear(self.backbone.num_features, num_classes)
+        # MAE's head init for a ViT from MAE weights (BackboneConfig.head_init), nn.Linear's otherwise.
+        self.head = create_head(self.backbone, backbone, num_classes)
         self.val_metrics = binary_metrics("val/")
         self.test_metrics = binary_metrics("test/")
 

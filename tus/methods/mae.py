@@ -5,7 +5,7 @@ Each image is resized and lightly augmented (random resized crop of scale 0.2-1 
 paper's only augmentations, Sec. 4 / Appendix A.1); 75 % of its patches are masked at random, the timm ViT
 encoder sees the visible patches only and a lightweight decoder predicts the pixels of every patch; the loss
 is the MSE on the masked patches of per-patch normalised pixels (:class:`tus.models.mae.MaskedAutoencoderViT`).
-AdamW (betas 0.9/0.95, weight decay 0.05 except on norms, biases, tokens and position embeddings), peak
+AdamW (betas 0.9/0.95, weight decay 0.05 except on norms and biases, as MAE's ``main_pretrain.py``), peak
 ``lr = base_lr x global batch / 256``, linear warmup then cosine decay over ``trainer.max_steps``.
 
 Organ labels do not enter the MAE loss. So that the stage's organ probe can report how separable the organs
@@ -23,11 +23,9 @@ import albumentations as A
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from tus.callbacks.reconstruction import ReconstructionGrid
 from tus.config import ConfigError, to_dict
 from tus.data.pools import PretrainDataConfig
 from tus.data.transforms import AlbumentationsTransform
@@ -74,6 +72,7 @@ class MaskedAutoencoderConfig:
     organ_probe_weight: float = 1.0
     optimizer: MaeOptimizerConfig = field(default_factory=MaeOptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(warmup_steps=0, decay="cosine"))
+    # Reconstruction grids (tus.callbacks.reconstruction, attached by the pretraining stage; 0: none).
     reconstruction_every_n_steps: int = 100
     reconstruction_images: int = 8
 
@@ -167,8 +166,13 @@ class MaskedAutoencoder(PretrainingMethod):
         return MaskedImageTransform(data.image_size, config.crop_scale, config.hflip_p, seed=seed)
 
     def encoder_kwargs(self) -> dict:
-        """Keyword arguments of :func:`tus.models.vit.create_vit_encoder` that rebuild :attr:`encoder`."""
-        kwargs = {k: v for k, v in self.model.encoder_kwargs.items() if k != "drop_path_rate"}
+        """Keyword arguments of :func:`tus.models.vit.create_vit_encoder` that rebuild :attr:`encoder`'s architecture.
+
+        Not recorded: ``drop_path_rate`` (a training choice) and ``fc_norm`` (MAE pretraining needs the final norm,
+        ``fc_norm=False``; fine-tuning's head follows its own ``global_pool``, with a fresh ``fc_norm`` for ``avg``
+        as MAE's main_finetune.py and the ``init=mae`` path).
+        """
+        kwargs = {k: v for k, v in self.model.encoder_kwargs.items() if k not in ("drop_path_rate", "fc_norm")}
         return {**kwargs, "patch_size": self.model.patch_size}
 
     def export_encoder(self, path: Path, extra: dict) -> None:
@@ -240,10 +244,6 @@ class MaskedAutoencoder(PretrainingMethod):
             "masked": unpatchify(target * (1 - mask), patch, 1, grid),
             "reconstruction": unpatchify(target * (1 - mask) + pred * mask, patch, 1, grid),
         }
-
-    def configure_callbacks(self) -> list[Callback]:
-        every = self.config.reconstruction_every_n_steps
-        return [ReconstructionGrid(every, num_images=self.config.reconstruction_images)] if every > 0 else []
 
     def global_batch_size(self) -> int:
         trainer = self.trainer

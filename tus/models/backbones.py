@@ -6,9 +6,13 @@
   file in timm's format: .pth/.bin/.safetensors) so no hub is needed;
 - ``uscl``: a USCL state dict (``features.*`` keys of a torchvision ResNet wrapped in
   ``nn.Sequential``; its projection/classifier heads are dropped);
-- ``tus``: an encoder exported by ``tus pretrain`` (``<name>.safetensors`` + ``<name>.json``);
-- ``mae``: a ViT checkpoint file in Facebook's MAE layout (or a timm ViT state dict), loaded by
-  :func:`tus.models.vit.load_vit_weights` (position embeddings resized, RGB patch weights summed to 1 channel).
+- ``tus``: an encoder exported by ``tus pretrain`` (its folder, or ``<name>.safetensors`` + ``<name>.json``);
+- ``mae``: a ViT checkpoint file in Facebook's MAE layout (or a timm ViT state dict).
+
+Pretrained ViTs (``mae`` files and ``tus`` MAE exports) take one path: the ViT is built from this config (a tus
+export adds the architecture it recorded) and loaded by :func:`tus.models.vit.load_vit_state` (position
+embeddings resized, RGB patch weights summed to 1 channel, a fresh ``fc_norm`` for ``global_pool: avg``), and the
+classifier head built by :func:`create_head` gets MAE's init; so both arms fine-tune identical heads.
 
 Every weights file is read by :func:`tus.models.weights.load_weights` (TorchScript, safetensors or
 ``torch.load(weights_only=True)``; nothing in a file can run code), also timm's local files, whose
@@ -26,18 +30,19 @@ from pathlib import Path
 import timm
 import torch
 from timm.models import adapt_input_conv
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from tus.models.configs import BackboneConfig as BackboneConfig
 from tus.models.export import classifier_normalization, load_export, read_export_config, save_export
-from tus.models.weights import CheckpointError, load_weights
+from tus.models.vit import VIT_BUILDER, create_vit_encoder, init_mae_head, is_vit_export, load_vit_state, vit_export_kwargs
+from tus.models.weights import CheckpointError, check_weight_values, read_state_dict
 
-__all__ = ["BackboneConfig", "CheckpointError", "create_backbone", "read_state_dict", "read_tus_encoder", "save_encoder"]
+__all__ = ["BackboneConfig", "CheckpointError", "create_backbone", "create_head", "read_state_dict", "read_tus_encoder", "save_encoder"]
 
 # How an encoder export's architecture is rebuilt: timm.create_model(name, num_classes=0, in_chans=...) for CNNs,
-# tus.models.vit.create_vit_encoder(name, **kwargs) for the ViTs of MAE pretraining.
+# tus.models.vit.create_vit_encoder(name, **kwargs) (VIT_BUILDER) for the ViTs of MAE pretraining.
 TIMM_BUILDER = "timm.create_model"
-VIT_BUILDER = "tus.models.vit.create_vit_encoder"
 
 
 def architecture(name: str) -> str:
@@ -50,15 +55,12 @@ def create_backbone(config: BackboneConfig) -> nn.Module:
     """Build ``config.name`` with pooled-feature output and the requested initialisation."""
     if config.init == "timm":
         return _create_timm_pretrained(config)
-    if config.init == "tus" and config.weights:
-        _, meta = read_tus_encoder_meta(config.weights)
-        if is_vit_export(meta):  # a ViT exported by MAE pretraining: rebuilt from its own config
-            name = meta["architecture"]["name"]
-            if architecture(name) != architecture(config.name):
-                raise CheckpointError(f"{config.weights}: encoder is a '{name}', but backbone.name is '{config.name}'")
-            from tus.models.vit import create_vit_from_export  # lazy: vit imports this module
-
-            return create_vit_from_export(config.weights, in_chans=config.in_chans, drop_rate=config.drop_rate, **config.timm_kwargs())
+    if config.init == "mae" and not config.weights:
+        raise CheckpointError("init 'mae' needs a checkpoint file (backbone.weights=PATH)")
+    if config.init in ("tus", "mae") and config.weights:
+        vit = _create_pretrained_vit(config)
+        if vit is not None:
+            return vit
     model = timm.create_model(
         config.name,
         pretrained=False,
@@ -67,18 +69,6 @@ def create_backbone(config: BackboneConfig) -> nn.Module:
         drop_rate=config.drop_rate,
         **config.timm_kwargs(),
     )
-    if config.init == "mae":
-        # A Facebook-MAE (or timm ViT) checkpoint file, mapped onto the ViT built from this config.
-        if not config.weights:
-            raise CheckpointError("init 'mae' needs a checkpoint file (backbone.weights=PATH)")
-        from timm.models.vision_transformer import VisionTransformer
-
-        from tus.models.vit import load_vit_weights  # lazy: vit imports this module
-
-        if not isinstance(model, VisionTransformer):
-            raise CheckpointError(f"init 'mae' needs a timm ViT, but '{config.name}' is a {type(model).__name__}")
-        load_vit_weights(model, config.weights)
-        return model
     if config.init == "scratch":
         if config.weights:
             raise CheckpointError(f"init 'scratch' takes no weights, but weights={config.weights!r} was given")
@@ -91,6 +81,51 @@ def create_backbone(config: BackboneConfig) -> nn.Module:
         state = read_tus_encoder(config.weights, config)
     load_backbone_state(model, state, config.weights, in_chans=config.in_chans)
     return model
+
+
+def _create_pretrained_vit(config: BackboneConfig) -> VisionTransformer | None:
+    """The one path of pretrained ViTs (``init=mae`` checkpoint files and ``init=tus`` MAE exports); None when
+    ``config`` is an ``init=tus`` export of a CNN.
+
+    The ViT is built by :func:`tus.models.vit.create_vit_encoder` from this config (a tus export first adds the
+    architecture it recorded, :func:`tus.models.vit.vit_export_kwargs`; the config's options win) and loaded by
+    :func:`tus.models.vit.load_vit_state`, so the head (``global_pool``, a fresh ``fc_norm`` for ``avg``) depends on
+    the config only, never on where the weights came from.
+    """
+    assert config.weights is not None
+    recorded: dict = {}
+    if config.init == "tus":
+        meta, state = load_export(config.weights, "encoder")
+        if not is_vit_export(meta):
+            return None
+        name = meta["architecture"]["name"]
+        if architecture(name) != architecture(config.name):
+            raise CheckpointError(f"{config.weights}: encoder is a '{name}', but backbone.name is '{config.name}'")
+        recorded = vit_export_kwargs(meta)
+    else:
+        state = read_state_dict(config.weights)
+    kwargs = {**recorded, "in_chans": config.in_chans, "drop_rate": config.drop_rate, **config.timm_kwargs()}
+    try:
+        model = create_vit_encoder(config.name, **kwargs)
+    except TypeError as error:  # create_vit_encoder refuses a model that is not a timm VisionTransformer
+        raise CheckpointError(f"init '{config.init}' needs a timm ViT: {error}") from error
+    load_vit_state(model, state, config.weights)
+    return model
+
+
+def create_head(backbone: nn.Module, config: BackboneConfig, num_classes: int) -> nn.Linear:
+    """The linear classifier on the backbone's pooled features, initialised as ``config.head_init`` says."""
+    head = nn.Linear(int(backbone.num_features), num_classes)
+    if resolve_head_init(config, backbone) == "mae":
+        init_mae_head(head)
+    return head
+
+
+def resolve_head_init(config: BackboneConfig, backbone: nn.Module) -> str:
+    """``config.head_init`` with ``auto`` resolved: ``mae`` for a ViT loaded from MAE weights, else ``pytorch``."""
+    if config.head_init != "auto":
+        return config.head_init
+    return "mae" if isinstance(backbone, VisionTransformer) and config.init in ("mae", "tus") else "pytorch"
 
 
 def _create_timm_pretrained(config: BackboneConfig) -> nn.Module:
@@ -111,24 +146,6 @@ def _create_timm_pretrained(config: BackboneConfig) -> nn.Module:
         raise CheckpointError(
             f"could not load timm pretrained weights for '{config.name}' from {source}: {error}. Give a local file with backbone.weights=PATH or use backbone.init=scratch."
         ) from error
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict safely with :func:`~tus.models.weights.load_weights` (a TorchScript file gives its
-    module's state dict); Lightning/timm wrappers (``state_dict``, ``model``) and DDP's ``module.`` are removed."""
-    path = Path(path)
-    state = load_weights(path)
-    if isinstance(state, torch.jit.ScriptModule):
-        state = dict(state.state_dict())
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: expected a state dict, got {type(state).__name__}")
-    tensors = {str(k).removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise CheckpointError(f"{path}: holds no tensors (keys {sorted(map(str, state))[:5]}), not a state dict")
-    return tensors
 
 
 # USCL's ResNet-18 keeps torchvision's children (minus fc) in nn.Sequential `features`.
@@ -171,6 +188,7 @@ def load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor], source
         if unexpected:
             detail.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
         raise CheckpointError(f"{source}: weights do not fit the backbone: " + "; ".join(detail))
+    check_weight_values(state, expected, source)
     model.load_state_dict({k: state[k] for k in expected})
 
 
@@ -209,12 +227,6 @@ def read_tus_encoder_meta(path: str | Path) -> tuple[Path, dict]:
     kind (a diffusion U-Net or a fine-tuned classifier), saying which kind it is.
     """
     return read_export_config(path, "encoder")
-
-
-def is_vit_export(meta: dict) -> bool:
-    """Whether an encoder export's config describes a ViT rebuilt by :func:`tus.models.vit.create_vit_from_export`."""
-    architecture = meta["architecture"]
-    return architecture.get("builder") == VIT_BUILDER or (meta.get("format_version") == 0 and bool(architecture.get("kwargs")))
 
 
 def read_tus_encoder(path: str | Path, config: BackboneConfig) -> dict[str, torch.Tensor]:

@@ -31,6 +31,7 @@ through :func:`tus.models.weights.load_weights`, so a pickle given as an export 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -130,9 +131,39 @@ def read_export_config(path: str | Path, kind: str | None = None) -> tuple[Path,
     config = _convert_legacy(raw, weights, config_path) if legacy else _native_config(raw, config_path)
     if kind is not None:
         require_kind(config, kind, weights)
+    check_architecture_kwargs(config, config_path)
     if not weights.is_file():
         raise CheckpointError(f"{weights}: weights file not found beside {config_path.name}")
     return weights, config
+
+
+def check_architecture_kwargs(config: dict, source: str | Path) -> None:
+    """Refuse timm ``architecture.kwargs`` that are not architecture options (issue 23).
+
+    They are handed to ``timm.create_model``, whose loader options (``checkpoint_path``,
+    ``pretrained``, ``pretrained_cfg_overlay``, ``cache_dir``...) would make timm read, and
+    unpickle, a file the export names: only the model classes' own constructor options pass.
+    """
+    architecture = config.get("architecture") or {}
+    if architecture.get("library") != "timm":
+        return
+    kwargs = architecture.get("kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"{source}: architecture.kwargs must be a JSON object, got {type(kwargs).__name__}")
+    refused = sorted(set(kwargs) - _timm_architecture_options())
+    if refused:
+        raise CheckpointError(f"{source}: architecture.kwargs {', '.join(map(repr, refused))} refused: not an architecture option (it could make timm load a file); remove it from the export's config")
+
+
+@functools.cache
+def _timm_architecture_options() -> frozenset[str]:
+    import inspect
+
+    from timm.models.resnet import ResNet
+    from timm.models.vision_transformer import VisionTransformer
+
+    names = {name for cls in (VisionTransformer, ResNet) for name in inspect.signature(cls.__init__).parameters}
+    return frozenset(names - {"self", "args", "kwargs"})
 
 
 def require_kind(config: dict, kind: str, source: str | Path) -> None:

@@ -1,16 +1,22 @@
-"""Vision Transformers for ultrasound: building the timm encoder, loading external ViT/MAE weights into it, and
-the optimiser parameter groups of MAE pretraining and fine-tuning (He et al. 2022, "Masked Autoencoders Are
-Scalable Vision Learners", Appendix A).
+"""Vision Transformers for ultrasound: building the timm encoder, loading external ViT/MAE weights into it, the
+classifier head MAE fine-tunes, and the optimiser parameter groups of MAE pretraining and fine-tuning (He et al.
+2022, "Masked Autoencoders Are Scalable Vision Learners", Appendix A; facebookresearch/mae).
 
 - :func:`create_vit_encoder`: a timm ``VisionTransformer`` without classifier, any image size divisible by the
   patch size, patch size overridable.
-- :func:`interpolate_pos_embed`: bicubic resize of the position-embedding grid, prefix (class) tokens untouched.
-- :func:`mae_checkpoint_to_timm` / :func:`load_vit_weights`: Facebook-MAE checkpoints (``{"model": ...}`` with
-  decoder keys and ``mask_token``) and timm ViT state dicts, mapped onto a (1-channel) timm ViT. Anything that
-  does not fit raises :class:`~tus.models.backbones.CheckpointError`; there is no fallback to random weights.
+- :func:`interpolate_pos_embed`: plain bicubic resize of the position-embedding grid (MAE's
+  ``util/pos_embed.interpolate_pos_embed``: no antialiasing), prefix (class) tokens untouched.
+- :func:`mae_checkpoint_to_timm` / :func:`load_vit_state` / :func:`load_vit_weights`: Facebook-MAE checkpoints
+  (``{"model": ...}`` with decoder keys and ``mask_token``), timm ViT state dicts and tus MAE exports, mapped onto a
+  (1-channel) timm ViT. Anything that does not fit raises :class:`~tus.models.weights.CheckpointError`; there is
+  no fallback to random weights.
+- :func:`vit_export_kwargs` / :func:`is_vit_export`: what a tus MAE export records about its ViT.
+- :func:`init_mae_head`: MAE's fine-tuning head init (``trunc_normal_(std=2e-5)``, zero bias).
 - :func:`layerwise_lr_decay_groups`: fine-tuning with layer-wise lr decay (the reference ``param_groups_lrd``).
-- :func:`mae_param_groups`: pretraining AdamW groups without weight decay on norms, biases, tokens, embeddings.
-- :func:`create_vit_from_export`: the ViT of a tus encoder export (MAE pretraining), rebuilt and loaded.
+- :func:`mae_param_groups`: pretraining AdamW groups as MAE's ``main_pretrain.py`` builds them.
+
+This module sits below :mod:`tus.models.backbones` (which builds a backbone from a config and imports this one),
+so it never imports it.
 """
 
 from __future__ import annotations
@@ -21,18 +27,23 @@ from typing import Literal
 
 import timm
 import torch
-from timm.layers import resample_abs_pos_embed
+from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models import adapt_input_conv
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
-from tus.models.backbones import is_vit_export, read_state_dict
 from tus.models.export import load_export
-from tus.models.weights import CheckpointError
+from tus.models.weights import CheckpointError, check_weight_values, read_state_dict
 
-# Parameters that never get weight decay (besides 1-D ones and biases): learned tokens and position embeddings.
-NO_DECAY_PATTERNS = ("*cls_token", "*reg_token", "*mask_token", "*pos_embed")
+# How an encoder export's ViT is rebuilt: tus.models.vit.create_vit_encoder(name, **kwargs).
+VIT_BUILDER = "tus.models.vit.create_vit_encoder"
+# Keyword arguments of an export's architecture that choose the fine-tuning head, not the encoder: older MAE
+# exports recorded ``fc_norm: False`` (a pretraining-time requirement), which would have kept the pretrained
+# final norm before average pooling instead of MAE's fresh ``fc_norm`` after it.
+HEAD_CHOICE_KWARGS = ("fc_norm",)
+# MAE's fine-tuning head: trunc_normal_(head.weight, std=2e-5) (main_finetune.py), bias 0.
+MAE_HEAD_INIT_STD = 2e-5
 # Keys of a Facebook-MAE pretraining checkpoint that belong to the decoder, not to the encoder.
 MAE_DECODER_PREFIXES = ("decoder_", "mask_token")
 
@@ -66,15 +77,24 @@ def interpolate_pos_embed(
 ) -> torch.Tensor:
     """Resize the patch part of ``pos_embed`` (1, prefix + h*w, D) to ``new_grid_hw`` bicubically.
 
-    The prefix (class) tokens are kept as they are; at the original size the input is returned unchanged.
-    ``old_grid_hw`` defaults to a square grid.
+    The kernel is MAE's (``util/pos_embed.interpolate_pos_embed``): ``F.interpolate(mode="bicubic",
+    align_corners=False)`` without antialiasing (timm's default antialiases, 2-10 % off MAE's numbers when a
+    224-px grid is shrunk). The prefix (class) tokens are kept as they are; at the original size the input is
+    returned unchanged. ``old_grid_hw`` defaults to a square grid.
     """
     if old_grid_hw is None:
         side = math.isqrt(pos_embed.shape[1] - num_prefix_tokens)
         if side * side != pos_embed.shape[1] - num_prefix_tokens:
             raise ValueError(f"pos_embed of {pos_embed.shape[1]} tokens is not a square grid; give old_grid_hw")
         old_grid_hw = (side, side)
-    return resample_abs_pos_embed(pos_embed, new_size=list(new_grid_hw), old_size=list(old_grid_hw), num_prefix_tokens=num_prefix_tokens)
+    return resample_abs_pos_embed(
+        pos_embed,
+        new_size=list(new_grid_hw),
+        old_size=list(old_grid_hw),
+        num_prefix_tokens=num_prefix_tokens,
+        interpolation="bicubic",
+        antialias=False,
+    )
 
 
 def _unwrap(state: dict) -> dict[str, torch.Tensor]:
@@ -113,8 +133,9 @@ def mae_checkpoint_to_timm(
     Decoder keys, ``mask_token`` and classifier heads are dropped; ``pos_embed`` is resized to the model's patch
     grid (:func:`interpolate_pos_embed`); a 3-channel patch projection is summed or averaged to the model's
     ``in_chans``. A model with global-average pooling (``fc_norm``, no final ``norm``) loaded from a pretraining
-    checkpoint (final ``norm``, no ``fc_norm``) gets a fresh identity ``fc_norm``, as the reference fine-tuning
-    does. Missing, unexpected or mis-shaped keys raise :class:`CheckpointError` naming ``source`` and the keys.
+    checkpoint (final ``norm``, no ``fc_norm``) gets a fresh ``fc_norm`` (LayerNorm's own init: weight 1, bias 0)
+    and the pretrained final norm is dropped, as MAE's ``main_finetune.py`` does (``models_vit.py``
+    ``global_pool=True`` deletes ``norm``; the missing ``fc_norm`` keys stay at their init). Missing, unexpected or mis-shaped keys raise :class:`CheckpointError` naming ``source`` and the keys.
     """
     if channel_reduce not in ("sum", "mean"):
         raise ValueError(f"channel_reduce must be 'sum' or 'mean', got {channel_reduce!r}")
@@ -152,24 +173,41 @@ def mae_checkpoint_to_timm(
             k = wrong_shape[0]
             detail.append(f"{len(wrong_shape)} shape mismatch(es), e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}")
         raise CheckpointError(f"{source} ({layout} layout): weights do not fit the ViT: " + "; ".join(detail))
+    check_weight_values(state, expected, source)
     return {k: state[k].to(expected[k].dtype) for k in expected}
+
+
+def load_vit_state(model: VisionTransformer, state: dict, source: str | Path, channel_reduce: Literal["sum", "mean"] = "sum") -> Literal["mae", "timm"]:
+    """Load a ViT state dict (Facebook-MAE, timm or a tus MAE export's) into ``model``, head excluded, and return its
+    layout. The one loading path of every pretrained ViT: ``init=mae`` files and ``init=tus`` exports both come here.
+    """
+    layout = checkpoint_layout(state)
+    mapped = mae_checkpoint_to_timm(state, model, channel_reduce=channel_reduce, source=str(source))
+    # Only the classifier head (absent from the mapping by design) may stay at its own initialisation.
+    missing, unexpected = model.load_state_dict(mapped, strict=False)
+    if unexpected or any(not k.startswith("head.") for k in missing):
+        raise CheckpointError(f"{source}: could not load keys {missing or unexpected}")
+    return layout
 
 
 def load_vit_weights(model: VisionTransformer, path: str | Path, channel_reduce: Literal["sum", "mean"] = "sum") -> Literal["mae", "timm"]:
     """Load a local ViT weights file into ``model`` (head excluded) and return the layout it had.
 
-    The file is read by :func:`tus.models.weights.load_weights` (through ``read_state_dict``): safetensors,
-    TorchScript or ``torch.load(weights_only=True)``, never a pickle that could run code. Both Facebook-MAE
-    checkpoints and timm ViT state dicts are mapped by :func:`mae_checkpoint_to_timm`.
+    The file is read by :func:`tus.models.weights.read_state_dict`: safetensors, TorchScript or
+    ``torch.load(weights_only=True)``, never a pickle that could run code. Both Facebook-MAE checkpoints and timm
+    ViT state dicts are mapped by :func:`mae_checkpoint_to_timm`.
     """
-    state = read_state_dict(path)
-    layout = checkpoint_layout(state)
-    mapped = mae_checkpoint_to_timm(state, model, channel_reduce=channel_reduce, source=str(path))
-    # Only the classifier head (absent from the mapping by design) may stay at its own initialisation.
-    missing, unexpected = model.load_state_dict(mapped, strict=False)
-    if unexpected or any(not k.startswith("head.") for k in missing):
-        raise CheckpointError(f"{path}: could not load keys {missing or unexpected}")
-    return layout
+    return load_vit_state(model, read_state_dict(path), path, channel_reduce=channel_reduce)
+
+
+def init_mae_head(head: nn.Linear) -> nn.Linear:
+    """MAE's fine-tuning head: ``trunc_normal_(head.weight, std=2e-5)`` (``main_finetune.py``) and a zero bias
+    (timm's ``_init_weights`` of the reference's ViT). A near-zero head starts every logit at ~0, so the first
+    steps move the pretrained encoder by the loss of a uniform guess, not by a random linear map's."""
+    trunc_normal_(head.weight, std=MAE_HEAD_INIT_STD)
+    if head.bias is not None:
+        nn.init.zeros_(head.bias)
+    return head
 
 
 def _vit_layer_id(name: str, num_blocks: int) -> int:
@@ -188,7 +226,12 @@ def layerwise_lr_decay_groups(
     weight_decay: float,
     layer_decay: float = 0.75,
 ) -> list[dict]:
-    """Parameter groups for fine-tuning with layer-wise lr decay (He et al. 2022, Appendix A.1; BEiT).
+    """Parameter groups for fine-tuning with layer-wise lr decay (He et al. 2022, Appendix A.1; BEiT), as MAE's
+    ``util/lr_decay.param_groups_lrd``.
+
+    Not timm's ``param_groups_layer_decay``: timm groups the final norm with the last block and so has one layer
+    fewer, which scales every layer below the head by one more factor ``layer_decay`` than the reference
+    (``tests/models/test_vit_loading.py`` shows the difference).
 
     With ``n`` blocks, layer ids are 0 for the patch embedding, class token and position embedding, ``i + 1`` for
     block ``i`` and ``n + 1`` for the final norm and the ``head``; each group's lr is
@@ -223,14 +266,28 @@ def layerwise_lr_decay_groups(
 
 
 def mae_param_groups(model: nn.Module, weight_decay: float = 0.05) -> list[dict]:
-    """AdamW groups for MAE pretraining: no weight decay on norms, biases, tokens and position embeddings.
+    """AdamW groups for MAE pretraining, as MAE's ``main_pretrain.py`` builds them (timm's weight-decay groups with
+    no skip list): no weight decay on 1-D parameters (norms) and biases; the class and mask tokens ARE decayed.
 
-    Frozen parameters (the fixed sin-cos embeddings) are left out. Groups are named ``decay``/``no_decay``.
+    Frozen parameters (the fixed sin-cos position embeddings) are left out. Groups are named ``decay``/``no_decay``.
     """
-    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=NO_DECAY_PATTERNS)
+    groups = param_groups_weight_decay(model, weight_decay)
     for group in groups:
         group["name"] = "decay" if group["weight_decay"] else "no_decay"
     return groups
+
+
+def is_vit_export(meta: dict) -> bool:
+    """Whether an encoder export's config describes a ViT rebuilt by :func:`create_vit_encoder`."""
+    architecture = meta["architecture"]
+    return architecture.get("builder") == VIT_BUILDER or (meta.get("format_version") == 0 and bool(architecture.get("kwargs")))
+
+
+def vit_export_kwargs(meta: dict) -> dict:
+    """The :func:`create_vit_encoder` keyword arguments of an encoder export's ViT, without the head choices
+    (:data:`HEAD_CHOICE_KWARGS`): with those gone, ``global_pool`` alone decides the head as in timm and MAE
+    (``avg``: mean of the patch tokens, then a fresh ``fc_norm``; ``token``: final norm, class token)."""
+    return {k: v for k, v in meta["architecture"]["kwargs"].items() if k not in HEAD_CHOICE_KWARGS}
 
 
 def create_vit_from_export(path: str | Path, **overrides: object) -> VisionTransformer:
@@ -238,17 +295,14 @@ def create_vit_from_export(path: str | Path, **overrides: object) -> VisionTrans
     ``NAME.safetensors`` + ``NAME.json``) and load its weights.
 
     The config's ``architecture`` holds the timm ``name`` and the :func:`create_vit_encoder` keyword arguments written
-    by MAE pretraining (``img_size``, ``patch_size``, ``in_chans``, ``global_pool``, ``fc_norm``...). ``overrides``
-    change or add arguments for fine-tuning (``drop_path_rate``, ``global_pool="avg"`` with ``fc_norm=True``...); the
-    weights then load through :func:`mae_checkpoint_to_timm`, which refuses anything that does not fit.
+    by MAE pretraining (``img_size``, ``patch_size``, ``in_chans``, ``global_pool``...; :func:`vit_export_kwargs`).
+    ``overrides`` change or add arguments (``global_pool="avg"``, ``drop_path_rate``...); the weights then load
+    through :func:`load_vit_state`, the path of every pretrained ViT, which refuses anything that does not fit.
+    Fine-tuning builds its ViT through :func:`tus.models.backbones.create_backbone` (``init=tus``), which does the same.
     """
     meta, state = load_export(path, "encoder")
     if not is_vit_export(meta):
         raise CheckpointError(f"{path}: the encoder export is a '{meta['architecture']['name']}', not a ViT export")
-    model = create_vit_encoder(name=meta["architecture"]["name"], **{**meta["architecture"]["kwargs"], **overrides})
-    mapped = mae_checkpoint_to_timm(state, model, source=str(path))
-    # Only the classifier head (absent from the mapping by design) may stay at its own initialisation.
-    missing, unexpected = model.load_state_dict(mapped, strict=False)
-    if unexpected or any(not k.startswith("head.") for k in missing):
-        raise CheckpointError(f"{path}: could not load keys {missing or unexpected}")
+    model = create_vit_encoder(name=meta["architecture"]["name"], **{**vit_export_kwargs(meta), **overrides})
+    load_vit_state(model, state, path)
     return model

@@ -24,6 +24,7 @@ import pickle
 import pickletools
 import re
 import struct
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -42,6 +43,10 @@ SNIFF_BYTES = 4096
 
 class CheckpointError(DataError):
     """A weights file is missing, unsafe, unreadable or does not fit; the message names the file."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A file that would run code if unpickled: refused, never set aside as merely corrupt."""
 
 
 def load_weights(path: str | Path) -> torch.jit.ScriptModule | dict[str, Any] | Any:
@@ -72,6 +77,35 @@ def load_weights(path: str | Path) -> torch.jit.ScriptModule | dict[str, Any] | 
     if _looks_like_text(head):
         _refuse_text(path, head)  # raises
     return _torch_load(path)
+
+
+def check_weight_values(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Refuse weights that would load but cannot be the trained network (issue 23).
+
+    - a floating-point tensor of the model given as integers or booleans (an int8 export was cast to
+      float and used as the pretrained init, giving chance-level results with no warning);
+    - NaN or infinite values;
+    - every floating-point tensor all zeros (an emptied file).
+    A single all-zero weight matrix or kernel (2 or more dimensions) is reported on stderr, not
+    refused: it can be real (a zero-initialised layer never trained) but is rarely meant.
+    """
+    shared = [name for name in expected if name in state]
+    wrong = [name for name in shared if expected[name].is_floating_point() and not state[name].is_floating_point()]
+    if wrong:
+        name = wrong[0]
+        raise CheckpointError(
+            f"{source}: {len(wrong)} tensor(s) are {str(state[name].dtype).removeprefix('torch.')} where the model holds floating-point weights (e.g. {name}); refused: a quantised or converted file is not these weights"
+        )
+    floating = [name for name in shared if state[name].is_floating_point()]
+    non_finite = [name for name in floating if not bool(torch.isfinite(state[name]).all())]
+    if non_finite:
+        raise CheckpointError(f"{source}: {len(non_finite)} tensor(s) hold NaN or infinite values (e.g. {non_finite[0]}); refused")
+    zero = [name for name in floating if state[name].numel() and not bool(state[name].any())]
+    if floating and len(zero) == len(floating):
+        raise CheckpointError(f"{source}: every weight tensor is all zeros; refused: not a trained network")
+    matrices = [name for name in zero if state[name].ndim >= 2]
+    if matrices:
+        print(f"warning: {source}: {len(matrices)} weight tensor(s) are all zeros (e.g. {matrices[0]})", file=sys.stderr, flush=True)
 
 
 def is_torchscript(path: str | Path) -> bool:
@@ -124,7 +158,8 @@ def _refuse_text(path: Path, head: bytes) -> None:
     else:
         kind = "a text file"
     first = text.strip().splitlines()[0][:60] if text.strip() else ""
-    raise CheckpointError(f"{path}: is {kind} (starts {first!r}), not a weights file; {ACCEPTED}")
+    error_type = UnsafeCheckpointError if "pickle" in kind else CheckpointError
+    raise error_type(f"{path}: is {kind} (starts {first!r}), not a weights file; {ACCEPTED}")
 
 
 def _load_torchscript(path: Path) -> torch.jit.ScriptModule:
@@ -149,7 +184,7 @@ def _torch_load(path: Path) -> Any:
         names = _unsafe_globals(path, str(error))
         if names:
             shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-            raise CheckpointError(f"{path}: refused: a pickle of Python objects (needs {shown}), which can run code when loaded; {ACCEPTED}") from error
+            raise UnsafeCheckpointError(f"{path}: refused: a pickle of Python objects (needs {shown}), which can run code when loaded; {ACCEPTED}") from error
         raise CheckpointError(f"{path}: not a loadable weights file (unknown or corrupt format); {ACCEPTED}") from error
     except Exception as error:  # corrupt zips, truncated pickles, foreign formats
         raise CheckpointError(f"{path}: not a loadable weights file ({_first_line(error)}); {ACCEPTED}") from error
@@ -192,3 +227,21 @@ def _first_line(error: BaseException) -> str:
     if "weights_only" in text or "WeightsUnpickler" in text:
         return type(error).__name__
     return text[:200]
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict safely with :func:`load_weights` (a TorchScript file gives its module's state dict);
+    Lightning/timm wrappers (``state_dict``, ``model``) and DDP's ``module.`` are removed."""
+    path = Path(path)
+    state = load_weights(path)
+    if isinstance(state, torch.jit.ScriptModule):
+        state = dict(state.state_dict())
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a state dict, got {type(state).__name__}")
+    tensors = {str(k).removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path}: holds no tensors (keys {sorted(map(str, state))[:5]}), not a state dict")
+    return tensors

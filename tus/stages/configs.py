@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from tus.callbacks.configs import GradCAMConfig
-from tus.config import require_seeds
+from tus.config import ConfigError, require_seeds
 from tus.data.configs import LabeledDataConfig
+from tus.eval.options import parse_threshold_rule
 from tus.methods.configs import FineTuneOptimConfig
 from tus.models.configs import BackboneConfig
 from tus.run_config import LoggingConfig, TrainerConfig
@@ -29,6 +30,14 @@ class FineTuneCVConfig:
     # A short name for the initialisation, recorded with each run (e.g. for noisy-label runs).
     init_label: str = ""
     record_losses: bool = True
+    # After the folds: one final model per seed on every labelled image, same recipe and epochs
+    # (runs/refit-seed<S>; never evaluated: its expected performance is the CV's).
+    refit: bool = False
+    # Decision threshold of the exported models: a number, "youden", "sensitivity=R" or "specificity=R",
+    # chosen on out-of-fold predictions of each model's training folds (tus.stages.cv_decision).
+    threshold: str = "0.5"
+    # "temperature": temperature scaling fitted the same way; "none": raw softmax probabilities.
+    calibration: Literal["none", "temperature"] = "none"
     gradcam: GradCAMConfig = field(default_factory=GradCAMConfig)
     data: LabeledDataConfig = field(default_factory=LabeledDataConfig)
     model: BackboneConfig = field(default_factory=BackboneConfig)
@@ -38,3 +47,7 @@ class FineTuneCVConfig:
 
     def __post_init__(self) -> None:
         require_seeds("seeds", *self.seeds)
+        try:
+            parse_threshold_rule(self.threshold)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None

@@ -33,6 +33,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from tus.callbacks.diffusion import ExportEma, SampleGridCallback, SampleGridConfig
 from tus.config import ConfigError, require_seeds, to_dict
 from tus.data.pools import DiffusionDataConfig, DiffusionDataModule
+from tus.figures.runs import write_diffusion_figures
 from tus.methods.iddpm import (
     DiffusionModule,
     EmaConfig,
@@ -40,7 +41,7 @@ from tus.methods.iddpm import (
     ProcessConfig,
     UNetConfig,
 )
-from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, finish_loggers, last_checkpoint, open_run, write_json_atomic
+from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, check_output_root, finish_loggers, open_run, resume_checkpoint, write_json_atomic
 from tus.samplers import resolve_steps
 
 
@@ -76,16 +77,19 @@ def run_diffusion(config: DiffusionConfig, run_dir: str | Path | None = None, *,
         raise ConfigError("trainer.max_steps must be > 0: diffusion training is bounded by steps")
     if config.samples.every_n_steps > 0:
         resolve_steps(config.samples.sampler, config.samples.steps, config.process.num_timesteps)
+    if run_dir is None:
+        check_output_root(config.output_root)  # before the data are read
     data = DiffusionDataModule(config.data, seed=config.seed)
     if config.unet.num_classes is not None:
         try:
             data.check_labels(config.unet.num_classes)
         except ValueError as error:
             raise ConfigError(str(error)) from error
+    data.decode_images()  # a corrupt image is refused before the run dir exists
     with open_run(config, output_root=config.output_root, name=config.name, resume=run_dir, allow_config_change=allow_config_change, create=create) as run_dir:
         if rank_zero_only.rank == 0:
             write_json_atomic(run_dir / "pool.json", data.pool_report())
-        checkpoint = last_checkpoint(run_dir)
+        checkpoint = resume_checkpoint(run_dir)
         L.seed_everything(config.seed, workers=True)
         module = DiffusionModule(config.unet, config.process, config.optim, config.ema, seed=config.seed, hflip=config.data.hflip)
         loggers = build_loggers(run_dir, config.logging, name=run_dir.name, config=to_dict(config), tags=["diffusion"])
@@ -93,4 +97,6 @@ def run_diffusion(config: DiffusionConfig, run_dir: str | Path | None = None, *,
         trainer = build_trainer(config.trainer, run_dir, loggers=loggers, callbacks=callbacks, checkpoint_every_n_steps=config.data.steps_per_epoch)
         trainer.fit(module, datamodule=data, ckpt_path=str(checkpoint) if checkpoint else None)
         finish_loggers(loggers)
+        if trainer.is_global_zero:
+            write_diffusion_figures(run_dir)
     return run_dir

@@ -5,7 +5,9 @@
     config.yaml         the resolved config (a resumed run must match it)
     folds.csv           sample_id, path, patient_id, label, fold, content_hash
     runs/fold<F>-seed<S>/   metrics.csv, checkpoints/ (while running), model.safetensors,
-                            predictions.csv, losses.csv, metrics.json (written last = done)
+                            predictions.csv, losses.csv, metrics.json (written last = done;
+                            with the selected epoch/step and a ``collapsed`` flag), failed.json
+                            (a run stopped by a non-finite loss: step and reason)
     runs.csv            one row per fold x seed with every test metric
     summary.json / summary.md   mean +- std per metric and the non-informative baselines
 
@@ -31,22 +33,25 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from torch.utils.data import DataLoader
 
+from tus.callbacks.finite_loss import NonFiniteLossError
 from tus.callbacks.gradcam import GradCAMPlusPlusLogger
 from tus.callbacks.loss_recorder import PerSampleLossRecorder
 from tus.callbacks.progress import stage_progress
 from tus.config import ConfigError, to_dict, write_text_atomic
 from tus.data.datamodules import LabeledDataModule
-from tus.data.folds import assign_folds, assign_folds_for_seed, fold_table
+from tus.data.folds import FoldError, assign_folds, assign_folds_for_seed, fold_table, folds_from_table, read_fold_table
 from tus.data.images import content_hash
 from tus.data.manifest import load_manifest
 from tus.data.seeding import derive_seed
-from tus.eval.cv_summary import collect_runs, write_summary
+from tus.eval.cv_summary import FAILED_FILE, collapse_reason, collect_runs, write_summary
+from tus.figures.runs import write_cv_figures
 from tus.methods.classifier import METRIC_NAMES, FineTuneModule, save_finetuned
 from tus.models.backbones import architecture, is_vit_export, read_tus_encoder_meta
 from tus.models.configs import BackboneConfig
 from tus.run_config import LoggingConfig
-from tus.runs import RunDirError, RunLock, build_loggers, build_trainer, check_config_change, last_checkpoint, open_run
+from tus.runs import RunDirError, RunLock, build_loggers, build_trainer, check_config_change, check_output_root, open_run, resume_checkpoint
 from tus.stages.configs import FineTuneCVConfig as FineTuneCVConfig
+from tus.tracking import encoder_provenance, track_cv
 
 
 def backbone_for_inputs(model: BackboneConfig, image_size: int) -> BackboneConfig:
@@ -149,6 +154,8 @@ def run_cv(
     The callbacks each run gets come from the config (:func:`finetune_callbacks`), plus those
     of ``callback_factory``.
     """
+    if run_dir is None:
+        check_output_root(config.output_root)  # before the data are read
     frame, folds = _manifest_and_folds(config)
     with open_run(config, output_root=config.output_root, name=config.name, resume=run_dir, allow_config_change=allow_config_change, create=create) as run_dir:
         write_or_check_folds(run_dir, frame, folds)
@@ -159,9 +166,17 @@ def run_cv(
             len(todo) * max(config.trainer.max_epochs or 1, 1), desc=f"{config.name}: {len(todo)} of {len(jobs)} folds x seeds", enabled=config.trainer.enable_progress_bar is not False
         ):
             for fold, seed in todo:
-                run_single(config, frame, folds[seed] if isinstance(folds, dict) else folds, fold, seed, run_dir / "runs" / f"fold{fold}-seed{seed}", _with_stage_callbacks(callback_factory))
+                try:
+                    run_single(config, frame, folds[seed] if isinstance(folds, dict) else folds, fold, seed, run_dir / "runs" / f"fold{fold}-seed{seed}", _with_stage_callbacks(callback_factory))
+                except NonFiniteLossError as error:
+                    # The summary says which run failed and why; the CV stops (the others would too).
+                    write_summary(run_dir, collect_runs(run_dir), frame, config)
+                    raise NonFiniteLossError(f"{run_dir.name}/runs/fold{fold}-seed{seed}: {error}") from error
+        finish_models(config, frame, run_dir)
         runs = collect_runs(run_dir)
         write_summary(run_dir, runs, frame, config)
+        write_cv_figures(run_dir)
+        track_cv(run_dir, _cv_logging(config), name=config.name, manifest=Path(config.data.manifest), init=config.model.init, weights=config.model.weights, config=to_dict(config))
     return run_dir
 
 
@@ -177,13 +192,8 @@ def _manifest_and_folds(config: FineTuneCVConfig) -> tuple[pd.DataFrame, np.ndar
     if len(set(config.seeds)) != len(config.seeds):
         raise ConfigError(f"seeds: {config.seeds} repeats a seed (each fold x seed run must be distinct)")
     backbone_for_inputs(config.model, config.data.image_size)  # a ViT's size mismatch, before any run dir
-    frame = load_manifest(config.data.manifest, require_labels=True, num_folds=config.data.num_folds)
-    folds = (
-        {seed: assign_folds_for_seed(frame, config.data.num_folds, config.data.fold_seed, seed, per_seed=True) for seed in config.seeds}
-        if config.data.folds_per_seed
-        else assign_folds(frame, config.data.num_folds, config.data.fold_seed)
-    )
-    return frame, folds
+    frame = load_manifest(config.data.manifest, require_labels=True, num_folds=config.data.num_folds, dicom_frames=config.data.dicom_frames)
+    return frame, cv_folds(config, frame)
 
 
 # A CV split over processes (a SLURM job array: one fold x seed per task or GPU):
@@ -241,8 +251,23 @@ def join_cv(config: FineTuneCVConfig, run_dir: str | Path) -> Path:
         )
     frame, _ = _manifest_and_folds(config)
     with RunLock(run_dir):
+        finish_models(config, frame, run_dir)  # refit models (trained here) and thresholds, as run_cv does
         write_summary(run_dir, collect_runs(run_dir), frame, config)
     return run_dir
+
+
+def cv_folds(config: FineTuneCVConfig, frame: pd.DataFrame) -> np.ndarray | dict[int, np.ndarray]:
+    """The folds of ``frame``'s rows: read from ``data.folds_from``, else drawn (once, or per
+    seed with ``data.folds_per_seed``: then a dict seed -> folds)."""
+    data = config.data
+    if data.folds_from:
+        try:
+            return folds_from_table(frame, read_fold_table(data.folds_from), data.num_folds, list(config.seeds), data.folds_per_seed, source=f"data.folds_from={data.folds_from}")
+        except FoldError as error:
+            raise ConfigError(str(error)) from error
+    if data.folds_per_seed:
+        return {seed: assign_folds_for_seed(frame, data.num_folds, data.fold_seed, seed, per_seed=True) for seed in config.seeds}
+    return assign_folds(frame, data.num_folds, data.fold_seed)
 
 
 def _with_stage_callbacks(extra: CallbackFactory | None) -> CallbackFactory:
@@ -302,6 +327,7 @@ def run_single(
     checkpoints are deleted once the run is finished (``model.safetensors`` stays).
     """
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / FAILED_FILE).unlink(missing_ok=True)  # a retried run starts clean
     L.seed_everything(seed, workers=True)
     inner = config.selection == "inner_val"
     datamodule = LabeledDataModule(config.data, frame, folds, fold, seed, inner_validation=inner)
@@ -314,27 +340,102 @@ def run_single(
             dirpath=str(run_dir / "checkpoints"), filename="best", monitor=config.selection_metric, mode="min" if config.selection_metric.endswith("loss") else "max", save_top_k=1
         )
         callbacks.append(selector)
-    logging = LoggingConfig(**{**to_dict(config.logging), "group": config.logging.group or config.name, "job_type": config.logging.job_type or "finetune"})
-    loggers = build_loggers(run_dir, logging, name=f"{config.name}-fold{fold}-seed{seed}", config={**to_dict(config), **run_info}, tags=[f"fold{fold}", f"seed{seed}"])
+    logging = _cv_logging(config)
+    provenance = encoder_provenance(config.model.init, config.model.weights)
+    loggers = build_loggers(run_dir, logging, name=f"{config.name}-fold{fold}-seed{seed}", config={**to_dict(config), **run_info, "provenance": provenance}, tags=[f"fold{fold}", f"seed{seed}"])
     # Without inner validation there is nothing to validate on: the test fold is never peeked at.
     trainer_config = config.trainer if inner else replace(config.trainer, limit_val_batches=0)
     trainer = build_trainer(trainer_config, run_dir, loggers=loggers, callbacks=callbacks)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=last_checkpoint(run_dir))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(run_dir))
+    except NonFiniteLossError as error:
+        write_text_atomic(run_dir / FAILED_FILE, json.dumps({**run_info, "step": trainer.global_step, "reason": str(error)}, indent=2))
+        raise
+    # Which model is tested: the last one, or the one inner validation chose (its step and epoch,
+    # so a selection of the first steps is visible, not hidden behind "best epoch").
+    selected = {"selected_epoch": max(trainer.current_epoch - 1, 0), "selected_step": trainer.global_step}
     if selector is not None:
         best = torch.load(selector.best_model_path, map_location="cpu", weights_only=True)
         module.load_state_dict(best["state_dict"])
+        selected = {"selected_epoch": int(best["epoch"]), "selected_step": int(best["global_step"])}
     results = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()
     metrics = {name: float(results[f"test/{name}"]) for name in METRIC_NAMES}
     if trainer.is_global_zero:
-        predict(module, datamodule.test_dataloader()).to_csv(run_dir / "predictions.csv", index=False)
+        predictions = predict(module, datamodule.test_dataloader())
+        predictions.to_csv(run_dir / "predictions.csv", index=False)
         save_finetuned(module, run_dir / "model", image_size=config.data.image_size)
         _drop_training_state(run_dir)
-        record = {**run_info, **metrics, "epochs": trainer.current_epoch, "selection": config.selection}
+        collapsed = collapse_reason(predictions, run_dir / "metrics.csv", config.selection_metric if inner else None)
+        record = {
+            **run_info,
+            **metrics,
+            "epochs": trainer.current_epoch,
+            "steps": trainer.global_step,
+            "selection": config.selection,
+            **selected,
+            "collapsed": collapsed is not None,
+            "collapse_reason": collapsed,
+        }
         write_text_atomic(run_dir / "metrics.json", json.dumps(record, indent=2))
     return metrics
+
+
+def _cv_logging(config: FineTuneCVConfig) -> LoggingConfig:
+    """W&B group = the CV's name unless the config (a study) sets one; job type = finetune."""
+    return LoggingConfig(**{**to_dict(config.logging), "group": config.logging.group or config.name, "job_type": config.logging.job_type or "finetune"})
+
+
+def finish_models(config: FineTuneCVConfig, frame: pd.DataFrame, run_dir: Path) -> None:
+    """After every fold: the refit models (``config.refit``), then each model's threshold and temperature."""
+    from tus.stages.cv_decision import decide
+
+    if config.refit:
+        for seed in config.seeds:
+            if not (run_dir / "runs" / f"refit-seed{seed}" / "refit.json").exists():
+                run_refit(config, frame, seed, run_dir / "runs" / f"refit-seed{seed}")
+    decide(run_dir, frame, config.threshold, config.calibration)
+
+
+def run_refit(config: FineTuneCVConfig, frame: pd.DataFrame, seed: int, run_dir: Path) -> dict:
+    """Train one model on every labelled image with the CV's recipe and epoch count; write refit.json last (= done).
+
+    Nothing is held out, so nothing is evaluated: refit.json says so, and the model's expected performance is the
+    CV's. No per-sample losses or Grad-CAM are recorded (they are for held-out folds). Needs ``selection: last``:
+    with inner validation each fold chose its own epoch, so there is no one epoch count to repeat.
+    """
+    if config.selection != "last":
+        raise ConfigError("refit=true needs selection=last: with inner_val each fold chose its own epoch, so there is no one recipe to refit with")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(seed, workers=True)
+    datamodule = LabeledDataModule(config.data, frame, None, None, seed)
+    module = FineTuneModule(config.model, config.optim)
+    logging = LoggingConfig(**{**to_dict(config.logging), "group": config.logging.group or config.name, "job_type": "refit"})
+    loggers = build_loggers(run_dir, logging, name=f"{config.name}-refit-seed{seed}", config={**to_dict(config), "seed": seed, "refit": True}, tags=["refit", f"seed{seed}"])
+    trainer = build_trainer(replace(config.trainer, limit_val_batches=0), run_dir, loggers=loggers, callbacks=[_EpochSeededStream(seed)])
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(run_dir))
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()
+    record = {
+        "seed": seed,
+        "refit": True,
+        "evaluated": False,
+        "note": "trained on every labelled image; never evaluated (nothing held out): its expected performance is the CV's (summary.json)",
+        "images": int(len(frame)),
+        "patients": int(frame["patient_id"].nunique()),
+        "epochs": trainer.current_epoch,
+        "init": config.init_label or config.model.init,
+    }
+    if trainer.is_global_zero:
+        folder = save_finetuned(module, run_dir / "model", image_size=config.data.image_size)
+        exported = json.loads((folder / "config.json").read_text())
+        write_text_atomic(folder / "config.json", json.dumps({**exported, "refit": record}, indent=2))  # marked in the model itself
+        _drop_training_state(run_dir)
+        write_text_atomic(run_dir / "refit.json", json.dumps(record, indent=2))
+    return record
 
 
 def _drop_training_state(run_dir: Path) -> None:

@@ -26,11 +26,14 @@ import lightning as L
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch import nn
 
-from tus.callbacks.probes import DownstreamProbe, OrganProbe
+from tus.callbacks.probes import DownstreamProbe, OrganProbe, write_heldout_embeddings
+from tus.callbacks.reconstruction import ReconstructionGrid
 from tus.config import ConfigError, require_seeds, to_dict
 from tus.data.pools import PretrainDataConfig, PretrainDataModule
+from tus.figures.runs import EMBEDDINGS_FILE, write_pretrain_figures
 from tus.methods import method_options, resolved_method_block
-from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, finish_loggers, last_checkpoint, open_run, write_json_atomic
+from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, check_output_root, finish_loggers, open_run, resume_checkpoint, write_json_atomic
+from tus.tracking import track_pretraining
 
 
 @dataclass
@@ -86,6 +89,8 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path | None = None, *
         raise ConfigError("data.sources is empty: give at least one manifest or folder of images")
     if config.trainer.max_steps <= 0:
         raise ConfigError("trainer.max_steps must be > 0: pretraining runs a fixed number of steps")
+    if run_dir is None:
+        check_output_root(config.output_root)  # before the data are read
     method_cls, method = method_options(config.method)
     L.seed_everything(config.seed, workers=False)
     datamodule = PretrainDataModule(
@@ -98,6 +103,7 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path | None = None, *
     if getattr(getattr(method, "loss", None), "organ_weight", 0) > 0 and not datamodule.organ_classes:
         raise ConfigError("method.loss.organ_weight > 0 but no image has an organ: add an 'organ' column, set the source's organ, or use --method.loss.organ_weight=0")
     report = datamodule.pool_report()
+    datamodule.decode_images()  # a corrupt image is refused before the run dir exists
     with open_run(config, output_root=config.output_root, name=config.name, resume=run_dir, allow_config_change=allow_config_change, create=create) as run_dir:
         if rank_zero_only.rank == 0:
             write_json_atomic(run_dir / "pool.json", report)
@@ -122,11 +128,16 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path | None = None, *
                 batch_size=config.monitor.batch_size,
             )
             callbacks.append(downstream)
+        # Methods that can reconstruct their input (MAE) get the reconstruction grids; the stage attaches the
+        # callback so that methods never import callbacks.
+        every = getattr(method, "reconstruction_every_n_steps", 0)
+        if every > 0 and hasattr(module, "reconstruct"):
+            callbacks.append(ReconstructionGrid(every, num_images=method.reconstruction_images))
         loggers = build_loggers(run_dir, config.logging, name=config.name, config={**to_dict(config), "pool": report}, tags=["pretrain", method_cls.__name__])
         trainer = build_trainer(config.trainer, run_dir, loggers=loggers, callbacks=callbacks, checkpoint_every_n_steps=config.checkpoint_every_n_steps, resumes_mid_epoch=True)
         if config.sync_batchnorm and trainer.world_size > 1:
             module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=last_checkpoint(run_dir))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(run_dir))
         finish_loggers(loggers)
         if trainer.is_global_zero:
             export = {
@@ -140,4 +151,8 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path | None = None, *
             last = {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("train/")}
             summary = {"steps": trainer.global_step, "last": last, "probe": probe.history if probe else [], "downstream_probe": downstream.history if downstream else []}
             write_json_atomic(run_dir / "summary.json", summary)
+            if probe is not None:
+                write_heldout_embeddings(module, probe.heldout, datamodule.heldout, run_dir / EMBEDDINGS_FILE, config.monitor.batch_size)
+            write_pretrain_figures(run_dir)
+            track_pretraining(run_dir, config.logging, [Path(s.manifest) for s in config.data.sources if s.manifest], config.name, to_dict(config))
     return run_dir

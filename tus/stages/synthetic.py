@@ -13,6 +13,7 @@ option (``--batch-size``) as :func:`tus.stages.sample.generate` does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ import pandas as pd
 
 from tus.data.images import UsageError, list_images
 from tus.data.manifest import load_manifest
+from tus.data.outputs import check_output_file, claim_output
 from tus.data.overlap import find_overlap, format_overlap, labeled_folds, overlap_report
 from tus.eval import filtering
 from tus.eval.features import EncoderExtractor, FeatureExtractor, InceptionExtractor, load_tus_encoder
@@ -42,6 +44,8 @@ def check_extraction_options(extractor: ExtractorSpec, weights: str | Path | Non
         raise UsageError("--weights sets the Inception weights; it cannot be combined with --extractor ENCODER")
     if image_size is not None and isinstance(extractor, FeatureExtractor):
         raise UsageError("--image-size sets a tus encoder's input size; a FeatureExtractor object brings its own")
+    if image_size is not None and str(extractor) == "inception":
+        raise UsageError("--image-size sets a tus encoder's input size; the Inception extractor resizes every image to 299 px itself")
 
 
 def build_extractor(extractor: ExtractorSpec, weights: str | Path | None = None, image_size: int | None = None) -> FeatureExtractor:
@@ -81,9 +85,15 @@ def run_metrics(
     check_extraction_options(extractor, weights, image_size, batch_size)
     if prc_k < 1:
         raise UsageError(f"--prc-k must be >= 1, got {prc_k}")
-    if out is not None and Path(out).is_dir():
-        raise UsageError(f"--out {out}: is a folder; give a file name for the metrics JSON")
+    if out is not None:
+        check_output_file(Path(out), "--out")
     real_paths, generated_paths = image_paths(real), image_paths(generated)
+    # --out is checked writable and locked before any feature is computed.
+    with claim_output(out, "--out", folder=False) if out is not None else contextlib.nullcontext():
+        return _score(real_paths, generated_paths, out, extractor, weights, image_size, cache_dir, batch_size, device, prc_k, seed, progress)
+
+
+def _score(real_paths, generated_paths, out, extractor, weights, image_size, cache_dir, batch_size, device, prc_k, seed, progress) -> dict:
     metrics = compute_metrics(
         real_paths,
         generated_paths,
@@ -148,6 +158,11 @@ def run_filter(
         raise UsageError(f"--link must be one of {', '.join(LINK_MODES)}, got {link!r}")
     check_filter_arguments(real, generated, out, k, sweep, per_class)
     labeled_frame = load_manifest(labeled, require_labels=True) if labeled is not None else None  # checked before any feature
+    with claim_output(out, "--out"):  # writable and locked before any feature is computed
+        return _filter(real, generated, Path(out), k, organ, sweep, link, extractor, weights, image_size, cache_dir, batch_size, device, progress, labeled_frame, num_folds, fold_seed)
+
+
+def _filter(real, generated, out: Path, k, organ, sweep, link, extractor, weights, image_size, cache_dir, batch_size, device, progress, labeled_frame, num_folds, fold_seed) -> dict:
     common = {
         "extractor": build_extractor(extractor, weights, image_size),
         "cache_dir": cache_dir,

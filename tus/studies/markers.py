@@ -32,7 +32,7 @@ def evaluate_markers(cv_dir: Path, config: MarkerEvalConfig, out_dir: Path) -> d
         return json.loads(summary_path.read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
     cv_config = load_config(FineTuneCVConfig, cv_dir / "config.yaml")
-    frame = load_manifest(cv_config.data.manifest, require_labels=True, decode_images=False).set_index("sample_id")
+    frame = load_manifest(cv_config.data.manifest, require_labels=True, decode_images=False, dicom_frames=cv_config.data.dicom_frames).set_index("sample_id")
     folds = pd.read_csv(cv_dir / "folds.csv", dtype={"sample_id": str})
     records = []
     for run in sorted((cv_dir / "runs").glob("fold*-seed*")):
@@ -49,7 +49,7 @@ def evaluate_markers(cv_dir: Path, config: MarkerEvalConfig, out_dir: Path) -> d
             result.per_image(list(rows.index)).assign(label=labels).to_csv(out_dir / f"{run.name}-per_image.csv", index=False)
             if not records and config.overlay_images > 0:
                 shown = slice(0, config.overlay_images)
-                save_overlay_grid(result.rows(shown), list(rows.index)[shown], out_dir / f"{run.name}-overlays.png")
+                save_overlay_grid(result.rows(shown), list(rows.index)[shown], out_dir / f"{run.name}-overlays.png", labels[shown].tolist())
             write_json_atomic(record_path, record)
         records.append(json.loads(record_path.read_text()))
     runs = pd.DataFrame(records)

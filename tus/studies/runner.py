@@ -15,6 +15,9 @@ Layout under ``--out`` (deterministic, so re-running resumes and skips finished 
     <out>/<study>/<arm>/finetune/        the arm's ``run_cv`` dir (folds x seeds, summary.json)
     <out>/<study>/<arm>/markers/         marker sensitivity of each fold x seed model (if asked)
     <out>/<study>/table.md, table.csv    the study's table
+    <out>/<study>/folds/*.csv            the labelled manifest's folds (the complete one in a noisy-
+                                         label study), which every CV of the study reads
+                                         (``data.folds_from``): the arms are paired by construction
     <out>/_pretrain/<key>/               pretraining runs keyed by a hash of their config: arms of
                                          any study asking for the same pretraining share one run
 
@@ -37,7 +40,7 @@ import torch
 import yaml
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-from tus.config import ConfigError, changed_keys, load_config, to_dict
+from tus.config import ConfigError, changed_keys, load_config, to_dict, write_text_atomic
 from tus.data.images import content_hash, list_images
 from tus.data.manifest import load_manifest
 from tus.eval.noisy_labels import FlaggingRule
@@ -45,10 +48,11 @@ from tus.runs import read_json, write_json_atomic
 from tus.stages.finetune_cv import FineTuneCVConfig, ResumeMismatchError, run_cv
 from tus.stages.pretrain import PretrainConfig, run_pretraining
 from tus.studies.markers import evaluate_markers
-from tus.studies.noisy_labels import FLAGGING_DIR, FLAGS_DIR, flag_labels, run_fold_safe_cv
+from tus.studies.noisy_labels import FLAGGING_DIR, FLAGS_DIR, flag_labels, read_fold_safe_flags, run_fold_safe_cv
 from tus.studies.schema import PRETRAIN_ROOT, StageOverrides, Study, StudyError, substitute
 from tus.studies.schema import STAGES as STAGES
 from tus.studies.tables import write_table
+from tus.tracking import track_study
 
 # Trainer options that say where a run executes, not what it computes: a finished run is
 # found again whatever they are now (a pretraining done as a 2-GPU job is reused by a later
@@ -124,7 +128,7 @@ def plan_study(
         arm = config.arms[name]
         names: set[str] = set()
         arm_shrunk = arm.shrink if shrink and arm.shrink is not None else StageOverrides()
-        finetune = [substitute(o, variables, names) for o in [*config.finetune, *arm.finetune, *shrunk.finetune, *arm_shrunk.finetune, *extra.finetune]]
+        finetune = [substitute(o, variables, names) for o in [*study_defaults(config), *config.finetune, *arm.finetune, *shrunk.finetune, *arm_shrunk.finetune, *extra.finetune]]
         pretrain = None
         if arm.pretrain is not None:
             pretrain = [substitute(o, variables, names) for o in [*config.pretrain, *arm.pretrain, *shrunk.pretrain, *arm_shrunk.pretrain, *extra.pretrain]]
@@ -157,6 +161,9 @@ def plan_study(
         arm = config.arms[name]
         complete = finetune_config.data.manifest
         data = finetune_config.data
+        # Every CV of the study reads its labelled manifest's folds from one table: arms are paired
+        # by construction, also those that drop or relabel rows (noisy-label arms).
+        data = dataclasses.replace(data, folds_from=str(shared_fold_table(study_dir, complete, finetune_config)))
         if arm.labels != "complete" and arm.label_protocol == "reference":
             data = dataclasses.replace(data, manifest=str(study_dir / FLAGS_DIR / f"manifest_{arm.labels}.csv"))
         finetune_config = dataclasses.replace(
@@ -183,13 +190,14 @@ def plan_flagging(study: Study, out: str | Path, *, variables: Mapping[str, str]
     configs = {}
     for name, overrides in config.noisy_labels.inits.items():
         missing: set[str] = set()
-        resolved = [substitute(o, variables, missing) for o in [*config.finetune, *overrides, *shrunk.finetune, *extra.finetune]]
+        resolved = [substitute(o, variables, missing) for o in [*study_defaults(config), *config.finetune, *overrides, *shrunk.finetune, *extra.finetune]]
         if missing:
             raise StudyError(f"{study.path}: noisy_labels.inits.{name}: variable(s) not set: {', '.join(sorted(missing))}")
         finetune = _load_stage(FineTuneCVConfig, study, f"noisy_labels.inits.{name}", "finetune", config.finetune_config, resolved)
         tags = [study.name, f"flag-{name}", *(["shrink"] if shrink else [])]
         configs[name] = dataclasses.replace(
             finetune,
+            data=dataclasses.replace(finetune.data, folds_from=str(shared_fold_table(study_dir, finetune.data.manifest, finetune))),
             name=f"{study_dir.name}-flag-{name}",
             output_root=str(study_dir),
             init_label=name,
@@ -200,6 +208,46 @@ def plan_flagging(study: Study, out: str | Path, *, variables: Mapping[str, str]
     if len(manifests) > 1:
         raise StudyError(f"{study.path}: noisy_labels.inits fine-tune on different manifests {sorted(manifests)}")
     return configs
+
+
+def study_defaults(config) -> list[str]:
+    """Fine-tuning overrides a study puts before its own: the folds are re-drawn per seed
+    (``folds_per_seed``, the reference code's protocol and what the corrected resampled t-test
+    of the study's comparisons assumes); a study or arm may still override it."""
+    return [f"data.folds_per_seed={str(config.folds_per_seed).lower()}"]
+
+
+FOLDS_DIR = "folds"
+
+
+def shared_fold_table(study_dir: Path, manifest: str, config: FineTuneCVConfig) -> Path:
+    """Where the study keeps the folds of the labelled ``manifest`` under ``config``'s fold
+    settings: one table per (manifest, K, fold seed or per-seed seeds), which every CV of the
+    study with those settings reads (``data.folds_from``), so arms that drop or relabel rows of
+    the manifest keep each row's fold (written by :func:`write_shared_fold_table`)."""
+    data = config.data
+    tag = hashlib.sha256(str(Path(manifest).resolve()).encode()).hexdigest()[:8]
+    drawn = f"seeds{'_'.join(map(str, config.seeds))}" if data.folds_per_seed else f"fold_seed{data.fold_seed}"
+    return study_dir / FOLDS_DIR / f"{Path(manifest).stem}-{tag}-k{data.num_folds}-{drawn}.csv"
+
+
+def write_shared_fold_table(config: FineTuneCVConfig, manifest: str, study: Study) -> None:
+    """Draw the folds of the complete ``manifest`` into ``config.data.folds_from`` (or check
+    that an existing table still holds them: the manifest must not change under a study)."""
+    from tus.data.folds import fold_table
+    from tus.stages.finetune_cv import cv_folds
+
+    path = Path(config.data.folds_from)
+    frame = load_manifest(manifest, require_labels=True, num_folds=config.data.num_folds, dicom_frames=config.data.dicom_frames)
+    folds = cv_folds(dataclasses.replace(config, data=dataclasses.replace(config.data, folds_from=None)), frame)
+    table = pd.concat([fold_table(frame, f).assign(seed=seed) for seed, f in folds.items()]) if isinstance(folds, dict) else fold_table(frame, folds)
+    text = table.to_csv(index=False)
+    if path.is_file():
+        if path.read_text() != text:
+            raise StudyError(f"{study.path}: {path} no longer matches {manifest} (the labelled manifest changed under this study); use another --out or remove {path.parent.parent}")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, text)
 
 
 def _load_stage(cls, study: Study, arm: str, stage: str, relative: str, overrides: list[str]):
@@ -252,8 +300,14 @@ def run_study(
     if stage == "pretrain":
         return study_dir
     flags_dir = None
+    if rank_zero:
+        for plan in plans:
+            write_shared_fold_table(plan.finetune, plan.complete_manifest, study)
     if study.config.noisy_labels is not None and any(plan.labels != "complete" for plan in plans):
         flagging = plan_flagging(study, out, variables=variables, shrink=shrink, extra=extra)
+        if rank_zero:
+            for config in flagging.values():
+                write_shared_fold_table(config, config.data.manifest, study)
         block = study.config.noisy_labels
         rule = FlaggingRule(block.threshold, block.min_exceed, block.min_fraction, block.counting)
         flags_dir = flag_labels(flagging, study_dir / FLAGGING_DIR, study_dir / FLAGS_DIR, rule, block.histogram_min_exceed)
@@ -267,6 +321,8 @@ def run_study(
             evaluate_markers(plan.finetune_dir, study.config.marker_eval, plan.markers_dir)
     if rank_zero:
         write_table(study, study_dir)
+        if plans:
+            track_study(study_dir, _tagged(plans[0].finetune.logging, study.name, "study-summary", []), name=study.name)
     return study_dir
 
 
@@ -365,9 +421,8 @@ def ensure_finetuned(plan: ArmPlan, study: Study, flags_dir: Path | None = None)
     try:
         if plan.label_protocol == "fold_safe":
             assert flags_dir is not None
-            flagged = set(pd.read_csv(flags_dir / "flagged.csv", dtype={"sample_id": str})["sample_id"])
             config = dataclasses.replace(plan.finetune, data=dataclasses.replace(plan.finetune.data, manifest=plan.complete_manifest))
-            run_fold_safe_cv(config, plan.complete_manifest, flagged, plan.labels, plan.finetune_dir)
+            run_fold_safe_cv(config, plan.complete_manifest, read_fold_safe_flags(flags_dir), plan.labels, plan.finetune_dir)
         else:
             run_cv(plan.finetune, plan.finetune_dir, create=True)
     except ResumeMismatchError as error:

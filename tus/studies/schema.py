@@ -133,6 +133,10 @@ class StudyConfig:
     title: str = ""
     finetune_config: str = "../finetune/paper.yaml"
     pretrain_config: str | None = None
+    # Re-draw the folds for each seed (the reference code), for every arm: the comparisons'
+    # corrected resampled t-test assumes resampled splits. False shares one split across seeds
+    # (then the table compares arms with a patient bootstrap of the pooled test predictions).
+    folds_per_seed: bool = True
     # Overrides every arm gets before its own.
     finetune: list[str] = field(default_factory=list)
     pretrain: list[str] = field(default_factory=list)

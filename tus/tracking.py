@@ -1,0 +1,328 @@
+"""W&B as the dashboard that compares runs: provenance in every run's config, artifacts with
+lineage, and one summary run per CV and per study.
+
+What a W&B workspace gets from tus (offline by default, see :func:`tus.runs.wandb_mode`):
+
+- every stage's runs are grouped (``group`` = the study/arm or ``logging.group``) and typed
+  (``job_type`` = the stage), and a fine-tuning run's config carries ``provenance``: the
+  initialisation (``model.init``), the encoder's pretraining run and its method, so the runs
+  table can group by them;
+- artifacts: the pretraining pool's manifests and the labelled manifest (named by content
+  hash, ``pool-<hash>``, ``labels-<hash>``), the encoder export (``encoder-<pretrain run>``),
+  each fold model (``model-<cv run>-fold<F>-seed<S>``), the CV's pooled test predictions
+  (``predictions-<cv run>``);
+- lineage: a pretraining run *logs* its encoder and *uses* its pool; a CV's summary run
+  *uses* the encoder and the labelled manifest and *logs* the fold models and predictions,
+  so the lineage graph reads pool -> pretraining -> encoder -> CV -> models/predictions;
+- one summary run per CV (``job_type`` ``cv-summary``: mean ± std and CIs as summary
+  metrics, a table of the fold x seed runs, ROC/PR/confusion through ``wandb.plot``, the
+  figures) and one per study (``study-summary``: the arms' table and the forest plots).
+
+W&B cannot *use* an artifact offline, so every use and log is also written to the run dir's
+``wandb_lineage.jsonl`` (one JSON object per line: run id, ``use``/``log``, name, type, digest);
+``tus wandb export`` syncs the offline runs and then replays the uses online, which draws the
+lineage edges. Runs are quiet: no banner, no console capture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from tus.run_config import LoggingConfig
+from tus.runs import wandb_mode
+
+LINEAGE_FILE = "wandb_lineage.jsonl"
+SUMMARY_ID_FILE = "wandb_summary_id.txt"
+
+
+def enabled(logging: LoggingConfig) -> bool:
+    return bool(logging.wandb) and wandb_mode(logging) != "disabled"
+
+
+def quiet_environment() -> None:
+    """No W&B banner or "syncing" lines (a stage's log says where its runs are)."""
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("WANDB_CONSOLE", "off")
+
+
+def artifact_name(prefix: str, text: str) -> str:
+    """A W&B artifact name (letters, digits, ``-_.``) from a prefix and a run or file name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{prefix}-{text}").strip("-")[:120]
+
+
+def content_hash(paths: Iterable[Path]) -> str:
+    """SHA-256 (first 12 hex digits) over the files' names and bytes, in name order."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(p) for p in paths):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def encoder_provenance(init: str, weights: str | None) -> dict[str, Any]:
+    """The initialisation (``init``, as ``model.init``), and for a tus encoder export its
+    pretraining run, method and steps (read from the export's ``config.json``): a run config's
+    ``provenance`` block, for the runs table to group by (``provenance.encoder_method``)."""
+    record: dict[str, Any] = {"init": init, "encoder_run": None, "encoder_method": None, "encoder_steps": None}
+    folder = Path(weights) if weights else None
+    if folder is not None and folder.is_file():
+        folder = folder.parent
+    config = folder / "config.json" if folder is not None else None
+    if config is not None and config.is_file():
+        meta = json.loads(config.read_text())
+        extra = meta.get("extra", meta)
+        record.update({"encoder_run": extra.get("pretrain_run"), "encoder_method": extra.get("method"), "encoder_steps": extra.get("steps")})
+    return record
+
+
+def start_run(run_dir: Path, logging: LoggingConfig, *, name: str, job_type: str, config: dict | None = None, id_file: str = SUMMARY_ID_FILE, tags: Iterable[str] = ()):
+    """A W&B run of its own in ``run_dir`` (resumable by the id kept in ``id_file``), or None
+    when W&B is off. Used for the summary runs and for artifacts written after a stage's
+    training run has finished."""
+    if not enabled(logging):
+        return None
+    quiet_environment()
+    import uuid
+
+    import wandb
+
+    id_path = run_dir / id_file
+    run_id = id_path.read_text().strip() if id_path.is_file() else uuid.uuid4().hex[:8]
+    id_path.write_text(run_id)
+    return wandb.init(
+        project=logging.project,
+        entity=logging.entity,
+        group=logging.group,
+        job_type=job_type,
+        name=name,
+        id=run_id,
+        resume="allow",
+        dir=str(run_dir),
+        mode=wandb_mode(logging),  # type: ignore[arg-type]  # a checked WANDB_MODE string
+        config=config or {},
+        tags=[*logging.tags, *tags],
+        reinit="create_new",
+        settings=wandb.Settings(silent=True, console="off", quiet=True),
+    )
+
+
+def file_artifact(name: str, kind: str, files: Iterable[Path] | Path, metadata: dict | None = None):
+    """An artifact of files (or a folder); the same files give the same digest on every machine."""
+    import wandb
+
+    artifact = wandb.Artifact(name, type=kind, metadata=metadata or {})
+    if isinstance(files, Path) and files.is_dir():
+        artifact.add_dir(str(files))
+    else:
+        for path in [files] if isinstance(files, Path) else files:
+            artifact.add_file(str(path), name=Path(path).name)
+    return artifact
+
+
+def _record(run_dir: Path, run: Any, direction: str, artifact: Any) -> None:
+    row = {"run_id": run.id, "project": run.project, "direction": direction, "name": artifact.name.split(":")[0], "type": artifact.type, "digest": artifact.digest}
+    with (run_dir / LINEAGE_FILE).open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def log_artifact(run: Any, run_dir: Path, artifact: Any) -> None:
+    """Log ``artifact`` as this run's output (works offline; uploaded by ``wandb sync``)."""
+    run.log_artifact(artifact)
+    _record(run_dir, run, "log", artifact)
+
+
+def use_artifact(run: Any, run_dir: Path, artifact: Any) -> None:
+    """Declare ``artifact`` an input of this run: online at once, offline in the lineage file
+    (``tus wandb export`` replays it after syncing)."""
+    if run.settings.mode == "online":
+        run.use_artifact(artifact)
+    _record(run_dir, run, "use", artifact)
+
+
+def read_lineage(run_dir: Path) -> list[dict]:
+    """Every artifact use and log recorded under ``run_dir`` (its own file and its runs')."""
+    rows = []
+    for path in sorted(Path(run_dir).rglob(LINEAGE_FILE)):
+        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows
+
+
+def offline_records(run_dir: Path) -> list[Any]:
+    """The records (``wandb_internal_pb2.Record``) of every offline W&B run under ``run_dir``, read
+    from their ``run-*.wandb`` transaction logs: to check what a run holds before syncing it.
+
+    The log is W&B's LevelDB-style record log: a 7-byte file header, then 32 KiB blocks of
+    chunks, each with a 7-byte header (CRC32, length, type: 1 full, 2 first, 3 middle, 4 last).
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    records = []
+    for path in sorted(Path(run_dir).rglob("offline-run-*/run-*.wandb")):
+        data, position, pending = path.read_bytes(), 7, b""
+        while position + 7 <= len(data):
+            if 32768 - position % 32768 < 7:  # a block's tail too short for a header is padding
+                position += 32768 - position % 32768
+                continue
+            _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+            if length == 0 and kind == 0:
+                break
+            pending += data[position + 7 : position + 7 + length]
+            position += 7 + length
+            if kind in (1, 4):
+                record = wandb_internal_pb2.Record()  # type: ignore[attr-defined]
+                record.ParseFromString(pending)
+                records.append(record)
+                pending = b""
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Per stage
+
+
+def _manifest_artifact(prefix: str, manifest: Path, metadata: dict | None = None):
+    return file_artifact(artifact_name(prefix, content_hash([manifest])), "dataset", [manifest], {"manifest": str(manifest.resolve()), **(metadata or {})})
+
+
+def _encoder_artifact(encoder_dir: Path):
+    meta = encoder_provenance("tus", str(encoder_dir))
+    files = sorted(p for p in encoder_dir.iterdir() if p.is_file())
+    return file_artifact(artifact_name("encoder", meta["encoder_run"] or encoder_dir.parent.name), "model", files, {k: v for k, v in meta.items() if v is not None})
+
+
+def track_pretraining(run_dir: Path, logging: LoggingConfig, manifests: list[Path], name: str, config: dict) -> None:
+    """The pretraining run's lineage: it used its pool's manifests and produced the encoder."""
+    run = start_run(run_dir, logging, name=name, job_type=logging.job_type or "pretrain", config=config, id_file="wandb_id.txt")
+    if run is None:
+        return
+    for manifest in manifests:
+        use_artifact(run, run_dir, _manifest_artifact("pool", manifest))
+    if (run_dir / "encoder").is_dir():
+        log_artifact(run, run_dir, _encoder_artifact(run_dir / "encoder"))
+    run.finish()
+
+
+def track_cv(run_dir: Path, logging: LoggingConfig, *, name: str, manifest: Path, init: str, weights: str | None, config: dict) -> None:
+    """One summary run per CV: its inputs (labelled manifest, encoder), each fold model and the
+    pooled predictions as artifacts, mean ± std and CIs as summary metrics, a table with one row
+    per fold x seed run, ROC/PR/confusion through ``wandb.plot`` and the figures."""
+    import pandas as pd
+
+    provenance = encoder_provenance(init, weights)
+    run = start_run(run_dir, logging, name=f"{name}-summary", job_type="cv-summary", config={**config, "provenance": provenance})
+    if run is None:
+        return
+    import wandb
+
+    use_artifact(run, run_dir, _manifest_artifact("labels", manifest))
+    if weights and Path(weights).is_dir() and (Path(weights) / "config.json").is_file():
+        use_artifact(run, run_dir, _encoder_artifact(Path(weights)))
+    for fold_dir in sorted((run_dir / "runs").glob("fold*-seed*")):
+        files = [p for p in (fold_dir / "model.safetensors", fold_dir / "model.json", fold_dir / "config.json", fold_dir / "metrics.json") if p.is_file()]
+        files += sorted(fold_dir.glob("model*.json"))
+        if files:
+            log_artifact(
+                run, run_dir, file_artifact(artifact_name("model", f"{run_dir.name}-{fold_dir.name}"), "model", sorted(set(files)), {"cv_run": run_dir.name, "run": fold_dir.name, **provenance})
+            )
+    predictions = sorted((run_dir / "runs").glob("*/predictions.csv"))
+    if predictions:
+        artifact = wandb.Artifact(artifact_name("predictions", run_dir.name), type="predictions", metadata={"cv_run": run_dir.name, **provenance})
+        for path in predictions:
+            artifact.add_file(str(path), name=f"{path.parent.name}/predictions.csv")
+        log_artifact(run, run_dir, artifact)
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    for metric, stats in (summary.get("metrics") or {}).items():
+        run.summary[f"{metric}/mean"] = stats["mean"]
+        run.summary[f"{metric}/std"] = stats["std"]
+    for metric, ci in (summary.get("ci") or {}).items():
+        run.summary[f"{metric}/ci_low"] = ci["low"]
+        run.summary[f"{metric}/ci_high"] = ci["high"]
+    runs_csv = run_dir / "runs.csv"
+    logged: dict[str, Any] = {}
+    if runs_csv.is_file() and runs_csv.stat().st_size > 1:
+        logged["runs"] = wandb.Table(dataframe=pd.read_csv(runs_csv))
+    pooled = _pooled(run_dir)
+    if len(pooled) and pooled["label"].nunique() == 2:
+        probabilities = pooled[["prob"]].assign(negative=1 - pooled["prob"])[["negative", "prob"]].to_numpy()
+        labels = pooled["label"].astype(int).to_numpy()
+        logged["roc"] = wandb.plot.roc_curve(labels, probabilities, labels=["0", "1"], classes_to_plot=[1])  # type: ignore[list-item]
+        logged["pr"] = wandb.plot.pr_curve(labels, probabilities, labels=["0", "1"], classes_to_plot=[1])  # type: ignore[list-item]
+        logged["confusion"] = wandb.plot.confusion_matrix(y_true=labels.tolist(), preds=pooled["pred"].astype(int).tolist(), class_names=["0", "1"])
+    for png in sorted((run_dir / "figures").glob("*.png")):
+        logged[f"figures/{png.stem}"] = wandb.Image(str(png))
+    if logged:
+        run.log(logged)
+    run.finish()
+
+
+def _pooled(run_dir: Path):
+    import pandas as pd
+
+    if not (run_dir / "folds.csv").is_file():
+        return pd.DataFrame(columns=["label", "prob", "pred"])
+    from tus.figures.runs import cv_predictions
+
+    return cv_predictions(run_dir)
+
+
+def track_study(study_dir: Path, logging: LoggingConfig, *, name: str) -> None:
+    """One summary run per study: the arms' table and the forest plots."""
+    import pandas as pd
+
+    run = start_run(study_dir, logging, name=f"{name}-summary", job_type="study-summary", config={"study": name})
+    if run is None:
+        return
+    import wandb
+
+    logged: dict[str, Any] = {}
+    if (study_dir / "table.csv").is_file():
+        logged["arms"] = wandb.Table(dataframe=pd.read_csv(study_dir / "table.csv"))
+    for png in sorted((study_dir / "figures").glob("forest_*.png")):
+        logged[f"figures/{png.stem}"] = wandb.Image(str(png))
+    if logged:
+        run.log(logged)
+    run.finish()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pushing offline runs later
+
+
+def offline_run_folders(run_dirs: Iterable[Path]) -> list[Path]:
+    """Every ``offline-run-*`` folder under the given run dirs (a run, a study, a demo folder)."""
+    return sorted({folder for run_dir in run_dirs for folder in Path(run_dir).rglob("offline-run-*") if folder.is_dir()})
+
+
+def export_offline(run_dirs: Iterable[Path], *, entity: str | None = None, dry_run: bool = False) -> list[str]:
+    """Upload offline runs with their artifacts (``wandb sync``), then replay the artifact uses
+    recorded in ``wandb_lineage.jsonl`` online (W&B cannot record a use offline), which draws
+    the lineage edges. Returns the actions, one line each (only listed with ``dry_run``)."""
+    import subprocess
+    import sys
+
+    run_dirs = [Path(p) for p in run_dirs]
+    folders = offline_run_folders(run_dirs)
+    uses = [row for run_dir in run_dirs for row in read_lineage(run_dir) if row["direction"] == "use"]
+    actions = [f"sync {folder}" for folder in folders]
+    actions += [f"use {row['name']}:latest ({row['type']}) in run {row['project']}/{row['run_id']}" for row in uses]
+    if dry_run:
+        return actions
+    if folders:
+        command = [sys.executable, "-m", "wandb", "sync", *(["--entity", entity] if entity else []), *map(str, folders)]
+        subprocess.run(command, check=True)
+    import wandb
+
+    quiet_environment()
+    for row in uses:
+        run = wandb.init(project=row["project"], entity=entity, id=row["run_id"], resume="must", mode="online", reinit="create_new", settings=wandb.Settings(silent=True, console="off"))
+        run.use_artifact(f"{row['name']}:latest", type=row["type"])
+        run.finish()
+    return actions
