@@ -11,6 +11,7 @@ from tus.cli.synthetic import filter_main
 from tus.data.images import DataError, UsageError
 from tus.data.manifest import load_manifest
 from tus.eval.filtering import filter_generated, per_class_membership
+from tus.stages.synthetic import run_filter
 
 # Two classes of real points, 2-d, far apart; k = 1: each ball's radius is 10 * sqrt(2) ~ 14.1.
 REAL = {0: [(40, 50), (60, 50), (50, 40), (50, 60)], 1: [(190, 200), (210, 200), (200, 190), (200, 210)]}
@@ -48,6 +49,8 @@ def test_filter_per_class_writes_labels_and_counts(labelled, tmp_path):
     assert result.table["decision"].tolist() == ["kept" if g[2] else "rejected" for g in GENERATED]
     kept = load_manifest(tmp_path / "out" / "manifest.csv", require_labels=True, require_patients=False)
     assert kept["sample_id"].tolist() == [paths[0].name, paths[2].name] and kept["label"].tolist() == [0, 1]
+    report = run_filter(manifest, generated, tmp_path / "stage", k=1, extractor=PixelExtractor(), per_class=True)
+    assert report["per_class"] == {"0": {"generated": 2, "kept": 1}, "1": {"generated": 2, "kept": 1}}
     # The class-blind filter keeps the other-class point: the per-class decision is what rejects it.
     blind = filter_generated(manifest, generated, tmp_path / "blind", k=1, extractor=PixelExtractor())
     assert blind.table["decision"].tolist()[:2] == ["kept", "kept"]

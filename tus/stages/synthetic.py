@@ -159,10 +159,10 @@ def run_filter(
     check_filter_arguments(real, generated, out, k, sweep, per_class)
     labeled_frame = load_manifest(labeled, require_labels=True) if labeled is not None else None  # checked before any feature
     with claim_output(out, "--out"):  # writable and locked before any feature is computed
-        return _filter(real, generated, Path(out), k, organ, sweep, link, extractor, weights, image_size, cache_dir, batch_size, device, progress, labeled_frame, num_folds, fold_seed)
+        return _filter(real, generated, Path(out), k, organ, sweep, link, extractor, weights, image_size, cache_dir, batch_size, device, progress, labeled_frame, num_folds, fold_seed, per_class)
 
 
-def _filter(real, generated, out: Path, k, organ, sweep, link, extractor, weights, image_size, cache_dir, batch_size, device, progress, labeled_frame, num_folds, fold_seed) -> dict:
+def _filter(real, generated, out: Path, k, organ, sweep, link, extractor, weights, image_size, cache_dir, batch_size, device, progress, labeled_frame, num_folds, fold_seed, per_class=False) -> dict:
     common = {
         "extractor": build_extractor(extractor, weights, image_size),
         "cache_dir": cache_dir,
