@@ -67,11 +67,11 @@ def test_interrupted_sampling_resumes_to_the_uninterrupted_result(export, tmp_pa
     real_append = sampling.append_manifest_rows
     calls = []
 
-    def crash_on_second_batch(manifest, indices, settings):
+    def crash_on_second_batch(manifest, indices, settings, *labels):
         calls.append(list(indices))
         if len(calls) == 3:  # reconciliation, batch 0, then batch 1 dies before its rows
             raise KeyboardInterrupt
-        real_append(manifest, indices, settings)
+        real_append(manifest, indices, settings, *labels)
 
     monkeypatch.setattr(sampling, "append_manifest_rows", crash_on_second_batch)
     with pytest.raises(KeyboardInterrupt):

@@ -17,6 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--precision", choices=("32", "bf16"), default="32")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--label", type=int, default=None, help="class of every image (a class-conditional model, unet.num_classes)")
+    parser.add_argument("--labels-from", default=None, help="labelled manifest whose class mix to sample: image i takes row (i mod rows)'s label")
+    parser.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale w: eps = (1 + w) eps(x, y) - w eps(x); 0: plain conditional")
     args = parser.parse_args(argv)
     from tus.stages.sample import generate  # torch and diffusers: not needed for --help
 
@@ -31,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         precision=args.precision,
         progress=not args.no_progress,
+        label=args.label,
+        labels_from=args.labels_from,
+        guidance=args.guidance,
     )
     print(f"{args.n} images in {manifest.parent} (manifest: {manifest})")
     return 0

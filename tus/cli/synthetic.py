@@ -78,6 +78,7 @@ def filter_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labeled", help="a labelled manifest: report, per fold, the real images that are labelled images (leakage check)")
     parser.add_argument("--folds", type=int, default=3, help="with --labeled and no 'fold' column: folds drawn as finetune-cv does")
     parser.add_argument("--fold-seed", type=int, default=0)
+    parser.add_argument("--per-class", action="store_true", help="keep a class-y sample when it is in the class-y real manifold (both manifests labelled)")
     args = parser.parse_args(argv)
     from tus.stages.synthetic import format_filter_report, run_filter  # torch: not needed for --help
 
@@ -92,6 +93,7 @@ def filter_main(argv: list[str] | None = None) -> int:
         labeled=args.labeled,
         num_folds=args.folds,
         fold_seed=args.fold_seed,
+        per_class=args.per_class,
         **_extraction_options(args),
     )
     print(format_filter_report(report))

@@ -200,8 +200,28 @@ class DiffusionDataModule(ImagePoolDataModule):
         frames = self.prepare_frames()
         return {
             "images_per_source": {str(s.manifest or s.folder): len(f) for s, f in zip(self.sources, frames)},
+            "images_per_label": {str(k): v for k, v in self.label_counts().items()},
             "excluded_labeled": self.excluded,
         }
+
+    def label_counts(self) -> dict[int, int]:
+        """Images per class label across the pool (-1: unlabelled), for a class-conditional model."""
+        counts: dict[int, int] = {}
+        for frame in self.prepare_frames():
+            labels = frame["label"].astype(int) if "label" in frame.columns else pd.Series(-1, index=frame.index)
+            for label, n in labels.value_counts().items():
+                counts[int(label)] = counts.get(int(label), 0) + int(n)
+        return dict(sorted(counts.items()))
+
+    def check_labels(self, num_classes: int) -> None:
+        """A conditional model needs labelled images, each label in 0..num_classes-1 (unlabelled ones train "no label")."""
+        counts = self.label_counts()
+        names = ", ".join(str(s.manifest or s.folder) for s in self.sources)
+        outside = [label for label in counts if label >= num_classes or label < -1]
+        if outside:
+            raise ValueError(f"{names}: label {outside[0]} is outside 0..{num_classes - 1} (unet.num_classes={num_classes})")
+        if not any(label >= 0 for label in counts):
+            raise ValueError(f"{names}: no labelled image, but unet.num_classes={num_classes} trains a class-conditional model; give a manifest with a 'label' column")
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer

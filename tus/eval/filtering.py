@@ -10,6 +10,12 @@ grow roughly linearly with the number of real images). It writes into a new fold
     out_dir/manifest.csv the kept images: path (relative), sample_id, organ (if given)
     out_dir/filter.json  settings and counts
 
+Per class (``per_class=True``, ``tus filter --per-class``): a class-``y`` sample is kept when it
+falls in the class-``y`` real manifold (balls around the class-``y`` real features only, k-th
+neighbour within the class). The real images' labels come from the ``label`` column of the real
+manifest, the samples' from ``manifest.csv`` in the generated folder (what ``tus sample --label``
+writes); filter.csv and the kept images' manifest then carry ``label``.
+
 The generated folder is only read. Hard links share the file with the input, so edit kept
 images only after copying them (``link="copy"`` avoids the question).
 
@@ -35,6 +41,7 @@ import torch
 from matplotlib.figure import Figure
 
 from tus.data.images import DataError, OutputExistsError, UsageError, list_images, read_grayscale
+from tus.data.manifest import read_manifest
 from tus.eval.features import FEATURES, LOGITS, FeatureExtractor, InceptionExtractor
 from tus.eval.manifold import kth_neighbour_radii, manifold_membership
 from tus.eval.metrics import (
@@ -91,14 +98,78 @@ def _check_k(k: int, num_real: int) -> None:
         raise UsageError(f"k must be between 1 and the number of real images - 1 ({num_real - 1}), got {k}")
 
 
-def check_filter_arguments(real: str | Path, generated_dir: str | Path, out_dir: str | Path, k: int, sweep_ks: Sequence[int] | None = None) -> None:
+def _labels_column(frame: pd.DataFrame, where: str) -> np.ndarray:
+    if "label" not in frame.columns:
+        raise DataError(f"{where}: no 'label' column; the per-class filter needs labelled real images and samples (tus sample --label)")
+    labels = []
+    for line, text in zip(frame["line"] if "line" in frame.columns else range(2, len(frame) + 2), frame["label"]):
+        try:
+            labels.append(int(str(text).strip()))
+        except ValueError:
+            raise DataError(f"{where}: line {line}: label {text!r} is not an integer") from None
+    return np.asarray(labels, dtype=int)
+
+
+def real_labels(real: str | Path) -> np.ndarray:
+    """The class label of each real image, in :func:`image_paths` order (the real set must be a manifest)."""
+    if Path(real).is_dir():
+        raise UsageError(f"{real}: the per-class filter needs the real images as a labelled manifest, not a folder")
+    return _labels_column(read_manifest(real), str(real))
+
+
+def generated_labels(generated_dir: str | Path, generated: Sequence[Path]) -> np.ndarray:
+    """The conditioning label of each generated image, from the folder's ``manifest.csv`` (matched by file name)."""
+    manifest = Path(generated_dir) / "manifest.csv"
+    if not manifest.is_file():
+        raise DataError(f"{manifest}: not found; the per-class filter reads the samples' labels from it (tus sample --label writes it)")
+    frame = read_manifest(manifest)
+    by_name = dict(zip((Path(p).name for p in frame["abs_path"]), _labels_column(frame, str(manifest)).tolist()))
+    missing = [p.name for p in generated if p.name not in by_name]
+    if missing:
+        raise DataError(f"{manifest}: no row for {len(missing)} generated image(s), e.g. {missing[0]}")
+    return np.asarray([by_name[p.name] for p in generated], dtype=int)
+
+
+def _check_per_class_k(k: int, labels_real: np.ndarray, labels_generated: np.ndarray) -> None:
+    counts = dict(zip(*np.unique(labels_real, return_counts=True)))
+    for label in sorted(set(labels_generated.tolist())):
+        if counts.get(label, 0) <= k:
+            raise UsageError(f"class {label}: {counts.get(label, 0)} real image(s), but the per-class filter needs more than k={k} (lower --k)")
+
+
+def per_class_membership(
+    real: np.ndarray,
+    labels_real: np.ndarray,
+    generated: np.ndarray,
+    labels_generated: np.ndarray,
+    k: int,
+    block_size: int | None = None,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`manifold_membership` class by class: generated point j is judged against the real points of its own
+    class ``labels_generated[j]`` only (radii = k-th neighbour within that class). Returns (inside, min_ratio)."""
+    labels_real, labels_generated = np.asarray(labels_real), np.asarray(labels_generated)
+    _check_per_class_k(k, labels_real, labels_generated)
+    inside = np.zeros(len(labels_generated), dtype=bool)
+    ratios = np.full(len(labels_generated), np.inf, dtype=np.float32)
+    for label in sorted(set(labels_generated.tolist())):
+        rows, queries = labels_real == label, labels_generated == label
+        class_real = np.asarray(real)[rows]
+        radii = kth_neighbour_radii(class_real, k, block_size)
+        inside[queries], ratios[queries] = manifold_membership(class_real, radii, np.asarray(generated)[queries], block_size, progress)
+    return inside, ratios
+
+
+def check_filter_arguments(real: str | Path, generated_dir: str | Path, out_dir: str | Path, k: int, sweep_ks: Sequence[int] | None = None, per_class: bool = False) -> None:
     """Every check of ``tus filter`` that needs no feature: the output folder, the generated images, k and
-    the swept ks. Run first, so a mistake costs no feature extraction."""
+    the swept ks (and, per class, both sets' labels). Run first, so a mistake costs no feature extraction."""
     generated_dir, out_dir = Path(generated_dir), Path(out_dir)
     _check_new_folder(out_dir, generated_dir)
-    _generated_images(generated_dir)
+    generated = _generated_images(generated_dir)
     num_real = len(image_paths(real))
     _check_k(k, num_real)
+    if per_class:
+        _check_per_class_k(k, real_labels(real), generated_labels(generated_dir, generated))
     if sweep_ks is not None:
         if not sweep_ks:
             raise UsageError("--sweep must name at least one k, e.g. 10,20,50,100")
@@ -133,6 +204,7 @@ def filter_generated(
     device: str | torch.device = "cpu",
     block_size: int | None = None,
     progress: bool = False,
+    per_class: bool = False,
 ) -> FilterResult:
     """Keep the images of ``generated_dir`` inside the manifold of ``real`` (manifest or folder).
 
@@ -147,11 +219,18 @@ def filter_generated(
     generated = _generated_images(generated_dir)
     real_paths = image_paths(real)
     _check_k(k, len(real_paths))
+    labels = None
+    if per_class:
+        labels, labels_real = generated_labels(generated_dir, generated), real_labels(real)
+        _check_per_class_k(k, labels_real, labels)
     extractor = extractor or InceptionExtractor()
     real_features = extractor.extract(real_paths, batch_size, device, cache_dir, progress)
     generated_features = extractor.extract(generated, batch_size, device, cache_dir, progress)
-    radii = kth_neighbour_radii(real_features, k, block_size)
-    inside, ratios = manifold_membership(real_features, radii, generated_features, block_size, progress)
+    if labels is not None:
+        inside, ratios = per_class_membership(real_features, labels_real, generated_features, labels, k, block_size, progress)
+    else:
+        radii = kth_neighbour_radii(real_features, k, block_size)
+        inside, ratios = manifold_membership(real_features, radii, generated_features, block_size, progress)
 
     kept = [path for path, keep in zip(generated, inside) if keep]
     table = pd.DataFrame(
@@ -164,6 +243,9 @@ def filter_generated(
     manifest = pd.DataFrame({"path": [f"images/{p.name}" for p in kept], "sample_id": [p.name for p in kept]})
     if organ is not None:
         manifest["organ"] = organ
+    if labels is not None:
+        table["label"] = labels
+        manifest["label"] = labels[inside]
     summary = {
         "real": str(real),
         "generated_dir": str(generated_dir),
@@ -175,6 +257,8 @@ def filter_generated(
         "rejected": len(generated) - len(kept),
         "link": link,
     }
+    if labels is not None:
+        summary["per_class"] = {str(label): {"generated": int((labels == label).sum()), "kept": int(inside[labels == label].sum())} for label in sorted(set(labels.tolist()))}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:

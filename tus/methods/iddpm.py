@@ -52,6 +52,13 @@ class UNetConfig:
     attention_head_dim: int = 128
     dropout: float = 0.0
     norm_num_groups: int = 32
+    # Class-conditional U-Net: K labels get an embedding each plus one more, the last, for
+    # "no label" (the unconditional branch of classifier-free guidance). None: unconditional.
+    num_classes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ValueError(f"unet.num_classes must be >= 1 (or null for an unconditional U-Net), got {self.num_classes}")
 
     def level_resolutions(self) -> list[int]:
         return [self.sample_size // 2**level for level in range(len(self.channel_mults))]
@@ -90,11 +97,34 @@ class UNetConfig:
             upsample_type="conv",
             flip_sin_to_cos=True,
             freq_shift=0,
+            **({"num_class_embeds": self.num_classes + 1} if self.num_classes is not None else {}),
         )
 
 
 def build_unet(config: UNetConfig) -> UNet2DModel:
-    return UNet2DModel(**config.diffusers_config())
+    unet = UNet2DModel(**config.diffusers_config())
+    if unet.class_embedding is not None:
+        # Zero class embeddings: the new model answers every label as it answers "no label", and a
+        # label's embedding moves only when that label is trained on (with p_uncond = 1 none does).
+        torch.nn.init.zeros_(unet.class_embedding.weight)
+    return unet
+
+
+def null_label(unet: UNet2DModel) -> int | None:
+    """The "no label" class index of a conditional U-Net (its last class embedding); None if unconditional."""
+    rows = getattr(unet.config, "num_class_embeds", None)
+    return None if rows is None else int(rows) - 1
+
+
+def training_labels(labels: torch.Tensor, num_classes: int, p_uncond: float, generator: torch.Generator) -> torch.Tensor:
+    """Class indices for a conditional training step: each label replaced by the null index ``num_classes`` with
+    probability ``p_uncond`` (classifier-free guidance's label dropout), and unlabelled images (-1) always null."""
+    labels = labels.to(torch.long)
+    bad = (labels < -1) | (labels >= num_classes)
+    if bool(bad.any()):
+        raise ValueError(f"label {int(labels[bad][0])} is outside 0..{num_classes - 1} (unet.num_classes={num_classes}); -1 marks an unlabelled image")
+    dropped = torch.rand(labels.shape[0], generator=generator, device=labels.device) < p_uncond
+    return torch.where(dropped | (labels < 0), torch.full_like(labels, num_classes), labels)
 
 
 @dataclass
@@ -105,6 +135,14 @@ class ProcessConfig:
     # lambda of L_hybrid = L_simple + lambda L_vlb (paper Sec. 3.1).
     vlb_weight: float = 0.001
     timestep_sampler: Literal["uniform", "loss_aware"] = "uniform"
+    # Probability that a conditional U-Net's training label is replaced by "no label", so one model
+    # learns both eps(x, y) and eps(x) for classifier-free guidance (Ho & Salimans use 0.1-0.2).
+    # None: 0.1 for a conditional U-Net; an unconditional one takes no labels at all.
+    p_uncond: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.p_uncond is not None and not 0.0 <= self.p_uncond <= 1.0:
+            raise ValueError(f"process.p_uncond must be in [0, 1], got {self.p_uncond}")
 
     def schedule(self) -> NoiseSchedule:
         return NoiseSchedule.cosine(self.num_timesteps)
@@ -122,6 +160,9 @@ class EmaConfig:
     decay: float = 0.9999
     # Ramp the decay up from 0 (1 - (1 + step)^-2/3) so short runs get a useful average.
     warmup: bool = False
+
+
+DEFAULT_P_UNCOND = 0.1
 
 
 class Float32Ema(ModelEmaV3):
@@ -162,7 +203,11 @@ class DiffusionModule(L.LightningModule):
                 "hflip": hflip,
             }
         )
+        if unet.num_classes is None and process.p_uncond is not None:
+            raise ValueError("process.p_uncond is the label dropout of a conditional U-Net; set unet.num_classes too (or drop p_uncond)")
         self.process = process
+        self.num_classes = unet.num_classes
+        self.p_uncond = DEFAULT_P_UNCOND if process.p_uncond is None else process.p_uncond
         self.optim = optim
         self.seed = seed
         self.hflip = hflip
@@ -186,7 +231,9 @@ class DiffusionModule(L.LightningModule):
         t, weights = self.timestep_sampler.sample(x0.shape[0], generator)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         xt = q_sample(self.schedule, x0, t, noise)
-        output = self.unet(xt, t).sample.float()
+        # Drawn after the noise: an unconditional model's draws are the same as before conditioning existed.
+        class_labels = None if self.num_classes is None else training_labels(batch["label"], self.num_classes, self.p_uncond, generator)
+        output = self.unet(xt, t, class_labels=class_labels).sample.float()
         terms = hybrid_loss(self.schedule, output, x0, xt, t, noise, self.process.vlb_weight)
         loss = (terms.loss * weights).mean()
         if self.process.timestep_sampler == "loss_aware":

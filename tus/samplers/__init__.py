@@ -16,6 +16,7 @@ from diffusers import UNet2DModel
 from tus.config import resolve_class
 from tus.losses.gaussian_diffusion import NoiseSchedule
 from tus.samplers.base import Sampler
+from tus.samplers.guidance import GuidedUNet
 
 # name -> "module:Class"
 SAMPLERS: dict[str, str] = {
@@ -45,9 +46,18 @@ def sample_images(
     seeds: Sequence[int],
     device: torch.device | str = "cpu",
     precision: str = "32",
+    labels: Sequence[int] | None = None,
+    guidance: float = 0.0,
 ) -> torch.Tensor:
-    """Images in [-1, 1], shape (len(seeds), C, H, W): one per seed, independent of batching."""
+    """Images in [-1, 1], shape (len(seeds), C, H, W): one per seed, independent of batching.
+
+    A class-conditional U-Net draws image i of class ``labels[i]`` with classifier-free guidance scale
+    ``guidance`` (:class:`tus.samplers.guidance.GuidedUNet`); without labels, unconditionally.
+    """
     device = torch.device(device)
+    if labels is not None and len(labels) != len(seeds):
+        raise ValueError(f"{len(labels)} labels for {len(seeds)} seeds")
+    model = GuidedUNet(unet, labels, guidance)
     method = get_sampler(sampler)
     steps = method.resolve_steps(steps, schedule.num_timesteps)
     config = unet.config
@@ -55,5 +65,5 @@ def sample_images(
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     with autocast:
-        images = method.sample(unet, schedule, steps, generators, shape, device)
+        images = method.sample(model, schedule, steps, generators, shape, device)
     return images.float().clamp(-1, 1)

@@ -8,12 +8,18 @@ drawn with the EMA weights, also logged to W&B) and, when training ends,
 ``export/ema_unet_stepXXXXXXX/`` (a diffusers ``save_pretrained`` folder): the EMA U-Net that ``tus sample``
 reads without Lightning.
 
-Images come from the manifests/folders of ``data.sources`` (labels ignored), resized to
+Images come from the manifests/folders of ``data.sources``, resized to
 ``data.image_size`` and scaled to [-1, 1]; horizontal flips are drawn inside the training
 step so that they, like the timesteps and the noise, replay identically after a resume.
 An "epoch" here is just ``data.steps_per_epoch`` steps of batches drawn with replacement:
 the checkpoint period (a checkpoint at an epoch end resumes exactly; Lightning cannot resume
 plain dataloaders mid-epoch).
+
+Class-conditional training (``unet.num_classes: K``): the manifests' ``label`` column conditions
+the U-Net, each label replaced by "no label" with probability ``process.p_uncond`` (default 0.1),
+and unlabelled images always "no label", so one model samples with and without labels and with
+classifier-free guidance (``tus sample --label``/``--guidance``). Unconditional is the default:
+labels are then ignored, as before.
 """
 
 from __future__ import annotations
@@ -74,6 +80,11 @@ def run_diffusion(config: DiffusionConfig, run_dir: str | Path | None = None, *,
     if run_dir is None:
         check_output_root(config.output_root)  # before the data are read
     data = DiffusionDataModule(config.data, seed=config.seed)
+    if config.unet.num_classes is not None:
+        try:
+            data.check_labels(config.unet.num_classes)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
     data.decode_images()  # a corrupt image is refused before the run dir exists
     with open_run(config, output_root=config.output_root, name=config.name, resume=run_dir, allow_config_change=allow_config_change, create=create) as run_dir:
         if rank_zero_only.rank == 0:

@@ -20,6 +20,7 @@ rewritten, only the missing indices are drawn, and different settings are refuse
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -30,8 +31,9 @@ from diffusers import UNet2DModel
 from tqdm import tqdm
 
 from tus.data.images import UsageError, write_grayscale
+from tus.data.manifest import load_manifest
 from tus.data.seeding import derive_seed
-from tus.methods.iddpm import DiffusionCheckpointError, UNetExport, latest_export, load_ema_from_checkpoint, load_unet_export
+from tus.methods.iddpm import DiffusionCheckpointError, UNetExport, latest_export, load_ema_from_checkpoint, load_unet_export, null_label
 from tus.models.export import CONFIG_FILE, read_export_config
 from tus.runs import RunLock, last_checkpoint
 from tus.samplers import resolve_steps, sample_images
@@ -40,6 +42,7 @@ from tus.samplers.base import to_uint8
 SETTINGS_FILE = "sampling.json"
 MANIFEST_FILE = "manifest.csv"
 MANIFEST_COLUMNS = ("index", "seed", "sampler", "steps", "path", "sample_id")
+CONDITIONAL_COLUMNS = ("label", "guidance")
 
 
 def load_sampling_model(path: str | Path) -> tuple[UNet2DModel, UNetExport, Path]:
@@ -100,15 +103,45 @@ def manifest_indices(manifest: Path) -> set[int]:
         return {int(row["index"]) for row in csv.DictReader(handle)}
 
 
-def append_manifest_rows(manifest: Path, indices: Sequence[int], settings: dict) -> None:
+def class_labels(unet: UNet2DModel, label: int | None, labels_from: str | Path | None, guidance: float) -> tuple[list[int] | None, dict]:
+    """The label sequence images cycle through (None: unconditional) and the settings that record it."""
+    if label is not None and labels_from is not None:
+        raise UsageError("give --label or --labels-from, not both")
+    if guidance < 0:
+        raise UsageError(f"--guidance must be >= 0, got {guidance}")
+    if label is None and labels_from is None:
+        if guidance:
+            raise UsageError("--guidance needs --label or --labels-from (the class to guide towards)")
+        return None, {}
+    classes = null_label(unet)
+    if classes is None:
+        raise UsageError("--label/--labels-from need a class-conditional model (trained with unet.num_classes); this one is unconditional")
+    if label is not None:
+        if not 0 <= label < classes:
+            raise UsageError(f"--label {label} is outside 0..{classes - 1}: the model knows {classes} classes")
+        return [label], {"label": label, "guidance": guidance}
+    frame = load_manifest(labels_from, require_labels=True, require_patients=False, decode_images=False)
+    labels = frame["label"].astype(int).tolist()
+    outside = [(row, y) for row, y in enumerate(labels) if not 0 <= y < classes]
+    if outside:
+        raise UsageError(f"--labels-from {labels_from}: row {outside[0][0] + 1} has label {outside[0][1]}, outside 0..{classes - 1} (the model's classes)")
+    digest = hashlib.sha256(",".join(map(str, labels)).encode()).hexdigest()[:16]
+    return labels, {"labels_from": str(Path(labels_from).resolve()), "labels_sha256": digest, "guidance": guidance}
+
+
+def append_manifest_rows(manifest: Path, indices: Sequence[int], settings: dict, labels: Sequence[int] | None = None) -> None:
+    """Rows for ``indices``; image i's label is ``labels[i % len(labels)]`` (conditional sampling)."""
     new_file = not manifest.is_file()
+    columns = MANIFEST_COLUMNS + (CONDITIONAL_COLUMNS if labels is not None else ())
     with open(manifest, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=columns)
         if new_file:
             writer.writeheader()
         for index in indices:
+            conditional = {"label": labels[index % len(labels)], "guidance": settings["guidance"]} if labels is not None else {}
             writer.writerow(
                 {
+                    **conditional,
                     "index": index,
                     "seed": derive_seed(settings["seed"], index),
                     "sampler": settings["sampler"],
@@ -131,11 +164,17 @@ def generate(
     device: str = "auto",
     precision: str = "32",
     progress: bool = True,
+    label: int | None = None,
+    labels_from: str | Path | None = None,
+    guidance: float = 0.0,
 ) -> Path:
-    """Make sure ``out_dir`` holds images 0..n-1; returns the manifest path."""
+    """Make sure ``out_dir`` holds images 0..n-1; returns the manifest path.
+
+    ``label``/``labels_from`` and ``guidance``: class-conditional sampling (see the module's docstring)."""
     if n < 1 or batch_size < 1:
         raise UsageError(f"--n and --batch-size must be >= 1, got --n {n} and --batch-size {batch_size}")
     unet, export, source = load_sampling_model(checkpoint)
+    labels, label_settings = class_labels(unet, label, labels_from, guidance)
     schedule = export.process.schedule()
     steps = resolve_steps(sampler, steps, schedule.num_timesteps)
     settings = {
@@ -146,6 +185,8 @@ def generate(
         "seed": seed,
         "precision": precision,
         "image_size": export.unet.sample_size,
+        # Only when conditional: an unconditional folder's settings stay as they were (and continue).
+        **label_settings,
     }
     out_dir = Path(out_dir)
     prepare_output(out_dir, settings)
@@ -155,7 +196,7 @@ def generate(
         listed = manifest_indices(manifest)
         present = {i for i in range(n) if (out_dir / image_name(i)).is_file()}
         # Images written by an interrupted call just before its manifest rows.
-        append_manifest_rows(manifest, sorted(present - listed), settings)
+        append_manifest_rows(manifest, sorted(present - listed), settings, labels)
         missing = [i for i in range(n) if i not in present]
         device = pick_device(device)
         unet.to(device)
@@ -165,12 +206,14 @@ def generate(
             batches.setdefault(index // batch_size, []).append(index)
         with tqdm(total=n, initial=n - len(missing), unit="img", disable=not progress, desc=f"{sampler} {steps} steps") as bar:
             for indices in batches.values():
-                images = to_uint8(sample_images(unet, schedule, sampler, steps, [derive_seed(seed, i) for i in indices], device, precision))
+                batch_labels = None if labels is None else [labels[i % len(labels)] for i in indices]
+                seeds = [derive_seed(seed, i) for i in indices]
+                images = to_uint8(sample_images(unet, schedule, sampler, steps, seeds, device, precision, labels=batch_labels, guidance=guidance))
                 for index, image in zip(indices, images):
                     final = out_dir / image_name(index)
                     partial = out_dir / f".{index:06d}.partial.png"
                     write_grayscale(partial, image)
                     os.replace(partial, final)
-                append_manifest_rows(manifest, [i for i in indices if i not in listed], settings)
+                append_manifest_rows(manifest, [i for i in indices if i not in listed], settings, labels)
                 bar.update(len(indices))
     return manifest

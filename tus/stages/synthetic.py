@@ -134,8 +134,12 @@ def run_filter(
     labeled: str | Path | None = None,
     num_folds: int = 3,
     fold_seed: int = 0,
+    per_class: bool = False,
 ) -> dict:
     """Keep the images of ``generated`` inside the k-NN manifold of ``real`` into the new folder ``out``.
+
+    ``per_class``: a class-``y`` sample is kept when it falls in the class-``y`` real manifold (both sets
+    labelled: ``real`` a manifest with ``label``, ``generated`` with the ``manifest.csv`` of ``tus sample --label``).
 
     ``out`` gets ``images/`` (kept images, hard-linked or copied per ``link``), ``manifest.csv`` (with an
     ``organ`` column when ``organ`` is given), ``filter.csv`` and ``filter.json``; it is written in a hidden
@@ -152,13 +156,13 @@ def run_filter(
     check_extraction_options(extractor, weights, image_size, batch_size)
     if link not in LINK_MODES:
         raise UsageError(f"--link must be one of {', '.join(LINK_MODES)}, got {link!r}")
-    check_filter_arguments(real, generated, out, k, sweep)
+    check_filter_arguments(real, generated, out, k, sweep, per_class)
     labeled_frame = load_manifest(labeled, require_labels=True) if labeled is not None else None  # checked before any feature
     with claim_output(out, "--out"):  # writable and locked before any feature is computed
-        return _filter(real, generated, Path(out), k, organ, sweep, link, extractor, weights, image_size, cache_dir, batch_size, device, progress, labeled_frame, num_folds, fold_seed)
+        return _filter(real, generated, Path(out), k, organ, sweep, link, extractor, weights, image_size, cache_dir, batch_size, device, progress, labeled_frame, num_folds, fold_seed, per_class)
 
 
-def _filter(real, generated, out: Path, k, organ, sweep, link, extractor, weights, image_size, cache_dir, batch_size, device, progress, labeled_frame, num_folds, fold_seed) -> dict:
+def _filter(real, generated, out: Path, k, organ, sweep, link, extractor, weights, image_size, cache_dir, batch_size, device, progress, labeled_frame, num_folds, fold_seed, per_class=False) -> dict:
     common = {
         "extractor": build_extractor(extractor, weights, image_size),
         "cache_dir": cache_dir,
@@ -166,7 +170,7 @@ def _filter(real, generated, out: Path, k, organ, sweep, link, extractor, weight
         "device": device,
         "progress": progress,
     }
-    result = filter_generated(real, generated, out, k=k, link=link, organ=organ, **common)
+    result = filter_generated(real, generated, out, k=k, link=link, organ=organ, per_class=per_class, **common)
     report = json.loads((result.out_dir / "filter.json").read_text(encoding="utf-8"))
     report["out_dir"] = str(result.out_dir)
     report["sweep"] = filtering.sweep(real, generated, result.out_dir / "sweep", ks=sweep, highlight_k=k, **common) if sweep else None
