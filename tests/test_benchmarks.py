@@ -84,5 +84,8 @@ def test_real_data_variant_rows_and_per_fold_pool_exclusion(shared_data: Path, t
     for fold in range(3):
         pool = json.loads((out / "pretrain" / f"{prefix}-fold{fold}" / "pool.json").read_text())
         excluded = {row["pool_path"] for row in pool["excluded_labeled"]["excluded"]}
-        assert excluded == set(folds.loc[folds["fold"] == fold, "path"])
+        # Every test-fold image leaves the pool; so do its near duplicates (BUSI holds frames of
+        # one scan as separate images), which may belong to other folds' rows.
+        test_fold = set(folds.loc[folds["fold"] == fold, "path"])
+        assert test_fold <= excluded
         assert {row["fold"] for row in pool["excluded_labeled"]["excluded"]} == {fold}
