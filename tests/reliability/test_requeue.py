@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -42,7 +43,9 @@ def fake_slurm(tmp_path: Path, restart: int) -> dict[str, str]:
     env = {key: value for key, value in _env().items() if not key.startswith("SLURM_")}
     return {
         **env,
-        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        # The job script runs `tus`: the test's own environment's entry point (make test calls
+        # .venv/bin/python without putting .venv/bin on PATH).
+        "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
         "FAKE_SLURM_DIR": str(tmp_path),
         "TUS_HOME": str(REPO),
         "TUS_VENV": str(tmp_path / "venv"),

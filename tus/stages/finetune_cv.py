@@ -299,6 +299,7 @@ def join_cv(config: FineTuneCVConfig, run_dir: str | Path) -> Path:
     with RunLock(run_dir):
         finish_models(config, frame, run_dir)  # refit models (trained here) and thresholds, as run_cv does
         write_summary(run_dir, collect_runs(run_dir), frame, config)
+        write_cv_figures(run_dir)  # the same figures (and summary.md links) as a local run
     return run_dir
 
 
