@@ -14,8 +14,6 @@ region's inclusive MaxX1/MaxY1 made exclusive); the image analysis is used other
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,7 @@ from PIL import Image
 
 from tus.data.images import ImageReadError, UsageError, is_dicom, read_dicom_header, read_grayscale, split_frame, write_grayscale
 from tus.data.manifest import expand_dicom_rows, read_manifest
-from tus.data.outputs import check_output_folder, claim_output
+from tus.data.outputs import check_output_folder, claim_output, staged_folder
 
 Box = tuple[int, int, int, int]
 
@@ -157,8 +155,7 @@ def crop_manifest(
 
 def _crop_into(out_dir: Path, manifest_csv: Path, source: pd.DataFrame, lines: list, sample_ids: list, fixed_boxes, preview_rows: set, detect_kwargs: dict) -> Path:
     preview_items: list[tuple[np.ndarray, list[Box]]] = []
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir) as staging:
         crop_rows = []
         for position, row in enumerate(source.to_dict("records")):
             image_path = Path(row["path"])
@@ -199,12 +196,6 @@ def _crop_into(out_dir: Path, manifest_csv: Path, source: pd.DataFrame, lines: l
         columns = list(dict.fromkeys([*source.columns, "source_path", "view_index", "box", "sample_id"]))
         pd.DataFrame(crop_rows, columns=columns).to_csv(staging / "manifest.csv", index=False)
         _write_preview(staging / "preview.png", preview_items)
-        if out_dir.exists():
-            out_dir.rmdir()
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir / "manifest.csv"
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,3 +79,20 @@ def claim_output(path: str | Path, option: str = "--out", *, folder: bool = True
     finally:
         lock.release()
         lock_path.unlink(missing_ok=True)
+
+
+@contextmanager
+def staged_folder(out_dir: str | Path) -> Iterator[Path]:
+    """A hidden sibling folder to write ``out_dir``'s contents into; renamed to ``out_dir`` (new or
+    empty) when the block succeeds, removed when it fails, so a failure leaves no half-written
+    output on the same file system."""
+    out_dir = Path(out_dir)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.absolute().parent))
+    try:
+        yield staging
+        if out_dir.exists():
+            out_dir.rmdir()
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

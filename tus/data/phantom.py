@@ -14,8 +14,6 @@ restored, so the classes differ in texture, not in mean organ brightness.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +23,7 @@ import pandas as pd
 
 from tus.data.images import write_dicom, write_grayscale
 from tus.data.markers import draw_markers
-from tus.data.outputs import claim_output
+from tus.data.outputs import claim_output, staged_folder
 
 ORGANS = ("testicle", "thyroid")
 CLASS_NAMES = ("homogeneous", "inhomogeneous")
@@ -110,15 +108,8 @@ def generate_phantom(
     # Like every --out: a new or empty folder (an existing dataset is never overwritten or mixed
     # with new images), written aside and renamed into place when complete.
     with claim_output(root, "--out"):
-        staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.absolute().parent))
-        try:
+        with staged_folder(root) as staging:
             _write_phantom(staging, num_patients, low, high, image_size, positive_fraction, marker_fraction, pool_size, seed, label_noise, dicom)
-            if root.exists():
-                root.rmdir()
-            staging.rename(root)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
     return PhantomPaths(root, root / "labeled" / "manifest.csv", root / "unlabeled" / "manifest.csv")
 
 

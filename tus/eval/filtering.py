@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from matplotlib.figure import Figure
 
 from tus.data.images import DataError, OutputExistsError, UsageError, list_images, read_grayscale
 from tus.data.manifest import read_manifest
+from tus.data.outputs import staged_folder
 from tus.eval.features import FEATURES, LOGITS, FeatureExtractor, InceptionExtractor
 from tus.eval.manifold import kth_neighbour_radii, manifold_membership
 from tus.eval.metrics import (
@@ -260,20 +260,13 @@ def filter_generated(
     if labels is not None:
         summary["per_class"] = {str(label): {"generated": int((labels == label).sum()), "kept": int(inside[labels == label].sum())} for label in sorted(set(labels.tolist()))}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir) as staging:
         (staging / "images").mkdir()
         for path in kept:
             _link_or_copy(path, staging / "images" / path.name, link)
         table.to_csv(staging / "filter.csv", index=False)
         manifest.to_csv(staging / "manifest.csv", index=False)
         (staging / "filter.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if out_dir.exists():
-            out_dir.rmdir()
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return FilterResult(out_dir=out_dir, table=table)
 
 

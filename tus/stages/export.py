@@ -15,8 +15,6 @@ It is built in a hidden sibling folder under a lock and renamed into place only 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +25,7 @@ from torch import nn
 
 import tus
 from tus.data.images import OutputExistsError, UsageError
+from tus.data.outputs import staged_folder
 from tus.stages.model_card import build_model_card, render_model_card
 from tus.stages.predict import Predictor, load_predictor
 
@@ -131,8 +130,7 @@ def run_export(model: str | Path, fmt: str, out: str | Path, *, seed: int | None
     except Timeout:
         raise OutputExistsError(f"--out {out}: another tus export is writing it") from None
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-        try:
+        with staged_folder(out) as staging:
             write_graph(probability_graph(predictor), fmt, staging / FORMATS[fmt], predictor.in_chans, predictor.image_size)
             preprocess = preprocess_spec(predictor)
             card = build_model_card(predictor, fmt)
@@ -151,12 +149,6 @@ def run_export(model: str | Path, fmt: str, out: str | Path, *, seed: int | None
             (staging / "config.json").write_text(json.dumps(config, indent=2))
             (staging / "MODEL_CARD.md").write_text(render_model_card(card))
             staging.chmod(0o755)  # mkdtemp's folder is private; the export is not
-            if out.exists():
-                out.rmdir()
-            staging.rename(out)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
     finally:
         lock.release()
         Path(lock.lock_file).unlink(missing_ok=True)
