@@ -88,8 +88,12 @@ def assert_same_log(resumed: Path, straight: Path) -> None:
 
 def tus_in_process(stage: str, *args: str) -> None:
     """Run ``tus <stage>`` in this process (no second interpreter start on a small machine)."""
+    import torch
+
     from tus.cli.main import main
 
+    # The subprocesses run on one thread (_env); a twin on more threads reduces in another order.
+    assert torch.get_num_threads() == 1, f"the in-process twin would run on {torch.get_num_threads()} torch threads"
     assert main([stage, "--debug", *args]) == 0
 
 
