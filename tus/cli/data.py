@@ -37,6 +37,9 @@ def main(argv: list[str]) -> int:
     phantom.add_argument("--pool-size", type=int, default=300)
     phantom.add_argument("--label-noise", type=float, default=0.0, help="fraction of labels flipped on purpose")
     phantom.add_argument("--dicom", action="store_true", help="write the labelled set as DICOM (single-frame files and a few multi-frame cine loops)")
+    phantom.add_argument(
+        "--classes", type=int, choices=(2, 3), default=2, help="3: homogeneous / focal_lesion / diffuse labels 0/1/2 (train with --data.label_names '[homogeneous,focal_lesion,diffuse]')"
+    )
 
     crop = commands.add_parser("crop", help="detect fields of view, split dual views, write crops + a new manifest")
     crop.add_argument("manifest")
@@ -95,6 +98,7 @@ def run_phantom(args) -> int:
         seed=args.seed,
         label_noise=args.label_noise,
         dicom=args.dicom,
+        classes=args.classes,
     )
     print(f"labelled manifest:   {paths.labeled_manifest}")
     print(f"unlabelled manifest: {paths.unlabeled_manifest}")

@@ -103,10 +103,18 @@ class LabeledDataConfig:
     # Multi-frame DICOMs (cine loops): all (one row per frame, sample_id "<id>#frame<k>", the
     # patient shared), first, middle, or a frame index from 0. Single images are unaffected.
     dicom_frames: str = "middle"
+    # The K >= 2 class names, index = label (the manifest's labels are these names or 0..K-1).
+    # None: binary 0/1 labels, or, when the manifest's labels are names, the names found (sorted),
+    # which the run then records in its config.yaml.
+    label_names: list[str] | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
         self.dicom_frames = check_dicom_frames(self.dicom_frames)
+        if self.label_names is not None:
+            self.label_names = [str(name).strip() for name in self.label_names]
+            if len(self.label_names) < 2 or len(set(self.label_names)) != len(self.label_names) or "" in self.label_names:
+                raise ConfigError(f"data.label_names must name at least 2 distinct, non-empty classes, got {self.label_names}")
         require_at_least(self, "data.", 1, "image_size", "batch_size", "eval_batch_size")
         require_at_least(self, "data.", 2, "num_folds")
         require_seeds("data.fold_seed", self.fold_seed)

@@ -41,7 +41,14 @@ def write_cv_figures(run_dir: str | Path, n_boot: int = 1000) -> list[Path]:
     out = run_dir / FIGURES_DIR
     written: list[Path] = []
     predictions = cv_predictions(run_dir)
-    if len(predictions):
+    label_names = (_read_json(run_dir / "summary.json") or {}).get("label_names")
+    if len(predictions) and label_names:
+        # K > 2 classes: a one-vs-rest ROC per class and the K x K confusion; PR and calibration
+        # curves are of a positive-class probability and are not drawn.
+        for k, name in enumerate(label_names):
+            written += save(fig.roc_figure(fig.one_vs_rest(predictions, k, name), n_boot), out, f"roc_{name}")
+        written += save(fig.confusion_figure(predictions, label_names), out, "confusion")
+    elif len(predictions):
         written += save(fig.roc_figure(predictions, n_boot), out, "roc")
         written += save(fig.pr_figure(predictions, n_boot), out, "pr")
         written += save(fig.confusion_figure(predictions), out, "confusion")
@@ -65,6 +72,12 @@ FIGURE_CAPTIONS = {
 }
 
 
+def _caption(stem: str) -> str:
+    if stem.startswith("roc_") and stem not in FIGURE_CAPTIONS:
+        return f"ROC curves of class {stem[4:]} against the rest, every fold × seed run and their mean (AUROC with its patient-bootstrap 95% CI)"
+    return FIGURE_CAPTIONS.get(stem, stem)
+
+
 def _link_in_summary(run_dir: Path, pngs: list[Path]) -> None:
     from tus.eval.cv_summary import render_summary_markdown
 
@@ -72,7 +85,7 @@ def _link_in_summary(run_dir: Path, pngs: list[Path]) -> None:
     if summary is None or not pngs:
         return
     lines = ["## Figures", "", "PNG and PDF beside each other; each figure's data in the CSV of the same name.", ""]
-    lines += [f"- [{p.stem}]({FIGURES_DIR}/{p.name}): {FIGURE_CAPTIONS.get(p.stem, p.stem)}" for p in pngs]
+    lines += [f"- [{p.stem}]({FIGURES_DIR}/{p.name}): {_caption(p.stem)}" for p in pngs]
     (run_dir / "summary.md").write_text(render_summary_markdown(summary) + "\n" + "\n".join(lines) + "\n")
 
 

@@ -41,11 +41,12 @@ from tus.config import ConfigError, to_dict, write_text_atomic
 from tus.data.datamodules import LabeledDataModule
 from tus.data.folds import FoldError, assign_folds, assign_folds_for_seed, fold_table, folds_from_table, read_fold_table
 from tus.data.images import content_hash
-from tus.data.manifest import load_manifest
+from tus.data.manifest import LABEL_NAMES_ATTR, load_manifest
 from tus.data.seeding import derive_seed
+from tus.eval.cv_metrics import is_multiclass, multiclass_metrics, probability_columns
 from tus.eval.cv_summary import FAILED_FILE, collapse_reason, collect_runs, write_summary
 from tus.figures.runs import write_cv_figures
-from tus.methods.classifier import METRIC_NAMES, FineTuneModule, save_finetuned
+from tus.methods.classifier import LABEL_NAMES, METRIC_NAMES, FineTuneModule, save_finetuned
 from tus.models.backbones import CheckpointError, architecture, is_vit_export, read_tus_encoder_meta
 from tus.models.configs import BackboneConfig
 from tus.run_config import LoggingConfig
@@ -237,8 +238,32 @@ def _manifest_and_folds(config: FineTuneCVConfig) -> tuple[pd.DataFrame, np.ndar
     if len(set(config.seeds)) != len(config.seeds):
         raise ConfigError(f"seeds: {config.seeds} repeats a seed (each fold x seed run must be distinct)")
     backbone_for_inputs(weights_for_run(config.model, 0, config.seeds[0]), config.data.image_size)  # a ViT's size mismatch, before any run dir
-    frame = load_manifest(config.data.manifest, require_labels=True, num_folds=config.data.num_folds, dicom_frames=config.data.dicom_frames)
+    frame = load_manifest(config.data.manifest, require_labels=True, num_folds=config.data.num_folds, dicom_frames=config.data.dicom_frames, label_names=config.data.label_names)
+    if config.data.label_names is None and frame.attrs.get(LABEL_NAMES_ATTR):
+        # Labels written as names: the classes found become the config's (recorded in config.yaml,
+        # so the run says which output index is which class; a resumed run infers the same).
+        config.data.label_names = list(frame.attrs[LABEL_NAMES_ATTR])
+    if is_multiclass(config.data.label_names):
+        check_multiclass_decision(config)
     return frame, cv_folds(config, frame)
+
+
+def check_multiclass_decision(config: FineTuneCVConfig) -> None:
+    """Threshold rules and calibration are fitted to a positive-class probability; with K > 2 classes the
+    prediction is the most probable class, so asking for either is refused (before any training)."""
+    from tus.eval.thresholds import parse_threshold_rule
+
+    rule = parse_threshold_rule(config.threshold)
+    if rule.needs_data or rule.value != 0.5 or config.calibration != "none":
+        raise ConfigError(
+            f"threshold={config.threshold}, calibration={config.calibration}: thresholds and calibration are binary-only, but data.label_names has "
+            f"{len(config.data.label_names or [])} classes (the prediction is the most probable class); keep threshold=0.5 and calibration=none"
+        )
+
+
+def class_names(config: FineTuneCVConfig) -> list[str]:
+    """The classifier's classes, index = label: ``data.label_names``, else the binary task's."""
+    return list(config.data.label_names) if config.data.label_names else list(LABEL_NAMES)
 
 
 # A CV split over processes (a SLURM job array: one fold x seed per task or GPU):
@@ -381,7 +406,8 @@ def run_single(
     L.seed_everything(seed, workers=True)
     inner = config.selection == "inner_val"
     datamodule = LabeledDataModule(config.data, frame, folds, fold, seed, inner_validation=inner)
-    module = FineTuneModule(backbone_for_inputs(config.model, config.data.image_size), config.optim)
+    names = class_names(config)
+    module = FineTuneModule(backbone_for_inputs(config.model, config.data.image_size), config.optim, num_classes=len(names))
     run_info = {"fold": fold, "seed": seed, "init": config.init_label or config.model.init}
     callbacks = [_EpochSeededStream(seed), *(callback_factory(config, run_info, run_dir) if callback_factory else [])]
     selector = None
@@ -412,11 +438,14 @@ def run_single(
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()
-    metrics = {name: float(results[f"test/{name}"]) for name in METRIC_NAMES}
+    metrics = {name: float(results[f"test/{name}"]) for name in METRIC_NAMES} if not is_multiclass(names) else {}
     if trainer.is_global_zero:
-        predictions = predict(module, datamodule.test_dataloader())
+        predictions = predict(module, datamodule.test_dataloader(), names)
         predictions.to_csv(run_dir / "predictions.csv", index=False)
-        save_finetuned(module, run_dir / "model", image_size=config.data.image_size)
+        if is_multiclass(names):
+            # Macro and per-class metrics from the written predictions (as a reader recomputes them).
+            metrics = multiclass_metrics(predictions["label"].to_numpy(), predictions[probability_columns(names)].to_numpy(), names)
+        save_finetuned(module, run_dir / "model", image_size=config.data.image_size, label_names=names)
         _drop_training_state(run_dir)
         collapsed = collapse_reason(predictions, run_dir / "metrics.csv", config.selection_metric if inner else None)
         record = {
@@ -461,7 +490,8 @@ def run_refit(config: FineTuneCVConfig, frame: pd.DataFrame, seed: int, run_dir:
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(seed, workers=True)
     datamodule = LabeledDataModule(config.data, frame, None, None, seed)
-    module = FineTuneModule(config.model, config.optim)
+    names = class_names(config)
+    module = FineTuneModule(config.model, config.optim, num_classes=len(names))
     logging = LoggingConfig(**{**to_dict(config.logging), "group": config.logging.group or config.name, "job_type": "refit"})
     loggers = build_loggers(run_dir, logging, name=f"{config.name}-refit-seed{seed}", config={**to_dict(config), "seed": seed, "refit": True}, tags=["refit", f"seed{seed}"])
     trainer = build_trainer(replace(config.trainer, limit_val_batches=0), run_dir, loggers=loggers, callbacks=[_EpochSeededStream(seed)])
@@ -480,7 +510,7 @@ def run_refit(config: FineTuneCVConfig, frame: pd.DataFrame, seed: int, run_dir:
         "init": config.init_label or config.model.init,
     }
     if trainer.is_global_zero:
-        folder = save_finetuned(module, run_dir / "model", image_size=config.data.image_size)
+        folder = save_finetuned(module, run_dir / "model", image_size=config.data.image_size, label_names=names)
         exported = json.loads((folder / "config.json").read_text())
         write_text_atomic(folder / "config.json", json.dumps({**exported, "refit": record}, indent=2))  # marked in the model itself
         _drop_training_state(run_dir)
@@ -495,14 +525,21 @@ def _drop_training_state(run_dir: Path) -> None:
 
 
 @torch.no_grad()
-def predict(module: FineTuneModule, loader) -> pd.DataFrame:
-    """Per-image positive-class probabilities and predictions on ``loader``."""
+def predict(module: FineTuneModule, loader, label_names: list[str] | None = None) -> pd.DataFrame:
+    """Per-image predictions on ``loader``: binary, the positive-class ``probability`` and the
+    ``prediction`` at 0.5; K > 2 classes (``label_names``), the most probable class as
+    ``prediction`` and one ``prob_<class name>`` column per class."""
     module.eval()
     rows = []
+    multiclass = is_multiclass(label_names)
     for batch in loader:
-        probability = module(batch["image"].to(module.device)).float().softmax(1)[:, 1].cpu()
-        for sample_id, label, p in zip(batch["sample_id"], batch["label"].tolist(), probability.tolist()):
-            rows.append({"sample_id": sample_id, "label": label, "probability": p, "prediction": int(p >= 0.5)})
+        probabilities = module(batch["image"].to(module.device)).float().softmax(1).cpu()
+        for sample_id, label, p in zip(batch["sample_id"], batch["label"].tolist(), probabilities.tolist()):
+            if multiclass:
+                assert label_names is not None
+                rows.append({"sample_id": sample_id, "label": label, "prediction": int(np.argmax(p)), **dict(zip(probability_columns(label_names), p))})
+            else:
+                rows.append({"sample_id": sample_id, "label": label, "probability": p[1], "prediction": int(p[1] >= 0.5)})
     return pd.DataFrame(rows)
 
 
