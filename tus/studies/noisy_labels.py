@@ -144,6 +144,9 @@ def fold_safe_manifest(manifest: pd.DataFrame, folds: np.ndarray, test_fold: int
     changed = table["sample_id"].astype(str).isin(flagged) & (table["fold"] != test_fold)
     if variant == "filtered":
         return table[~changed]
+    if changed.any() and int(table["label"].max()) > 1:
+        # The K-class relabelling needs class probabilities from models that never saw fold test_fold: not done.
+        raise ValueError("the fold-safe flipped variant is binary-only; with K > 2 classes use protocol: reference or the filtered variant")
     rows = table.copy()
     rows.loc[changed, "label"] = 1 - rows.loc[changed, "label"]
     return rows
