@@ -90,3 +90,20 @@ def test_thresholds_and_calibration_are_refused_for_three_classes(named_phantom:
     with pytest.raises(ConfigError, match=r"thresholds and calibration are binary-only, but data.label_names has 3 classes"):
         run_cv(tiny_config(named_phantom, tmp_path / "runs", "threshold=youden"))
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_predict_with_a_three_class_fold_model_writes_a_column_per_class_and_macro_metrics(named_phantom: Path, tmp_path: Path):
+    from tus.stages.predict import run_predict
+
+    run_dir = run_cv(tiny_config(named_phantom, tmp_path / "runs", "name=three", "trainer.max_epochs=1", "data.num_folds=2"))
+    result = run_predict(run_dir / "runs" / "fold0-seed0", named_phantom, tmp_path / "preds.csv")
+    table = pd.read_csv(tmp_path / "preds.csv")
+    columns = [f"prob_{name}" for name in INFERRED]
+    assert [c for c in table.columns if c.startswith("prob_")] == columns
+    probs = table[columns].to_numpy()
+    assert table["prediction"].tolist() == [INFERRED[k] for k in probs.argmax(1)]
+    labels = np.array([INFERRED.index(name) for name in pd.read_csv(named_phantom)["class_name"]])
+    metrics = result["labelled"]["metrics"]
+    assert metrics["f1"] == pytest.approx(f1_score(labels, probs.argmax(1), average="macro", zero_division=0))
+    assert metrics["auroc"] == pytest.approx(roc_auc_score(labels, probs / probs.sum(1, keepdims=True), multi_class="ovr"))
+    assert "| class focal_lesion |" in (tmp_path / "preds.summary.md").read_text()

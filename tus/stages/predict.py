@@ -188,8 +188,10 @@ def _ensemble_decision(cv_dir: Path, seed: int | None, refit: bool) -> dict:
 # --- images -------------------------------------------------------------------------------------
 
 
-def read_inputs(images: str | Path) -> pd.DataFrame:
-    """``sample_id``, ``path``, ``abs_path`` (+ ``patient_id``, ``label`` when known) of a folder or manifest."""
+def read_inputs(images: str | Path, label_names: list[str] | None = None) -> pd.DataFrame:
+    """``sample_id``, ``path``, ``abs_path`` (+ ``patient_id``, ``label`` when known) of a folder or manifest.
+
+    ``label_names``: a K > 2-class model's classes; a manifest's labels are then these names or indices."""
     images = Path(images)
     if images.is_dir():
         paths = list_images(images)
@@ -198,7 +200,7 @@ def read_inputs(images: str | Path) -> pd.DataFrame:
         return pd.DataFrame({"sample_id": [p.name for p in paths], "path": [str(p) for p in paths], "abs_path": [str(p.resolve()) for p in paths]})
     if not images.is_file():
         raise FileNotFoundError(f"--images {images}: no such folder or manifest")
-    frame = load_manifest(images, require_labels=False, require_patients=False, decode_images=False)
+    frame = load_manifest(images, require_labels=False, require_patients=False, decode_images=False, label_names=label_names)
     if frame.empty:
         raise DataError(f"--images {images}: the manifest lists no images")
     columns = ["sample_id", "path", "abs_path"] + [c for c in ("patient_id", "label") if c in frame.columns]
@@ -279,6 +281,31 @@ def predict_frame(predictor: Predictor, inputs: pd.DataFrame, probabilities: np.
     return table
 
 
+def multiclass_labelled_summary(predictor: Predictor, table: pd.DataFrame, n_boot: int = CI_BOOTSTRAPS) -> dict:
+    """A K > 2-class model's macro and per-class metrics (prediction = the most probable class) and their
+    patient-bootstrap CIs on labelled images."""
+    from tus.eval.cv_metrics import multiclass_metrics, probability_columns
+    from tus.eval.statistics import multiclass_bootstrap_cis
+
+    names = list(predictor.label_names)
+    probs = table[probability_columns(names)].to_numpy()
+    labels = table["label"].to_numpy().astype(int)
+    metrics = multiclass_metrics(labels, probs, names)
+    pooled = table[probability_columns(names)].assign(patient_id=table["patient_id"] if "patient_id" in table else table["sample_id"], label=labels, pred=probs.argmax(1))
+    cis = {
+        k: {"low": None if math.isnan(low) else low, "high": None if math.isnan(high) else high} for k, (low, high) in multiclass_bootstrap_cis(pooled, names, n_boot=n_boot, alpha=CI_ALPHA).items()
+    }
+    return {
+        "images": int(len(table)),
+        "patients": int(pooled["patient_id"].nunique()),
+        "label_names": names,
+        "class_rates": {name: float((labels == k).mean()) for k, name in enumerate(names)},
+        "metrics": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()},
+        "ci": cis,
+        "ci_note": f"{1 - CI_ALPHA:.0%} percentile bootstrap over patients ({n_boot} resamples)",
+    }
+
+
 def labelled_summary(predictor: Predictor, table: pd.DataFrame, n_boot: int = CI_BOOTSTRAPS) -> dict:
     """Metrics at the predictor's threshold and patient-bootstrap CIs (binary models with labels)."""
     positive = f"prob_{predictor.label_names[1]}"
@@ -306,6 +333,8 @@ def _auroc(labels: np.ndarray, probs: np.ndarray) -> float:
 
 
 def render_labelled_summary(summary: dict, name: str) -> str:
+    if "label_names" in summary:
+        return render_multiclass_labelled_summary(summary, name)
     names = list(METRIC_NAMES)
     header = "| | " + " | ".join("AUROC" if n == "auroc" else n.capitalize() for n in names) + " |"
     value = "| " + name + " | " + " | ".join("n/a" if summary["metrics"].get(n) is None else f"{summary['metrics'][n] * 100:.1f}" for n in names) + " |"
@@ -322,6 +351,28 @@ def render_labelled_summary(summary: dict, name: str) -> str:
             "",
         ]
     )
+
+
+def render_multiclass_labelled_summary(summary: dict, name: str) -> str:
+    from tus.eval.cv_metrics import MULTICLASS_METRIC_NAMES, PER_CLASS_METRICS
+
+    def cell(key: str) -> str:
+        value = summary["metrics"].get(key)
+        ci = summary["ci"].get(key) or {}
+        if value is None:
+            return "n/a"
+        return f"{value * 100:.1f}" + (f" [{ci['low'] * 100:.1f}, {ci['high'] * 100:.1f}]" if ci.get("low") is not None else "")
+
+    names = list(MULTICLASS_METRIC_NAMES)
+    rows = [
+        "| | " + " | ".join(n.replace("_", " ").capitalize() if n in ("accuracy", "balanced_accuracy") else f"Macro {n if n != 'auroc' else 'AUROC'}" for n in names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
+    rows.append("| " + name + " | " + " | ".join(cell(n) for n in names) + " |")
+    for label in summary["label_names"]:
+        rows.append(f"| class {label} | " + " | ".join(cell(f"{n}_{label}") if n in PER_CLASS_METRICS else "" for n in names) + " |")
+    shares = ", ".join(f"{k} {v:.1%}" for k, v in summary["class_rates"].items())
+    return "\n".join([*rows, "", f"{summary['images']} images of {summary['patients']} patients ({shares}); prediction = the most probable class; [95% CI, patients]: {summary['ci_note']}.", ""])
 
 
 def run_predict(
@@ -346,12 +397,14 @@ def run_predict(
     if batch_size < 1 or workers < 0:
         raise UsageError(f"--batch-size must be >= 1 and --workers >= 0, got {batch_size} and {workers}")
     predictor = load_predictor(model, seed=seed, refit=refit)
-    inputs = read_inputs(images)
+    inputs = read_inputs(images, predictor.label_names if predictor.num_classes > 2 else None)
     probabilities = member_probabilities(predictor, inputs["abs_path"].tolist(), batch_size=batch_size, workers=workers, progress=progress)
     table = predict_frame(predictor, inputs, probabilities)
     summary = None
     if "label" in table.columns and predictor.num_classes == 2:
         summary = labelled_summary(predictor, table)
+    elif "label" in table.columns:
+        summary = multiclass_labelled_summary(predictor, table)
     result = {
         "model": str(Path(model)),
         "kind": predictor.kind,
