@@ -178,7 +178,7 @@ def run_fold_safe_cv(config, manifest_path: str | Path, flags: pd.DataFrame, var
     from tus.eval.cv_summary import collect_runs, write_summary
     from tus.stages.finetune_cv import cv_folds, finetune_callbacks, run_single, write_or_check_folds
 
-    complete = load_manifest(manifest_path, require_labels=True, num_folds=config.data.num_folds, dicom_frames=config.data.dicom_frames)
+    complete = load_manifest(manifest_path, require_labels=True, num_folds=config.data.num_folds, dicom_frames=config.data.dicom_frames, label_names=config.data.label_names)
     folds = cv_folds(config, complete)
     cv_dir.mkdir(parents=True, exist_ok=True)
     write_or_check_folds(cv_dir, complete, folds)

@@ -178,7 +178,7 @@ def write_fold_tables(run: PretrainRun) -> None:
     if table.is_file():
         return
     finetune, seed = run.fold_table
-    frame = load_manifest(finetune.data.manifest, require_labels=True, num_folds=finetune.data.num_folds)
+    frame = load_manifest(finetune.data.manifest, require_labels=True, num_folds=finetune.data.num_folds, label_names=finetune.data.label_names)
     folds = cv_folds(finetune, frame)
     rows = fold_table(frame, folds[seed] if isinstance(folds, dict) else folds).assign(path=frame["abs_path"].to_numpy())
     table.parent.mkdir(parents=True, exist_ok=True)
@@ -340,7 +340,7 @@ def write_shared_fold_table(config: FineTuneCVConfig, manifest: str, study: Stud
     from tus.stages.finetune_cv import cv_folds
 
     path = Path(config.data.folds_from)
-    frame = load_manifest(manifest, require_labels=True, num_folds=config.data.num_folds, dicom_frames=config.data.dicom_frames)
+    frame = load_manifest(manifest, require_labels=True, num_folds=config.data.num_folds, dicom_frames=config.data.dicom_frames, label_names=config.data.label_names)
     folds = cv_folds(dataclasses.replace(config, data=dataclasses.replace(config.data, folds_from=None)), frame)
     table = pd.concat([fold_table(frame, f).assign(seed=seed) for seed, f in folds.items()]) if isinstance(folds, dict) else fold_table(frame, folds)
     text = table.to_csv(index=False)
