@@ -38,6 +38,7 @@ from tus.callbacks.gradcam import GradCAMPlusPlusLogger
 from tus.callbacks.loss_recorder import PerSampleLossRecorder
 from tus.callbacks.progress import stage_progress
 from tus.config import ConfigError, to_dict, write_text_atomic
+from tus.data.crop import read_crop_recipe
 from tus.data.datamodules import LabeledDataModule
 from tus.data.folds import FoldError, assign_folds, assign_folds_for_seed, fold_table, folds_from_table, read_fold_table
 from tus.data.images import content_hash
@@ -416,7 +417,7 @@ def run_single(
     if trainer.is_global_zero:
         predictions = predict(module, datamodule.test_dataloader())
         predictions.to_csv(run_dir / "predictions.csv", index=False)
-        save_finetuned(module, run_dir / "model", image_size=config.data.image_size)
+        save_finetuned(module, run_dir / "model", image_size=config.data.image_size, input_spec=input_spec(config.data))
         _drop_training_state(run_dir)
         collapsed = collapse_reason(predictions, run_dir / "metrics.csv", config.selection_metric if inner else None)
         record = {
@@ -480,12 +481,19 @@ def run_refit(config: FineTuneCVConfig, frame: pd.DataFrame, seed: int, run_dir:
         "init": config.init_label or config.model.init,
     }
     if trainer.is_global_zero:
-        folder = save_finetuned(module, run_dir / "model", image_size=config.data.image_size)
+        folder = save_finetuned(module, run_dir / "model", image_size=config.data.image_size, input_spec=input_spec(config.data))
         exported = json.loads((folder / "config.json").read_text())
         write_text_atomic(folder / "config.json", json.dumps({**exported, "refit": record}, indent=2))  # marked in the model itself
         _drop_training_state(run_dir)
         write_text_atomic(run_dir / "refit.json", json.dumps(record, indent=2))
     return record
+
+
+def input_spec(data) -> dict:
+    """How an image file became a training image before resizing (``config.json``'s ``input``, which
+    ``tus predict`` follows): the frame of a multi-frame DICOM, and the crop recipe when the manifest is a
+    ``tus data crop`` dataset (its ``crop.json``)."""
+    return {"dicom_frames": str(data.dicom_frames), "crop": read_crop_recipe(data.manifest)}
 
 
 def _drop_training_state(run_dir: Path) -> None:
