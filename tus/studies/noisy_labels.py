@@ -190,7 +190,7 @@ def run_fold_safe_cv(config, manifest_path: str | Path, flags: pd.DataFrame, var
             run_dir = cv_dir / "runs" / f"fold{fold}-seed{seed}"
             if (run_dir / "metrics.json").exists():
                 continue
-            frame = load_manifest(path, require_labels=True)
+            frame = load_manifest(path, require_labels=True, dicom_frames=config.data.dicom_frames)
             run_single(config, frame, frame["fold"].astype(int).to_numpy(), fold, seed, run_dir, finetune_callbacks)
     write_summary(cv_dir, collect_runs(cv_dir), complete, config)
     return cv_dir

@@ -178,7 +178,7 @@ def write_fold_tables(run: PretrainRun) -> None:
     if table.is_file():
         return
     finetune, seed = run.fold_table
-    frame = load_manifest(finetune.data.manifest, require_labels=True, num_folds=finetune.data.num_folds)
+    frame = load_manifest(finetune.data.manifest, require_labels=True, num_folds=finetune.data.num_folds, dicom_frames=finetune.data.dicom_frames)
     folds = cv_folds(finetune, frame)
     rows = fold_table(frame, folds[seed] if isinstance(folds, dict) else folds).assign(path=frame["abs_path"].to_numpy())
     table.parent.mkdir(parents=True, exist_ok=True)
@@ -446,7 +446,7 @@ def warn_pool_overlap(plans: list[ArmPlan]) -> None:
             continue
         key = pretrain_key(plan.pretrain)
         if key not in checked:
-            labeled = load_manifest(plan.complete_manifest or plan.finetune.data.manifest, require_labels=False, decode_images=False)
+            labeled = load_manifest(plan.complete_manifest or plan.finetune.data.manifest, require_labels=False, decode_images=False, dicom_frames=plan.finetune.data.dicom_frames)
             shared = set()
             for index, source in enumerate(plan.pretrain.data.sources):
                 pool = _source_frame(source)
