@@ -183,6 +183,7 @@ class DownstreamProbe(PeriodicProbe):
         frame = manifest if isinstance(manifest, pd.DataFrame) else load_manifest(manifest, require_labels=True, num_folds=num_folds)
         if frame["label"].nunique() != 2:
             raise ValueError(f"the downstream probe needs a binary label; found classes {sorted(frame['label'].unique().tolist())}")
+        self.frame = frame
         self.folds = assign_folds(frame, num_folds, seed)
         self.dataset = ManifestDataset(frame, eval_transform(), image_size=image_size, cache=cache)
         self.classifier: ProbeClassifier = classifier
@@ -195,14 +196,17 @@ class DownstreamProbe(PeriodicProbe):
         return {"probe/downstream_auroc": probe_auroc(features, labels, self.folds, self.classifier, self.k, self.seed)}
 
 
-def write_heldout_embeddings(module: L.LightningModule, dataset: ManifestDataset, frame: pd.DataFrame, path: str | Path, batch_size: int = 256) -> Path:
+def write_heldout_embeddings(module: L.LightningModule, dataset: ManifestDataset, frame: pd.DataFrame, path: str | Path, batch_size: int = 256, columns: tuple[str, ...] = ("organ",)) -> Path:
     """The encoder's features of the held-out images as ``sample_id, organ, f0..fN`` (the UMAP's
-    input, :func:`tus.figures.embeddings.umap_figure`); spatial features are average-pooled."""
+    input, :func:`tus.figures.embeddings.umap_figure`); spatial features are average-pooled.
+    ``columns``: the manifest's columns kept beside ``sample_id`` (those it has), e.g. ``label``
+    for the downstream probe's images."""
     features, _, _ = encode(module, dataset, batch_size)
     if features.ndim > 2:
         features = features.reshape(len(features), features.shape[1], -1).mean(-1)
     table = pd.DataFrame(features, columns=[f"f{i}" for i in range(features.shape[1])])
-    table.insert(0, "organ", frame["organ"].astype(str).to_numpy())
+    for column in reversed([c for c in columns if c in frame.columns]):
+        table.insert(0, column, frame[column].astype(str).to_numpy())
     table.insert(0, "sample_id", frame["sample_id"].astype(str).to_numpy())
     path = Path(path)
     table.to_csv(path, index=False, float_format="%.6g")

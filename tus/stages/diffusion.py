@@ -43,6 +43,7 @@ from tus.methods.iddpm import (
 )
 from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, check_output_root, finish_loggers, open_run, resume_checkpoint, write_json_atomic
 from tus.samplers import resolve_steps
+from tus.tracking import track_diffusion
 
 
 def _default_trainer() -> TrainerConfig:
@@ -99,4 +100,5 @@ def run_diffusion(config: DiffusionConfig, run_dir: str | Path | None = None, *,
         finish_loggers(loggers)
         if trainer.is_global_zero:
             write_diffusion_figures(run_dir)
+            track_diffusion(run_dir, config.logging, [Path(s.manifest) for s in config.data.sources if s.manifest], config.name, to_dict(config))
     return run_dir

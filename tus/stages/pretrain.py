@@ -8,6 +8,8 @@ One run directory per run::
     metrics.csv               losses, organ accuracy, learning rates, probe accuracies
     checkpoints/last.ckpt     resume point (model, optimiser, scheduler, step)
     wandb_id.txt, wandb/      the W&B run (offline unless WANDB_MODE says otherwise)
+    embeddings.csv            the held-out images' features (the UMAP by organ); downstream_embeddings.csv:
+                              the downstream manifest's (the UMAP by label), when monitor.downstream_manifest is set
     encoder/                  the encoder f (model.safetensors + config.json, which records the pool's
                               ``exclusion``), for ``--model.weights=<run>/encoder``
     summary.json              steps done, last losses, the probe history
@@ -31,7 +33,7 @@ from tus.callbacks.probes import DownstreamProbe, OrganProbe, write_heldout_embe
 from tus.callbacks.reconstruction import ReconstructionGrid
 from tus.config import ConfigError, require_seeds, to_dict
 from tus.data.pools import PretrainDataConfig, PretrainDataModule, encoder_exclusion
-from tus.figures.runs import EMBEDDINGS_FILE, write_pretrain_figures
+from tus.figures.runs import DOWNSTREAM_EMBEDDINGS_FILE, EMBEDDINGS_FILE, write_pretrain_figures
 from tus.methods import method_options, resolved_method_block
 from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, check_output_root, finish_loggers, open_run, resume_checkpoint, write_json_atomic
 from tus.tracking import track_pretraining
@@ -157,6 +159,8 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path | None = None, *
             write_json_atomic(run_dir / "summary.json", summary)
             if probe is not None:
                 write_heldout_embeddings(module, probe.heldout, datamodule.heldout, run_dir / EMBEDDINGS_FILE, config.monitor.batch_size)
+            if downstream is not None:  # the labelled images too: a UMAP by label
+                write_heldout_embeddings(module, downstream.dataset, downstream.frame, run_dir / DOWNSTREAM_EMBEDDINGS_FILE, config.monitor.batch_size, ("label", "organ"))
             write_pretrain_figures(run_dir)
             track_pretraining(run_dir, config.logging, [Path(s.manifest) for s in config.data.sources if s.manifest], config.name, to_dict(config))
     return run_dir
