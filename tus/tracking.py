@@ -123,16 +123,23 @@ def announce(run: Any, run_dir: Path, job_type: str) -> None:
         print(f"W&B {job_type} run {run.name}: offline in {Path(run.dir).parent}; upload with: tus wandb export {run_dir}", flush=True)
 
 
-def file_artifact(name: str, kind: str, files: Iterable[Path] | Path, metadata: dict | None = None):
-    """An artifact of files (or a folder); the same files give the same digest on every machine."""
+def file_artifact(name: str, kind: str, files: Iterable[Path] | Path, metadata: dict | None = None, *, images_in_place: bool = False):
+    """An artifact of files (or a folder); the same files give the same digest on every machine.
+
+    ``images_in_place``: image files are referenced where they are instead of copied into W&B's
+    staging folder (a sample folder holds thousands; tus never rewrites an image it wrote, while
+    bookkeeping files such as a growing ``manifest.csv`` are still copied)."""
     import wandb
+
+    from tus.data.images import IMAGE_SUFFIXES
 
     artifact = wandb.Artifact(name, type=kind, metadata=metadata or {})
     if isinstance(files, Path) and files.is_dir():
         artifact.add_dir(str(files))
     else:
         for path in [files] if isinstance(files, Path) else files:
-            artifact.add_file(str(path), name=Path(path).name)
+            in_place = images_in_place and Path(path).suffix.lower() in IMAGE_SUFFIXES
+            artifact.add_file(str(path), name=Path(path).name, policy="immutable" if in_place else "mutable")
     return artifact
 
 
@@ -338,7 +345,7 @@ def _image_folder_artifact(prefix: str, folder: Path, extra: Iterable[str] = ())
     from tus.data.images import list_images
 
     files = list_images(folder) + [folder / name for name in extra if (folder / name).is_file()]
-    return file_artifact(artifact_name(prefix, content_hash(files)), "dataset", files, {"folder": str(folder.resolve()), "images": len(list_images(folder))})
+    return file_artifact(artifact_name(prefix, content_hash(files)), "dataset", files, {"folder": str(folder.resolve()), "images": len(list_images(folder))}, images_in_place=True)
 
 
 SAMPLE_FILES = ("manifest.csv", "sampling.json")
@@ -374,7 +381,7 @@ def track_filter(out_dir: Path, report: dict, generated: Path, real: Path, loggi
         use_artifact(run, out_dir, _manifest_artifact("labels" if "label" in header else "pool", real))
     kept = [p for p in (out_dir / "manifest.csv", out_dir / "filter.csv", out_dir / "filter.json") if p.is_file()]
     images = sorted((out_dir / "images").iterdir()) if (out_dir / "images").is_dir() else []
-    log_artifact(run, out_dir, file_artifact(artifact_name("filtered", content_hash(kept)), "dataset", kept + images, {"kept": report.get("kept"), "k": report.get("k")}))
+    log_artifact(run, out_dir, file_artifact(artifact_name("filtered", content_hash(kept)), "dataset", kept + images, {"kept": report.get("kept"), "k": report.get("k")}, images_in_place=True))
     for key in ("kept", "rejected", "num_generated"):
         if key in report:
             run.summary[key] = report[key]
