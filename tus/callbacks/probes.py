@@ -196,18 +196,29 @@ class DownstreamProbe(PeriodicProbe):
         return {"probe/downstream_auroc": probe_auroc(features, labels, self.folds, self.classifier, self.k, self.seed)}
 
 
-def write_heldout_embeddings(module: L.LightningModule, dataset: ManifestDataset, frame: pd.DataFrame, path: str | Path, batch_size: int = 256, columns: tuple[str, ...] = ("organ",)) -> Path:
+def write_heldout_embeddings(module: L.LightningModule, dataset: ManifestDataset, frame: pd.DataFrame, path: str | Path, batch_size: int = 256) -> Path:
     """The encoder's features of the held-out images as ``sample_id, organ, f0..fN`` (the UMAP's
-    input, :func:`tus.figures.embeddings.umap_figure`); spatial features are average-pooled.
-    ``columns``: the manifest's columns kept beside ``sample_id`` (those it has), e.g. ``label``
-    for the downstream probe's images."""
+    input, :func:`tus.figures.embeddings.umap_figure`); spatial features are average-pooled."""
     features, _, _ = encode(module, dataset, batch_size)
     if features.ndim > 2:
         features = features.reshape(len(features), features.shape[1], -1).mean(-1)
     table = pd.DataFrame(features, columns=[f"f{i}" for i in range(features.shape[1])])
-    for column in reversed([c for c in columns if c in frame.columns]):
-        table.insert(0, column, frame[column].astype(str).to_numpy())
+    table.insert(0, "organ", frame["organ"].astype(str).to_numpy())
     table.insert(0, "sample_id", frame["sample_id"].astype(str).to_numpy())
+    path = Path(path)
+    table.to_csv(path, index=False, float_format="%.6g")
+    return path
+
+
+def write_downstream_embeddings(module: L.LightningModule, probe: DownstreamProbe, path: str | Path, batch_size: int = 256) -> Path:
+    """The encoder's features of the downstream probe's labelled images as ``sample_id, label,
+    [organ,] f0..fN`` (the UMAP by label, :func:`tus.figures.embeddings.umap_figure`)."""
+    features, labels = embed(module, probe.dataset, batch_size)
+    table = pd.DataFrame(features, columns=[f"f{i}" for i in range(features.shape[1])])
+    if "organ" in probe.frame.columns:
+        table.insert(0, "organ", probe.frame["organ"].astype(str).to_numpy())
+    table.insert(0, "label", labels.astype(int))
+    table.insert(0, "sample_id", probe.frame["sample_id"].astype(str).to_numpy())
     path = Path(path)
     table.to_csv(path, index=False, float_format="%.6g")
     return path

@@ -29,7 +29,7 @@ import lightning as L
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch import nn
 
-from tus.callbacks.probes import DownstreamProbe, OrganProbe, write_heldout_embeddings
+from tus.callbacks.probes import DownstreamProbe, OrganProbe, write_downstream_embeddings, write_heldout_embeddings
 from tus.callbacks.reconstruction import ReconstructionGrid
 from tus.config import ConfigError, require_seeds, to_dict
 from tus.data.pools import PretrainDataConfig, PretrainDataModule, encoder_exclusion
@@ -160,7 +160,7 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path | None = None, *
             if probe is not None:
                 write_heldout_embeddings(module, probe.heldout, datamodule.heldout, run_dir / EMBEDDINGS_FILE, config.monitor.batch_size)
             if downstream is not None:  # the labelled images too: a UMAP by label
-                write_heldout_embeddings(module, downstream.dataset, downstream.frame, run_dir / DOWNSTREAM_EMBEDDINGS_FILE, config.monitor.batch_size, ("label", "organ"))
+                write_downstream_embeddings(module, downstream, run_dir / DOWNSTREAM_EMBEDDINGS_FILE, config.monitor.batch_size)
             write_pretrain_figures(run_dir)
             track_pretraining(run_dir, config.logging, [Path(s.manifest) for s in config.data.sources if s.manifest], config.name, to_dict(config))
     return run_dir
