@@ -229,9 +229,17 @@ def write_report(demo: Path, cv_dir: Path, pretrain_dir: Path, diffusion_dir: Pa
         f"- samples: `{demo / 'samples'}`, filter: `{demo / 'filtered'}`",
         f"- noisy-label report and plots: `{demo / 'noisy_labels'}`",
         f"- Grad-CAM++ overlays: `{demo / 'explain'}`",
+        *_wandb_line(demo),
         "",
     ]
     (demo / "REPORT.md").write_text("\n".join(lines))
+
+
+def _wandb_line(demo: Path) -> list[str]:
+    from tus.tracking import offline_run_folders
+
+    folders = offline_run_folders([demo])
+    return [f"- {len(folders)} offline W&B run folder(s) in the stages' `wandb/` folders: `tus wandb export {demo}` uploads them with their lineage"] if folders else []
 
 
 def main(argv: list[str] | None = None) -> int:

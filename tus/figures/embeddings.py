@@ -40,7 +40,7 @@ def umap_figure_from_data(data: pd.DataFrame, color_by: str = "organ", knn_accur
     for color, group in zip(colors(len(groups)), groups):
         rows = data[data[color_by].astype(str) == group]
         axis.scatter(rows["umap_x"], rows["umap_y"], s=6, color=color, label=f"{color_by} {group} (n = {len(rows)})" if color_by == "label" else f"{group} (n = {len(rows)})", linewidths=0)
-    title = f"Held-out embeddings by {color_by}" if color_by == "organ" else f"Embeddings by {color_by}"
+    title = f"Held-out embeddings by {color_by}" if color_by == "organ" else f"Downstream images' embeddings by {color_by}"
     details = [f"step {step}"] if step is not None else []
     probe_name = probe_name or f"k-NN {color_by} accuracy"
     shown = knn_accuracy is not None and not math.isnan(knn_accuracy)
