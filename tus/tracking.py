@@ -17,11 +17,18 @@ What a W&B workspace gets from tus (offline by default, see :func:`tus.runs.wand
 - one summary run per CV (``job_type`` ``cv-summary``: mean ± std and CIs as summary
   metrics, a table of the fold x seed runs, ROC/PR/confusion through ``wandb.plot``, the
   figures) and one per study (``study-summary``: the arms' table and the forest plots).
+- the stages after training log too, each in its output folder: the diffusion run its EMA
+  export (``diffusion-<run>``); ``sample`` uses it and logs the folder (``samples-<hash>``);
+  ``filter`` uses that and logs the kept set (``filtered-<hash>``); ``noisy-labels`` uses the
+  labelled manifest and logs its flag table (``flags-<hash>`` and a W&B table); ``explain`` uses
+  the fold model it explained and logs a few overlay pages. The same files always give the
+  same artifact name and digest, so a later stage's use matches an earlier stage's log.
 
 W&B cannot *use* an artifact offline, so every use and log is also written to the run dir's
 ``wandb_lineage.jsonl`` (one JSON object per line: run id, ``use``/``log``, name, type, digest);
 ``tus wandb export`` syncs the offline runs and then replays the uses online, which draws the
-lineage edges. Runs are quiet: no banner, no console capture.
+lineage edges. Runs are quiet: no banner, no console capture; each run tus starts prints one
+line saying where it is and how to upload it (:func:`announce`).
 """
 
 from __future__ import annotations
