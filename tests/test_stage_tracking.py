@@ -1,7 +1,7 @@
 """Every stage logs to W&B, not only training: ``sample``, ``filter``, ``noisy-labels`` and
 ``explain`` each leave an offline run (grouped, typed by stage) whose artifacts chain up with the
 earlier stages' (same name and digest), read back from the offline transaction logs. Small
-models and a handful of 16-32 px images: no training."""
+models (a 2-step diffusion run) and a handful of 16-32 px images."""
 
 from __future__ import annotations
 
@@ -13,14 +13,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from tests.eval.test_synthetic_metrics import PixelExtractor
 from tus import tracking
 from tus.data.images import list_images, write_grayscale
 from tus.run_config import LoggingConfig
-
-TINY_UNET = {"sample_size": 16, "base_channels": 32, "channel_mults": (1,), "attention_resolutions": (), "attention_head_dim": 32, "layers_per_block": 1}
 
 
 def finished_records(folder: Path, timeout_s: float = 30.0) -> list:
@@ -75,15 +72,16 @@ def offline(monkeypatch):
 
 
 def test_diffusion_sample_filter_chain_logs_and_uses_the_same_artifacts(tmp_path, offline):
-    from tus.methods.iddpm import ProcessConfig, UNetConfig, UNetExport, build_unet, save_unet_export
+    from tests.methods.test_iddpm import disk_manifest, tiny_config
+    from tus.methods.iddpm import latest_export
+    from tus.stages.diffusion import run_diffusion
     from tus.stages.sample import generate
     from tus.stages.synthetic import run_filter
 
-    torch.manual_seed(0)
-    unet_config = UNetConfig(**TINY_UNET)
-    diffusion_dir = tmp_path / "diffusion-run"
-    export = save_unet_export(build_unet(unet_config).eval(), UNetExport(unet=unet_config, process=ProcessConfig(num_timesteps=10), step=5), diffusion_dir / "export" / "ema_unet_step0000005")
-    tracking.track_diffusion(diffusion_dir, LoggingConfig(), [], "diffusion-run", {})
+    # A 2-step diffusion run (W&B on) exports its EMA U-Net and logs it.
+    diffusion_dir = run_diffusion(tiny_config(tmp_path, disk_manifest(tmp_path / "data"), **{"logging.wandb": "true", "trainer.max_steps": 2, "name": "diffusion-run"}))
+    export = latest_export(diffusion_dir)
+    assert export is not None
 
     samples = tmp_path / "samples"
     generate(export, samples, 4, sampler="ddim", steps=2, batch_size=4, device="cpu", progress=False)
@@ -95,8 +93,9 @@ def test_diffusion_sample_filter_chain_logs_and_uses_the_same_artifacts(tmp_path
     report = run_filter(tmp_path / "real.csv", samples, tmp_path / "filtered", k=1, link="copy", extractor=PixelExtractor())
 
     # The diffusion run logged its export; the sample run used it (same digest) and logged the folder.
+    assert {r.run.job_type for r in finished_records(diffusion_dir) if r.WhichOneof("record_type") == "run"} == {"diffusion"}  # training and export alike
     diffusion = offline_runs(diffusion_dir)["diffusion"]
-    model = diffusion["artifacts"]["diffusion-diffusion-run"]
+    model = diffusion["artifacts"][f"diffusion-{diffusion_dir.name}"]
     assert {m.path for m in model.manifest.contents} == {"config.json", "diffusion_pytorch_model.safetensors"}
     assert model.digest == wandb_digest("x", "model", {p.name: p for p in export.iterdir()})
     sample_run = offline_runs(samples)["sample"]
@@ -106,7 +105,7 @@ def test_diffusion_sample_filter_chain_logs_and_uses_the_same_artifacts(tmp_path
     expected = {p.name: p for p in [*list_images(samples), samples / "manifest.csv", samples / "sampling.json"]}
     assert sorted(m.path for m in sample_artifact.manifest.contents) == sorted(expected) and len(list_images(samples)) == 4
     assert sample_artifact.digest == wandb_digest("x", "dataset", expected)
-    assert uses(samples) == {"diffusion-diffusion-run": {**uses(samples)["diffusion-diffusion-run"], "digest": model.digest, "type": "model"}}
+    assert {name: (row["type"], row["digest"]) for name, row in uses(samples).items()} == {f"diffusion-{diffusion_dir.name}": ("model", model.digest)}
     assert sample_run["summary"]["images"] == 4
 
     # The filter used that very sample artifact and logged the kept set (its images and tables).

@@ -21,6 +21,7 @@ from its last checkpoint with the same W&B run.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -136,7 +137,8 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path | None = None, *
         every = getattr(method, "reconstruction_every_n_steps", 0)
         if every > 0 and hasattr(module, "reconstruct"):
             callbacks.append(ReconstructionGrid(every, num_images=method.reconstruction_images))
-        loggers = build_loggers(run_dir, config.logging, name=config.name, config={**to_dict(config), "pool": report}, tags=["pretrain", method_cls.__name__])
+        logging = dataclasses.replace(config.logging, job_type=config.logging.job_type or "pretrain")  # job_type = the stage
+        loggers = build_loggers(run_dir, logging, name=config.name, config={**to_dict(config), "pool": report}, tags=["pretrain", method_cls.__name__])
         trainer = build_trainer(config.trainer, run_dir, loggers=loggers, callbacks=callbacks, checkpoint_every_n_steps=config.checkpoint_every_n_steps, resumes_mid_epoch=True)
         if config.sync_batchnorm and trainer.world_size > 1:
             module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
@@ -162,5 +164,5 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path | None = None, *
             if downstream is not None:  # the labelled images too: a UMAP by label
                 write_downstream_embeddings(module, downstream, run_dir / DOWNSTREAM_EMBEDDINGS_FILE, config.monitor.batch_size)
             write_pretrain_figures(run_dir)
-            track_pretraining(run_dir, config.logging, [Path(s.manifest) for s in config.data.sources if s.manifest], config.name, to_dict(config))
+            track_pretraining(run_dir, logging, [Path(s.manifest) for s in config.data.sources if s.manifest], config.name, to_dict(config))
     return run_dir
