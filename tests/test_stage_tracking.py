@@ -17,7 +17,6 @@ import pytest
 from tests.eval.test_synthetic_metrics import PixelExtractor
 from tus import tracking
 from tus.data.images import list_images, write_grayscale
-from tus.run_config import LoggingConfig
 
 
 def finished_records(folder: Path, timeout_s: float = 30.0) -> list:
@@ -158,24 +157,31 @@ def test_noisy_labels_and_explain_runs_log_their_tables_and_images(tmp_path, off
     assert used["digest"] == wandb_digest("x", "model", {p.name: p for p in sorted(fold_dir.iterdir()) if p.suffix in (".safetensors", ".json")})
 
 
-def test_a_stage_prints_one_wandb_line_with_wandb_offline(tmp_path, monkeypatch, capfd):
-    """A tiny stage's run with W&B offline and nothing set to silence it (conftest's WANDB_SILENT
-    removed): W&B's banner and sync hints stay off (also those of its service process, hence
-    capfd), and tus prints one line saying where the run is and how to upload it."""
+def test_a_stage_prints_one_line_about_its_offline_run(tmp_path, monkeypatch, capfd):
+    """`tus noisy-labels` on a recorded loss table, W&B offline and nothing set to silence it
+    (conftest's WANDB_SILENT removed): W&B's banner and sync hints stay off (also those of its
+    service process, hence capfd), and tus prints one line saying where the run is and how to
+    upload it."""
+    from tests.helpers import make_labeled_dataset
+    from tus.cli.noisy_labels import main
+    from tus.data.manifest import load_manifest
+
     for name in ("WANDB_SILENT", "WANDB_CONSOLE", "WANDB_QUIET", "WANDB_RUN_GROUP"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
-    manifest = tmp_path / "manifest.csv"
-    manifest.write_text("path,label\na.png,0\n")
-    out = tmp_path / "out"
-    out.mkdir()
+    manifest = make_labeled_dataset(tmp_path / "labeled", patients=4, per_patient=1)
+    frame = load_manifest(manifest, require_labels=True, decode_images=False)
+    (tmp_path / "cv").mkdir()
+    (tmp_path / "cv" / "metrics.json").write_text("{}")  # a finished run
+    pd.DataFrame([{"sample_id": s, "epoch": e, "step": e, "label": int(y), "loss": 0.1} for s, y in zip(frame["sample_id"], frame["label"]) for e in range(3)]).to_csv(
+        tmp_path / "cv" / "losses.csv", index=False
+    )
+    out = tmp_path / "flags"
     capfd.readouterr()
-    run = tracking.start_run(out, LoggingConfig(), name="tiny", job_type="filter", id_file="wandb_id.txt")
-    tracking.use_artifact(run, out, tracking.file_artifact("labels-x", "dataset", [manifest]))
-    run.log({"kept": 1})
-    run.finish()
+    assert main([str(tmp_path / "cv"), "--manifest", str(manifest), "--out", str(out)]) == 0
     captured = capfd.readouterr()
     lines = [line for line in (captured.out + captured.err).splitlines() if re.search(r"wandb|w&b", line, re.IGNORECASE)]
     assert len(lines) == 1, lines
     (folder,) = tracking.offline_run_folders([out])
-    assert lines[0] == f"W&B filter run tiny: offline in {folder}; upload with: tus wandb export {out}"
+    assert lines[0] == f"W&B noisy-labels run flags: offline in {folder}; upload with: tus wandb export {out}"
+    assert f"written to {out}" in captured.out
