@@ -113,7 +113,8 @@ def test_diffusion_sample_filter_chain_logs_and_uses_the_same_artifacts(tmp_path
     (kept,) = filter_run["artifacts"].values()
     kept_images = sorted(p.name for p in list_images(tmp_path / "filtered" / "images"))
     assert len(kept_images) == report["kept"] > 0
-    assert sorted(m.path for m in kept.manifest.contents) == sorted([*kept_images, "manifest.csv", "filter.csv", "filter.json"])
+    assert sorted(m.path for m in kept.manifest.contents) == sorted([*(f"images/{name}" for name in kept_images), "manifest.csv", "filter.csv", "filter.json"])
+    assert sorted(pd.read_csv(tmp_path / "filtered" / "manifest.csv")["path"]) == sorted(f"images/{name}" for name in kept_images)  # as the artifact holds them
     assert (filter_run["summary"]["kept"], filter_run["summary"]["rejected"]) == (report["kept"], report["rejected"])
 
 

@@ -377,8 +377,10 @@ def track_filter(out_dir: Path, report: dict, generated: Path, real: Path, loggi
     """A ``tus filter`` run (``job_type`` ``filter``): it used the generated folder (the sample
     artifact, same name and digest as ``tus sample`` logged) and logs the kept set."""
     logging = logging or LoggingConfig()
-    config = {key: report.get(key) for key in ("k", "per_class", "extractor") if key in report}
-    run = start_run(out_dir, logging, name=out_dir.name, job_type="filter", config={**config, "generated": str(generated), "real": str(real)}, id_file="wandb_id.txt")
+    config = {key: report[key] for key in ("k", "extractor", "link", "num_real") if key in report}
+    run = start_run(
+        out_dir, logging, name=out_dir.name, job_type="filter", config={**config, "per_class": "per_class" in report, "generated": str(generated), "real": str(real)}, id_file="wandb_id.txt"
+    )
     if run is None:
         return
     use_artifact(run, out_dir, _image_folder_artifact("samples", generated, SAMPLE_FILES))
@@ -387,8 +389,10 @@ def track_filter(out_dir: Path, report: dict, generated: Path, real: Path, loggi
             header = handle.readline().strip().split(",")
         use_artifact(run, out_dir, _manifest_artifact("labels" if "label" in header else "pool", real))
     kept = [p for p in (out_dir / "manifest.csv", out_dir / "filter.csv", out_dir / "filter.json") if p.is_file()]
-    images = sorted((out_dir / "images").iterdir()) if (out_dir / "images").is_dir() else []
-    log_artifact(run, out_dir, file_artifact(artifact_name("filtered", content_hash(kept)), "dataset", kept + images, {"kept": report.get("kept"), "k": report.get("k")}, images_in_place=True))
+    artifact = file_artifact(artifact_name("filtered", content_hash(kept)), "dataset", kept, {"kept": report.get("kept"), "k": report.get("k")})
+    for image in sorted((out_dir / "images").iterdir()) if (out_dir / "images").is_dir() else []:
+        artifact.add_file(str(image), name=f"images/{image.name}", policy="immutable")  # where manifest.csv lists it
+    log_artifact(run, out_dir, artifact)
     for key in ("kept", "rejected", "num_generated"):
         if key in report:
             run.summary[key] = report[key]
