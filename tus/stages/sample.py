@@ -38,6 +38,7 @@ from tus.models.export import CONFIG_FILE, read_export_config
 from tus.runs import RunLock, last_checkpoint
 from tus.samplers import resolve_steps, sample_images
 from tus.samplers.base import to_uint8
+from tus.tracking import track_sample
 
 SETTINGS_FILE = "sampling.json"
 MANIFEST_FILE = "manifest.csv"
@@ -216,4 +217,5 @@ def generate(
                     os.replace(partial, final)
                 append_manifest_rows(manifest, [i for i in indices if i not in listed], settings, labels)
                 bar.update(len(indices))
+        track_sample(out_dir, settings, source)
     return manifest

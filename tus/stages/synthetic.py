@@ -29,6 +29,7 @@ from tus.eval.features import EncoderExtractor, FeatureExtractor, InceptionExtra
 from tus.eval.filtering import FILTER_K, LINK_MODES, check_filter_arguments, filter_generated
 from tus.eval.metrics import PRC_K, compute_metrics, format_metrics_table, image_paths, save_metrics
 from tus.runs import write_json_atomic
+from tus.tracking import track_filter
 
 DEFAULT_ENCODER_IMAGE_SIZE = 224
 
@@ -180,6 +181,7 @@ def _filter(real, generated, out: Path, k, organ, sweep, link, extractor, weight
         folds = labeled_folds(labeled_frame, num_folds, fold_seed)
         report["labeled_overlap"] = overlap_report(find_overlap(real_frame, labeled_frame, folds), folds, len(real_frame))
         write_json_atomic(result.out_dir / "labeled_overlap.json", report["labeled_overlap"])
+    track_filter(result.out_dir, report, Path(generated), Path(real))
     return report
 
 
