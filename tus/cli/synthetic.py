@@ -51,10 +51,11 @@ def metrics_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the metrics as JSON here")
     parser.add_argument("--prc-k", type=int, default=PRC_K, help="neighbours for precision/recall")
     parser.add_argument("--seed", type=int, default=0, help="seed for drawing the real reference batches")
+    parser.add_argument("--per-class", action="store_true", help="also score each class: class-y samples against class-y real images (both labelled)")
     args = parser.parse_args(argv)
     from tus.stages.synthetic import format_metrics_report, run_metrics  # torch: not needed for --help
 
-    metrics = run_metrics(args.real, args.generated, args.out, prc_k=args.prc_k, seed=args.seed, **_extraction_options(args))
+    metrics = run_metrics(args.real, args.generated, args.out, prc_k=args.prc_k, seed=args.seed, per_class=args.per_class, **_extraction_options(args))
     print(format_metrics_report(metrics, args.out))
     return 0
 

@@ -102,8 +102,6 @@ class SyntheticDataConfig:
             raise ConfigError(f"data.synthetic.per_class must be >= 1, got {self.per_class}")
         if self.ratio is not None and not self.ratio > 0:
             raise ConfigError(f"data.synthetic.ratio must be > 0, got {self.ratio}")
-        if self.source is None and (self.only or self.per_class is not None or self.ratio is not None):
-            raise ConfigError("data.synthetic: per_class, ratio and only need data.synthetic.source")
 
 
 @dataclass

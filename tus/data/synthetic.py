@@ -105,7 +105,7 @@ def select_synthetic(synthetic: pd.DataFrame, train_labels: np.ndarray, config: 
     chosen = []
     for label in sorted(set(real_counts) | set(synthetic["label"].astype(int))):
         rows = np.flatnonzero(synthetic["label"].to_numpy() == label)
-        wanted = config.per_class if config.per_class is not None else int(round(float(config.ratio) * real_counts.get(label, 0)))
+        wanted = config.per_class if config.per_class is not None else int(round((config.ratio or 0.0) * real_counts.get(label, 0)))
         if wanted > len(rows):
             asked = f"per_class={config.per_class}" if config.per_class is not None else f"ratio={config.ratio} x {real_counts.get(label, 0)} real training images"
             raise DataError(f"data.synthetic.source={source}: class {label} has {len(rows)} synthetic image(s), fewer than the {wanted} asked ({asked}); sample more or ask fewer")

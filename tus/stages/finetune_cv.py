@@ -236,6 +236,9 @@ def synthetic_source(config: FineTuneCVConfig, fold: int, seed: int) -> Path | N
 def check_synthetic(config: FineTuneCVConfig, frame: pd.DataFrame, folds: np.ndarray | dict[int, np.ndarray]) -> None:
     """Before any run dir: every run's synthetic source is readable and its generator left out the run's test patients
     (:func:`tus.data.synthetic.check_generator_exclusion`)."""
+    synthetic = config.data.synthetic
+    if not synthetic.source and (synthetic.only or synthetic.per_class is not None or synthetic.ratio is not None):
+        raise ConfigError("data.synthetic: per_class, ratio and only need data.synthetic.source (a tus sample or tus filter folder)")
     for fold, seed in cv_jobs(config):
         source = synthetic_source(config, fold, seed)
         if source is not None:

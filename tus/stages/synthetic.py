@@ -26,7 +26,7 @@ from tus.data.outputs import check_output_file, claim_output
 from tus.data.overlap import find_overlap, format_overlap, labeled_folds, overlap_report
 from tus.eval import filtering
 from tus.eval.features import EncoderExtractor, FeatureExtractor, InceptionExtractor, load_tus_encoder
-from tus.eval.filtering import FILTER_K, LINK_MODES, check_filter_arguments, filter_generated
+from tus.eval.filtering import FILTER_K, LINK_MODES, check_filter_arguments, filter_generated, generated_labels, real_labels
 from tus.eval.metrics import PRC_K, compute_metrics, format_metrics_table, image_paths, save_metrics
 from tus.runs import write_json_atomic
 
@@ -75,9 +75,14 @@ def run_metrics(
     prc_k: int = PRC_K,
     seed: int = 0,
     progress: bool = False,
+    per_class: bool = False,
 ) -> dict:
     """FID, Inception Score and precision/recall of the images in ``generated`` against ``real`` (a manifest
     CSV or an image folder); the metrics dict, also written as JSON to the file ``out`` when given.
+
+    ``per_class``: also each class's metrics (``per_class`` in the dict): the class-y samples (labels from the
+    samples' ``manifest.csv``, as ``tus sample --label`` writes it) against the class-y real images (``real``
+    a labelled manifest).
 
     ``cache_dir`` keeps features between calls (None: compute every feature); ``seed`` draws the real
     reference batches of precision/recall.
@@ -88,12 +93,17 @@ def run_metrics(
     if out is not None:
         check_output_file(Path(out), "--out")
     real_paths, generated_paths = image_paths(real), image_paths(generated)
+    labels = None
+    if per_class:  # both sets' labels, before any feature is computed
+        if not Path(generated).is_dir():
+            raise UsageError(f"--per-class: --generated {generated} must be a tus sample folder (its manifest.csv has the labels)")
+        labels = (real_labels(real), generated_labels(generated, generated_paths))
     # --out is checked writable and locked before any feature is computed.
     with claim_output(out, "--out", folder=False) if out is not None else contextlib.nullcontext():
-        return _score(real_paths, generated_paths, out, extractor, weights, image_size, cache_dir, batch_size, device, prc_k, seed, progress)
+        return _score(real_paths, generated_paths, out, extractor, weights, image_size, cache_dir, batch_size, device, prc_k, seed, progress, labels)
 
 
-def _score(real_paths, generated_paths, out, extractor, weights, image_size, cache_dir, batch_size, device, prc_k, seed, progress) -> dict:
+def _score(real_paths, generated_paths, out, extractor, weights, image_size, cache_dir, batch_size, device, prc_k, seed, progress, labels=None) -> dict:
     metrics = compute_metrics(
         real_paths,
         generated_paths,
@@ -104,6 +114,8 @@ def _score(real_paths, generated_paths, out, extractor, weights, image_size, cac
         device=device,
         cache_dir=cache_dir,
         progress=progress,
+        real_labels=None if labels is None else labels[0],
+        generated_labels=None if labels is None else labels[1],
     )
     if out is not None:
         save_metrics(metrics, out)
