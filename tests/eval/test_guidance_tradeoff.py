@@ -66,3 +66,21 @@ def test_tradeoff_figure_plots_faithfulness_against_fid_in_order_of_w(tmp_path):
     written = save(result, tmp_path, "guidance_tradeoff")
     assert sorted(p.name for p in written) == ["guidance_tradeoff.csv", "guidance_tradeoff.pdf", "guidance_tradeoff.png"]
     assert pd.read_csv(tmp_path / "guidance_tradeoff.csv")["faithfulness"].tolist() == [0.6, 0.8, 0.95]
+
+
+def test_guidance_sweep_samples_scores_and_plots_each_scale(always_positive, tmp_path):
+    from tests.methods.test_iddpm import disk_manifest, tiny_config
+    from tus.stages.diffusion import run_diffusion
+    from tus.stages.synthetic import run_guidance_sweep
+
+    manifest = disk_manifest(tmp_path / "data")  # 12 images, labels 0, 1, 0, 1, ...
+    run = run_diffusion(tiny_config(tmp_path, manifest, **{"unet.num_classes": 2, "process.num_timesteps": 20, "trainer.max_steps": 2}))
+    table = run_guidance_sweep(run, manifest, always_positive, tmp_path / "sweep", guidances=[2.0, 0.0], n=6, steps=4, extractor=PixelExtractor())
+    assert table["guidance"].tolist() == [0.0, 2.0] and table["num_generated"].tolist() == [6, 6]
+    # Labels cycle 0, 1, ... through the manifest's rows; the classifier always says 1: half are faithful.
+    assert table["faithfulness"].tolist() == [0.5, 0.5]
+    for w in ("w0", "w2"):
+        written = pd.read_csv(tmp_path / "sweep" / w / "manifest.csv")
+        assert written["label"].tolist() == [0, 1, 0, 1, 0, 1] and set(written["guidance"]) == {float(w[1:])}
+    assert pd.read_csv(tmp_path / "sweep" / "sweep.csv")["fid"].tolist() == pytest.approx(table["fid"].tolist())
+    assert (tmp_path / "sweep" / "guidance_tradeoff.pdf").is_file() and (tmp_path / "sweep" / "guidance_tradeoff.png").is_file()
