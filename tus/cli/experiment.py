@@ -82,4 +82,8 @@ def describe(plan: ArmPlan) -> str:
             f"  pretrain ({'pool as given' if run.excludes == 'none' else f'pool without {run.excludes} labelled patients'}) -> {run.dir} ({'finished' if pretrained else 'to run'}): {' '.join(plan.overrides['pretrain'])}"
         )
     lines.append(f"  finetune: {' '.join(plan.overrides['finetune'])}")
+    synthetic = plan.finetune.data.synthetic
+    if synthetic.source:
+        what = "synthetic images only" if synthetic.only else "real + synthetic images"
+        lines.append(f"  trains on {what} from {synthetic.source} (one generator per test fold, without its patients)")
     return "\n".join(lines)
