@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -84,3 +86,6 @@ def test_guidance_sweep_samples_scores_and_plots_each_scale(always_positive, tmp
         assert written["label"].tolist() == [0, 1, 0, 1, 0, 1] and set(written["guidance"]) == {float(w[1:])}
     assert pd.read_csv(tmp_path / "sweep" / "sweep.csv")["fid"].tolist() == pytest.approx(table["fid"].tolist())
     assert (tmp_path / "sweep" / "guidance_tradeoff.pdf").is_file() and (tmp_path / "sweep" / "guidance_tradeoff.png").is_file()
+    # Each sample folder names its generator's run and what its pool left out (nothing here: refused by fine-tuning).
+    record = json.loads((tmp_path / "sweep" / "w0" / "generator.json").read_text())
+    assert record["run_dir"] == str(run.resolve()) and record["exclusion"] == {"mode": "none"}
