@@ -94,6 +94,9 @@ def _one_generator(study: Study, block: SyntheticStudy, frame: pd.DataFrame, fol
         diffusion = load_config(DiffusionConfig, path, [*overrides, *pool])
     except ValueError as error:
         raise StudyError(f"{study.path}: synthetic.diffusion ({path.name}): {error}") from error
+    # W&B: the generators of a study group together, apart from its arms' fine-tuning.
+    logging = diffusion.logging
+    diffusion = dataclasses.replace(diffusion, logging=dataclasses.replace(logging, group=logging.group or f"{root.parent.parent.name}/{SYNTHETIC_DIR}", job_type=logging.job_type or "diffusion"))
     if diffusion.unet.num_classes is None:  # a class-conditional generator over the labelled set's classes
         diffusion = dataclasses.replace(diffusion, unet=dataclasses.replace(diffusion.unet, num_classes=max(classes) + 1))
     run_dir = root / "diffusion"
