@@ -123,5 +123,9 @@ def test_ratio_only_and_the_inner_split_stay_real(tmp_path: Path, per_fold_sampl
     too_many = tiny_config(manifest, tmp_path / "runs", "data.synthetic.source=x", "data.synthetic.per_class=5").data
     with pytest.raises(ValueError, match="class 0 has 4 synthetic image"):
         LabeledDataModule(too_many, frame, folds, 0, seed=0, synthetic=synthetic).setup("fit")
+    with pytest.raises(ConfigError, match="refit=true with data.synthetic.source"):
+        run_cv(tiny_config(manifest, tmp_path / "runs", f"data.synthetic.source={tmp_path}/samples-fold{{fold}}", "refit=true"))
+    with pytest.raises(ConfigError, match="need data.synthetic.source"):
+        run_cv(tiny_config(manifest, tmp_path / "runs", "data.synthetic.only=true"))
     with pytest.raises(ConfigError, match="per_class or ratio, not both"):
         tiny_config(manifest, tmp_path / "runs", "data.synthetic.source=x", "data.synthetic.per_class=2", "data.synthetic.ratio=1")

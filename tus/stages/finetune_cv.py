@@ -239,6 +239,8 @@ def check_synthetic(config: FineTuneCVConfig, frame: pd.DataFrame, folds: np.nda
     synthetic = config.data.synthetic
     if not synthetic.source and (synthetic.only or synthetic.per_class is not None or synthetic.ratio is not None):
         raise ConfigError("data.synthetic: per_class, ratio and only need data.synthetic.source (a tus sample or tus filter folder)")
+    if synthetic.source and config.refit:
+        raise ConfigError("refit=true with data.synthetic.source: the refit trains on every labelled image, and no per-fold generator left them all out; refit without synthetic images")
     for fold, seed in cv_jobs(config):
         source = synthetic_source(config, fold, seed)
         if source is not None:
