@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from tests.helpers import make_labeled_dataset
-from tests.stages.test_finetune_cv import tiny_config
+from tests.stages.test_finetune_cv import tiny_config as cv_config
 from tus.config import ConfigError
 from tus.data.datamodules import LabeledDataModule
 from tus.data.folds import assign_folds, fold_table
@@ -27,6 +27,10 @@ from tus.data.synthetic import SyntheticLeakError, read_synthetic
 from tus.stages.finetune_cv import run_cv
 
 PER_CLASS_SAMPLES = 4
+
+
+def tiny_config(manifest: Path, out: Path, *overrides: str):
+    return cv_config(manifest, out, "data.num_folds=2", *overrides)
 
 
 def sample_folder(root: Path, excluded_patients: list[str] | None, test_folds: list[int], seed: int = 0) -> Path:
@@ -51,8 +55,8 @@ def sample_folder(root: Path, excluded_patients: list[str] | None, test_folds: l
 def per_fold_samples(tmp_path: Path):
     manifest = make_labeled_dataset(tmp_path / "data", patients=12, per_patient=2)
     frame = load_manifest(manifest)
-    folds = assign_folds(frame, 3, 0)  # as finetune-cv draws them (data.fold_seed=0)
-    for fold in range(3):
+    folds = assign_folds(frame, 2, 0)  # as finetune-cv draws them (data.num_folds=2, data.fold_seed=0)
+    for fold in range(2):
         patients = sorted(set(frame.loc[folds == fold, "patient_id"].astype(str)))
         sample_folder(tmp_path / f"samples-fold{fold}", patients, [fold], seed=fold)
     return manifest, frame, folds
@@ -64,7 +68,7 @@ def test_synthetic_images_train_every_fold_and_are_tested_in_none(tmp_path: Path
     run_dir = run_cv(config)
     table = pd.read_csv(run_dir / "folds.csv", dtype={"sample_id": str})
     assert not table["sample_id"].str.startswith("synthetic:").any() and len(table) == len(frame)
-    for fold in range(3):
+    for fold in range(2):
         run = run_dir / "runs" / f"fold{fold}-seed0"
         predictions = pd.read_csv(run / "predictions.csv", dtype={"sample_id": str})
         # The test fold is exactly the fold's real images: no synthetic image, none missing.
