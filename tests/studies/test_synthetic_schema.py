@@ -4,6 +4,7 @@ and a filter that kept no sample of a class stops the study in one line."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -42,3 +43,14 @@ def test_a_filter_that_kept_no_sample_of_a_class_stops_the_study(tmp_path):
         check_kept(study, tmp_path / "synthetic", 1)
     (tmp_path / "synthetic" / "filter.json").write_text(json.dumps({"per_class": {"0": {"generated": 8, "kept": 3}, "1": {"generated": 8, "kept": 1}}}))
     check_kept(study, tmp_path / "synthetic", 1)
+
+
+def test_an_unknown_block_override_stops_the_study_before_anything_runs(tmp_path):
+    from tests.helpers import make_labeled_dataset
+    from tus.studies import runner
+
+    manifest = make_labeled_dataset(tmp_path / "data", patients=6, size=16)
+    study = schema.load_study(Path(__file__).resolve().parents[2] / "experiments" / "studies" / "synthetic.yaml")
+    with pytest.raises(schema.StudyError, match="synthetic: no key 'per_klass'"):
+        runner.run_study(study, tmp_path / "out", variables={"TUS_LABELED": str(manifest)}, shrink=True, extra=schema.StageOverrides(synthetic=["per_klass=1"]))
+    assert not (tmp_path / "out" / "synthetic-shrink" / "_synthetic").exists()

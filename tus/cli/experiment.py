@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--pretrain", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="overrides for every arm's pretraining, e.g. trainer.devices=2 trainer.strategy=ddp")
     run.add_argument("--finetune", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="overrides for every arm's fine-tuning")
     run.add_argument("--diffusion", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="overrides for the per-fold generators of a synthetic: study")
+    run.add_argument("--synthetic", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="overrides of a study's synthetic: block, e.g. per_class=200 filter_k=null")
     run.add_argument("--stage", choices=STAGES, default="all", help="pretrain: only the arms' pretraining; finetune: only fine-tuning (pretraining must exist)")
     run.add_argument("--dry-run", action="store_true", help="resolve every arm and print what would run")
     args = parser.parse_args(argv)
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"written: {study_dir / 'table.md'}, {study_dir / 'table.csv'}")
             return 0
         variables = {**os.environ, **parse_assignments(args.variables)}
-        extra = StageOverrides(pretrain=args.pretrain, finetune=args.finetune, diffusion=args.diffusion)
+        extra = StageOverrides(pretrain=args.pretrain, finetune=args.finetune, diffusion=args.diffusion, synthetic=args.synthetic)
         if args.dry_run:
             for plan in plan_study(study, args.out, arms=args.arms, variables=variables, shrink=args.shrink, extra=extra):
                 print(describe(plan))

@@ -407,6 +407,14 @@ def run_study(
     if stage not in STAGES:
         raise StudyError(f"stage must be one of {STAGES}, got {stage!r}")
     plans = plan_study(study, out, arms=arms, variables=variables, shrink=shrink, extra=extra)
+    synthetic_arms = [plan for plan in plans if config_arm(study, plan).synthetic != "none"]
+    block = None
+    if synthetic_arms:  # the synthetic: block with its overrides, checked before anything runs
+        assert study.config.synthetic is not None
+        try:
+            block = study.config.synthetic.with_overrides([*(study.config.shrink.synthetic if shrink else []), *(extra.synthetic if extra else [])])
+        except ConfigError as error:
+            raise StudyError(f"{study.path}: {error}") from error
     # Under DDP every rank runs this function (Lightning relaunches the command for ranks > 0;
     # torchrun and srun start every rank). All pretraining comes first, so once the
     # multi-device stages are over, ranks > 0 have nothing left to wait for.
@@ -437,10 +445,8 @@ def run_study(
         block = study.config.noisy_labels
         rule = FlaggingRule(block.threshold, block.min_exceed, block.min_fraction, block.counting)
         flags_dir = flag_labels(flagging, study_dir / FLAGGING_DIR, study_dir / FLAGS_DIR, rule, block.histogram_min_exceed)
-    synthetic_arms = [plan for plan in plans if config_arm(study, plan).synthetic != "none"]
     if synthetic_arms and rank_zero:
-        assert study.config.synthetic is not None
-        block = study.config.synthetic.with_overrides([*(study.config.shrink.synthetic if shrink else []), *(extra.synthetic if extra else [])])
+        assert block is not None
         ensure_synthetic(study, block, synthetic_arms[0].finetune, study_dir, synthetic_overrides(study, variables, shrink, extra))
     for plan in plans:
         if not _takes_part(plan.finetune.trainer):
