@@ -16,6 +16,7 @@ from tus.figures.style import save
 
 FIGURES_DIR = "figures"
 EMBEDDINGS_FILE = "embeddings.csv"
+DOWNSTREAM_EMBEDDINGS_FILE = "downstream_embeddings.csv"
 # A UMAP of fewer points shows nothing (and the first one in a process costs ~20 s of JIT).
 MIN_UMAP_POINTS = 16
 
@@ -67,6 +68,7 @@ FIGURE_CAPTIONS = {
     "calibration": "Reliability diagram of the pooled test predictions, with the expected calibration error",
     "training_curves": "Training (and inner-validation) loss per fold × seed",
     "umap": "UMAP of the pretrained encoder's held-out embeddings, by organ",
+    "umap_label": "UMAP of the pretrained encoder's embeddings of the downstream manifest's images, by label",
     "probes": "Representation probes over pretraining steps",
     "samples": "Diffusion samples at the end of training",
 }
@@ -113,7 +115,9 @@ def study_baseline(study_dir: Path, table: pd.DataFrame) -> str:
 
 def write_pretrain_figures(run_dir: str | Path) -> list[Path]:
     """The UMAP of the held-out embeddings (``embeddings.csv``, coloured by organ, the last
-    k-NN organ probe in the title) and the probe curves over steps (``metrics.csv``)."""
+    k-NN organ probe in the title), with a downstream manifest the UMAP of its images
+    (``downstream_embeddings.csv``, coloured by label, the last downstream probe's AUROC in the
+    title) and the probe curves over steps (``metrics.csv``)."""
     from tus.figures.embeddings import probe_figure, umap_figure
 
     run_dir = Path(run_dir)
@@ -130,7 +134,23 @@ def write_pretrain_figures(run_dir: str | Path) -> list[Path]:
             probe = (summary.get("probe") or [{}])[-1]
             accuracy = probe.get("probe/knn_organ_acc")
             written += save(umap_figure(embeddings, "organ", accuracy, summary.get("steps")), out, "umap")
+    downstream_path = run_dir / DOWNSTREAM_EMBEDDINGS_FILE
+    if downstream_path.is_file():
+        embeddings = pd.read_csv(downstream_path, dtype={"sample_id": str, "organ": str, "label": str})
+        if len(embeddings) >= MIN_UMAP_POINTS:
+            summary = _read_json(run_dir / "summary.json") or {}
+            auroc = ((summary.get("downstream_probe") or [{}])[-1]).get("probe/downstream_auroc")
+            written += save(umap_figure(embeddings, "label", auroc, summary.get("steps"), probe_name=f"{_downstream_classifier(run_dir)} label probe AUROC"), out, "umap_label")
     return written
+
+
+def _downstream_classifier(run_dir: Path) -> str:
+    """How the run's downstream probe classified (``k-NN`` or ``logistic``), from its config."""
+    import yaml
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    classifier = ((config or {}).get("monitor") or {}).get("downstream_classifier", "knn")
+    return "k-NN" if classifier == "knn" else str(classifier)
 
 
 def write_diffusion_figures(run_dir: str | Path, fid: float | None = None) -> list[Path]:

@@ -171,13 +171,15 @@ class FineTuneModule(L.LightningModule):
         return layerwise_lr_decay_groups(self.backbone, self.head, config.lr_head, config.weight_decay, layer_decay=config.layer_decay)
 
 
-def save_finetuned(module: FineTuneModule, path: str | Path, image_size: int | None = None, label_names: Sequence[str] = LABEL_NAMES) -> Path:
+def save_finetuned(module: FineTuneModule, path: str | Path, image_size: int | None = None, label_names: Sequence[str] = LABEL_NAMES, input_spec: dict | None = None) -> Path:
     """Export the trained classifier as a folder: ``model.safetensors`` + ``config.json`` (:mod:`tus.models.export`).
 
     ``path`` is the folder; ``<folder>/model`` or ``<folder>/model.safetensors`` (what ``tus finetune-cv`` passes
     for a fold's run dir) name the same folder, so a fold's ``model.safetensors`` keeps its place. The config
     holds the module's constructor arguments (``hparams``), the architecture, ``image_size`` (when given) and
-    ``label_names`` (output index -> class). Returns the folder.
+    ``label_names`` (output index -> class), and ``input`` (``input_spec``: how an image file became a training
+    image before resizing: the DICOM frame choice and the crop recipe of a ``tus data crop`` dataset, which
+    ``tus predict`` follows on new images). Returns the folder.
     """
     path = Path(path)
     folder = path.parent if path.name in ("model", WEIGHTS_FILE) else path
@@ -192,6 +194,8 @@ def save_finetuned(module: FineTuneModule, path: str | Path, image_size: int | N
         "num_classes": hparams.get("num_classes", 2),
         "hparams": hparams,
     }
+    if input_spec is not None:
+        config["input"] = input_spec
     return save_export(folder, "classifier", module, config)
 
 

@@ -29,6 +29,7 @@ from tus.eval.explain import (
 from tus.methods.classifier import load_finetuned
 from tus.models.export import load_export
 from tus.models.weights import CheckpointError, load_weights
+from tus.tracking import track_explain
 
 
 def collect_images(sources: Sequence[str | Path]) -> list[tuple[str, Path]]:
@@ -156,4 +157,5 @@ def run_explain(
     if target is not None:
         summary["target_class"] = target
     (out / "marker_sensitivity.json").write_text(json.dumps(summary, indent=2))
+    track_explain(out, summary, checkpoint)
     return summary

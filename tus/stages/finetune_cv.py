@@ -38,11 +38,13 @@ from tus.callbacks.gradcam import GradCAMPlusPlusLogger
 from tus.callbacks.loss_recorder import PerSampleLossRecorder
 from tus.callbacks.progress import stage_progress
 from tus.config import ConfigError, to_dict, write_text_atomic
+from tus.data.crop import read_crop_recipe
 from tus.data.datamodules import LabeledDataModule
 from tus.data.folds import FoldError, assign_folds, assign_folds_for_seed, fold_table, folds_from_table, read_fold_table
 from tus.data.images import content_hash
 from tus.data.manifest import LABEL_NAMES_ATTR, load_manifest
 from tus.data.seeding import derive_seed
+from tus.data.synthetic import check_generator_exclusion, read_synthetic, source_for_run
 from tus.eval.cv_metrics import is_multiclass, multiclass_metrics, probability_columns
 from tus.eval.cv_summary import FAILED_FILE, collapse_reason, collect_runs, write_summary
 from tus.figures.runs import write_cv_figures
@@ -159,6 +161,7 @@ def run_cv(
         check_output_root(config.output_root)  # before the data are read
     frame, folds = _manifest_and_folds(config)
     check_encoders(config, frame, folds)  # before any run dir or training: every fold's encoder fits its test fold
+    check_synthetic(config, frame, folds)  # and every fold's synthetic images come from a generator that never saw it
     with open_run(config, output_root=config.output_root, name=config.name, resume=run_dir, allow_config_change=allow_config_change, create=create) as run_dir:
         write_or_check_folds(run_dir, frame, folds)
         jobs = cv_jobs(config)
@@ -226,6 +229,27 @@ def check_encoders(config: FineTuneCVConfig, frame: pd.DataFrame, folds: np.ndar
         check_encoder_exclusion(weights_for_run(config.model, fold, seed), frame, folds[seed] if isinstance(folds, dict) else folds, fold)
 
 
+def synthetic_source(config: FineTuneCVConfig, fold: int, seed: int) -> Path | None:
+    """The synthetic source of run (``fold``, ``seed``) (``data.synthetic.source`` with ``{fold}``/``{seed}``), or None."""
+    source = config.data.synthetic.source
+    return source_for_run(source, fold, seed) if source else None
+
+
+def check_synthetic(config: FineTuneCVConfig, frame: pd.DataFrame, folds: np.ndarray | dict[int, np.ndarray]) -> None:
+    """Before any run dir: every run's synthetic source is readable and its generator left out the run's test patients
+    (:func:`tus.data.synthetic.check_generator_exclusion`)."""
+    synthetic = config.data.synthetic
+    if not synthetic.source and (synthetic.only or synthetic.per_class is not None or synthetic.ratio is not None):
+        raise ConfigError("data.synthetic: per_class, ratio and only need data.synthetic.source (a tus sample or tus filter folder)")
+    if synthetic.source and config.refit:
+        raise ConfigError("refit=true with data.synthetic.source: the refit trains on every labelled image, and no per-fold generator left them all out; refit without synthetic images")
+    for fold, seed in cv_jobs(config):
+        source = synthetic_source(config, fold, seed)
+        if source is not None:
+            check_generator_exclusion(source, frame, folds[seed] if isinstance(folds, dict) else folds, fold, config.data.synthetic.allow_unexcluded)
+            read_synthetic(source)
+
+
 def cv_jobs(config: FineTuneCVConfig) -> list[tuple[int, int]]:
     """Every (fold, seed) run of a CV, in the order :func:`run_cv` trains them (a job array's
     task index is a position in this list)."""
@@ -276,6 +300,7 @@ def prepare_cv(config: FineTuneCVConfig) -> Path:
     trained by :func:`run_cv_task` (any process, any order) and summarised by :func:`join_cv`."""
     frame, folds = _manifest_and_folds(config)
     check_encoders(config, frame, folds)
+    check_synthetic(config, frame, folds)
     with open_run(config, output_root=config.output_root, name=config.name) as run_dir:
         write_or_check_folds(run_dir, frame, folds)
     return run_dir
@@ -293,6 +318,7 @@ def run_cv_task(config: FineTuneCVConfig, run_dir: str | Path, fold: int, seed: 
     if (fold, seed) not in cv_jobs(config):
         raise ConfigError(f"fold={fold},seed={seed}: not a run of this CV (folds 0..{config.data.num_folds - 1}, seeds {config.seeds})")
     frame, folds = _manifest_and_folds(config)
+    check_synthetic(config, frame, folds)
     write_or_check_folds(run_dir, frame, folds)
     target = run_dir / "runs" / f"fold{fold}-seed{seed}"
     if (target / "metrics.json").exists():
@@ -401,11 +427,16 @@ def run_single(
     """
     config = replace(config, model=weights_for_run(config.model, fold, seed))
     check_encoder_exclusion(config.model, frame, folds, fold)
+    source = synthetic_source(config, fold, seed)
+    synthetic = None
+    if source is not None:
+        check_generator_exclusion(source, frame, folds, fold, config.data.synthetic.allow_unexcluded)
+        synthetic = read_synthetic(source)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / FAILED_FILE).unlink(missing_ok=True)  # a retried run starts clean
     L.seed_everything(seed, workers=True)
     inner = config.selection == "inner_val"
-    datamodule = LabeledDataModule(config.data, frame, folds, fold, seed, inner_validation=inner)
+    datamodule = LabeledDataModule(config.data, frame, folds, fold, seed, inner_validation=inner, synthetic=synthetic)
     names = class_names(config)
     module = FineTuneModule(backbone_for_inputs(config.model, config.data.image_size), config.optim, num_classes=len(names))
     run_info = {"fold": fold, "seed": seed, "init": config.init_label or config.model.init}
@@ -445,7 +476,8 @@ def run_single(
         if is_multiclass(names):
             # Macro and per-class metrics from the written predictions (as a reader recomputes them).
             metrics = multiclass_metrics(predictions["label"].to_numpy(), predictions[probability_columns(names)].to_numpy(), names)
-        save_finetuned(module, run_dir / "model", image_size=config.data.image_size, label_names=names)
+        write_training_manifest(datamodule, run_dir)
+        save_finetuned(module, run_dir / "model", image_size=config.data.image_size, label_names=names, input_spec=input_spec(config.data))
         _drop_training_state(run_dir)
         collapsed = collapse_reason(predictions, run_dir / "metrics.csv", config.selection_metric if inner else None)
         record = {
@@ -458,8 +490,25 @@ def run_single(
             "collapsed": collapsed is not None,
             "collapse_reason": collapsed,
         }
+        if source is not None:
+            train_frame = datamodule.train_frame
+            assert train_frame is not None
+            record.update(synthetic_source=str(source), synthetic_images=int(train_frame["synthetic"].sum()), real_training_images=int((~train_frame["synthetic"].astype(bool)).sum()))
         write_text_atomic(run_dir / "metrics.json", json.dumps(record, indent=2))
     return metrics
+
+
+TRAINING_MANIFEST = "train_manifest.csv"
+
+
+def write_training_manifest(datamodule: LabeledDataModule, run_dir: Path) -> None:
+    """``train_manifest.csv``: every image the run trained on (``synthetic`` marks generated ones; their
+    ``sample_id`` starts with ``synthetic:``). Written only when the run used synthetic images."""
+    frame = datamodule.train_frame
+    if frame is None or "synthetic" not in frame.columns:
+        return
+    columns = ["sample_id", "path", "patient_id", "label", "synthetic"]
+    write_text_atomic(run_dir / TRAINING_MANIFEST, frame.assign(path=frame["abs_path"], synthetic=frame["synthetic"].astype(bool))[columns].to_csv(index=False))
 
 
 def _cv_logging(config: FineTuneCVConfig) -> LoggingConfig:
@@ -485,6 +534,8 @@ def run_refit(config: FineTuneCVConfig, frame: pd.DataFrame, seed: int, run_dir:
     CV's. No per-sample losses or Grad-CAM are recorded (they are for held-out folds). Needs ``selection: last``:
     with inner validation each fold chose its own epoch, so there is no one epoch count to repeat.
     """
+    if config.data.synthetic.source:
+        raise ConfigError("refit=true with data.synthetic.source: the refit trains on every labelled image, and no per-fold generator left them all out; refit without synthetic images")
     if config.selection != "last":
         raise ConfigError("refit=true needs selection=last: with inner_val each fold chose its own epoch, so there is no one recipe to refit with")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -510,12 +561,19 @@ def run_refit(config: FineTuneCVConfig, frame: pd.DataFrame, seed: int, run_dir:
         "init": config.init_label or config.model.init,
     }
     if trainer.is_global_zero:
-        folder = save_finetuned(module, run_dir / "model", image_size=config.data.image_size, label_names=names)
+        folder = save_finetuned(module, run_dir / "model", image_size=config.data.image_size, label_names=names, input_spec=input_spec(config.data))
         exported = json.loads((folder / "config.json").read_text())
         write_text_atomic(folder / "config.json", json.dumps({**exported, "refit": record}, indent=2))  # marked in the model itself
         _drop_training_state(run_dir)
         write_text_atomic(run_dir / "refit.json", json.dumps(record, indent=2))
     return record
+
+
+def input_spec(data) -> dict:
+    """How an image file became a training image before resizing (``config.json``'s ``input``, which
+    ``tus predict`` follows): the frame of a multi-frame DICOM, and the crop recipe when the manifest is a
+    ``tus data crop`` dataset (its ``crop.json``)."""
+    return {"dicom_frames": str(data.dicom_frames), "crop": read_crop_recipe(data.manifest)}
 
 
 def _drop_training_state(run_dir: Path) -> None:
