@@ -186,3 +186,22 @@ def test_a_stage_prints_one_line_about_its_offline_run(tmp_path, monkeypatch, ca
     (folder,) = tracking.offline_run_folders([out])
     assert lines[0] == f"W&B noisy-labels run flags: offline in {folder}; upload with: tus wandb export {out}"
     assert f"written to {out}" in captured.out
+
+
+def test_predict_run_uses_the_fold_models_and_logs_its_predictions(tmp_path, offline):
+    from tests.callbacks.test_gradcam import tiny_classifier
+    from tus.methods.classifier import save_finetuned
+
+    fold_dir = tmp_path / "cv" / "runs" / "fold1-seed0"
+    save_finetuned(tiny_classifier(), fold_dir / "model")
+    out = tmp_path / "preds.csv"
+    out.write_text("sample_id,prob_1\na.png,0.25\n")
+    result = {"model": str(tmp_path / "cv"), "kind": "single", "members": [str(fold_dir)], "threshold": 0.5, "images": 1, "labelled": {"metrics": {"f1": 0.5, "auroc": None}}}
+    assert tracking.track_predict(out, result) == tmp_path / "preds.wandb"
+    run = offline_runs(tmp_path / "preds.wandb")["predict"]
+    assert run["summary"]["f1"] == 0.5 and run["summary"]["images"] == 1 and "auroc" not in run["summary"]
+    used = uses(tmp_path / "preds.wandb")["model-cv-fold1-seed0"]
+    assert used["digest"] == wandb_digest("x", "model", {p.name: p for p in sorted(fold_dir.iterdir()) if p.suffix in (".safetensors", ".json")})
+    (logged,) = [row for row in tracking.read_lineage(tmp_path / "preds.wandb") if row["direction"] == "log"]
+    assert logged["name"] == f"predictions-{tracking.content_hash([out])}"
+    assert logged["digest"] == wandb_digest("x", "predictions", {"preds.csv": out})

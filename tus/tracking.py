@@ -454,6 +454,36 @@ def track_explain(out_dir: Path, summary: dict, checkpoint: Path, logging: Loggi
     run.finish()
 
 
+def track_predict(out: Path, result: dict, logging: LoggingConfig | None = None) -> Path | None:
+    """A ``tus predict`` run (``job_type`` ``predict``) in the folder ``<out stem>.wandb`` beside the
+    predictions: it used the fold (or refit) models it ran (the artifacts their CV logged, so the lineage
+    reads pretraining -> fine-tuning -> predictions) and logs the predictions CSV (and its metrics and
+    summary when the images had labels) as an artifact, the metrics as summary values. The folder, or None."""
+    logging = logging or LoggingConfig()
+    if not enabled(logging):
+        return None
+    run_dir = out.parent / f"{out.stem}.wandb"
+    run_dir.mkdir(exist_ok=True)
+    config = {key: result[key] for key in ("model", "kind", "threshold", "images", "cropped") if key in result}
+    run = start_run(run_dir, logging, name=out.stem, job_type="predict", config=config, id_file="wandb_id.txt")
+    if run is None:
+        return None
+    for member in map(Path, result["members"]):
+        if member.parent.name == "runs":
+            artifact = _fold_model_artifact(member.parent.parent, member, {})
+            if artifact is not None:
+                use_artifact(run, run_dir, artifact)
+    files = [out] + [p for p in (out.with_name(out.stem + ".metrics.json"), out.with_name(out.stem + ".summary.md")) if p.is_file()]
+    log_artifact(run, run_dir, file_artifact(artifact_name("predictions", content_hash(files)), "predictions", files, {"model": result["model"], "images": result["images"]}))
+    labelled = result.get("labelled") or {}
+    for name, value in (labelled.get("metrics") or {}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            run.summary[name] = value
+    run.summary["images"] = result["images"]
+    run.finish()
+    return run_dir
+
+
 # ---------------------------------------------------------------------------------------------
 # Pushing offline runs later
 

@@ -25,6 +25,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader processes decoding images (0: in this process)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--wandb",
+        action="store_true",
+        help="also log a W&B run (offline unless WANDB_MODE says otherwise; group from WANDB_RUN_GROUP) in <out stem>.wandb/: the models it used and the predictions as an artifact",
+    )
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
 
@@ -34,4 +39,10 @@ def main(argv: list[str]) -> int:
     print(f"{result['images']} {'views' if result['cropped'] else 'images'}, {result['kind']} of {len(result['members'])} model(s), threshold {result['threshold']:.4g} -> {result['out']}")
     if result["labelled"] is not None:
         print(render_labelled_summary(result["labelled"], result["kind"]))
+    if args.wandb:
+        from pathlib import Path
+
+        from tus.tracking import track_predict
+
+        track_predict(Path(result["out"]), result)
     return 0
