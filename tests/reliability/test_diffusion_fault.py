@@ -10,17 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.methods.test_iddpm import disk_manifest
-from tests.reliability.faults import (
-    assert_no_duplicated_steps,
-    assert_same_log,
-    assert_same_weights,
-    interrupted_beside_twin,
-    leave_partial_write,
-    partial_writes,
-    saved_step,
-    stopped,
-    tus_in_process,
-)
+from tests.reliability import faults
+from tests.reliability.faults import interrupted_beside_twin, saved_step, stopped, tus_in_process
 
 
 def overrides(manifest: Path, out: Path) -> list[str]:
@@ -64,7 +55,7 @@ def test_killed_and_terminated_diffusion_resumes_to_the_uninterrupted_run(tmp_pa
     run_dir = killed.run_dir
     assert killed.process.returncode == -signal.SIGKILL
     assert not (run_dir / "export").exists()  # killed before the end-of-training export
-    leave_partial_write(run_dir, killed.process.pid)
+    faults.leave_partial_write(run_dir, killed.process.pid)
     tus_in_process("diffusion", "--resume", str(run_dir))
     assert_same_run(run_dir, reference, straight)
 
@@ -81,7 +72,7 @@ def test_killed_and_terminated_diffusion_resumes_to_the_uninterrupted_run(tmp_pa
 def assert_same_run(run_dir: Path, reference: Path, straight: Path) -> None:
     (exported,) = (run_dir / "export").iterdir()
     assert exported.name == reference.name
-    assert_same_weights(exported / "diffusion_pytorch_model.safetensors", reference / "diffusion_pytorch_model.safetensors")
-    assert_no_duplicated_steps(run_dir / "metrics.csv")
-    assert_same_log(run_dir / "metrics.csv", straight / "metrics.csv")
-    assert partial_writes(run_dir) == []
+    faults.assert_same_weights(exported / "diffusion_pytorch_model.safetensors", reference / "diffusion_pytorch_model.safetensors")
+    faults.assert_no_duplicated_steps(run_dir / "metrics.csv")
+    faults.assert_same_log(run_dir / "metrics.csv", straight / "metrics.csv")
+    assert faults.partial_writes(run_dir) == []

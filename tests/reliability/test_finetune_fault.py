@@ -15,16 +15,8 @@ import pytest
 import torch
 
 from tests.helpers import make_labeled_dataset, tiny_cv_overrides
-from tests.reliability.faults import (
-    assert_no_duplicated_steps,
-    assert_same_log,
-    assert_same_weights,
-    interrupted_beside_twin,
-    leave_partial_write,
-    partial_writes,
-    stopped,
-    tus_in_process,
-)
+from tests.reliability import faults
+from tests.reliability.faults import interrupted_beside_twin, stopped, tus_in_process
 
 
 def overrides(manifest: Path, out: Path) -> list[str]:
@@ -43,16 +35,16 @@ def assert_same_cv(run_dir: Path, straight: Path) -> None:
     assert folds == ["fold0-seed0", "fold1-seed0", "fold2-seed0"]
     for fold in folds:
         a, b = run_dir / "runs" / fold, straight / "runs" / fold
-        assert_same_weights(a / "model.safetensors", b / "model.safetensors")
+        faults.assert_same_weights(a / "model.safetensors", b / "model.safetensors")
         assert json.loads((a / "metrics.json").read_text()) == json.loads((b / "metrics.json").read_text())
         pd.testing.assert_frame_equal(pd.read_csv(a / "predictions.csv"), pd.read_csv(b / "predictions.csv"), check_exact=True)
-        assert_no_duplicated_steps(a / "metrics.csv")
-        assert_same_log(a / "metrics.csv", b / "metrics.csv")
-        assert_same_log(a / "losses.csv", b / "losses.csv")
+        faults.assert_no_duplicated_steps(a / "metrics.csv")
+        faults.assert_same_log(a / "metrics.csv", b / "metrics.csv")
+        faults.assert_same_log(a / "losses.csv", b / "losses.csv")
         assert not list((a / "checkpoints").glob("*.ckpt"))  # finished runs drop their training state
     assert (run_dir / "folds.csv").read_text() == (straight / "folds.csv").read_text()
     assert json.loads((run_dir / "summary.json").read_text())["metrics"] == json.loads((straight / "summary.json").read_text())["metrics"]
-    assert not (run_dir / "run.lock").exists() and partial_writes(run_dir) == []
+    assert not (run_dir / "run.lock").exists() and faults.partial_writes(run_dir) == []
 
 
 @pytest.mark.slow
@@ -65,7 +57,7 @@ def test_killed_and_terminated_folds_resume_to_the_uninterrupted_result(tmp_path
     assert killed.process.returncode == -signal.SIGKILL
     assert not (run_dir / "summary.json").exists()
     (in_progress, *_) = [p for p in sorted((straight / "runs").iterdir()) if not (run_dir / "runs" / p.name / "metrics.json").exists()]
-    leave_partial_write(run_dir / "runs" / in_progress.name, killed.process.pid)
+    faults.leave_partial_write(run_dir / "runs" / in_progress.name, killed.process.pid)
     tus_in_process("finetune-cv", "--run-dir", str(run_dir))
     assert_same_cv(run_dir, straight)
 

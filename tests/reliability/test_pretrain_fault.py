@@ -12,17 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.reliability.faults import (
-    assert_no_duplicated_steps,
-    assert_same_log,
-    assert_same_weights,
-    interrupted_beside_twin,
-    leave_partial_write,
-    partial_writes,
-    saved_step,
-    stopped,
-    tus_in_process,
-)
+from tests.reliability import faults
+from tests.reliability.faults import interrupted_beside_twin, saved_step, stopped, tus_in_process
 from tests.stages.test_pretrain import make_pool
 from tus.data.datamodules import ImageSourceConfig, PositionedWeightedSampler, SeededDraws
 from tus.data.pools import PretrainDataConfig, PretrainDataModule
@@ -71,7 +62,7 @@ def test_killed_and_terminated_pretraining_resumes_to_the_uninterrupted_run(tmp_
     run_dir = killed.run_dir
     assert killed.process.returncode == -signal.SIGKILL and not (run_dir / "encoder").exists()
     assert 0 < saved_step(run_dir) < STEPS
-    leave_partial_write(run_dir, killed.process.pid)
+    faults.leave_partial_write(run_dir, killed.process.pid)
     tus_in_process("pretrain", "--resume", str(run_dir))
     assert_same_run(run_dir, straight)
 
@@ -86,14 +77,14 @@ def test_killed_and_terminated_pretraining_resumes_to_the_uninterrupted_run(tmp_
 
 
 def assert_same_run(run_dir: Path, straight: Path) -> None:
-    assert_same_weights(run_dir / "encoder" / "model.safetensors", straight / "encoder" / "model.safetensors")
-    assert_no_duplicated_steps(run_dir / "metrics.csv")
-    assert_same_log(run_dir / "metrics.csv", straight / "metrics.csv")
+    faults.assert_same_weights(run_dir / "encoder" / "model.safetensors", straight / "encoder" / "model.safetensors")
+    faults.assert_no_duplicated_steps(run_dir / "metrics.csv")
+    faults.assert_same_log(run_dir / "metrics.csv", straight / "metrics.csv")
     resumed_summary, straight_summary = (json.loads((d / "summary.json").read_text()) for d in (run_dir, straight))
     # The probe history in summary.json is the last attempt's (metrics.csv above holds every point).
     assert resumed_summary["steps"] == straight_summary["steps"] == STEPS
     assert resumed_summary["last"] == straight_summary["last"]
-    assert partial_writes(run_dir) == []
+    assert faults.partial_writes(run_dir) == []
 
 
 def test_stream_position_depends_on_seed_epoch_and_position_only(tmp_path: Path):
