@@ -43,6 +43,7 @@ def run_demo(out_root: Path, *, label_noise: float, seeds: str, progress: bool =
     from tus.stages.pretrain import PretrainConfig, run_pretraining
     from tus.stages.sample import generate
     from tus.stages.synthetic import format_filter_report, format_metrics_report, run_filter, run_metrics
+    from tus.tracking import track_noisy_labels
 
     demo = new_run_dir(out_root, "demo")
     timings: dict[str, float] = {}
@@ -114,6 +115,7 @@ def run_demo(out_root: Path, *, label_noise: float, seeds: str, progress: bool =
         # The CV run's own labelled manifest; the rule is the reference one (tus noisy-labels' defaults).
         losses = read_losses(find_loss_tables([cv_dir]))
         print(format_report(write_noisy_label_report(losses, data.labeled_manifest, FlaggingRule(), demo / "noisy_labels")))
+        track_noisy_labels(demo / "noisy_labels", data.labeled_manifest)
 
     with stage("8. Grad-CAM++ and marker sensitivity", timings):
         model = cv_dir / "runs" / "fold0-seed0" / "model.safetensors"
@@ -227,9 +229,17 @@ def write_report(demo: Path, cv_dir: Path, pretrain_dir: Path, diffusion_dir: Pa
         f"- samples: `{demo / 'samples'}`, filter: `{demo / 'filtered'}`",
         f"- noisy-label report and plots: `{demo / 'noisy_labels'}`",
         f"- Grad-CAM++ overlays: `{demo / 'explain'}`",
+        *_wandb_line(demo),
         "",
     ]
     (demo / "REPORT.md").write_text("\n".join(lines))
+
+
+def _wandb_line(demo: Path) -> list[str]:
+    from tus.tracking import offline_run_folders
+
+    folders = offline_run_folders([demo])
+    return [f"- {len(folders)} offline W&B run folder(s) in the stages' `wandb/` folders: `tus wandb export {demo}` uploads them with their lineage"] if folders else []
 
 
 def main(argv: list[str] | None = None) -> int:
