@@ -92,7 +92,11 @@ def fit(out: Path, devices: int, batch_size: int, order: list[int] | None = None
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
-        strategy="ddp_spawn" if devices > 1 else "auto",
+        # Both arms in freshly spawned interpreters (a 1-process DDP for the single arm): global
+        # state an earlier test left in this process (library flags, thread pools) would otherwise
+        # reach only the in-process arm; in a full run the arms once differed from step 2 on.
+        strategy="ddp_spawn",
+        use_distributed_sampler=devices > 1,  # the single arm keeps the order it is given
         max_steps=STEPS,
         logger=False,
         enable_checkpointing=False,
