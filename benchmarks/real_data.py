@@ -31,6 +31,10 @@ one more row of the same table. ``--finetune-config`` swaps the packaged recipe 
 ``--scratch-set KEY=VALUE`` overrides the scratch arm alone. ``--downstream-probe`` adds the k-NN probe of BUSI (the fold's
 training images only) to every pretraining, logged as ``probe/downstream_auroc``.
 
+Multi-class check (``--classes 3``): BUSI's three classes (benign / malignant / normal, from its
+``class_name`` column) instead of malignant vs rest, through the same CV; the table then gives
+macro F1, macro one-vs-rest AUROC and balanced accuracy. The plain arm is binary-only and refused.
+
 Output (``--out``): ``table.md`` / ``table.csv`` (mean +- std over folds x seeds of F1 and AUROC, and
 each arm against tus scratch with :func:`tus.eval.statistics.compare_arms`, the
 Nadeau-Bengio corrected t-test), ``runs.csv`` (every fold x seed), ``real_data.png`` and
@@ -39,6 +43,7 @@ Nadeau-Bengio corrected t-test), ``runs.csv`` (every fold x seed), ``real_data.p
     python benchmarks/real_data.py                                   # tus/configs/benchmarks/real_data.yaml
     python benchmarks/real_data.py --arms a,b,c,d --epochs 8 --pretrain-steps 150
     python benchmarks/real_data.py --arms d --variant lr-split --finetune-set optim.backbone_lr_scale=0.1
+    python benchmarks/real_data.py --classes 3 --arms b --out runs/benchmarks/real_data_3class
 """
 
 from __future__ import annotations
@@ -86,6 +91,8 @@ PRETRAINING = {
     "mae": ("pretrain/mae_cpu", []),
 }
 METRICS = ("f1", "auroc")
+# --classes 3: macro F1, macro one-vs-rest AUROC and balanced accuracy of the CV runs.
+MULTICLASS_METRICS = ("f1", "auroc", "balanced_accuracy")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "tus" / "configs" / "benchmarks" / "real_data.yaml"
 
 
@@ -101,9 +108,12 @@ def parse_arms(text: str) -> list[str]:
     return names
 
 
-def prepare_data(data_root: Path, out: Path) -> tuple[Path, Path, list[str]]:
-    """(BUSI manifest with patient_id and without duplicated pixels, DDTI manifest, dropped files)."""
+def prepare_data(data_root: Path, out: Path, classes: int = 2) -> tuple[Path, Path, list[str]]:
+    """(BUSI manifest with patient_id and without duplicated pixels, DDTI manifest, dropped files).
+    ``classes=3``: BUSI's label is its class name (benign, malignant, normal)."""
     busi = pd.read_csv(data_root / "busi" / "manifest.csv")
+    if classes == 3:
+        busi["label"] = busi["class_name"]
     busi["path"] = [str((data_root / "busi" / p).resolve()) for p in busi["path"]]
     busi["patient_id"] = [Path(p).stem for p in busi["path"]]
     # Pixel-identical images under two names (and here two labels) would leak across folds: drop every copy.
@@ -261,14 +271,14 @@ def earlier_arms(args, results: dict[str, pd.DataFrame]) -> dict[str, pd.DataFra
     return {label: found[label] for label in sorted(found, key=order)}
 
 
-def summarize(results: dict[str, pd.DataFrame], n_images: int, folds: int) -> pd.DataFrame:
+def summarize(results: dict[str, pd.DataFrame], n_images: int, folds: int, metrics: tuple[str, ...] = METRICS) -> pd.DataFrame:
     """Mean +- std (ddof=1) per arm, and the corrected t-test of each arm against scratch."""
     n_test = n_images / folds
     n_train = n_images - n_test
     rows = []
     for arm, runs in results.items():
         row = {"arm": arm, "runs": len(runs)}
-        for metric in METRICS:
+        for metric in metrics:
             values = 100 * runs[metric].to_numpy(dtype=float)
             row[metric] = f"{values.mean():.1f} +- {values.std(ddof=1):.1f}"
             for baseline in ("scratch",):
@@ -285,11 +295,11 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict[str, pd.DataFrame], path: Path, title: str) -> None:
+def plot(results: dict[str, pd.DataFrame], path: Path, title: str, metrics: tuple[str, ...] = METRICS) -> None:
     width = max(4.5, 0.42 * len(results) + 1.0)  # room for one rotated label per arm
-    figure, axes = plt.subplots(1, len(METRICS), figsize=(width * len(METRICS), 4.2))
+    figure, axes = plt.subplots(1, len(metrics), figsize=(width * len(metrics), 4.2))
     rng = np.random.default_rng(0)
-    for ax, metric in zip(axes, METRICS):
+    for ax, metric in zip(axes, metrics):
         for i, runs in enumerate(results.values()):
             values = 100 * runs[metric].to_numpy(dtype=float)
             ax.scatter(i + rng.uniform(-0.12, 0.12, len(values)), values, s=14, alpha=0.6)
@@ -326,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scratch-set", action="append", default=[], metavar="KEY=VALUE", help="fine-tuning override of the scratch arm (repeatable)")
     parser.add_argument("--finetune-config", default="finetune/cpu", help="packaged fine-tuning recipe of every tus arm (finetune/vit_cpu with --model vit_tiny_patch16_224: the ViT arms)")
     parser.add_argument("--downstream-probe", action="store_true", help="k-NN probe of BUSI (fold's training images) during pretraining")
+    parser.add_argument("--classes", type=int, choices=(2, 3), default=2, help="3: BUSI benign / malignant / normal (macro metrics) instead of malignant vs rest")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     config_path = parser.parse_known_args(argv)[0].config
     defaults = yaml.safe_load(config_path.read_text()) or {}
@@ -337,15 +348,19 @@ def main(argv: list[str] | None = None) -> None:
     args.out = args.out.resolve()
     torch.set_num_threads(args.threads)
     arms = parse_arms(args.arms)
+    if args.classes > 2 and "plain" in arms:
+        raise SystemExit("--classes 3: the plain arm (benchmarks/plain_finetune.py) is binary-only; leave out arm a")
+    metrics = METRICS if args.classes == 2 else MULTICLASS_METRICS
 
-    busi, ddti, dropped = prepare_data(args.data_root, args.out)
+    busi, ddti, dropped = prepare_data(args.data_root, args.out, args.classes)
     frame = load_manifest(busi, require_labels=True, num_folds=args.folds)
     if args.fold_seed != 0:
         raise SystemExit("--fold-seed other than finetune/cpu's 0 is not wired into the tus arms")
     folds = assign_folds(frame, args.folds, args.fold_seed)
     folds_csv = args.out / "folds.csv"
     fold_table(frame, folds).to_csv(folds_csv, index=False)
-    print(f"BUSI: {len(frame)} images ({int(frame['label'].sum())} malignant), dropped duplicated pixels: {dropped}")
+    counts = ", ".join(f"{count} {name}" for name, count in zip(frame.attrs.get("label_names", ["rest", "malignant"]), np.bincount(frame["label"])))
+    print(f"BUSI: {len(frame)} images ({counts}), dropped duplicated pixels: {dropped}")
     print(f"machine: {cpu_model()}, {torch.get_num_threads()} torch thread(s); torch {torch.__version__}")
 
     results, timing = {}, {}
@@ -370,18 +385,18 @@ def main(argv: list[str] | None = None) -> None:
         timing[f"pretrain {wall.parent.name}"] = float(wall.read_text())
 
     results = earlier_arms(args, results)
-    table = summarize(results, len(frame), args.folds)
+    table = summarize(results, len(frame), args.folds, metrics)
     pd.concat([runs.assign(arm=arm) for arm, runs in results.items()]).to_csv(args.out / "runs.csv", index=False)
     table.to_csv(args.out / "table.csv", index=False)
     setting = (
-        f"BUSI malignant vs rest, {len(frame)} images, {args.folds}-fold patient-grouped CV x seeds {args.seeds}; "
+        f"BUSI {'malignant vs rest' if args.classes == 2 else 'benign / malignant / normal (macro metrics)'}, {len(frame)} images, {args.folds}-fold patient-grouped CV x seeds {args.seeds}; "
         f"{args.model}, {args.image_size} px, batch {args.batch_size}, {args.epochs} epochs; "
         f"pretraining {args.pretrain_steps} steps (exclusion {args.exclusion})"
     )
     shown = {label: recipe for label, recipe in recipes.items() if label in results}
     markdown = f"{setting}\n\n{markdown_table(table)}\n\npretraining recipes: {shown}\nwall time per arm (s): {timing}\nmachine: {cpu_model()}\n"
     (args.out / "table.md").write_text(markdown)
-    plot(results, args.out / "real_data.png", setting)
+    plot(results, args.out / "real_data.png", setting, metrics)
     print(markdown)
 
 

@@ -31,6 +31,7 @@ def one_torch_thread():
     yield
     torch.set_num_threads(1)
 
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 

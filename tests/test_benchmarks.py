@@ -89,3 +89,24 @@ def test_real_data_variant_rows_and_per_fold_pool_exclusion(shared_data: Path, t
         test_fold = set(folds.loc[folds["fold"] == fold, "path"])
         assert test_fold <= excluded
         assert {row["fold"] for row in pool["excluded_labeled"]["excluded"]} == {fold}
+
+
+@pytest.mark.slow
+def test_real_data_three_busi_classes_through_the_cv(shared_data: Path, tmp_path: Path, monkeypatch):
+    from sklearn.metrics import f1_score
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    script = load_benchmark_script("real_data", "real_data_benchmark")
+    out = tmp_path / "out"
+    script.main(["--data-root", str(shared_data), "--out", str(out), "--epochs", "1", "--image-size", "32", "--seeds", "0", "--arms", "b", "--classes", "3"])
+    table = pd.read_csv(out / "table.csv")
+    assert table["arm"].tolist() == ["scratch"] and {"f1", "auroc", "balanced_accuracy"} <= set(table.columns)
+    summary = json.loads((out / "arms" / "scratch" / "summary.json").read_text())
+    assert summary["label_names"] == ["benign", "malignant", "normal"] and summary["runs"] == 3
+    folds = pd.read_csv(out / "arms" / "scratch" / "folds.csv")
+    assert all(set(folds.loc[folds["fold"] == fold, "label"]) == {0, 1, 2} for fold in range(3))
+    predictions = pd.read_csv(out / "arms" / "scratch" / "runs" / "fold0-seed0" / "predictions.csv")
+    recorded = json.loads((out / "arms" / "scratch" / "runs" / "fold0-seed0" / "metrics.json").read_text())
+    assert recorded["f1"] == pytest.approx(f1_score(predictions["label"], predictions["prediction"], average="macro", zero_division=0))
+    with pytest.raises(SystemExit, match="the plain arm .* is binary-only"):
+        script.main(["--data-root", str(shared_data), "--out", str(tmp_path / "other"), "--arms", "a", "--classes", "3"])

@@ -153,6 +153,8 @@ def test_report_refuses_a_folder_that_is_no_run(tmp_path, capsys):
 
 
 def test_umap_keeps_separated_organs_apart_and_draws_its_sidecar(tmp_path):
+    """By organ (held-out pool images) and, with a downstream manifest, by label (its images):
+    neighbours in the map share their group, and the title's probe value is the run's last."""
     from tus.figures.runs import write_pretrain_figures
 
     rng = np.random.default_rng(0)
@@ -162,7 +164,15 @@ def test_umap_keeps_separated_organs_apart_and_draws_its_sidecar(tmp_path):
     run.mkdir()
     (run / "pool.json").write_text("{}")
     pd.DataFrame(rows).to_csv(run / "embeddings.csv", index=False)
-    (run / "summary.json").write_text(json.dumps({"steps": 40, "probe": [{"step": 0, "probe/knn_organ_acc": 0.5}, {"step": 40, "probe/knn_organ_acc": 0.875}]}))
+    labelled = [
+        {"sample_id": f"s{label}-{i}", "label": label, "organ": "testicle", **{f"f{j}": v for j, v in enumerate(centre + 0.05 * rng.standard_normal(8))}}
+        for label, centre in enumerate(centres.values())
+        for i in range(10)
+    ]
+    pd.DataFrame(labelled).to_csv(run / "downstream_embeddings.csv", index=False)
+    (run / "config.yaml").write_text("monitor:\n  downstream_classifier: knn\n")
+    downstream = [{"step": 0, "probe/downstream_auroc": 0.6}, {"step": 40, "probe/downstream_auroc": 0.9375}]
+    (run / "summary.json").write_text(json.dumps({"steps": 40, "probe": [{"step": 0, "probe/knn_organ_acc": 0.5}, {"step": 40, "probe/knn_organ_acc": 0.875}], "downstream_probe": downstream}))
     pd.DataFrame({"step": [0, 20, 40, 40], "train/loss": [np.nan, 2.0, np.nan, 1.5], "probe/knn_organ_acc": [0.5, np.nan, 0.875, np.nan]}).to_csv(run / "metrics.csv", index=False)
     write_pretrain_figures(run)
     coords = pd.read_csv(run / "figures" / "umap.csv")
@@ -171,9 +181,16 @@ def test_umap_keeps_separated_organs_apart_and_draws_its_sidecar(tmp_path):
     xy = coords[["umap_x", "umap_y"]].to_numpy()
     distances = np.linalg.norm(xy[:, None] - xy[None], axis=2) + np.eye(len(xy)) * 1e9
     assert (coords["organ"].to_numpy()[distances.argmin(1)] == coords["organ"].to_numpy()).all()
+    assert set(coords["probe"]) == {"k-NN organ accuracy"} and set(coords["probe_value"]) == {0.875}
+    by_label = pd.read_csv(run / "figures" / "umap_label.csv")
+    assert sorted(by_label["sample_id"]) == sorted(r["sample_id"] for r in labelled) and by_label.groupby("label").size().to_dict() == {0: 10, 1: 10}
+    xy = by_label[["umap_x", "umap_y"]].to_numpy()
+    distances = np.linalg.norm(xy[:, None] - xy[None], axis=2) + np.eye(len(xy)) * 1e9
+    assert (by_label["label"].to_numpy()[distances.argmin(1)] == by_label["label"].to_numpy()).all()
+    assert set(by_label["probe"]) == {"k-NN label probe AUROC"} and set(by_label["probe_value"]) == {0.9375}
     probes = pd.read_csv(run / "figures" / "probes.csv")
     assert probes[["step", "value"]].to_numpy().tolist() == [[0, 0.5], [40, 0.875]]
-    assert (run / "figures" / "umap.pdf").is_file()
+    assert (run / "figures" / "umap.pdf").is_file() and (run / "figures" / "umap_label.pdf").is_file()
 
 
 def test_sample_grid_caption_states_step_sampler_and_fid(tmp_path):

@@ -446,6 +446,7 @@ def build_loggers(run_dir: Path, logging: LoggingConfig, *, name: str, config: d
     # W&B's banner would be printed for every fold x seed; the run dir says where runs are.
     os.environ.setdefault("WANDB_SILENT", "true")
     if logging.wandb and mode != "disabled":
+        import wandb
         from lightning.pytorch.loggers import WandbLogger
 
         id_file = run_dir / "wandb_id.txt"
@@ -466,6 +467,8 @@ def build_loggers(run_dir: Path, logging: LoggingConfig, *, name: str, config: d
                 save_dir=str(run_dir),
                 mode=mode,
                 config=config,
+                # No copy of the console in the run and no wrapped stdout; no banner either way.
+                settings=wandb.Settings(silent=True, console="off"),
             )
         )
         # Lightning passes anonymous=None, on which W&B warns that the setting has no effect.

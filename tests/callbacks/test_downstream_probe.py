@@ -149,3 +149,16 @@ def test_refuses_a_non_binary_task_and_bad_arguments(labelled):
     three = frame.assign(label=np.arange(len(frame)) % 3, sample_id=frame["path"], abs_path=frame["path"])
     with pytest.raises(ValueError, match="binary"):
         DownstreamProbe(three, every_n_steps=1, image_size=SIZE)
+
+
+def test_downstream_embeddings_table_holds_each_images_label_and_features(labelled, tmp_path):
+    """The UMAP-by-label input: one row per manifest image, its label, and the encoder's features
+    (the known function of its intensity), in the manifest's order."""
+    from tus.callbacks.probes import write_downstream_embeddings
+
+    manifest, frame, values = labelled
+    probe = DownstreamProbe(manifest, every_n_steps=1, image_size=SIZE, cache=False)
+    table = pd.read_csv(write_downstream_embeddings(FixedEncoderModule(), probe, tmp_path / "downstream_embeddings.csv"))
+    assert list(table.columns) == ["sample_id", "label", "f0", "f1", "f2"]
+    assert table["label"].tolist() == frame["label"].tolist()
+    assert table[["f0", "f1", "f2"]].to_numpy() == pytest.approx(reference_features(values), rel=1e-4, abs=1e-4)

@@ -47,6 +47,7 @@ def probe(*argv: str) -> dict:
         ["sample", "--help"],
         ["metrics", "--help"],
         ["filter", "--help"],
+        ["guidance-sweep", "--help"],
         ["explain", "--help"],
         ["experiment", "run", "--help"],
         ["noisy-labels", "--help"],

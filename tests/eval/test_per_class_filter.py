@@ -65,3 +65,43 @@ def test_per_class_needs_labels_and_enough_real_images(labelled, tmp_path):
     pd.DataFrame({"path": ["real/real0_000.png", "real/real0_001.png"]}).to_csv(tmp_path / "unlabelled.csv", index=False)
     with pytest.raises(DataError, match="unlabelled.csv: no 'label' column"):
         filter_main(["--real", str(tmp_path / "unlabelled.csv"), "--generated", str(generated), "--out", str(tmp_path / "c"), "--k", "1", "--per-class"])
+
+
+def _fid_by_hand(real: np.ndarray, generated: np.ndarray) -> float:
+    """Fréchet distance of two Gaussians fitted to the points (sample covariance, ddof 1), written out."""
+    from scipy.linalg import sqrtm
+
+    mu1, mu2 = real.mean(0), generated.mean(0)
+    s1, s2 = np.cov(real, rowvar=False), np.cov(generated, rowvar=False)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * np.real(sqrtm(s1 @ s2))))
+
+
+def test_metrics_per_class_score_each_class_against_its_own_real_images(labelled, tmp_path, capsys):
+    from tus.stages.synthetic import format_metrics_report, run_metrics
+
+    manifest, generated, _ = labelled
+    metrics = run_metrics(manifest, generated, tmp_path / "metrics.json", extractor=PixelExtractor(), prc_k=1, per_class=True)
+    assert set(metrics["per_class"]) == {"0", "1"}
+    for label in (0, 1):
+        scored = metrics["per_class"][str(label)]
+        points = np.array([g[0] for g in GENERATED if g[1] == label], dtype=float)
+        assert scored["num_real"] == 4 and scored["num_generated"] == 2
+        assert scored["fid"] == pytest.approx(_fid_by_hand(np.array(REAL[label], dtype=float), points), rel=1e-4)
+        # k = 1: one of the two class-y samples lies in a class-y ball (radius 10 sqrt 2); every class-y real
+        # point lies within the two samples' mutual distance of one of them.
+        assert scored["precision_mean"] == 0.5 and scored["recall_mean"] == 1.0
+    # Against every real image, the other-class point (52, 50 | label 1) counts as precise: only per class it does not.
+    assert metrics["precision_mean"] == 0.75
+    assert json_loads(tmp_path / "metrics.json")["per_class"]["1"]["precision_mean"] == 0.5
+    text = format_metrics_report(metrics)
+    header = next(line for line in text.splitlines() if line.startswith("class "))
+    assert header.split() == ["class", "real", "generated", "FID", "precision", "recall"]
+    assert any(line.split()[:3] == ["1", "4", "2"] and "0.5000" in line for line in text.splitlines())
+    with pytest.raises(UsageError, match="folder"):
+        run_metrics(manifest, generated / "manifest.csv", extractor=PixelExtractor(), per_class=True)
+
+
+def json_loads(path):
+    import json
+
+    return json.loads(path.read_text())

@@ -183,6 +183,7 @@ class DownstreamProbe(PeriodicProbe):
         frame = manifest if isinstance(manifest, pd.DataFrame) else load_manifest(manifest, require_labels=True, num_folds=num_folds)
         if frame["label"].nunique() != 2:
             raise ValueError(f"the downstream probe needs a binary label; found classes {sorted(frame['label'].unique().tolist())}")
+        self.frame = frame
         self.folds = assign_folds(frame, num_folds, seed)
         self.dataset = ManifestDataset(frame, eval_transform(), image_size=image_size, cache=cache)
         self.classifier: ProbeClassifier = classifier
@@ -204,6 +205,20 @@ def write_heldout_embeddings(module: L.LightningModule, dataset: ManifestDataset
     table = pd.DataFrame(features, columns=[f"f{i}" for i in range(features.shape[1])])
     table.insert(0, "organ", frame["organ"].astype(str).to_numpy())
     table.insert(0, "sample_id", frame["sample_id"].astype(str).to_numpy())
+    path = Path(path)
+    table.to_csv(path, index=False, float_format="%.6g")
+    return path
+
+
+def write_downstream_embeddings(module: L.LightningModule, probe: DownstreamProbe, path: str | Path, batch_size: int = 256) -> Path:
+    """The encoder's features of the downstream probe's labelled images as ``sample_id, label,
+    [organ,] f0..fN`` (the UMAP by label, :func:`tus.figures.embeddings.umap_figure`)."""
+    features, labels = embed(module, probe.dataset, batch_size)
+    table = pd.DataFrame(features, columns=[f"f{i}" for i in range(features.shape[1])])
+    if "organ" in probe.frame.columns:
+        table.insert(0, "organ", probe.frame["organ"].astype(str).to_numpy())
+    table.insert(0, "label", labels.astype(int))
+    table.insert(0, "sample_id", probe.frame["sample_id"].astype(str).to_numpy())
     path = Path(path)
     table.to_csv(path, index=False, float_format="%.6g")
     return path

@@ -27,6 +27,7 @@ def main(argv: list[str]) -> int:
     check.add_argument("manifest")
     check.add_argument("--unlabeled", action="store_true", help="labels and patient ids are optional (pretraining pools)")
     check.add_argument("--folds", type=int, default=3, help="fold count the classes must fill (labelled data)")
+    check.add_argument("--label-names", default=None, metavar="A,B,C", help="the classes, index = label, as data.label_names (K > 2 classes written as indices)")
     check.add_argument("--dicom-frames", default="middle", type=_dicom_frames, metavar="all|first|middle|K", help="rows of a multi-frame DICOM, as data.dicom_frames (default: middle)")
 
     phantom = commands.add_parser("phantom", help="generate the embedded phantom dataset (labelled set + unlabelled two-organ pool)")
@@ -37,6 +38,10 @@ def main(argv: list[str]) -> int:
     phantom.add_argument("--pool-size", type=int, default=300)
     phantom.add_argument("--label-noise", type=float, default=0.0, help="fraction of labels flipped on purpose")
     phantom.add_argument("--dicom", action="store_true", help="write the labelled set as DICOM (single-frame files and a few multi-frame cine loops)")
+    phantom.add_argument("--positive-fraction", type=float, default=None, help="share of lesioned patients (default 0.2; with --classes 3, 2/3: one third per class)")
+    phantom.add_argument(
+        "--classes", type=int, choices=(2, 3), default=2, help="3: homogeneous / focal_lesion / diffuse labels 0/1/2 (train with --data.label_names '[homogeneous,focal_lesion,diffuse]')"
+    )
 
     crop = commands.add_parser("crop", help="detect fields of view, split dual views, write crops + a new manifest")
     crop.add_argument("manifest")
@@ -67,6 +72,7 @@ def run_check(args) -> int:
             require_labels=not args.unlabeled,
             num_folds=None if args.unlabeled else args.folds,
             dicom_frames=args.dicom_frames,
+            label_names=[name.strip() for name in args.label_names.split(",")] if args.label_names else None,
         )
     except (ManifestError, FileNotFoundError) as error:
         print(f"error: {error}")
@@ -95,6 +101,8 @@ def run_phantom(args) -> int:
         seed=args.seed,
         label_noise=args.label_noise,
         dicom=args.dicom,
+        classes=args.classes,
+        positive_fraction=args.positive_fraction if args.positive_fraction is not None else (0.2 if args.classes == 2 else 2 / 3),
     )
     print(f"labelled manifest:   {paths.labeled_manifest}")
     print(f"unlabelled manifest: {paths.unlabeled_manifest}")

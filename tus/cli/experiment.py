@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--set", dest="variables", action="append", default=[], metavar="NAME=VALUE", help="a ${NAME} used in the study (else taken from the environment)")
     run.add_argument("--pretrain", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="overrides for every arm's pretraining, e.g. trainer.devices=2 trainer.strategy=ddp")
     run.add_argument("--finetune", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="overrides for every arm's fine-tuning")
+    run.add_argument("--diffusion", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="overrides for the per-fold generators of a synthetic: study")
+    run.add_argument("--synthetic", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="overrides of a study's synthetic: block, e.g. per_class=200 filter_k=null")
     run.add_argument("--stage", choices=STAGES, default="all", help="pretrain: only the arms' pretraining; finetune: only fine-tuning (pretraining must exist)")
     run.add_argument("--dry-run", action="store_true", help="resolve every arm and print what would run")
     args = parser.parse_args(argv)
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"written: {study_dir / 'table.md'}, {study_dir / 'table.csv'}")
             return 0
         variables = {**os.environ, **parse_assignments(args.variables)}
-        extra = StageOverrides(pretrain=args.pretrain, finetune=args.finetune)
+        extra = StageOverrides(pretrain=args.pretrain, finetune=args.finetune, diffusion=args.diffusion, synthetic=args.synthetic)
         if args.dry_run:
             for plan in plan_study(study, args.out, arms=args.arms, variables=variables, shrink=args.shrink, extra=extra):
                 print(describe(plan))
@@ -81,4 +83,8 @@ def describe(plan: ArmPlan) -> str:
             f"  pretrain ({'pool as given' if run.excludes == 'none' else f'pool without {run.excludes} labelled patients'}) -> {run.dir} ({'finished' if pretrained else 'to run'}): {' '.join(plan.overrides['pretrain'])}"
         )
     lines.append(f"  finetune: {' '.join(plan.overrides['finetune'])}")
+    synthetic = plan.finetune.data.synthetic
+    if synthetic.source:
+        what = "synthetic images only" if synthetic.only else "real + synthetic images"
+        lines.append(f"  trains on {what} from {synthetic.source} (one generator per test fold, without its patients)")
     return "\n".join(lines)

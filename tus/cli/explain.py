@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", choices=list(CAM_METHODS), default="gradcam++", help="CAM method: gradcam++ or scorecam (gradient-free, slower)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the marker draws")
     parser.add_argument("--image-size", type=int, default=None, help="input size (default: the training run's data.image_size)")
+    parser.add_argument("--target-class", default=None, help="explain this class (index or name) for every image instead of each image's predicted class")
     parser.add_argument("--rows-per-page", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args(argv)
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         rows_per_page=args.rows_per_page,
         batch_size=args.batch_size,
+        target_class=args.target_class,
     )
     print(format_summary(summary))
     print(f"written to {args.out}")

@@ -24,6 +24,7 @@ STAGES = {
     "sample": ("tus.cli.sample:main", "sample images from a trained diffusion model"),
     "metrics": ("tus.cli.synthetic:metrics_main", "FID, IS, precision/recall of generated images"),
     "filter": ("tus.cli.synthetic:filter_main", "k-NN manifold filter of generated images"),
+    "guidance-sweep": ("tus.cli.synthetic:guidance_sweep_main", "faithfulness vs FID of a conditional model across guidance scales"),
     "noisy-labels": ("tus.cli.noisy_labels:main", "flag noisy labels from per-sample loss trajectories"),
     "explain": ("tus.cli.explain:main", "Grad-CAM++ overlays and marker sensitivity"),
     "predict": ("tus.cli.predict:main", "run a trained classifier (fold ensemble or refit) on new images"),

@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     manifest = Path(args.manifest) if args.manifest else training_manifest(args.run_dirs)
     with claim_output(out, "--out"):  # writable and locked before the losses are read
         report = write_report(read_losses(find_loss_tables(args.run_dirs)), manifest, rule, out)
+    from tus.tracking import track_noisy_labels
+
+    track_noisy_labels(out, manifest)
     print(format_report(report))
     print(f"written to {out}")
     return 0

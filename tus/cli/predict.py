@@ -16,16 +16,33 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="the new predictions CSV")
     parser.add_argument("--seed", type=int, default=None, help="with a CV run dir: the fold models of this seed only (default: every seed)")
     parser.add_argument("--refit", action="store_true", help="with a CV run dir: its refit model(s) instead of the fold ensemble")
+    parser.add_argument(
+        "--crop",
+        choices=["auto", "none"],
+        default="auto",
+        help="auto: cut each image into views as the model's training set was (tus data crop's recipe; nothing if it was not cropped); none: the images are already cropped views",
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader processes decoding images (0: in this process)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--wandb",
+        action="store_true",
+        help="also log a W&B run (offline unless WANDB_MODE says otherwise; group from WANDB_RUN_GROUP) in <out stem>.wandb/: the models it used and the predictions as an artifact",
+    )
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
 
     from tus.stages.predict import render_labelled_summary, run_predict
 
-    result = run_predict(args.model, args.images, args.out, seed=args.seed, refit=args.refit, batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress)
-    print(f"{result['images']} images, {result['kind']} of {len(result['members'])} model(s), threshold {result['threshold']:.4g} -> {result['out']}")
+    result = run_predict(args.model, args.images, args.out, seed=args.seed, refit=args.refit, batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress, crop=args.crop)
+    print(f"{result['images']} {'views' if result['cropped'] else 'images'}, {result['kind']} of {len(result['members'])} model(s), threshold {result['threshold']:.4g} -> {result['out']}")
     if result["labelled"] is not None:
         print(render_labelled_summary(result["labelled"], result["kind"]))
+    if args.wandb:
+        from pathlib import Path
+
+        from tus.tracking import track_predict
+
+        track_predict(Path(result["out"]), result)
     return 0

@@ -51,10 +51,12 @@ def metrics_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the metrics as JSON here")
     parser.add_argument("--prc-k", type=int, default=PRC_K, help="neighbours for precision/recall")
     parser.add_argument("--seed", type=int, default=0, help="seed for drawing the real reference batches")
+    parser.add_argument("--per-class", action="store_true", help="also score each class: class-y samples against class-y real images (both labelled)")
+    parser.add_argument("--faithfulness-model", help="a fine-tuned classifier (a CV fold, e.g. RUN/runs/fold0-seed0, or a CV run dir): the share of samples it assigns to their label")
     args = parser.parse_args(argv)
     from tus.stages.synthetic import format_metrics_report, run_metrics  # torch: not needed for --help
 
-    metrics = run_metrics(args.real, args.generated, args.out, prc_k=args.prc_k, seed=args.seed, **_extraction_options(args))
+    metrics = run_metrics(args.real, args.generated, args.out, prc_k=args.prc_k, seed=args.seed, per_class=args.per_class, faithfulness_model=args.faithfulness_model, **_extraction_options(args))
     print(format_metrics_report(metrics, args.out))
     return 0
 
@@ -97,4 +99,58 @@ def filter_main(argv: list[str] | None = None) -> int:
         **_extraction_options(args),
     )
     print(format_filter_report(report))
+    return 0
+
+
+def _scales(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0,1,2,4, got {text!r}") from error
+
+
+def guidance_sweep_main(argv: list[str] | None = None) -> int:
+    """``tus guidance-sweep``: samples of a class-conditional model at several guidance scales w, their FID and
+    precision/recall (overall and per class) and label faithfulness, and the faithfulness-vs-FID figure."""
+    parser = argparse.ArgumentParser(prog="tus guidance-sweep", description=guidance_sweep_main.__doc__)
+    parser.add_argument("--checkpoint", required=True, help="a class-conditional diffusion run dir or export")
+    parser.add_argument("--real", required=True, help="labelled manifest: the class mix sampled, and the real images scored against")
+    parser.add_argument("--model", required=True, help="classifier judging faithfulness: a CV fold (RUN/runs/fold0-seed0) or a CV run dir")
+    parser.add_argument("--out", type=Path, required=True, help="folder for w<w>/ sample folders, sweep.csv and guidance_tradeoff.{png,pdf,csv}")
+    parser.add_argument("--guidance", type=_scales, default=[0.0, 1.0, 2.0, 4.0], help="scales w (default 0,1,2,4)")
+    parser.add_argument("--n", type=int, default=500, help="samples per scale")
+    parser.add_argument("--sampler", default="respaced")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sample-batch-size", type=int, default=16)
+    parser.add_argument("--extractor", default="inception", help="'inception' or a tus encoder export")
+    parser.add_argument("--weights", help=f"Inception weights file (default: ${WEIGHTS_ENV_VAR}, else the packaged copy)")
+    parser.add_argument("--image-size", type=int, help="encoder input size (default: the export's, else 224)")
+    parser.add_argument("--cache", type=Path, default=default_cache_dir(), help="feature cache folder")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    from tus.stages.synthetic import run_guidance_sweep  # torch: not needed for --help
+
+    table = run_guidance_sweep(
+        args.checkpoint,
+        args.real,
+        args.model,
+        args.out,
+        guidances=args.guidance,
+        n=args.n,
+        sampler=args.sampler,
+        steps=args.steps,
+        seed=args.seed,
+        sample_batch_size=args.sample_batch_size,
+        extractor=args.extractor,
+        weights=args.weights,
+        image_size=args.image_size,
+        cache_dir=args.cache,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=True,
+    )
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"wrote {args.out / 'sweep.csv'} and {args.out / 'guidance_tradeoff.png'} (.pdf, .csv)")
     return 0

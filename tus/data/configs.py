@@ -77,6 +77,34 @@ class AugmentConfig:
 
 
 @dataclass
+class SyntheticDataConfig:
+    """Generated, labelled images added to the training folds only (``data.synthetic``; tus.data.synthetic).
+
+    ``source``: a ``tus sample --label/--labels-from`` folder, a ``tus filter --per-class`` folder, or
+    their ``manifest.csv``; ``{fold}`` and ``{seed}`` are replaced per run, so each fold can read the
+    samples of a generator that never saw its test patients (the fine-tuning refuses any other).
+    ``per_class``: this many images of each class; ``ratio``: per class, this many per real training
+    image of the class; neither: every image. ``only``: train on the synthetic images alone (the
+    test fold stays real). ``allow_unexcluded``: accept samples whose generator records no
+    exclusion of the test patients (the reference's protocol: its generator saw every fold).
+    """
+
+    source: str | None = None
+    per_class: int | None = None
+    ratio: float | None = None
+    only: bool = False
+    allow_unexcluded: bool = False
+
+    def __post_init__(self) -> None:
+        if self.per_class is not None and self.ratio is not None:
+            raise ConfigError("data.synthetic: give per_class or ratio, not both")
+        if self.per_class is not None and self.per_class < 1:
+            raise ConfigError(f"data.synthetic.per_class must be >= 1, got {self.per_class}")
+        if self.ratio is not None and not self.ratio > 0:
+            raise ConfigError(f"data.synthetic.ratio must be > 0, got {self.ratio}")
+
+
+@dataclass
 class LabeledDataConfig:
     manifest: str = ""
     image_size: int = 224
@@ -103,10 +131,20 @@ class LabeledDataConfig:
     # Multi-frame DICOMs (cine loops): all (one row per frame, sample_id "<id>#frame<k>", the
     # patient shared), first, middle, or a frame index from 0. Single images are unaffected.
     dicom_frames: str = "middle"
+    # The K >= 2 class names, index = label (the manifest's labels are these names or 0..K-1).
+    # None: binary 0/1 labels, or, when the manifest's labels are names, the names found (sorted),
+    # which the run then records in its config.yaml.
+    label_names: list[str] | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Generated labelled images for the training folds only (never a test fold or inner validation).
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
 
     def __post_init__(self) -> None:
         self.dicom_frames = check_dicom_frames(self.dicom_frames)
+        if self.label_names is not None:
+            self.label_names = [str(name).strip() for name in self.label_names]
+            if len(self.label_names) < 2 or len(set(self.label_names)) != len(self.label_names) or "" in self.label_names:
+                raise ConfigError(f"data.label_names must name at least 2 distinct, non-empty classes, got {self.label_names}")
         require_at_least(self, "data.", 1, "image_size", "batch_size", "eval_batch_size")
         require_at_least(self, "data.", 2, "num_folds")
         require_seeds("data.fold_seed", self.fold_seed)

@@ -13,6 +13,7 @@ region's inclusive MaxX1/MaxY1 made exclusive); the image analysis is used other
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +29,8 @@ from tus.data.manifest import expand_dicom_rows, read_manifest
 from tus.data.outputs import check_output_folder, claim_output, staged_folder
 
 Box = tuple[int, int, int, int]
+# Beside a cropped dataset's manifest: how its views were cut (crop_recipe).
+CROP_RECIPE_FILE = "crop.json"
 
 
 def detect_fields_of_view(
@@ -155,6 +158,7 @@ def crop_manifest(
 
 def _crop_into(out_dir: Path, manifest_csv: Path, source: pd.DataFrame, lines: list, sample_ids: list, fixed_boxes, preview_rows: set, detect_kwargs: dict) -> Path:
     preview_items: list[tuple[np.ndarray, list[Box]]] = []
+    recipe = crop_recipe(fixed_boxes, detect_kwargs)
     with staged_folder(out_dir) as staging:
         crop_rows = []
         for position, row in enumerate(source.to_dict("records")):
@@ -165,15 +169,7 @@ def _crop_into(out_dir: Path, manifest_csv: Path, source: pd.DataFrame, lines: l
                 image = read_grayscale(resolved)
             except ImageReadError as error:
                 raise ImageReadError(f"{where}: {error}") from error
-            regions = ultrasound_regions(resolved, image.shape) if fixed_boxes is None else []
-            if regions:
-                boxes = regions
-            elif fixed_boxes is None:
-                boxes = detect_fields_of_view(image, **detect_kwargs)
-                if not boxes:
-                    raise ImageReadError(f"{where}: no field of view detected in {resolved}")
-            else:
-                boxes = [_checked_box(box, image.shape, f"{where} ({row['path']})") for box in fixed_boxes]
+            boxes = view_boxes(image, resolved, recipe, f"{where} ({row['path']})")
             if position in preview_rows:
                 preview_items.append((image, boxes))
             source_path = str(resolved) if image_path.is_absolute() else os.path.relpath(resolved, out_dir)
@@ -195,8 +191,49 @@ def _crop_into(out_dir: Path, manifest_csv: Path, source: pd.DataFrame, lines: l
                 )
         columns = list(dict.fromkeys([*source.columns, "source_path", "view_index", "box", "sample_id"]))
         pd.DataFrame(crop_rows, columns=columns).to_csv(staging / "manifest.csv", index=False)
+        (staging / CROP_RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
         _write_preview(staging / "preview.png", preview_items)
     return out_dir / "manifest.csv"
+
+
+def crop_recipe(fixed_boxes: Sequence[Sequence[int]] | None = None, detect_kwargs: dict | None = None) -> dict:
+    """How views are cut out of an image, as JSON: the same fixed boxes for every image, or the
+    DICOM's ultrasound regions when it has them and :func:`detect_fields_of_view` (with these
+    keyword arguments) otherwise. Written beside a cropped dataset (``crop.json``), carried into
+    the models trained on it, and followed by ``tus predict`` on uncropped images."""
+    return {
+        "format_version": 1,
+        "fixed_boxes": [list(map(int, box)) for box in fixed_boxes] if fixed_boxes else None,
+        "detect": dict(detect_kwargs or {}),
+        "dicom_regions": fixed_boxes is None,
+    }
+
+
+def read_crop_recipe(manifest_csv: str | Path) -> dict | None:
+    """The ``crop.json`` recipe of the dataset ``manifest_csv`` belongs to (None: not made by ``tus data crop``)."""
+    path = Path(manifest_csv).parent / CROP_RECIPE_FILE
+    if not path.is_file():
+        return None
+    try:
+        recipe = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UsageError(f"{path}: not a readable crop recipe ({error})") from error
+    if not isinstance(recipe, dict) or recipe.get("format_version") != 1 or not isinstance(recipe.get("detect"), dict):
+        raise UsageError(f"{path}: not a crop recipe of this tus (format_version 1 with 'detect' and 'fixed_boxes')")
+    return recipe
+
+
+def view_boxes(image: np.ndarray, path: str | Path, recipe: dict, where: str) -> list[Box]:
+    """The views of ``image`` (read from ``path``) by ``recipe`` (:func:`crop_recipe`), left to right;
+    ImageReadError naming ``where`` when there is none or a fixed box does not fit."""
+    if recipe.get("fixed_boxes"):
+        return [_checked_box(box, image.shape, where) for box in recipe["fixed_boxes"]]
+    boxes = ultrasound_regions(path, image.shape) if recipe.get("dicom_regions", True) else []
+    if not boxes:
+        boxes = detect_fields_of_view(image, **recipe["detect"])
+    if not boxes:
+        raise ImageReadError(f"{where}: no field of view detected in {split_frame(path)[0]}")
+    return boxes
 
 
 def ultrasound_regions(path: str | Path, shape: tuple[int, int]) -> list[Box]:

@@ -25,6 +25,7 @@ from tus.data.datasets import ManifestDataset
 from tus.data.images import list_images
 from tus.data.manifest import load_manifest
 from tus.data.seeding import derive_seed
+from tus.data.synthetic import select_synthetic
 from tus.data.transforms import (
     _transforms_of,
     eval_transform,
@@ -90,9 +91,13 @@ class LabeledDataModule(L.LightningDataModule):
         test_fold: int | None,
         seed: int,
         inner_validation: bool = False,
+        synthetic: pd.DataFrame | None = None,
     ):
         super().__init__()
         self.config = config
+        # Generated images (tus.data.synthetic.read_synthetic) for the training rows only.
+        self.synthetic = synthetic
+        self.train_frame: pd.DataFrame | None = None
         self.frame = frame.reset_index(drop=True)
         self.folds = np.asarray(folds) if test_fold is not None else np.zeros(len(self.frame), dtype=int)
         self.test_fold = test_fold
@@ -116,6 +121,12 @@ class LabeledDataModule(L.LightningDataModule):
             val_frame = train_frame.iloc[val_index].reset_index(drop=True)
             train_frame = train_frame.iloc[train_index].reset_index(drop=True)
             self.val_set = self._dataset(val_frame, eval_transform())
+        if self.synthetic is not None:
+            # After the inner split: generated images train, never validate or test.
+            chosen = select_synthetic(self.synthetic, train_frame["label"].to_numpy(), self.config.synthetic, self.seed, self.config.synthetic.source or "")
+            real = train_frame.assign(synthetic=False)
+            train_frame = chosen if self.config.synthetic.only else pd.concat([real, chosen], ignore_index=True)
+        self.train_frame = train_frame
         train_transform = finetune_train_transform(self.config.augment, seed=self.seed)
         self.train_set = self._dataset(train_frame, train_transform)
         self.test_set = self._dataset(test_frame, eval_transform())

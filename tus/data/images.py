@@ -381,12 +381,14 @@ def content_hash(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def list_images(folder: str | Path) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by name."""
+def list_images(folder: str | Path, *, dicom: bool = False) -> list[Path]:
+    """Image files directly inside ``folder``, sorted by name; DICOM files too with ``dicom``
+    (for readers that expand a cine loop into frames; generated-image folders hold none)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a folder")
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    suffixes = IMAGE_SUFFIXES + DICOM_SUFFIXES if dicom else IMAGE_SUFFIXES
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes)
 
 
 def dicom_tag_text(path: str | Path, keyword: str) -> str:

@@ -1,7 +1,9 @@
 """The manifest: one CSV row per image, its schema, loading and validation.
 
 Columns: ``path`` (relative to the manifest's folder, or absolute), ``patient_id``,
-``label`` (0/1, optional for unlabelled data), ``organ`` (optional), ``sample_id``
+``label`` (0/1, optional for unlabelled data; with ``label_names`` any of K >= 2 classes, written
+as the index 0..K-1 or the class's name; names without ``label_names`` are inferred, sorted),
+``organ`` (optional), ``sample_id``
 (optional; defaults to ``path`` as written, so ids survive copying a manifest), and any
 extra columns, which are kept. Validation collects *every* problem, each naming its CSV line
 and file, instead of stopping at the first.
@@ -43,6 +45,9 @@ from tus.data.images import (
 )
 
 LABEL_VALUES = (0, 1)
+# The frame attribute (DataFrame.attrs) that holds the class names when labels were names or
+# ``label_names`` was given; absent for a plain 0/1 manifest.
+LABEL_NAMES_ATTR = "label_names"
 # Columns tus derives when loading; a manifest must not carry them itself.
 DERIVED_COLUMNS = ("abs_path", "line")
 # A patient_id / organ cell with this value is read from the DICOM's PatientID / BodyPartExamined.
@@ -144,6 +149,7 @@ def check_manifest(
     num_folds: int | None = None,
     decode_images: bool = True,
     dicom_frames: str | int = "middle",
+    label_names: list[str] | tuple[str, ...] | None = None,
 ) -> tuple[pd.DataFrame, list[Problem]]:
     """Validate a manifest and return (frame, problems); an empty list means it is good.
 
@@ -151,6 +157,9 @@ def check_manifest(
     patients, an unlabelled pretraining pool does not (each image is then its own group).
     Labels are converted to int (-1 where absent) and ``patient_id`` to str. Multi-frame DICOMs
     are expanded or reduced to frames by ``dicom_frames`` (see the module's docstring).
+    ``label_names`` (``data.label_names``): the K class names, index = label; labels may then be
+    indices 0..K-1 or these names. Without it labels are 0/1, or names (classes inferred, sorted).
+    The class names, when there are any, are in ``frame.attrs[LABEL_NAMES_ATTR]``.
     """
     path = Path(path)
     dicom_frames = check_dicom_frames(dicom_frames)
@@ -170,7 +179,8 @@ def check_manifest(
         return frame, [Problem(str(path), "manifest has no rows")]
 
     frame = expand_dicom_rows(frame, dicom_frames, where, problems)
-    frame["label"] = _parse_labels(frame, require_labels, where, problems)
+    labels, names = _parse_labels(frame, require_labels, where, problems, label_names)
+    frame["label"] = labels
     if "patient_id" in frame.columns:
         frame["patient_id"] = frame["patient_id"].str.strip()
         for row in frame[frame["patient_id"] == ""].itertuples():
@@ -191,7 +201,9 @@ def check_manifest(
     # (no patients required) a duplicate is harmless and not reported.
     problems.extend(_check_files(frame, decode_images, where, report_cross_patient_duplicates=require_patients))
     if num_folds is not None and require_labels and "label" in frame.columns:
-        problems.extend(_check_class_sizes(path, frame, num_folds))
+        problems.extend(_check_class_sizes(path, frame, num_folds, names))
+    if names:
+        frame.attrs[LABEL_NAMES_ATTR] = list(names)
     return frame, problems
 
 
@@ -247,27 +259,47 @@ def expand_dicom_rows(frame: pd.DataFrame, dicom_frames: str, where, problems: l
     return pd.DataFrame(rows, columns=frame.columns)
 
 
-def _parse_labels(frame, require_labels, where, problems) -> list[int]:
+def _parse_labels(frame, require_labels, where, problems, label_names=None) -> tuple[list[int], list[str] | None]:
+    """The labels as class indices (-1 where absent or bad) and the class names (None for 0/1 labels)."""
     if "label" not in frame.columns:
-        return [-1] * len(frame)
+        return [-1] * len(frame), list(label_names) if label_names else None
+    texts = [str(text).strip() for text in frame["label"]]
+    names = list(label_names) if label_names else None
+    if names is None:
+        # Only names in the column (at least two) and no data.label_names: the classes are the
+        # names found, sorted. Numbers and names mixed stay 0/1 labels (the names are reported).
+        given = {text for text in texts if text}
+        found = sorted(text for text in given if _as_integer(text) is None)
+        names = found if len(found) >= 2 and len(found) == len(given) else None
     labels = []
-    for row in frame.itertuples():
-        text = str(row.label).strip()
+    for row, text in zip(frame.itertuples(), texts):
         if text == "":
             if require_labels:
                 problems.append(Problem(where(row), "missing label"))
             labels.append(-1)
             continue
-        try:
-            value = float(text)
-        except ValueError:
-            value = None
-        if value is None or not value.is_integer() or int(value) not in LABEL_VALUES:
-            problems.append(Problem(where(row), f"label '{text}' is not one of {list(LABEL_VALUES)}"))
-            labels.append(-1)
-        else:
-            labels.append(int(value))
-    return labels
+        value = _as_integer(text)
+        if names is None:
+            if value is None or value not in LABEL_VALUES:
+                problems.append(Problem(where(row), f"label '{text}' is not one of {list(LABEL_VALUES)} (set data.label_names for more classes)"))
+                value = -1
+        elif value is None:
+            if text not in names:
+                problems.append(Problem(where(row), f"label '{text}' is not one of the classes {names}"))
+            value = names.index(text) if text in names else -1
+        elif not 0 <= value < len(names):
+            problems.append(Problem(where(row), f"label '{text}' is not 0..{len(names) - 1} or one of {names}"))
+            value = -1
+        labels.append(value)
+    return labels, names
+
+
+def _as_integer(text: str) -> int | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return int(value) if value.is_integer() else None
 
 
 def _check_files(frame: pd.DataFrame, decode_images: bool, where, report_cross_patient_duplicates: bool) -> list[Problem]:
@@ -357,16 +389,16 @@ def _dicom_frame_sizes(file: Path, header) -> list[tuple[int, int] | None]:
     return sizes
 
 
-def _check_class_sizes(path: Path, frame: pd.DataFrame, num_folds: int) -> list[Problem]:
+def _check_class_sizes(path: Path, frame: pd.DataFrame, num_folds: int, names: list[str] | None = None) -> list[Problem]:
     problems = []
     labelled = frame[frame["label"] >= 0]
-    for label in LABEL_VALUES:
+    for label in range(len(names) if names else len(LABEL_VALUES)):
         patients = labelled.loc[labelled["label"] == label, "patient_id"].nunique()
         if patients < num_folds:
             problems.append(
                 Problem(
                     str(path),
-                    f"class {label} has {patients} patient(s), fewer than the {num_folds} folds: some test fold would have no sample of this class",
+                    f"class {label}{f' ({names[label]})' if names else ''} has {patients} patient(s), fewer than the {num_folds} folds: some test fold would have no sample of this class",
                 )
             )
     return problems
@@ -380,6 +412,7 @@ def load_manifest(
     num_folds: int | None = None,
     decode_images: bool = True,
     dicom_frames: str | int = "middle",
+    label_names: list[str] | tuple[str, ...] | None = None,
 ) -> pd.DataFrame:
     """Validate and return the manifest frame; raise :class:`ManifestError` on any problem."""
     frame, problems = check_manifest(
@@ -389,10 +422,15 @@ def load_manifest(
         num_folds=num_folds,
         decode_images=decode_images,
         dicom_frames=dicom_frames,
+        label_names=label_names,
     )
     if problems:
         raise ManifestError(path, problems)
-    return frame.reset_index(drop=True)
+    names = frame.attrs.get(LABEL_NAMES_ATTR)
+    frame = frame.reset_index(drop=True)
+    if names:
+        frame.attrs[LABEL_NAMES_ATTR] = names
+    return frame
 
 
 def write_manifest(frame: pd.DataFrame, path: str | Path) -> Path:
@@ -417,7 +455,8 @@ def summarize(frame: pd.DataFrame) -> str:
     lines = [f"images: {len(frame)}", f"patients: {frame['patient_id'].nunique()}"]
     if "label" in frame.columns and (frame["label"] >= 0).any():
         counts = frame["label"].value_counts().sort_index()
-        lines.append("labels: " + ", ".join(f"{int(k)}: {int(v)} ({v / len(frame):.1%})" for k, v in counts.items()))
+        names = frame.attrs.get(LABEL_NAMES_ATTR)
+        lines.append("labels: " + ", ".join(f"{int(k)}{f' ({names[int(k)]})' if names and k >= 0 else ''}: {int(v)} ({v / len(frame):.1%})" for k, v in counts.items()))
     if "organ" in frame.columns:
         counts = frame["organ"].replace("", "(none)").value_counts()
         lines.append("organs: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))

@@ -14,7 +14,7 @@ restored, so the classes differ in texture, not in mean organ brightness.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -27,6 +27,10 @@ from tus.data.outputs import claim_output, staged_folder
 
 ORGANS = ("testicle", "thyroid")
 CLASS_NAMES = ("homogeneous", "inhomogeneous")
+# The 3-class phantom (classes=3): no lesion, focal lesions (patches), diffuse change (striations).
+MULTICLASS_NAMES = ("homogeneous", "focal_lesion", "diffuse")
+# The inhomogeneity pattern (PatientTraits.pattern) that each class > 0 of the 3-class phantom draws.
+MULTICLASS_PATTERNS = {1: 0, 2: 1}
 
 DYNAMIC_RANGE_DB = 50.0
 # Log-compression reference: the organ (unit echogenicity) lands around gray level 125.
@@ -85,6 +89,7 @@ def generate_phantom(
     seed: int = 0,
     label_noise: float = 0.0,
     dicom: bool = False,
+    classes: int = 2,
 ) -> PhantomPaths:
     """Write the labeled and unlabeled phantom datasets under ``out_dir``.
 
@@ -97,7 +102,15 @@ def generate_phantom(
     ``images_per_patient`` is an inclusive range. Exactly ``round(positive_fraction *
     num_patients)`` patients are inhomogeneous, and exactly ``round(label_noise * N)`` of
     the N labeled images get their label flipped (``clean_label`` keeps the truth).
+
+    ``classes=3`` labels patients homogeneous (0), focal lesion (1: hypo/hyperechoic patches) or
+    diffuse (2: striations), ``class_name`` naming them: ``round(positive_fraction * N)`` patients
+    are lesioned, split as evenly as possible between 1 and 2 (focal first); a noisy label becomes
+    one of the two other classes at random. ``classes=2`` (the default) writes exactly the binary
+    phantom it always did.
     """
+    if classes not in (2, 3):
+        raise ValueError(f"classes must be 2 or 3, got {classes}")
     low, high = images_per_patient
     if not 1 <= low <= high:
         raise ValueError(f"images_per_patient must be 1 <= low <= high, got {images_per_patient}")
@@ -109,20 +122,35 @@ def generate_phantom(
     # with new images), written aside and renamed into place when complete.
     with claim_output(root, "--out"):
         with staged_folder(root) as staging:
-            _write_phantom(staging, num_patients, low, high, image_size, positive_fraction, marker_fraction, pool_size, seed, label_noise, dicom)
+            _write_phantom(staging, num_patients, low, high, image_size, positive_fraction, marker_fraction, pool_size, seed, label_noise, dicom, classes)
     return PhantomPaths(root, root / "labeled" / "manifest.csv", root / "unlabeled" / "manifest.csv")
 
 
 def _write_phantom(
-    root: Path, num_patients: int, low: int, high: int, image_size: int, positive_fraction: float, marker_fraction: float, pool_size: int, seed: int, label_noise: float, dicom: bool = False
+    root: Path,
+    num_patients: int,
+    low: int,
+    high: int,
+    image_size: int,
+    positive_fraction: float,
+    marker_fraction: float,
+    pool_size: int,
+    seed: int,
+    label_noise: float,
+    dicom: bool = False,
+    classes: int = 2,
 ) -> None:
     assignment = np.random.default_rng([seed, ASSIGNMENT_STREAM])
 
-    positives = set(assignment.permutation(num_patients)[: round(positive_fraction * num_patients)].tolist())
+    # In permutation order, the first lesioned patients alternate focal / diffuse (3 classes).
+    lesioned = assignment.permutation(num_patients)[: round(positive_fraction * num_patients)].tolist()
+    patient_class = {patient: 1 if classes == 2 else 1 + rank % 2 for rank, patient in enumerate(lesioned)}
     labeled_rows = []
     for patient in range(num_patients):
-        clean_label = int(patient in positives)
+        clean_label = patient_class.get(patient, 0)
         traits = sample_patient_traits(np.random.default_rng([seed, LABELED_PATIENT_STREAM, patient]))
+        if classes > 2 and clean_label:
+            traits = replace(traits, pattern=MULTICLASS_PATTERNS[clean_label])
         for view in range(int(assignment.integers(low, high + 1))):
             labeled_rows.append(
                 {
@@ -137,8 +165,12 @@ def _write_phantom(
     noise_rng = np.random.default_rng([seed, NOISE_STREAM])
     flipped = noise_rng.choice(len(labeled), size=round(label_noise * len(labeled)), replace=False)
     labeled["label"] = labeled["clean_label"]
-    labeled.loc[flipped, "label"] = 1 - labeled.loc[flipped, "clean_label"]
-    labeled["class_name"] = [CLASS_NAMES[label] for label in labeled["label"]]
+    if classes == 2:
+        labeled.loc[flipped, "label"] = 1 - labeled.loc[flipped, "clean_label"]
+    else:  # one of the other classes, drawn after the flipped rows (the binary draws stay as they were)
+        labeled.loc[flipped, "label"] = (labeled.loc[flipped, "clean_label"] + noise_rng.integers(1, classes, size=len(flipped))) % classes
+    names = CLASS_NAMES if classes == 2 else MULTICLASS_NAMES
+    labeled["class_name"] = [names[label] for label in labeled["label"]]
     labeled["sample_id"] = labeled["path"]
     labeled = labeled[["path", "patient_id", "label", "class_name", "organ", "has_markers", "clean_label", "sample_id"]]
     if dicom:

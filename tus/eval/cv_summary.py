@@ -17,8 +17,8 @@ from typing import Any
 
 import pandas as pd
 
-from tus.eval.cv_metrics import METRIC_NAMES
-from tus.eval.statistics import METRIC_FNS, paper_spread, patient_bootstrap_cis
+from tus.eval.cv_metrics import METRIC_NAMES, MULTICLASS_METRIC_NAMES, PER_CLASS_METRICS, PROBABILITY_PREFIX, is_multiclass, metric_names
+from tus.eval.statistics import METRIC_FNS, multiclass_bootstrap_cis, paper_spread, patient_bootstrap_cis
 
 CI_BOOTSTRAPS = 1000
 CI_ALPHA = 0.05
@@ -32,9 +32,16 @@ CONSTANT_PROBABILITY_SPREAD = 1e-4
 def collapse_reason(predictions: pd.DataFrame, metrics_csv: Path, val_metric: str | None = None) -> str | None:
     """Why a fine-tuned model looks collapsed (None if it does not): its test probabilities are
     (nearly) constant, or its inner validation AUROC was 0.5 at every validation."""
-    probabilities = predictions["probability"].astype(float)
-    if len(probabilities) and float(probabilities.max() - probabilities.min()) < CONSTANT_PROBABILITY_SPREAD:
-        return f"every test image gets probability {probabilities.iloc[0]:.3f} (constant predictions)"
+    if "probability" in predictions.columns:
+        probabilities = predictions["probability"].astype(float)
+        if len(probabilities) and float(probabilities.max() - probabilities.min()) < CONSTANT_PROBABILITY_SPREAD:
+            return f"every test image gets probability {probabilities.iloc[0]:.3f} (constant predictions)"
+    else:  # K > 2 classes: every class's probability (nearly) the same for every image
+        columns = [c for c in predictions.columns if c.startswith(PROBABILITY_PREFIX)]
+        table = predictions[columns].astype(float)
+        if len(table) and columns and float((table.max() - table.min()).max()) < CONSTANT_PROBABILITY_SPREAD:
+            shown = ", ".join(f"{c[len(PROBABILITY_PREFIX) :]} {table[c].iloc[0]:.3f}" for c in columns)
+            return f"every test image gets the class probabilities {shown} (constant predictions)"
     if val_metric is not None and Path(metrics_csv).is_file():
         log = pd.read_csv(metrics_csv)
         if "val/auroc" in log.columns:
@@ -85,6 +92,28 @@ def trivial_baselines(positive_rate: float) -> dict:
     }
 
 
+def multiclass_baselines(class_rates: list[float], label_names: list[str]) -> dict:
+    """Scores of classifiers that ignore the image, for K > 2 classes with these image shares p_k
+    (macro = the unweighted mean over classes; AUROC of a constant or random score is 0.5).
+
+    - always the majority class m: accuracy p_m, balanced accuracy 1/K; class m's precision p_m,
+      recall 1, F1 2p_m/(1+p_m), every other class's 0;
+    - prior-matching random guesser (predicts class k with probability p_k): accuracy sum p_k^2;
+      class k's precision = recall = F1 = p_k, so balanced accuracy and the macro ones are 1/K.
+    """
+    rates = [float(p) for p in class_rates]
+    k = len(rates)
+    m = max(range(k), key=lambda i: rates[i])
+    f1_m = 2 * rates[m] / (1 + rates[m])
+    majority = {"accuracy": rates[m], "balanced_accuracy": 1 / k, "f1": f1_m / k, "precision": rates[m] / k, "recall": 1 / k, "auroc": 0.5}
+    for i, name in enumerate(label_names):
+        majority.update({f"f1_{name}": f1_m if i == m else 0.0, f"precision_{name}": rates[m] if i == m else 0.0, f"recall_{name}": 1.0 if i == m else 0.0, f"auroc_{name}": 0.5})
+    random = {"accuracy": sum(p * p for p in rates), "balanced_accuracy": 1 / k, "f1": 1 / k, "precision": 1 / k, "recall": 1 / k, "auroc": 0.5}
+    for i, name in enumerate(label_names):
+        random.update({f"f1_{name}": rates[i], f"precision_{name}": rates[i], f"recall_{name}": rates[i], f"auroc_{name}": 0.5})
+    return {"class_rates": dict(zip(label_names, rates)), "majority_class": label_names[m], "always_majority": majority, "prior_random": random}
+
+
 def format_mean_std(stats: dict, scale: float = 100.0, digits: int = 1) -> str:
     if stats["mean"] is None or math.isnan(stats["mean"]):
         return "n/a"
@@ -101,6 +130,7 @@ def pooled_predictions(run_dir: Path, frame: pd.DataFrame) -> pd.DataFrame:
     """
     patients = frame.drop_duplicates("sample_id").set_index("sample_id")["patient_id"].astype(str)
     tables = []
+    class_columns: list[str] = []
     for metrics_path in sorted((Path(run_dir) / "runs").glob("*/metrics.json")):
         path = metrics_path.parent / "predictions.csv"
         if not path.is_file():
@@ -108,7 +138,9 @@ def pooled_predictions(run_dir: Path, frame: pd.DataFrame) -> pd.DataFrame:
         record = json.loads(metrics_path.read_text())
         table = pd.read_csv(path, dtype={"sample_id": str}).rename(columns={"probability": "prob", "prediction": "pred"})
         tables.append(table.assign(fold=record.get("fold"), seed=record.get("seed"), patient_id=table["sample_id"].map(patients)))
-    columns = ["sample_id", "patient_id", "label", "prob", "pred", "fold", "seed"]
+        class_columns = [c for c in table.columns if c.startswith(PROBABILITY_PREFIX)]
+    # K > 2 classes: one probability column per class instead of the positive class's ``prob``.
+    columns = ["sample_id", "patient_id", "label", "pred", *class_columns, "fold", "seed"] if class_columns else ["sample_id", "patient_id", "label", "prob", "pred", "fold", "seed"]
     return pd.concat(tables, ignore_index=True)[columns] if tables else pd.DataFrame(columns=columns)
 
 
@@ -124,12 +156,21 @@ def _finite_or_none(value: float) -> float | None:
 
 def write_summary(run_dir: Path, runs: pd.DataFrame, frame: pd.DataFrame, config: Any, n_boot: int = CI_BOOTSTRAPS) -> dict:
     expected = len(config.seeds) * config.data.num_folds
-    stats = aggregate(runs) if len(runs) else {}
-    baselines = trivial_baselines(float((frame["label"] == 1).mean()))
-    spread = paper_spread(runs, METRIC_NAMES) if len(runs) else {}
+    label_names = getattr(config.data, "label_names", None)
+    multiclass = is_multiclass(label_names)
+    names = metric_names(label_names)
+    stats = aggregate(runs, names) if len(runs) else {}
+    if multiclass:
+        baselines = multiclass_baselines([float((frame["label"] == k).mean()) for k in range(len(label_names))], list(label_names))
+    else:
+        baselines = trivial_baselines(float((frame["label"] == 1).mean()))
+    spread = paper_spread(runs, names) if len(runs) else {}
     spread = {name: {k: _finite_or_none(v) if k in ("mean", "std", "sample_std") else v for k, v in values.items()} for name, values in spread.items()}
     predictions = pooled_predictions(run_dir, frame)
-    cis = bootstrap_cis(predictions, n_boot=n_boot) if len(predictions) else {}
+    if multiclass and len(predictions):
+        cis = {name: {"low": _finite_or_none(low), "high": _finite_or_none(high)} for name, (low, high) in multiclass_bootstrap_cis(predictions, label_names, n_boot=n_boot, alpha=CI_ALPHA).items()}
+    else:
+        cis = bootstrap_cis(predictions, n_boot=n_boot) if len(predictions) else {}
     summary = {
         "name": config.name,
         "runs": int(len(runs)),
@@ -148,6 +189,8 @@ def write_summary(run_dir: Path, runs: pd.DataFrame, frame: pd.DataFrame, config
         "collapsed": _collapsed(runs),
         "selected": _selected(runs),
     }
+    if multiclass:
+        summary["label_names"] = list(label_names)
     if (run_dir / DECISION_FILE).is_file() and len(predictions):
         summary["decision"] = decision_metrics(predictions, json.loads((run_dir / DECISION_FILE).read_text()), n_boot=n_boot)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -177,6 +220,8 @@ def _selected(runs: pd.DataFrame) -> list[dict]:
 
 
 def render_summary_markdown(summary: dict) -> str:
+    if is_multiclass(summary.get("label_names")):
+        return render_multiclass_markdown(summary)
     header = "| | " + " | ".join(n.capitalize() if n != "auroc" else "AUROC" for n in METRIC_NAMES) + " |"
     rule = "|---" * (len(METRIC_NAMES) + 1) + "|"
     model = "| " + summary["name"] + " | " + " | ".join(format_mean_std(summary["metrics"].get(n, NO_RESULT)) for n in METRIC_NAMES) + " |"
@@ -208,6 +253,50 @@ def render_summary_markdown(summary: dict) -> str:
             *_selected_lines(summary),
             *_warning_lines(summary),
             *([decision_text(decision)] if decision else []),
+            "",
+        ]
+    )
+
+
+MULTICLASS_HEADERS = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy", "f1": "Macro F1", "precision": "Macro precision", "recall": "Macro recall", "auroc": "Macro AUROC"}
+
+
+def render_multiclass_markdown(summary: dict) -> str:
+    """The K > 2 table: the macro row (and its spread, CI and baselines), then one row per class
+    under it with that class's one-vs-rest F1, precision, recall and AUROC in the macro columns."""
+    names = MULTICLASS_METRIC_NAMES
+    label_names = summary["label_names"]
+    metrics, cis = summary["metrics"], summary.get("ci") or {}
+    rows = ["| | " + " | ".join(MULTICLASS_HEADERS[n] for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    rows.append("| " + summary["name"] + " (macro) | " + " | ".join(format_mean_std(metrics.get(n, NO_RESULT)) for n in names) + " |")
+    spread = summary.get("spread") or {}
+    if spread:
+        rows.append("| *paper spread* | " + " | ".join(format_mean_std(spread[n]) for n in names) + " |")
+    if cis:
+        rows.append("| *95% CI, patients* | " + " | ".join(_format_ci(cis.get(n)) for n in names) + " |")
+    for label in label_names:
+        cells = [format_mean_std(metrics.get(f"{n}_{label}", NO_RESULT)) if n in PER_CLASS_METRICS else "" for n in names]
+        rows.append(f"| class {label} | " + " | ".join(cells) + " |")
+        if cis:
+            rows.append("| *its 95% CI* | " + " | ".join(_format_ci(cis.get(f"{n}_{label}")) if n in PER_CLASS_METRICS else "" for n in names) + " |")
+    baselines = summary["baselines"]
+    for key, label in (("always_majority", f"always {baselines['majority_class']} (majority)"), ("prior_random", "random (prior-matched)")):
+        rows.append(f"| *{label}* | " + " | ".join(f"{baselines[key][n] * 100:.1f}" for n in names) + " |")
+    shares = ", ".join(f"{name} {rate:.1%}" for name, rate in baselines["class_rates"].items())
+    return "\n".join(
+        [
+            f"# {summary['name']}: {summary['folds']}-fold patient-grouped CV x {len(summary['seeds'])} seeds, {len(label_names)} classes",
+            "",
+            *rows,
+            "",
+            f"Mean ± sample std (%) over {summary['runs']} of {summary['expected_runs']} runs; classes (share of images): {shares}. "
+            "Prediction = the most probable class; macro = unweighted mean over the classes; a class's row is that class against the rest "
+            "(its F1, precision, recall and AUROC in the macro columns).",
+            *([f"*paper spread*: {summary['spread_note']}."] if spread else []),
+            *([f"*95% CI, patients*: {summary['ci_note']}."] if cis else []),
+            f"Model selection: {summary['selection_note']}.",
+            *_selected_lines(summary),
+            *_warning_lines(summary),
             "",
         ]
     )

@@ -175,9 +175,10 @@ def class_activation_maps(
     target_layer: nn.Module,
     method: str = "gradcam++",
     reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    target_class: int | None = None,
 ) -> tuple[np.ndarray, torch.Tensor]:
-    """CAMs (N, H, W) in [0, 1] of each image's predicted class by ``method`` (see :data:`CAM_METHODS`), and
-    the logits. ``reshape_transform`` turns the layer's output into (N, C, h, w) (:func:`token_reshape_transform`).
+    """CAMs (N, H, W) in [0, 1] of each image's predicted class (or of class index ``target_class`` for every
+    image) by ``method`` (see :data:`CAM_METHODS`), and the logits. ``reshape_transform`` turns the layer's output into (N, C, h, w) (:func:`token_reshape_transform`).
 
     The model's state is left as found (see :func:`explaining`) and the hooks that
     pytorch-grad-cam registers are removed before returning, also on errors.
@@ -186,6 +187,7 @@ def class_activation_maps(
     # Imported here: pytorch-grad-cam loads scikit-learn's decomposition and linear models
     # (~0.4 s), which every fine-tuning process would otherwise pay, Grad-CAM on or off.
     from pytorch_grad_cam import GradCAMPlusPlus, ScoreCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     with explaining(model):
         inputs = _plain_copy(images, model)
@@ -199,7 +201,9 @@ def class_activation_maps(
         try:
             # Score-CAM draws a tqdm bar per image; it would flood training logs.
             with redirect_stderr(StringIO()) if method == "scorecam" else nullcontext():
-                maps = cam(inputs, targets=None)  # None: the predicted class of each image
+                # None: the predicted class of each image.
+                targets = None if target_class is None else [ClassifierOutputTarget(int(target_class))] * len(inputs)
+                maps = cam(inputs, targets=targets)
             logits = cam.outputs.detach().float().cpu()
         finally:
             cam.activations_and_grads.release()
@@ -310,21 +314,33 @@ def measure_marker_sensitivity(
     masks: np.ndarray,
     target_layer: str | None = None,
     method: str = "gradcam++",
+    target_class: int | None = None,
 ) -> MarkerSensitivity:
-    """CAMs (Grad-CAM++ or Score-CAM) of clean and marked images, each explaining the class predicted for it."""
+    """CAMs (Grad-CAM++ or Score-CAM) of clean and marked images, each explaining the class predicted for it
+    (or class index ``target_class``). The probabilities recorded are those of ``target_class``, else of the
+    positive class (binary) or of each clean image's predicted class (K > 2 classes)."""
     check_cam_method(method)
+    head = getattr(model, "head", None)
+    if target_class is not None and isinstance(head, nn.Linear) and not 0 <= target_class < head.out_features:
+        raise ValueError(f"target class {target_class} is not a class of this {head.out_features}-class model (0..{head.out_features - 1})")
     name, layer = resolve_target_layer(model, target_layer, images)
     reshape = token_reshape_transform(model, name)
-    cams_clean, logits_clean = class_activation_maps(model, images, layer, method, reshape)
-    cams_marked, logits_marked = class_activation_maps(model, marked, layer, method, reshape)
+    cams_clean, logits_clean = class_activation_maps(model, images, layer, method, reshape, target_class)
+    cams_marked, logits_marked = class_activation_maps(model, marked, layer, method, reshape, target_class)
+    num_classes = logits_clean.shape[1]
+    rows = torch.arange(len(logits_clean))
+    if target_class is not None:
+        explained = torch.full_like(rows, int(target_class))
+    else:
+        explained = torch.full_like(rows, num_classes - 1) if num_classes == 2 else logits_clean.argmax(1)
     return MarkerSensitivity(
         images=images.detach().cpu(),
         marked=marked.detach().cpu(),
         masks=np.asarray(masks, dtype=bool),
         cams_clean=cams_clean,
         cams_marked=cams_marked,
-        probabilities_clean=logits_clean.softmax(1)[:, -1].numpy(),
-        probabilities_marked=logits_marked.softmax(1)[:, -1].numpy(),
+        probabilities_clean=logits_clean.softmax(1)[rows, explained].numpy(),
+        probabilities_marked=logits_marked.softmax(1)[rows, explained].numpy(),
         predicted_clean=logits_clean.argmax(1).numpy(),
         predicted_marked=logits_marked.argmax(1).numpy(),
         target_layer=name,

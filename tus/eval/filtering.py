@@ -42,6 +42,7 @@ from matplotlib.figure import Figure
 from tus.data.images import DataError, OutputExistsError, UsageError, list_images, read_grayscale
 from tus.data.manifest import read_manifest
 from tus.data.outputs import staged_folder
+from tus.data.synthetic import GENERATOR_FILE
 from tus.eval.features import FEATURES, LOGITS, FeatureExtractor, InceptionExtractor
 from tus.eval.manifold import kth_neighbour_radii, manifold_membership
 from tus.eval.metrics import (
@@ -267,6 +268,8 @@ def filter_generated(
         table.to_csv(staging / "filter.csv", index=False)
         manifest.to_csv(staging / "manifest.csv", index=False)
         (staging / "filter.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if (generated_dir / GENERATOR_FILE).is_file():  # which patients the generator never saw travels with the kept samples
+            shutil.copy2(generated_dir / GENERATOR_FILE, staging / GENERATOR_FILE)
     return FilterResult(out_dir=out_dir, table=table)
 
 

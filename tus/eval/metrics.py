@@ -85,22 +85,27 @@ def compute_metrics(
     device: str | torch.device = "cpu",
     cache_dir: str | Path | None = None,
     progress: bool = False,
+    real_labels: Sequence[int] | None = None,
+    generated_labels: Sequence[int] | None = None,
 ) -> dict:
-    """Embed both image sets with ``extractor`` and score the generated one (see module doc)."""
+    """Embed both image sets with ``extractor`` and score the generated one (see module doc). With both
+    ``real_labels`` and ``generated_labels`` (conditioning labels), ``per_class`` adds the metrics of each
+    class (:func:`per_class_metrics`) from the same features."""
     real = extractor.extract(real_paths, batch_size, device, cache_dir, progress)
     generated = extractor.extract_outputs(generated_paths, batch_size, device, cache_dir, progress)
-    return metrics_from_features(
-        real,
-        generated[FEATURES],
-        generated.get(LOGITS),
-        extractor_id=extractor.identity,
-        logits_unavailable_reason=extractor.logits_unavailable_reason,
-        prc_k=prc_k,
-        reference_batches=reference_batches,
-        reference_batch_size=reference_batch_size,
-        isc_splits=isc_splits,
-        seed=seed,
-    )
+    options = {
+        "extractor_id": extractor.identity,
+        "logits_unavailable_reason": extractor.logits_unavailable_reason,
+        "prc_k": prc_k,
+        "reference_batches": reference_batches,
+        "reference_batch_size": reference_batch_size,
+        "isc_splits": isc_splits,
+        "seed": seed,
+    }
+    metrics = metrics_from_features(real, generated[FEATURES], generated.get(LOGITS), **options)
+    if real_labels is not None and generated_labels is not None:
+        metrics["per_class"] = per_class_metrics(real, real_labels, generated[FEATURES], generated_labels, generated.get(LOGITS), **options)
+    return metrics
 
 
 def metrics_from_features(
@@ -130,6 +135,27 @@ def metrics_from_features(
     result.update(_inception_score(generated_logits, logits_unavailable_reason, isc_splits, notes))
     result.update(_precision_recall(real, generated, prc_k, reference_batches, reference_batch_size, seed, notes))
     result["notes"] = notes
+    return result
+
+
+def per_class_metrics(
+    real_features: np.ndarray,
+    real_labels: Sequence[int],
+    generated_features: np.ndarray,
+    generated_labels: Sequence[int],
+    generated_logits: np.ndarray | None = None,
+    **options,
+) -> dict[str, dict]:
+    """:func:`metrics_from_features` class by class: the class-y samples (by their conditioning label)
+    against the class-y real images only. Keys are the labels as text (JSON's), for every class that
+    has real or generated images; a class missing on one side has its metrics None with a note."""
+    real, generated = np.asarray(real_features, dtype=np.float32), np.asarray(generated_features, dtype=np.float32)
+    labels_real, labels_generated = np.asarray(real_labels, dtype=int), np.asarray(generated_labels, dtype=int)
+    result = {}
+    for label in sorted(set(labels_real.tolist()) | set(labels_generated.tolist())):
+        rows, samples = labels_real == label, labels_generated == label
+        logits = None if generated_logits is None else np.asarray(generated_logits)[samples]
+        result[str(label)] = metrics_from_features(real[rows], generated[samples], logits, **options)
     return result
 
 
@@ -226,8 +252,28 @@ def _mean_std(mean: float | None, std: float | None, digits: int) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if std is not None else f"{mean:.{digits}f}"
 
 
+def format_per_class_table(per_class: dict[str, dict]) -> str:
+    """One row per class: images, FID, precision and recall of the class-y samples against the class-y real images."""
+    header = ("class", "real", "generated", "FID", "precision", "recall")
+    rows = [
+        (
+            label,
+            str(m["num_real"]),
+            str(m["num_generated"]),
+            "unavailable" if m["fid"] is None else f"{m['fid']:.2f}",
+            _mean_std(m["precision_mean"], m["precision_std"], 4),
+            _mean_std(m["recall_mean"], m["recall_std"], 4),
+        )
+        for label, m in per_class.items()
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines += [f"note (class {label}): {note}" for label, m in per_class.items() for note in m.get("notes", [])]
+    return "\n".join(lines)
+
+
 def format_metrics_table(metrics: dict) -> str:
-    """A plain-text table of the metrics dict, followed by its notes."""
+    """A plain-text table of the metrics dict, followed by its notes (and the per-class table, when computed)."""
     fid = metrics.get("fid")
     protocol = f"k={metrics.get('prc_k')}, {metrics.get('reference_batches')} x {metrics.get('reference_batch_size')} real"
     rows = [
@@ -242,4 +288,6 @@ def format_metrics_table(metrics: dict) -> str:
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
     lines += [f"note: {note}" for note in metrics.get("notes", [])]
+    if metrics.get("per_class"):
+        lines += ["", "per class (class-y samples against class-y real images):", format_per_class_table(metrics["per_class"])]
     return "\n".join(lines)

@@ -37,7 +37,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from tus.data.manifest import load_manifest, write_manifest
+from tus.data.manifest import LABEL_NAMES_ATTR, load_manifest, read_manifest, write_manifest
+from tus.eval.cv_metrics import PROBABILITY_PREFIX
 
 HISTOGRAM_MIN_EXCEED = (1, 3, 5)
 REQUIRED_LOSS_COLUMNS = ("sample_id", "step", "label", "loss")
@@ -247,10 +248,56 @@ def flagging_quality(manifest: pd.DataFrame, flagged: pd.Series) -> dict:
     }
 
 
-def write_report(losses: pd.DataFrame, manifest_path: str | Path, rule: FlaggingRule, out_dir: str | Path, histogram_min_exceed=HISTOGRAM_MIN_EXCEED) -> dict:
-    """Flag, and write the report, ``flagged.csv`` and the two new manifests into ``out_dir``."""
+def run_label_names(runs: Sequence[str]) -> list[str] | None:
+    """``data.label_names`` of the CV that the run folders ``runs`` (``<cv>/runs/<run>``) belong to, if recorded."""
+    import yaml
+
+    for run in runs:
+        config = Path(run).parent.parent / "config.yaml"
+        if config.is_file():
+            names = (yaml.safe_load(config.read_text()) or {}).get("data", {}).get("label_names")
+            if names:
+                return list(names)
+    return None
+
+
+def out_of_fold_probabilities(runs: Sequence[str]) -> pd.DataFrame:
+    """Each sample's class probabilities averaged over the runs' test predictions (``predictions.csv``
+    beside each run's ``losses.csv``: a model that never trained on the sample), indexed by sample_id."""
+    tables = [pd.read_csv(Path(run) / "predictions.csv", dtype={"sample_id": str}) for run in runs if (Path(run) / "predictions.csv").is_file()]
+    if not tables:
+        return pd.DataFrame()
+    pooled = pd.concat(tables, ignore_index=True)
+    columns = [c for c in pooled.columns if c.startswith(PROBABILITY_PREFIX)]
+    return pooled.groupby("sample_id")[columns].mean()
+
+
+def relabel_to_most_probable_other(labels: pd.Series, sample_ids: pd.Series, probabilities: pd.DataFrame) -> np.ndarray:
+    """The flip of K > 2 classes: each sample's new label is the class other than its own that the
+    models find most probable (``probabilities``: one ``prob_<class>`` column per class, in class
+    order, by sample_id; ties go to the lower class index). Binary, this is ``1 - label``."""
+    missing = sorted(set(sample_ids) - set(probabilities.index))
+    if missing:
+        raise LossTableError(f"no out-of-fold class probabilities (runs' predictions.csv) for {len(missing)} flagged sample(s), e.g. {missing[0]!r}; cannot relabel them")
+    table = probabilities.loc[list(sample_ids)].to_numpy(dtype=float).copy()
+    table[np.arange(len(table)), np.asarray(labels, dtype=int)] = -np.inf
+    return table.argmax(axis=1)
+
+
+def _labels_are_names(manifest_path: Path) -> bool:
+    labels = [text.strip() for text in read_manifest(manifest_path)["label"] if text.strip()]
+    return bool(labels) and not any(text.lstrip("-").replace(".", "", 1).isdigit() for text in labels)
+
+
+def write_report(losses: pd.DataFrame, manifest_path: str | Path, rule: FlaggingRule, out_dir: str | Path, histogram_min_exceed=HISTOGRAM_MIN_EXCEED, label_names: Sequence[str] | None = None) -> dict:
+    """Flag, and write the report, ``flagged.csv`` and the two new manifests into ``out_dir``.
+
+    ``label_names`` (default: the runs' ``data.label_names``): with K > 2 classes a flagged label is
+    not flipped but relabelled to the most probable other class (:func:`relabel_to_most_probable_other`)."""
     manifest_path, out_dir = Path(manifest_path), Path(out_dir)
-    manifest = load_manifest(manifest_path, require_labels=True, decode_images=False)
+    runs = sorted(losses["run"].unique().tolist())
+    label_names = list(label_names) if label_names else run_label_names(runs)
+    manifest = load_manifest(manifest_path, require_labels=True, decode_images=False, label_names=label_names)
     check_against_manifest(losses, manifest, manifest_path)
     out_dir.mkdir(parents=True, exist_ok=False)
 
@@ -264,10 +311,16 @@ def write_report(losses: pd.DataFrame, manifest_path: str | Path, rule: Flagging
     columns = ["sample_id", "path", "label", "flagged_in", "evaluations", *(["clean_label"] if "clean_label" in table else [])]
     table.loc[flagged, columns].to_csv(out_dir / "flagged.csv", index=False)
 
-    write_manifest(manifest[~flagged], out_dir / "manifest_filtered.csv")
+    names = manifest.attrs.get(LABEL_NAMES_ATTR)
+    # Labels written as class names stay names in the new manifests (they load without data.label_names).
+    as_written = (lambda frame: frame.assign(label=[names[k] for k in frame["label"]])) if names and _labels_are_names(manifest_path) else (lambda frame: frame)
+    write_manifest(as_written(manifest[~flagged]), out_dir / "manifest_filtered.csv")
     flipped = manifest.copy()
-    flipped.loc[flagged, "label"] = 1 - flipped.loc[flagged, "label"]
-    write_manifest(flipped, out_dir / "manifest_flipped.csv")
+    if names and len(names) > 2:
+        flipped.loc[flagged, "label"] = relabel_to_most_probable_other(manifest.loc[flagged, "label"], manifest.loc[flagged, "sample_id"].astype(str), out_of_fold_probabilities(runs))
+    else:
+        flipped.loc[flagged, "label"] = 1 - flipped.loc[flagged, "label"]
+    write_manifest(as_written(flipped), out_dir / "manifest_flipped.csv")
 
     counts = histogram(losses, rule.threshold, histogram_min_exceed, rule.counting)
     counts.to_csv(out_dir / "flag_histogram.csv", index=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -161,12 +162,13 @@ def pr_figure(predictions: pd.DataFrame, n_boot: int = CI_BOOTSTRAPS) -> FigureD
     return curve_figure(pr_data(predictions, n_boot), "pr", positive_rate=float(predictions["label"].mean()))
 
 
-def confusion_data(predictions: pd.DataFrame, classes: tuple[str, str] = ("0", "1")) -> pd.DataFrame:
-    """Counts of (true, predicted) summed over every run's test fold, and each row's share (%)."""
+def confusion_data(predictions: pd.DataFrame, classes: Sequence[str] = ("0", "1")) -> pd.DataFrame:
+    """Counts of (true, predicted) summed over every run's test fold, and each row's share (%);
+    K x K for K ``classes``."""
     rows = []
-    for true in (0, 1):
+    for true in range(len(classes)):
         total = int((predictions["label"] == true).sum())
-        for predicted in (0, 1):
+        for predicted in range(len(classes)):
             count = int(((predictions["label"] == true) & (predictions["pred"] == predicted)).sum())
             rows.append(
                 {"true": true, "predicted": predicted, "true_name": classes[true], "predicted_name": classes[predicted], "count": count, "row_percent": 100.0 * count / total if total else math.nan}
@@ -176,7 +178,8 @@ def confusion_data(predictions: pd.DataFrame, classes: tuple[str, str] = ("0", "
 
 @style
 def confusion_figure_from_data(data: pd.DataFrame, runs: int) -> FigureData:
-    figure, axis = new_figure(2.8)
+    k = int(data["true"].nunique())
+    figure, axis = new_figure(2.8 if k == 2 else 1.2 + 0.9 * k)
     counts = data.pivot(index="true", columns="predicted", values="count").to_numpy()
     percent = data.pivot(index="true", columns="predicted", values="row_percent").to_numpy()
     image = axis.imshow(np.nan_to_num(percent), cmap=HEATMAP_CMAP, vmin=0, vmax=100)
@@ -184,8 +187,8 @@ def confusion_figure_from_data(data: pd.DataFrame, runs: int) -> FigureData:
         share = "n/a" if math.isnan(percent[i, j]) else f"{percent[i, j]:.1f}%"
         axis.text(j, i, f"{count}\n{share}", ha="center", va="center", color="white" if np.nan_to_num(percent[i, j]) < 60 else "black")
     names = data.drop_duplicates("true").sort_values("true")["true_name"].tolist()
-    axis.set_xticks([0, 1], names)
-    axis.set_yticks([0, 1], names)
+    axis.set_xticks(list(range(k)), names)
+    axis.set_yticks(list(range(k)), names)
     axis.set_xlabel("predicted class")
     axis.set_ylabel("true class")
     axis.set_title(f"Confusion, summed over {runs} test folds × seeds")
@@ -193,7 +196,13 @@ def confusion_figure_from_data(data: pd.DataFrame, runs: int) -> FigureData:
     return FigureData(figure, data)
 
 
-def confusion_figure(predictions: pd.DataFrame, classes: tuple[str, str] = ("0", "1")) -> FigureData:
+def one_vs_rest(predictions: pd.DataFrame, k: int, name: str) -> pd.DataFrame:
+    """K > 2 classes' pooled predictions as the binary task "class ``k`` or not" (``prob`` = its
+    probability), for the binary curves: one ROC curve per class."""
+    return predictions.assign(label=(predictions["label"] == k).astype(int), pred=(predictions["pred"] == k).astype(int), prob=predictions[f"prob_{name}"])
+
+
+def confusion_figure(predictions: pd.DataFrame, classes: Sequence[str] = ("0", "1")) -> FigureData:
     runs = predictions[RUN_KEYS].drop_duplicates().shape[0]
     return confusion_figure_from_data(confusion_data(predictions, classes), runs)
 

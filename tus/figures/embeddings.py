@@ -31,16 +31,22 @@ def umap_data(embeddings: pd.DataFrame, seed: int = 0, n_neighbors: int = 15) ->
 
 
 @style
-def umap_figure_from_data(data: pd.DataFrame, color_by: str = "organ", knn_accuracy: float | None = None, step: int | None = None) -> FigureData:
+def umap_figure_from_data(data: pd.DataFrame, color_by: str = "organ", knn_accuracy: float | None = None, step: int | None = None, probe_name: str | None = None) -> FigureData:
+    """Points coloured by ``color_by``; the title gives the step and the probe's value
+    (``probe_name``, default "k-NN <color_by> accuracy"), which the sidecar also records
+    (columns ``probe``, ``probe_value``)."""
     figure, axis = new_figure(3.2)
     groups = sorted(data[color_by].astype(str).unique())
     for color, group in zip(colors(len(groups)), groups):
         rows = data[data[color_by].astype(str) == group]
-        axis.scatter(rows["umap_x"], rows["umap_y"], s=6, color=color, label=f"{group} (n = {len(rows)})", linewidths=0)
-    title = f"Held-out embeddings by {color_by}"
+        axis.scatter(rows["umap_x"], rows["umap_y"], s=6, color=color, label=f"{color_by} {group} (n = {len(rows)})" if color_by == "label" else f"{group} (n = {len(rows)})", linewidths=0)
+    title = f"Held-out embeddings by {color_by}" if color_by == "organ" else f"Downstream images' embeddings by {color_by}"
     details = [f"step {step}"] if step is not None else []
-    if knn_accuracy is not None and not math.isnan(knn_accuracy):
-        details.append(f"k-NN {color_by} accuracy {knn_accuracy:.1%}")
+    probe_name = probe_name or f"k-NN {color_by} accuracy"
+    shown = knn_accuracy is not None and not math.isnan(knn_accuracy)
+    if shown:
+        details.append(f"{probe_name} {knn_accuracy:.1%}" if "accuracy" in probe_name else f"{probe_name} {knn_accuracy:.3f}")
+    data = data.assign(probe=probe_name, probe_value=knn_accuracy if shown else float("nan"))
     axis.set_title(title + (f"\n{', '.join(details)}" if details else ""))
     axis.set_xlabel("UMAP 1 (a.u.)")
     axis.set_ylabel("UMAP 2 (a.u.)")
@@ -49,8 +55,8 @@ def umap_figure_from_data(data: pd.DataFrame, color_by: str = "organ", knn_accur
     return FigureData(figure, data)
 
 
-def umap_figure(embeddings: pd.DataFrame, color_by: str = "organ", knn_accuracy: float | None = None, step: int | None = None, seed: int = 0) -> FigureData:
-    return umap_figure_from_data(umap_data(embeddings, seed), color_by, knn_accuracy, step)
+def umap_figure(embeddings: pd.DataFrame, color_by: str = "organ", knn_accuracy: float | None = None, step: int | None = None, seed: int = 0, probe_name: str | None = None) -> FigureData:
+    return umap_figure_from_data(umap_data(embeddings, seed), color_by, knn_accuracy, step, probe_name)
 
 
 PROBE_LABELS = {

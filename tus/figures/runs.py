@@ -16,6 +16,7 @@ from tus.figures.style import save
 
 FIGURES_DIR = "figures"
 EMBEDDINGS_FILE = "embeddings.csv"
+DOWNSTREAM_EMBEDDINGS_FILE = "downstream_embeddings.csv"
 # A UMAP of fewer points shows nothing (and the first one in a process costs ~20 s of JIT).
 MIN_UMAP_POINTS = 16
 
@@ -41,7 +42,14 @@ def write_cv_figures(run_dir: str | Path, n_boot: int = 1000) -> list[Path]:
     out = run_dir / FIGURES_DIR
     written: list[Path] = []
     predictions = cv_predictions(run_dir)
-    if len(predictions):
+    label_names = (_read_json(run_dir / "summary.json") or {}).get("label_names")
+    if len(predictions) and label_names:
+        # K > 2 classes: a one-vs-rest ROC per class and the K x K confusion; PR and calibration
+        # curves are of a positive-class probability and are not drawn.
+        for k, name in enumerate(label_names):
+            written += save(fig.roc_figure(fig.one_vs_rest(predictions, k, name), n_boot), out, f"roc_{name}")
+        written += save(fig.confusion_figure(predictions, label_names), out, "confusion")
+    elif len(predictions):
         written += save(fig.roc_figure(predictions, n_boot), out, "roc")
         written += save(fig.pr_figure(predictions, n_boot), out, "pr")
         written += save(fig.confusion_figure(predictions), out, "confusion")
@@ -60,9 +68,16 @@ FIGURE_CAPTIONS = {
     "calibration": "Reliability diagram of the pooled test predictions, with the expected calibration error",
     "training_curves": "Training (and inner-validation) loss per fold × seed",
     "umap": "UMAP of the pretrained encoder's held-out embeddings, by organ",
+    "umap_label": "UMAP of the pretrained encoder's embeddings of the downstream manifest's images, by label",
     "probes": "Representation probes over pretraining steps",
     "samples": "Diffusion samples at the end of training",
 }
+
+
+def _caption(stem: str) -> str:
+    if stem.startswith("roc_") and stem not in FIGURE_CAPTIONS:
+        return f"ROC curves of class {stem[4:]} against the rest, every fold × seed run and their mean (AUROC with its patient-bootstrap 95% CI)"
+    return FIGURE_CAPTIONS.get(stem, stem)
 
 
 def _link_in_summary(run_dir: Path, pngs: list[Path]) -> None:
@@ -72,7 +87,7 @@ def _link_in_summary(run_dir: Path, pngs: list[Path]) -> None:
     if summary is None or not pngs:
         return
     lines = ["## Figures", "", "PNG and PDF beside each other; each figure's data in the CSV of the same name.", ""]
-    lines += [f"- [{p.stem}]({FIGURES_DIR}/{p.name}): {FIGURE_CAPTIONS.get(p.stem, p.stem)}" for p in pngs]
+    lines += [f"- [{p.stem}]({FIGURES_DIR}/{p.name}): {_caption(p.stem)}" for p in pngs]
     (run_dir / "summary.md").write_text(render_summary_markdown(summary) + "\n" + "\n".join(lines) + "\n")
 
 
@@ -100,7 +115,9 @@ def study_baseline(study_dir: Path, table: pd.DataFrame) -> str:
 
 def write_pretrain_figures(run_dir: str | Path) -> list[Path]:
     """The UMAP of the held-out embeddings (``embeddings.csv``, coloured by organ, the last
-    k-NN organ probe in the title) and the probe curves over steps (``metrics.csv``)."""
+    k-NN organ probe in the title), with a downstream manifest the UMAP of its images
+    (``downstream_embeddings.csv``, coloured by label, the last downstream probe's AUROC in the
+    title) and the probe curves over steps (``metrics.csv``)."""
     from tus.figures.embeddings import probe_figure, umap_figure
 
     run_dir = Path(run_dir)
@@ -117,7 +134,23 @@ def write_pretrain_figures(run_dir: str | Path) -> list[Path]:
             probe = (summary.get("probe") or [{}])[-1]
             accuracy = probe.get("probe/knn_organ_acc")
             written += save(umap_figure(embeddings, "organ", accuracy, summary.get("steps")), out, "umap")
+    downstream_path = run_dir / DOWNSTREAM_EMBEDDINGS_FILE
+    if downstream_path.is_file():
+        embeddings = pd.read_csv(downstream_path, dtype={"sample_id": str, "organ": str, "label": str})
+        if len(embeddings) >= MIN_UMAP_POINTS:
+            summary = _read_json(run_dir / "summary.json") or {}
+            auroc = ((summary.get("downstream_probe") or [{}])[-1]).get("probe/downstream_auroc")
+            written += save(umap_figure(embeddings, "label", auroc, summary.get("steps"), probe_name=f"{_downstream_classifier(run_dir)} label probe AUROC"), out, "umap_label")
     return written
+
+
+def _downstream_classifier(run_dir: Path) -> str:
+    """How the run's downstream probe classified (``k-NN`` or ``logistic``), from its config."""
+    import yaml
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    classifier = ((config or {}).get("monitor") or {}).get("downstream_classifier", "knn")
+    return "k-NN" if classifier == "knn" else str(classifier)
 
 
 def write_diffusion_figures(run_dir: str | Path, fid: float | None = None) -> list[Path]:

@@ -1,6 +1,7 @@
-"""FineTuneModule: a timm backbone plus one linear head for binary classification.
+"""FineTuneModule: a timm backbone plus one linear head for binary or K-class classification.
 
-Positive class = 1 (inhomogeneous). ``training_step`` returns the per-sample losses with the
+Binary: positive class = 1 (inhomogeneous). K > 2 (``num_classes``): softmax over the K classes,
+validation and test metrics macro-averaged (torchmetrics' multiclass metrics). ``training_step`` returns the per-sample losses with the
 batch's loss, so callbacks (the per-sample loss recorder) read them without an extra
 forward pass.
 """
@@ -16,7 +17,18 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torchmetrics import MetricCollection
-from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score, BinaryPrecision, BinaryRecall
+from torchmetrics.classification import (
+    BinaryAccuracy,
+    BinaryAUROC,
+    BinaryF1Score,
+    BinaryPrecision,
+    BinaryRecall,
+    MulticlassAccuracy,
+    MulticlassAUROC,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
 
 from tus.config import from_dict, to_dict
 from tus.eval.cv_metrics import METRIC_NAMES as METRIC_NAMES
@@ -47,6 +59,25 @@ def binary_metrics(prefix: str) -> MetricCollection:
     )
 
 
+def multiclass_metrics(prefix: str, num_classes: int) -> MetricCollection:
+    """Macro averages over ``num_classes`` classes (``balanced_accuracy`` is the macro recall)."""
+    return MetricCollection(
+        {
+            "accuracy": MulticlassAccuracy(num_classes, average="micro"),
+            "balanced_accuracy": MulticlassRecall(num_classes, average="macro"),
+            "f1": MulticlassF1Score(num_classes, average="macro"),
+            "precision": MulticlassPrecision(num_classes, average="macro"),
+            "recall": MulticlassRecall(num_classes, average="macro"),
+            "auroc": MulticlassAUROC(num_classes, average="macro"),
+        },
+        prefix=prefix,
+    )
+
+
+def classification_metrics(prefix: str, num_classes: int) -> MetricCollection:
+    return binary_metrics(prefix) if num_classes == 2 else multiclass_metrics(prefix, num_classes)
+
+
 class FineTuneModule(L.LightningModule):
     def __init__(self, backbone: dict | BackboneConfig, optim: dict | FineTuneOptimConfig, num_classes: int = 2):
         super().__init__()
@@ -58,8 +89,11 @@ class FineTuneModule(L.LightningModule):
         self.backbone = create_backbone(backbone)
         # MAE's head init for a ViT from MAE weights (BackboneConfig.head_init), nn.Linear's otherwise.
         self.head = create_head(self.backbone, backbone, num_classes)
-        self.val_metrics = binary_metrics("val/")
-        self.test_metrics = binary_metrics("test/")
+        if num_classes < 2:
+            raise ValueError(f"a classifier needs num_classes >= 2, got {num_classes}")
+        self.num_classes = num_classes
+        self.val_metrics = classification_metrics("val/", num_classes)
+        self.test_metrics = classification_metrics("test/", num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
@@ -76,8 +110,8 @@ class FineTuneModule(L.LightningModule):
     def _evaluate(self, batch: dict, metrics: MetricCollection, stage: str) -> None:
         logits = self(batch["image"]).float()
         loss = F.cross_entropy(logits, batch["label"])
-        probability = logits.softmax(1)[:, 1]
-        metrics.update(probability, batch["label"])
+        probabilities = logits.softmax(1)
+        metrics.update(probabilities[:, 1] if self.num_classes == 2 else probabilities, batch["label"])
         self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=len(logits), sync_dist=True)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -137,13 +171,15 @@ class FineTuneModule(L.LightningModule):
         return layerwise_lr_decay_groups(self.backbone, self.head, config.lr_head, config.weight_decay, layer_decay=config.layer_decay)
 
 
-def save_finetuned(module: FineTuneModule, path: str | Path, image_size: int | None = None, label_names: Sequence[str] = LABEL_NAMES) -> Path:
+def save_finetuned(module: FineTuneModule, path: str | Path, image_size: int | None = None, label_names: Sequence[str] = LABEL_NAMES, input_spec: dict | None = None) -> Path:
     """Export the trained classifier as a folder: ``model.safetensors`` + ``config.json`` (:mod:`tus.models.export`).
 
     ``path`` is the folder; ``<folder>/model`` or ``<folder>/model.safetensors`` (what ``tus finetune-cv`` passes
     for a fold's run dir) name the same folder, so a fold's ``model.safetensors`` keeps its place. The config
     holds the module's constructor arguments (``hparams``), the architecture, ``image_size`` (when given) and
-    ``label_names`` (output index -> class). Returns the folder.
+    ``label_names`` (output index -> class), and ``input`` (``input_spec``: how an image file became a training
+    image before resizing: the DICOM frame choice and the crop recipe of a ``tus data crop`` dataset, which
+    ``tus predict`` follows on new images). Returns the folder.
     """
     path = Path(path)
     folder = path.parent if path.name in ("model", WEIGHTS_FILE) else path
@@ -154,10 +190,12 @@ def save_finetuned(module: FineTuneModule, path: str | Path, image_size: int | N
         "in_chans": backbone.get("in_chans", 1),
         "image_size": image_size,
         "normalization": classifier_normalization(backbone.get("in_chans", 1)),
-        "label_names": list(label_names),
+        "label_names": list(label_names) if len(label_names) == hparams.get("num_classes", 2) else [str(k) for k in range(hparams.get("num_classes", 2))],
         "num_classes": hparams.get("num_classes", 2),
         "hparams": hparams,
     }
+    if input_spec is not None:
+        config["input"] = input_spec
     return save_export(folder, "classifier", module, config)
 
 

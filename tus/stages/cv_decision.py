@@ -43,6 +43,8 @@ def decide(run_dir: Path, frame: pd.DataFrame, rule: str, calibration: str) -> d
     predictions = pooled_predictions(run_dir, frame)
     if predictions.empty:
         return None
+    if "prob" not in predictions.columns:
+        raise ValueError(f"{run_dir}: threshold rule {rule!r} and calibration {calibration!r} are binary-only; this CV has K > 2 classes (prediction = the most probable class)")
     calibrate = calibration == "temperature"
     temperatures = out_of_fold_temperatures(predictions) if calibrate else {}
     raw_thresholds = out_of_fold_thresholds(predictions, parsed)

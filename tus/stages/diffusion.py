@@ -24,6 +24,7 @@ labels are then ignored, as before.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from tus.methods.iddpm import (
 )
 from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, check_output_root, finish_loggers, open_run, resume_checkpoint, write_json_atomic
 from tus.samplers import resolve_steps
+from tus.tracking import track_diffusion
 
 
 def _default_trainer() -> TrainerConfig:
@@ -92,11 +94,13 @@ def run_diffusion(config: DiffusionConfig, run_dir: str | Path | None = None, *,
         checkpoint = resume_checkpoint(run_dir)
         L.seed_everything(config.seed, workers=True)
         module = DiffusionModule(config.unet, config.process, config.optim, config.ema, seed=config.seed, hflip=config.data.hflip)
-        loggers = build_loggers(run_dir, config.logging, name=run_dir.name, config=to_dict(config), tags=["diffusion"])
+        logging = dataclasses.replace(config.logging, job_type=config.logging.job_type or "diffusion")  # job_type = the stage
+        loggers = build_loggers(run_dir, logging, name=run_dir.name, config=to_dict(config), tags=["diffusion"])
         callbacks = [SampleGridCallback(config.samples, run_dir / "sample_grids"), ExportEma(config.unet, config.process, run_dir)]
         trainer = build_trainer(config.trainer, run_dir, loggers=loggers, callbacks=callbacks, checkpoint_every_n_steps=config.data.steps_per_epoch)
         trainer.fit(module, datamodule=data, ckpt_path=str(checkpoint) if checkpoint else None)
         finish_loggers(loggers)
         if trainer.is_global_zero:
             write_diffusion_figures(run_dir)
+            track_diffusion(run_dir, logging, [Path(s.manifest) for s in config.data.sources if s.manifest], run_dir.name, to_dict(config))
     return run_dir

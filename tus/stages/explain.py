@@ -29,6 +29,7 @@ from tus.eval.explain import (
 from tus.methods.classifier import load_finetuned
 from tus.models.export import load_export
 from tus.models.weights import CheckpointError, load_weights
+from tus.tracking import track_explain
 
 
 def collect_images(sources: Sequence[str | Path]) -> list[tuple[str, Path]]:
@@ -86,6 +87,21 @@ def check_classifier_checkpoint(path: Path) -> int | None:
     return config.get("image_size")
 
 
+def resolve_target_class(checkpoint: Path, target_class: int | str | None, num_classes: int) -> int | None:
+    """``--target-class`` as a class index: an index 0..K-1 or a name of the export's ``label_names``."""
+    if target_class is None:
+        return None
+    names: list[str] = []
+    if checkpoint.suffix != ".ckpt":
+        names = list(load_export(checkpoint, "classifier")[0].get("label_names") or [])
+    text = str(target_class).strip()
+    if text in names:
+        return names.index(text)
+    if text.isdigit() and int(text) < num_classes:
+        return int(text)
+    raise UsageError(f"--target-class {text!r}: not a class of this {num_classes}-class model (an index 0..{num_classes - 1}{' or one of ' + str(names) if names else ''})")
+
+
 def run_explain(
     checkpoint: str | Path,
     images: str | Path | Sequence[str | Path],
@@ -97,6 +113,7 @@ def run_explain(
     seed: int = 0,
     rows_per_page: int = 8,
     batch_size: int = 32,
+    target_class: int | str | None = None,
 ) -> dict:
     """Explain a fine-tuned classifier on ``images`` (image files, folders of images or manifests) into the new
     folder ``out``.
@@ -105,7 +122,8 @@ def run_explain(
     explained for the class predicted for them. ``out`` gets ``overlays-NNN.png`` (``rows_per_page`` images per
     page), ``per_image.csv`` and ``marker_sensitivity.json``, whose content is returned. ``image_size`` defaults
     to the export's, else the training run's ``data.image_size``; ``target_layer`` (a dotted module name such as
-    ``backbone.layer4``) to the last layer with a spatial map.
+    ``backbone.layer4``) to the last layer with a spatial map. ``target_class`` (an index or a class name of the
+    export's ``label_names``) explains that class for every image instead of the predicted one.
     """
     out, checkpoint = Path(out), Path(checkpoint)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -121,12 +139,13 @@ def run_explain(
         raise UsageError(f"--image-size: no config.yaml found beside {checkpoint} to read it from; give --image-size")
     listed = collect_images([images] if isinstance(images, (str, Path)) else images)
     model = load_finetuned(checkpoint)
+    target = resolve_target_class(checkpoint, target_class, int(model.head.out_features))
     rng = np.random.default_rng(seed)
     results: list[MarkerSensitivity] = []
     for start in range(0, len(listed), batch_size):
         batch = load_images([path for _, path in listed[start : start + batch_size]], image_size)
         marked, masks = add_markers(batch, rng)
-        results.append(measure_marker_sensitivity(model, batch, marked, masks, target_layer, method))
+        results.append(measure_marker_sensitivity(model, batch, marked, masks, target_layer, method, target))
     result = MarkerSensitivity.concatenate(results)
     names = [name for name, _ in listed]
     out.mkdir(parents=True, exist_ok=True)
@@ -135,5 +154,8 @@ def run_explain(
         save_overlay_grid(result.rows(rows), names[rows], out / f"overlays-{page:03d}.png")
     result.per_image(names).to_csv(out / "per_image.csv", index=False)
     summary = {**result.summary(), "checkpoint": str(checkpoint.resolve()), "image_size": image_size, "seed": seed}
+    if target is not None:
+        summary["target_class"] = target
     (out / "marker_sensitivity.json").write_text(json.dumps(summary, indent=2))
+    track_explain(out, summary, checkpoint)
     return summary

@@ -71,8 +71,15 @@ def preprocess_spec(predictor: Predictor) -> dict:
     """What any implementation must do to an image file to feed the graph (mirrors :func:`tus.data.cache.decode_resized`
     and :func:`tus.data.transforms.eval_transform`)."""
     size = predictor.image_size
-    return {
+    spec_input = predictor.input or {}
+    before = []
+    if spec_input.get("dicom_frames") not in (None, "middle"):
+        before.append(f"a multi-frame DICOM: take frame(s) {spec_input['dicom_frames']} (data.dicom_frames; training's choice)")
+    if spec_input.get("crop"):
+        before.append("cut the image into its ultrasound views as 'crop' says (tus data crop's recipe the training set was made with); each view is one input")
+    spec = {
         "steps": [
+            *before,
             "decode the file; apply its EXIF orientation",
             "convert to one grey channel: 8-bit RGB by ITU-R 601 luma (L = R*299/1000 + G*587/1000 + B*114/1000, as PIL's convert('L')); 16-bit or float images rescaled linearly from their own min..max to 0..255",
             f"resize to {size} x {size} (aspect ratio not kept): area averaging when shrinking (OpenCV INTER_AREA; for an integer factor f, "
@@ -93,6 +100,9 @@ def preprocess_spec(predictor: Predictor) -> dict:
             "rule": f"predict {predictor.label_names[-1]} when its probability >= threshold" if predictor.num_classes == 2 else "argmax",
         },
     }
+    if spec_input.get("crop"):
+        spec["crop"] = spec_input["crop"]
+    return spec
 
 
 def write_graph(graph: nn.Module, fmt: str, path: Path, in_chans: int, size: int) -> None:

@@ -38,14 +38,17 @@ from tus.callbacks.gradcam import GradCAMPlusPlusLogger
 from tus.callbacks.loss_recorder import PerSampleLossRecorder
 from tus.callbacks.progress import stage_progress
 from tus.config import ConfigError, to_dict, write_text_atomic
+from tus.data.crop import read_crop_recipe
 from tus.data.datamodules import LabeledDataModule
 from tus.data.folds import FoldError, assign_folds, assign_folds_for_seed, fold_table, folds_from_table, read_fold_table
 from tus.data.images import content_hash
-from tus.data.manifest import load_manifest
+from tus.data.manifest import LABEL_NAMES_ATTR, load_manifest
 from tus.data.seeding import derive_seed
+from tus.data.synthetic import check_generator_exclusion, read_synthetic, source_for_run
+from tus.eval.cv_metrics import is_multiclass, multiclass_metrics, probability_columns
 from tus.eval.cv_summary import FAILED_FILE, collapse_reason, collect_runs, write_summary
 from tus.figures.runs import write_cv_figures
-from tus.methods.classifier import METRIC_NAMES, FineTuneModule, save_finetuned
+from tus.methods.classifier import LABEL_NAMES, METRIC_NAMES, FineTuneModule, save_finetuned
 from tus.models.backbones import CheckpointError, architecture, is_vit_export, read_tus_encoder_meta
 from tus.models.configs import BackboneConfig
 from tus.run_config import LoggingConfig
@@ -158,6 +161,7 @@ def run_cv(
         check_output_root(config.output_root)  # before the data are read
     frame, folds = _manifest_and_folds(config)
     check_encoders(config, frame, folds)  # before any run dir or training: every fold's encoder fits its test fold
+    check_synthetic(config, frame, folds)  # and every fold's synthetic images come from a generator that never saw it
     with open_run(config, output_root=config.output_root, name=config.name, resume=run_dir, allow_config_change=allow_config_change, create=create) as run_dir:
         write_or_check_folds(run_dir, frame, folds)
         jobs = cv_jobs(config)
@@ -225,6 +229,27 @@ def check_encoders(config: FineTuneCVConfig, frame: pd.DataFrame, folds: np.ndar
         check_encoder_exclusion(weights_for_run(config.model, fold, seed), frame, folds[seed] if isinstance(folds, dict) else folds, fold)
 
 
+def synthetic_source(config: FineTuneCVConfig, fold: int, seed: int) -> Path | None:
+    """The synthetic source of run (``fold``, ``seed``) (``data.synthetic.source`` with ``{fold}``/``{seed}``), or None."""
+    source = config.data.synthetic.source
+    return source_for_run(source, fold, seed) if source else None
+
+
+def check_synthetic(config: FineTuneCVConfig, frame: pd.DataFrame, folds: np.ndarray | dict[int, np.ndarray]) -> None:
+    """Before any run dir: every run's synthetic source is readable and its generator left out the run's test patients
+    (:func:`tus.data.synthetic.check_generator_exclusion`)."""
+    synthetic = config.data.synthetic
+    if not synthetic.source and (synthetic.only or synthetic.per_class is not None or synthetic.ratio is not None):
+        raise ConfigError("data.synthetic: per_class, ratio and only need data.synthetic.source (a tus sample or tus filter folder)")
+    if synthetic.source and config.refit:
+        raise ConfigError("refit=true with data.synthetic.source: the refit trains on every labelled image, and no per-fold generator left them all out; refit without synthetic images")
+    for fold, seed in cv_jobs(config):
+        source = synthetic_source(config, fold, seed)
+        if source is not None:
+            check_generator_exclusion(source, frame, folds[seed] if isinstance(folds, dict) else folds, fold, config.data.synthetic.allow_unexcluded)
+            read_synthetic(source)
+
+
 def cv_jobs(config: FineTuneCVConfig) -> list[tuple[int, int]]:
     """Every (fold, seed) run of a CV, in the order :func:`run_cv` trains them (a job array's
     task index is a position in this list)."""
@@ -237,8 +262,32 @@ def _manifest_and_folds(config: FineTuneCVConfig) -> tuple[pd.DataFrame, np.ndar
     if len(set(config.seeds)) != len(config.seeds):
         raise ConfigError(f"seeds: {config.seeds} repeats a seed (each fold x seed run must be distinct)")
     backbone_for_inputs(weights_for_run(config.model, 0, config.seeds[0]), config.data.image_size)  # a ViT's size mismatch, before any run dir
-    frame = load_manifest(config.data.manifest, require_labels=True, num_folds=config.data.num_folds, dicom_frames=config.data.dicom_frames)
+    frame = load_manifest(config.data.manifest, require_labels=True, num_folds=config.data.num_folds, dicom_frames=config.data.dicom_frames, label_names=config.data.label_names)
+    if config.data.label_names is None and frame.attrs.get(LABEL_NAMES_ATTR):
+        # Labels written as names: the classes found become the config's (recorded in config.yaml,
+        # so the run says which output index is which class; a resumed run infers the same).
+        config.data.label_names = list(frame.attrs[LABEL_NAMES_ATTR])
+    if is_multiclass(config.data.label_names):
+        check_multiclass_decision(config)
     return frame, cv_folds(config, frame)
+
+
+def check_multiclass_decision(config: FineTuneCVConfig) -> None:
+    """Threshold rules and calibration are fitted to a positive-class probability; with K > 2 classes the
+    prediction is the most probable class, so asking for either is refused (before any training)."""
+    from tus.eval.thresholds import parse_threshold_rule
+
+    rule = parse_threshold_rule(config.threshold)
+    if rule.needs_data or rule.value != 0.5 or config.calibration != "none":
+        raise ConfigError(
+            f"threshold={config.threshold}, calibration={config.calibration}: thresholds and calibration are binary-only, but data.label_names has "
+            f"{len(config.data.label_names or [])} classes (the prediction is the most probable class); keep threshold=0.5 and calibration=none"
+        )
+
+
+def class_names(config: FineTuneCVConfig) -> list[str]:
+    """The classifier's classes, index = label: ``data.label_names``, else the binary task's."""
+    return list(config.data.label_names) if config.data.label_names else list(LABEL_NAMES)
 
 
 # A CV split over processes (a SLURM job array: one fold x seed per task or GPU):
@@ -251,6 +300,7 @@ def prepare_cv(config: FineTuneCVConfig) -> Path:
     trained by :func:`run_cv_task` (any process, any order) and summarised by :func:`join_cv`."""
     frame, folds = _manifest_and_folds(config)
     check_encoders(config, frame, folds)
+    check_synthetic(config, frame, folds)
     with open_run(config, output_root=config.output_root, name=config.name) as run_dir:
         write_or_check_folds(run_dir, frame, folds)
     return run_dir
@@ -268,6 +318,7 @@ def run_cv_task(config: FineTuneCVConfig, run_dir: str | Path, fold: int, seed: 
     if (fold, seed) not in cv_jobs(config):
         raise ConfigError(f"fold={fold},seed={seed}: not a run of this CV (folds 0..{config.data.num_folds - 1}, seeds {config.seeds})")
     frame, folds = _manifest_and_folds(config)
+    check_synthetic(config, frame, folds)
     write_or_check_folds(run_dir, frame, folds)
     target = run_dir / "runs" / f"fold{fold}-seed{seed}"
     if (target / "metrics.json").exists():
@@ -376,12 +427,18 @@ def run_single(
     """
     config = replace(config, model=weights_for_run(config.model, fold, seed))
     check_encoder_exclusion(config.model, frame, folds, fold)
+    source = synthetic_source(config, fold, seed)
+    synthetic = None
+    if source is not None:
+        check_generator_exclusion(source, frame, folds, fold, config.data.synthetic.allow_unexcluded)
+        synthetic = read_synthetic(source)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / FAILED_FILE).unlink(missing_ok=True)  # a retried run starts clean
     L.seed_everything(seed, workers=True)
     inner = config.selection == "inner_val"
-    datamodule = LabeledDataModule(config.data, frame, folds, fold, seed, inner_validation=inner)
-    module = FineTuneModule(backbone_for_inputs(config.model, config.data.image_size), config.optim)
+    datamodule = LabeledDataModule(config.data, frame, folds, fold, seed, inner_validation=inner, synthetic=synthetic)
+    names = class_names(config)
+    module = FineTuneModule(backbone_for_inputs(config.model, config.data.image_size), config.optim, num_classes=len(names))
     run_info = {"fold": fold, "seed": seed, "init": config.init_label or config.model.init}
     callbacks = [_EpochSeededStream(seed), *(callback_factory(config, run_info, run_dir) if callback_factory else [])]
     selector = None
@@ -412,11 +469,15 @@ def run_single(
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()
-    metrics = {name: float(results[f"test/{name}"]) for name in METRIC_NAMES}
+    metrics = {name: float(results[f"test/{name}"]) for name in METRIC_NAMES} if not is_multiclass(names) else {}
     if trainer.is_global_zero:
-        predictions = predict(module, datamodule.test_dataloader())
+        predictions = predict(module, datamodule.test_dataloader(), names)
         predictions.to_csv(run_dir / "predictions.csv", index=False)
-        save_finetuned(module, run_dir / "model", image_size=config.data.image_size)
+        if is_multiclass(names):
+            # Macro and per-class metrics from the written predictions (as a reader recomputes them).
+            metrics = multiclass_metrics(predictions["label"].to_numpy(), predictions[probability_columns(names)].to_numpy(), names)
+        write_training_manifest(datamodule, run_dir)
+        save_finetuned(module, run_dir / "model", image_size=config.data.image_size, label_names=names, input_spec=input_spec(config.data))
         _drop_training_state(run_dir)
         collapsed = collapse_reason(predictions, run_dir / "metrics.csv", config.selection_metric if inner else None)
         record = {
@@ -429,8 +490,25 @@ def run_single(
             "collapsed": collapsed is not None,
             "collapse_reason": collapsed,
         }
+        if source is not None:
+            train_frame = datamodule.train_frame
+            assert train_frame is not None
+            record.update(synthetic_source=str(source), synthetic_images=int(train_frame["synthetic"].sum()), real_training_images=int((~train_frame["synthetic"].astype(bool)).sum()))
         write_text_atomic(run_dir / "metrics.json", json.dumps(record, indent=2))
     return metrics
+
+
+TRAINING_MANIFEST = "train_manifest.csv"
+
+
+def write_training_manifest(datamodule: LabeledDataModule, run_dir: Path) -> None:
+    """``train_manifest.csv``: every image the run trained on (``synthetic`` marks generated ones; their
+    ``sample_id`` starts with ``synthetic:``). Written only when the run used synthetic images."""
+    frame = datamodule.train_frame
+    if frame is None or "synthetic" not in frame.columns:
+        return
+    columns = ["sample_id", "path", "patient_id", "label", "synthetic"]
+    write_text_atomic(run_dir / TRAINING_MANIFEST, frame.assign(path=frame["abs_path"], synthetic=frame["synthetic"].astype(bool))[columns].to_csv(index=False))
 
 
 def _cv_logging(config: FineTuneCVConfig) -> LoggingConfig:
@@ -456,12 +534,15 @@ def run_refit(config: FineTuneCVConfig, frame: pd.DataFrame, seed: int, run_dir:
     CV's. No per-sample losses or Grad-CAM are recorded (they are for held-out folds). Needs ``selection: last``:
     with inner validation each fold chose its own epoch, so there is no one epoch count to repeat.
     """
+    if config.data.synthetic.source:
+        raise ConfigError("refit=true with data.synthetic.source: the refit trains on every labelled image, and no per-fold generator left them all out; refit without synthetic images")
     if config.selection != "last":
         raise ConfigError("refit=true needs selection=last: with inner_val each fold chose its own epoch, so there is no one recipe to refit with")
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(seed, workers=True)
     datamodule = LabeledDataModule(config.data, frame, None, None, seed)
-    module = FineTuneModule(config.model, config.optim)
+    names = class_names(config)
+    module = FineTuneModule(config.model, config.optim, num_classes=len(names))
     logging = LoggingConfig(**{**to_dict(config.logging), "group": config.logging.group or config.name, "job_type": "refit"})
     loggers = build_loggers(run_dir, logging, name=f"{config.name}-refit-seed{seed}", config={**to_dict(config), "seed": seed, "refit": True}, tags=["refit", f"seed{seed}"])
     trainer = build_trainer(replace(config.trainer, limit_val_batches=0), run_dir, loggers=loggers, callbacks=[_EpochSeededStream(seed)])
@@ -480,12 +561,19 @@ def run_refit(config: FineTuneCVConfig, frame: pd.DataFrame, seed: int, run_dir:
         "init": config.init_label or config.model.init,
     }
     if trainer.is_global_zero:
-        folder = save_finetuned(module, run_dir / "model", image_size=config.data.image_size)
+        folder = save_finetuned(module, run_dir / "model", image_size=config.data.image_size, label_names=names, input_spec=input_spec(config.data))
         exported = json.loads((folder / "config.json").read_text())
         write_text_atomic(folder / "config.json", json.dumps({**exported, "refit": record}, indent=2))  # marked in the model itself
         _drop_training_state(run_dir)
         write_text_atomic(run_dir / "refit.json", json.dumps(record, indent=2))
     return record
+
+
+def input_spec(data) -> dict:
+    """How an image file became a training image before resizing (``config.json``'s ``input``, which
+    ``tus predict`` follows): the frame of a multi-frame DICOM, and the crop recipe when the manifest is a
+    ``tus data crop`` dataset (its ``crop.json``)."""
+    return {"dicom_frames": str(data.dicom_frames), "crop": read_crop_recipe(data.manifest)}
 
 
 def _drop_training_state(run_dir: Path) -> None:
@@ -495,14 +583,21 @@ def _drop_training_state(run_dir: Path) -> None:
 
 
 @torch.no_grad()
-def predict(module: FineTuneModule, loader) -> pd.DataFrame:
-    """Per-image positive-class probabilities and predictions on ``loader``."""
+def predict(module: FineTuneModule, loader, label_names: list[str] | None = None) -> pd.DataFrame:
+    """Per-image predictions on ``loader``: binary, the positive-class ``probability`` and the
+    ``prediction`` at 0.5; K > 2 classes (``label_names``), the most probable class as
+    ``prediction`` and one ``prob_<class name>`` column per class."""
     module.eval()
     rows = []
+    multiclass = is_multiclass(label_names)
     for batch in loader:
-        probability = module(batch["image"].to(module.device)).float().softmax(1)[:, 1].cpu()
-        for sample_id, label, p in zip(batch["sample_id"], batch["label"].tolist(), probability.tolist()):
-            rows.append({"sample_id": sample_id, "label": label, "probability": p, "prediction": int(p >= 0.5)})
+        probabilities = module(batch["image"].to(module.device)).float().softmax(1).cpu()
+        for sample_id, label, p in zip(batch["sample_id"], batch["label"].tolist(), probabilities.tolist()):
+            if multiclass:
+                assert label_names is not None
+                rows.append({"sample_id": sample_id, "label": label, "prediction": int(np.argmax(p)), **dict(zip(probability_columns(label_names), p))})
+            else:
+                rows.append({"sample_id": sample_id, "label": label, "probability": p[1], "prediction": int(p[1] >= 0.5)})
     return pd.DataFrame(rows)
 
 

@@ -16,7 +16,7 @@ import yaml
 
 import tus
 from tus.data.images import content_hash
-from tus.methods.classifier import METRIC_NAMES
+from tus.eval.cv_metrics import metric_names
 
 INTENDED_USE = (
     "Research use: classifying single B-mode ultrasound images as the training labels define the classes, on images "
@@ -143,7 +143,10 @@ def render_model_card(card: dict) -> str:
     ]
     if card["initialisation"].get("pretraining"):
         lines.append(f"- pretraining: {card['initialisation']['pretraining']}")
-    lines += ["", "## Decision", "", f"- threshold {decision['threshold']:.4g} on the probability of `{model['label_names'][-1]}` (rule: {decision['rule']})"]
+    if len(model["label_names"]) > 2:
+        lines += ["", "## Decision", "", f"- the most probable of the {len(model['label_names'])} classes (argmax; thresholds are binary-only)"]
+    else:
+        lines += ["", "## Decision", "", f"- threshold {decision['threshold']:.4g} on the probability of `{model['label_names'][-1]}` (rule: {decision['rule']})"]
     lines.append(f"- calibration: {decision['calibration']} (temperature {', '.join(f'{t:.3g}' for t in decision['temperature'])})")
     lines += ["", "## Training data", ""]
     if data:
@@ -162,12 +165,12 @@ def render_model_card(card: dict) -> str:
             "",
             "| metric | mean | std | 95% CI (patients) |",
             "|---|---|---|---|",
-            *[_metric_row(name, evaluation["metrics"].get(name), evaluation["ci"].get(name)) for name in METRIC_NAMES],
+            *[_metric_row(name, evaluation["metrics"].get(name), evaluation["ci"].get(name)) for name in metric_names(model["label_names"])],
         ]
         if evaluation.get("at_threshold"):
             at = evaluation["at_threshold"]
             lines += ["", f"At each fold model's chosen threshold ({at['rule']}):", "", "| metric | mean | std | 95% CI (patients) |", "|---|---|---|---|"]
-            lines += [_metric_row(name, at["metrics"].get(name), at["ci"].get(name)) for name in METRIC_NAMES]
+            lines += [_metric_row(name, at["metrics"].get(name), at["ci"].get(name)) for name in metric_names(model["label_names"])]
     else:
         lines.append("No CV summary found.")
     lines += ["", "## Intended use", "", card["intended_use"], "", "## Known limits", "", *[f"- {limit}" for limit in card["known_limits"]], ""]

@@ -36,8 +36,21 @@ from tqdm.auto import tqdm
 
 import tus
 from tus.config import write_text_atomic
-from tus.data.cache import decode_resized
-from tus.data.images import DataError, ImageReadError, OutputExistsError, UsageError, list_images
+from tus.data.cache import decode_resized, resize_square
+from tus.data.images import (
+    DICOM_SUFFIXES,
+    FRAME_MARK,
+    IMAGE_SUFFIXES,
+    DataError,
+    ImageReadError,
+    OutputExistsError,
+    UsageError,
+    dicom_frame_count,
+    is_dicom,
+    list_images,
+    read_dicom_header,
+    read_grayscale,
+)
 from tus.data.manifest import load_manifest
 from tus.data.transforms import eval_transform
 from tus.eval.cv_summary import CI_ALPHA, CI_BOOTSTRAPS, DECISION_FILE, bootstrap_cis
@@ -71,6 +84,9 @@ class Predictor:
     threshold: float = DEFAULT_THRESHOLD
     decision: dict = field(default_factory=dict)
     cv_dir: Path | None = None
+    # How an image file became a training image before resizing: the DICOM frame choice and the
+    # crop recipe of a ``tus data crop`` training set (config.json's ``input``; see save_finetuned).
+    input: dict = field(default_factory=dict)
 
     @property
     def kind(self) -> str:
@@ -139,7 +155,7 @@ def load_predictor(model: str | Path, *, seed: int | None = None, refit: bool = 
         cv_dir = cv_dir_of(model if model.is_dir() else model.parent)
     members = [load_member(folder) for folder in folders]
     first = members[0].config
-    keys = ("image_size", "in_chans", "normalization", "num_classes")
+    keys = ("image_size", "in_chans", "normalization", "num_classes", "input")
     for member in members[1:]:
         differing = [k for k in keys if member.config.get(k) != first.get(k)]
         if differing:
@@ -157,6 +173,7 @@ def load_predictor(model: str | Path, *, seed: int | None = None, refit: bool = 
         threshold=float(decision.get("threshold", DEFAULT_THRESHOLD)),
         decision=decision,
         cv_dir=cv_dir,
+        input=first.get("input") or {},
     )
 
 
@@ -188,17 +205,26 @@ def _ensemble_decision(cv_dir: Path, seed: int | None, refit: bool) -> dict:
 # --- images -------------------------------------------------------------------------------------
 
 
-def read_inputs(images: str | Path) -> pd.DataFrame:
-    """``sample_id``, ``path``, ``abs_path`` (+ ``patient_id``, ``label`` when known) of a folder or manifest."""
+def read_inputs(images: str | Path, dicom_frames: str = "middle", label_names: list[str] | None = None) -> pd.DataFrame:
+    """``sample_id``, ``path``, ``abs_path`` (+ ``patient_id``, ``label`` when known) of a folder or manifest.
+
+    A multi-frame DICOM gives the frame(s) ``dicom_frames`` chooses (the model's own choice at training),
+    each ``<file>#frame<k>``, in a folder as in a manifest. ``label_names``: a K > 2-class model's classes;
+    a manifest's labels are then these names or indices."""
     images = Path(images)
     if images.is_dir():
-        paths = list_images(images)
+        paths = list_images(images, dicom=True)
         if not paths:
-            raise DataError(f"--images {images}: no images in this folder (looked for .png, .jpg, .jpeg, .bmp, .tif, .tiff)")
-        return pd.DataFrame({"sample_id": [p.name for p in paths], "path": [str(p) for p in paths], "abs_path": [str(p.resolve()) for p in paths]})
+            raise DataError(f"--images {images}: no images in this folder (looked for {', '.join(IMAGE_SUFFIXES + DICOM_SUFFIXES)})")
+        rows = []
+        for path in paths:
+            for frame in dicom_frames_of(path, dicom_frames):
+                name = path.name if frame is None else f"{path.name}{FRAME_MARK}{frame}"
+                rows.append({"sample_id": name, "path": str(path.with_name(name)), "abs_path": str(path.resolve().with_name(name))})
+        return pd.DataFrame(rows)
     if not images.is_file():
         raise FileNotFoundError(f"--images {images}: no such folder or manifest")
-    frame = load_manifest(images, require_labels=False, require_patients=False, decode_images=False)
+    frame = load_manifest(images, require_labels=False, require_patients=False, decode_images=False, dicom_frames=dicom_frames, label_names=label_names)
     if frame.empty:
         raise DataError(f"--images {images}: the manifest lists no images")
     columns = ["sample_id", "path", "abs_path"] + [c for c in ("patient_id", "label") if c in frame.columns]
@@ -211,13 +237,46 @@ def read_inputs(images: str | Path) -> pd.DataFrame:
     return out
 
 
+def dicom_frames_of(path: Path, dicom_frames: str) -> list[int | None]:
+    """The frames of ``path`` to predict: [None] for a single image, the chosen frame(s) of a cine loop."""
+    if not is_dicom(path):
+        return [None]
+    try:
+        count = dicom_frame_count(read_dicom_header(path))
+    except ImageReadError as error:
+        raise ImageReadError(f"{path}: {error}") from error
+    if count == 1:
+        return [None]
+    if dicom_frames == "all":
+        return list(range(count))
+    chosen = 0 if dicom_frames == "first" else count // 2 if dicom_frames == "middle" else int(dicom_frames)
+    if chosen >= count:
+        raise ImageReadError(f"{path}: the model was trained on frame {chosen} of each cine loop (data.dicom_frames), but this DICOM has {count} frame(s)")
+    return [chosen]
+
+
+def crop_views(inputs: pd.DataFrame, recipe: dict) -> pd.DataFrame:
+    """One row per view of each image by the training set's crop recipe (:func:`tus.data.crop.view_boxes`):
+    ``sample_id`` ``<id>#view<k>`` as ``tus data crop`` names it, ``view_index`` and ``box`` (``x0,y0,x1,y1``)."""
+    from tus.data.crop import view_boxes
+
+    rows = []
+    for row in inputs.to_dict("records"):
+        image = read_grayscale(row["abs_path"])
+        for k, (x0, y0, x1, y1) in enumerate(view_boxes(image, row["abs_path"], recipe, row["path"])):
+            rows.append({**row, "sample_id": f"{row['sample_id']}#view{k}", "view_index": k, "box": f"{x0},{y0},{x1},{y1}"})
+    return pd.DataFrame(rows, columns=[*inputs.columns, "view_index", "box"])
+
+
 class _InputImages(Dataset):
     """Decoded, resized and normalised images; a file that cannot be read comes back as its error text,
-    so the error names the file in one line even from a DataLoader worker."""
+    so the error names the file in one line even from a DataLoader worker. ``boxes`` (``x0,y0,x1,y1``
+    per image, or None) crop each image before resizing, as ``tus data crop`` cut the training views."""
 
-    def __init__(self, paths: list[str], size: int, normalization: dict, channels: int):
+    def __init__(self, paths: list[str], size: int, normalization: dict, channels: int, boxes: list[str] | None = None):
         self.paths = paths
         self.size = size
+        self.boxes = boxes
         self.transform = eval_transform(normalization, channels)
 
     def __len__(self) -> int:
@@ -225,7 +284,11 @@ class _InputImages(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         try:
-            image = decode_resized(self.paths[index], self.size)
+            if self.boxes is None:
+                image = decode_resized(self.paths[index], self.size)
+            else:
+                x0, y0, x1, y1 = (int(v) for v in self.boxes[index].split(","))
+                image = resize_square(np.ascontiguousarray(read_grayscale(self.paths[index])[y0:y1, x0:x1]), self.size)
         except ImageReadError as error:
             return {"error": str(error), "index": index}
         return {"image": self.transform(image), "index": index}
@@ -239,9 +302,9 @@ def _collate(items: list[dict]) -> dict:
 
 
 @torch.inference_mode()
-def member_probabilities(predictor: Predictor, paths: list[str], *, batch_size: int = 64, workers: int = 0, progress: bool = True) -> np.ndarray:
+def member_probabilities(predictor: Predictor, paths: list[str], *, batch_size: int = 64, workers: int = 0, progress: bool = True, boxes: list[str] | None = None) -> np.ndarray:
     """(members, images, classes) class probabilities, each member's logits divided by its temperature."""
-    dataset = _InputImages(paths, predictor.image_size, predictor.normalization, predictor.in_chans)
+    dataset = _InputImages(paths, predictor.image_size, predictor.normalization, predictor.in_chans, boxes)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
     out = np.empty((len(predictor.members), len(paths), predictor.num_classes), dtype=np.float64)
     modules = [member.module.eval() for member in predictor.members]
@@ -271,12 +334,37 @@ def predict_frame(predictor: Predictor, inputs: pd.DataFrame, probabilities: np.
         predicted = mean.argmax(axis=1)
         spread_of = predicted
     spread = probabilities[:, np.arange(len(mean)), spread_of].std(axis=0) if len(probabilities) > 1 else np.full(len(mean), np.nan)
-    table = inputs[["sample_id", "path"] + [c for c in ("patient_id", "label") if c in inputs.columns]].reset_index(drop=True).copy()
+    table = inputs[["sample_id", "path"] + [c for c in ("view_index", "box", "patient_id", "label") if c in inputs.columns]].reset_index(drop=True).copy()
     for k, name in enumerate(predictor.label_names):
         table[f"prob_{name}"] = mean[:, k]
     table["prediction"] = [predictor.label_names[i] for i in predicted]
     table["spread"] = spread
     return table
+
+
+def multiclass_labelled_summary(predictor: Predictor, table: pd.DataFrame, n_boot: int = CI_BOOTSTRAPS) -> dict:
+    """A K > 2-class model's macro and per-class metrics (prediction = the most probable class) and their
+    patient-bootstrap CIs on labelled images."""
+    from tus.eval.cv_metrics import multiclass_metrics, probability_columns
+    from tus.eval.statistics import multiclass_bootstrap_cis
+
+    names = list(predictor.label_names)
+    probs = table[probability_columns(names)].to_numpy()
+    labels = table["label"].to_numpy().astype(int)
+    metrics = multiclass_metrics(labels, probs, names)
+    pooled = table[probability_columns(names)].assign(patient_id=table["patient_id"] if "patient_id" in table else table["sample_id"], label=labels, pred=probs.argmax(1))
+    cis = {
+        k: {"low": None if math.isnan(low) else low, "high": None if math.isnan(high) else high} for k, (low, high) in multiclass_bootstrap_cis(pooled, names, n_boot=n_boot, alpha=CI_ALPHA).items()
+    }
+    return {
+        "images": int(len(table)),
+        "patients": int(pooled["patient_id"].nunique()),
+        "label_names": names,
+        "class_rates": {name: float((labels == k).mean()) for k, name in enumerate(names)},
+        "metrics": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()},
+        "ci": cis,
+        "ci_note": f"{1 - CI_ALPHA:.0%} percentile bootstrap over patients ({n_boot} resamples)",
+    }
 
 
 def labelled_summary(predictor: Predictor, table: pd.DataFrame, n_boot: int = CI_BOOTSTRAPS) -> dict:
@@ -306,6 +394,8 @@ def _auroc(labels: np.ndarray, probs: np.ndarray) -> float:
 
 
 def render_labelled_summary(summary: dict, name: str) -> str:
+    if "label_names" in summary:
+        return render_multiclass_labelled_summary(summary, name)
     names = list(METRIC_NAMES)
     header = "| | " + " | ".join("AUROC" if n == "auroc" else n.capitalize() for n in names) + " |"
     value = "| " + name + " | " + " | ".join("n/a" if summary["metrics"].get(n) is None else f"{summary['metrics'][n] * 100:.1f}" for n in names) + " |"
@@ -324,6 +414,28 @@ def render_labelled_summary(summary: dict, name: str) -> str:
     )
 
 
+def render_multiclass_labelled_summary(summary: dict, name: str) -> str:
+    from tus.eval.cv_metrics import MULTICLASS_METRIC_NAMES, PER_CLASS_METRICS
+
+    def cell(key: str) -> str:
+        value = summary["metrics"].get(key)
+        ci = summary["ci"].get(key) or {}
+        if value is None:
+            return "n/a"
+        return f"{value * 100:.1f}" + (f" [{ci['low'] * 100:.1f}, {ci['high'] * 100:.1f}]" if ci.get("low") is not None else "")
+
+    names = list(MULTICLASS_METRIC_NAMES)
+    rows = [
+        "| | " + " | ".join(n.replace("_", " ").capitalize() if n in ("accuracy", "balanced_accuracy") else f"Macro {n if n != 'auroc' else 'AUROC'}" for n in names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
+    rows.append("| " + name + " | " + " | ".join(cell(n) for n in names) + " |")
+    for label in summary["label_names"]:
+        rows.append(f"| class {label} | " + " | ".join(cell(f"{n}_{label}") if n in PER_CLASS_METRICS else "" for n in names) + " |")
+    shares = ", ".join(f"{k} {v:.1%}" for k, v in summary["class_rates"].items())
+    return "\n".join([*rows, "", f"{summary['images']} images of {summary['patients']} patients ({shares}); prediction = the most probable class; [95% CI, patients]: {summary['ci_note']}.", ""])
+
+
 def run_predict(
     model: str | Path,
     images: str | Path,
@@ -334,8 +446,12 @@ def run_predict(
     batch_size: int = 64,
     workers: int = 0,
     progress: bool = True,
+    crop: str = "auto",
 ) -> dict:
     """Predict MODEL on ``images`` into the new file ``out`` (a CSV); returns what was written.
+
+    ``crop``: ``auto`` cuts each image into views by the recipe the model's training set was cropped with
+    (``tus data crop``; nothing when it was not), ``none`` takes the images as they are (already cropped).
 
     Everything is computed before anything is written, and each file is written atomically, so a bad
     model, an empty folder or an unreadable image leaves nothing behind.
@@ -345,13 +461,21 @@ def run_predict(
         raise OutputExistsError(f"--out {out}: exists; predictions go to a new file")
     if batch_size < 1 or workers < 0:
         raise UsageError(f"--batch-size must be >= 1 and --workers >= 0, got {batch_size} and {workers}")
+    if crop not in ("auto", "none"):
+        raise UsageError(f"--crop must be auto or none, got {crop!r}")
     predictor = load_predictor(model, seed=seed, refit=refit)
-    inputs = read_inputs(images)
-    probabilities = member_probabilities(predictor, inputs["abs_path"].tolist(), batch_size=batch_size, workers=workers, progress=progress)
+    inputs = read_inputs(images, str(predictor.input.get("dicom_frames", "middle")), predictor.label_names if predictor.num_classes > 2 else None)
+    recipe = predictor.input.get("crop") if crop == "auto" else None
+    if recipe:
+        inputs = crop_views(inputs, recipe)
+    boxes = inputs["box"].tolist() if recipe else None
+    probabilities = member_probabilities(predictor, inputs["abs_path"].tolist(), batch_size=batch_size, workers=workers, progress=progress, boxes=boxes)
     table = predict_frame(predictor, inputs, probabilities)
     summary = None
     if "label" in table.columns and predictor.num_classes == 2:
         summary = labelled_summary(predictor, table)
+    elif "label" in table.columns:
+        summary = multiclass_labelled_summary(predictor, table)
     result = {
         "model": str(Path(model)),
         "kind": predictor.kind,
@@ -359,6 +483,7 @@ def run_predict(
         "threshold": predictor.threshold,
         "decision": predictor.decision,
         "images": int(len(table)),
+        "cropped": bool(recipe),
         "out": str(out),
         "labelled": summary,
     }

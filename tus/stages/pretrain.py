@@ -8,6 +8,8 @@ One run directory per run::
     metrics.csv               losses, organ accuracy, learning rates, probe accuracies
     checkpoints/last.ckpt     resume point (model, optimiser, scheduler, step)
     wandb_id.txt, wandb/      the W&B run (offline unless WANDB_MODE says otherwise)
+    embeddings.csv            the held-out images' features (the UMAP by organ); downstream_embeddings.csv:
+                              the downstream manifest's (the UMAP by label), when monitor.downstream_manifest is set
     encoder/                  the encoder f (model.safetensors + config.json, which records the pool's
                               ``exclusion``), for ``--model.weights=<run>/encoder``
     summary.json              steps done, last losses, the probe history
@@ -19,6 +21,7 @@ from its last checkpoint with the same W&B run.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,11 +30,11 @@ import lightning as L
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch import nn
 
-from tus.callbacks.probes import DownstreamProbe, OrganProbe, write_heldout_embeddings
+from tus.callbacks.probes import DownstreamProbe, OrganProbe, write_downstream_embeddings, write_heldout_embeddings
 from tus.callbacks.reconstruction import ReconstructionGrid
 from tus.config import ConfigError, require_seeds, to_dict
 from tus.data.pools import PretrainDataConfig, PretrainDataModule, encoder_exclusion
-from tus.figures.runs import EMBEDDINGS_FILE, write_pretrain_figures
+from tus.figures.runs import DOWNSTREAM_EMBEDDINGS_FILE, EMBEDDINGS_FILE, write_pretrain_figures
 from tus.methods import method_options, resolved_method_block
 from tus.runs import LoggingConfig, TrainerConfig, build_loggers, build_trainer, check_output_root, finish_loggers, open_run, resume_checkpoint, write_json_atomic
 from tus.tracking import track_pretraining
@@ -134,7 +137,8 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path | None = None, *
         every = getattr(method, "reconstruction_every_n_steps", 0)
         if every > 0 and hasattr(module, "reconstruct"):
             callbacks.append(ReconstructionGrid(every, num_images=method.reconstruction_images))
-        loggers = build_loggers(run_dir, config.logging, name=config.name, config={**to_dict(config), "pool": report}, tags=["pretrain", method_cls.__name__])
+        logging = dataclasses.replace(config.logging, job_type=config.logging.job_type or "pretrain")  # job_type = the stage
+        loggers = build_loggers(run_dir, logging, name=config.name, config={**to_dict(config), "pool": report}, tags=["pretrain", method_cls.__name__])
         trainer = build_trainer(config.trainer, run_dir, loggers=loggers, callbacks=callbacks, checkpoint_every_n_steps=config.checkpoint_every_n_steps, resumes_mid_epoch=True)
         if config.sync_batchnorm and trainer.world_size > 1:
             module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
@@ -157,6 +161,8 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path | None = None, *
             write_json_atomic(run_dir / "summary.json", summary)
             if probe is not None:
                 write_heldout_embeddings(module, probe.heldout, datamodule.heldout, run_dir / EMBEDDINGS_FILE, config.monitor.batch_size)
+            if downstream is not None:  # the labelled images too: a UMAP by label
+                write_downstream_embeddings(module, downstream, run_dir / DOWNSTREAM_EMBEDDINGS_FILE, config.monitor.batch_size)
             write_pretrain_figures(run_dir)
-            track_pretraining(run_dir, config.logging, [Path(s.manifest) for s in config.data.sources if s.manifest], config.name, to_dict(config))
+            track_pretraining(run_dir, logging, [Path(s.manifest) for s in config.data.sources if s.manifest], config.name, to_dict(config))
     return run_dir

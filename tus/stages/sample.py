@@ -32,12 +32,15 @@ from tqdm import tqdm
 
 from tus.data.images import UsageError, write_grayscale
 from tus.data.manifest import load_manifest
+from tus.data.pools import encoder_exclusion
 from tus.data.seeding import derive_seed
+from tus.data.synthetic import GENERATOR_FILE
 from tus.methods.iddpm import DiffusionCheckpointError, UNetExport, latest_export, load_ema_from_checkpoint, load_unet_export, null_label
 from tus.models.export import CONFIG_FILE, read_export_config
-from tus.runs import RunLock, last_checkpoint
+from tus.runs import RunLock, last_checkpoint, write_json_atomic
 from tus.samplers import resolve_steps, sample_images
 from tus.samplers.base import to_uint8
+from tus.tracking import track_sample
 
 SETTINGS_FILE = "sampling.json"
 MANIFEST_FILE = "manifest.csv"
@@ -129,6 +132,24 @@ def class_labels(unet: UNet2DModel, label: int | None, labels_from: str | Path |
     return labels, {"labels_from": str(Path(labels_from).resolve()), "labels_sha256": digest, "guidance": guidance}
 
 
+def generator_record(source: Path) -> dict:
+    """What ``generator.json`` says of the model that drew a folder: its weights and the labelled
+    patients its training pool left out (the run's ``pool.json``; ``unknown`` when none is found
+    above the weights), which fine-tuning checks before adding the samples to a fold's training."""
+    source = Path(source).resolve()
+    for folder in [source, *source.parents][:4]:
+        pool = folder / "pool.json"
+        if pool.is_file():
+            report = json.loads(pool.read_text(encoding="utf-8"))
+            return {"generator": str(source), "run_dir": str(folder), "exclusion": encoder_exclusion(report.get("excluded_labeled"))}
+    return {"generator": str(source), "run_dir": None, "exclusion": {"mode": "unknown"}}
+
+
+def write_generator_record(out_dir: Path, source: Path) -> None:
+    """``out_dir/generator.json`` (:func:`generator_record`), written atomically, beside the samples."""
+    write_json_atomic(out_dir / GENERATOR_FILE, generator_record(source))
+
+
 def append_manifest_rows(manifest: Path, indices: Sequence[int], settings: dict, labels: Sequence[int] | None = None) -> None:
     """Rows for ``indices``; image i's label is ``labels[i % len(labels)]`` (conditional sampling)."""
     new_file = not manifest.is_file()
@@ -190,6 +211,7 @@ def generate(
     }
     out_dir = Path(out_dir)
     prepare_output(out_dir, settings)
+    write_generator_record(out_dir, source)
     # One writer per output folder: a second `tus sample --out` on it is refused (holder's pid).
     with RunLock(out_dir):
         manifest = out_dir / MANIFEST_FILE
@@ -216,4 +238,5 @@ def generate(
                     os.replace(partial, final)
                 append_manifest_rows(manifest, [i for i in indices if i not in listed], settings, labels)
                 bar.update(len(indices))
+        track_sample(out_dir, settings, source)
     return manifest

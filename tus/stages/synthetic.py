@@ -26,9 +26,11 @@ from tus.data.outputs import check_output_file, claim_output
 from tus.data.overlap import find_overlap, format_overlap, labeled_folds, overlap_report
 from tus.eval import filtering
 from tus.eval.features import EncoderExtractor, FeatureExtractor, InceptionExtractor, load_tus_encoder
-from tus.eval.filtering import FILTER_K, LINK_MODES, check_filter_arguments, filter_generated
+from tus.eval.filtering import FILTER_K, LINK_MODES, check_filter_arguments, filter_generated, generated_labels, real_labels
 from tus.eval.metrics import PRC_K, compute_metrics, format_metrics_table, image_paths, save_metrics
 from tus.runs import write_json_atomic
+from tus.stages.predict import Predictor, load_predictor, member_probabilities
+from tus.tracking import track_filter
 
 DEFAULT_ENCODER_IMAGE_SIZE = 224
 
@@ -75,9 +77,19 @@ def run_metrics(
     prc_k: int = PRC_K,
     seed: int = 0,
     progress: bool = False,
+    per_class: bool = False,
+    faithfulness_model: str | Path | None = None,
 ) -> dict:
     """FID, Inception Score and precision/recall of the images in ``generated`` against ``real`` (a manifest
     CSV or an image folder); the metrics dict, also written as JSON to the file ``out`` when given.
+
+    ``per_class``: also each class's metrics (``per_class`` in the dict): the class-y samples (labels from the
+    samples' ``manifest.csv``, as ``tus sample --label`` writes it) against the class-y real images (``real``
+    a labelled manifest).
+
+    ``faithfulness_model`` (a fine-tuned classifier: a fold model ``<cv>/runs/fold0-seed0`` or a CV run dir, an
+    ensemble of its folds): ``faithfulness`` in the dict, the share of samples it assigns to their conditioning
+    label (:func:`label_faithfulness`). Use a model whose training folds the generator's pool matches.
 
     ``cache_dir`` keeps features between calls (None: compute every feature); ``seed`` draws the real
     reference batches of precision/recall.
@@ -88,12 +100,45 @@ def run_metrics(
     if out is not None:
         check_output_file(Path(out), "--out")
     real_paths, generated_paths = image_paths(real), image_paths(generated)
+    labels = None
+    if per_class:  # both sets' labels, before any feature is computed
+        if not Path(generated).is_dir():
+            raise UsageError(f"--per-class: --generated {generated} must be a tus sample folder (its manifest.csv has the labels)")
+        labels = (real_labels(real), generated_labels(generated, generated_paths))
+    predictor = None
+    if faithfulness_model is not None:
+        if not Path(generated).is_dir():
+            raise UsageError(f"--faithfulness-model: --generated {generated} must be a tus sample folder (its manifest.csv has the labels)")
+        generated_labels(generated, generated_paths)
+        predictor = load_predictor(faithfulness_model)  # refused in one line before any feature
     # --out is checked writable and locked before any feature is computed.
     with claim_output(out, "--out", folder=False) if out is not None else contextlib.nullcontext():
-        return _score(real_paths, generated_paths, out, extractor, weights, image_size, cache_dir, batch_size, device, prc_k, seed, progress)
+        metrics = _score(real_paths, generated_paths, None, extractor, weights, image_size, cache_dir, batch_size, device, prc_k, seed, progress, labels)
+        if predictor is not None:
+            metrics["faithfulness"] = label_faithfulness(predictor, generated, batch_size=batch_size)
+        if out is not None:
+            save_metrics(metrics, out)
+        return metrics
 
 
-def _score(real_paths, generated_paths, out, extractor, weights, image_size, cache_dir, batch_size, device, prc_k, seed, progress) -> dict:
+def label_faithfulness(predictor: Predictor | str | Path, generated: str | Path, *, batch_size: int = 64) -> dict:
+    """How often a classifier trained on real images assigns each sample of the folder ``generated`` to the
+    label it was drawn for (its ``manifest.csv``): ``accuracy`` over all samples and per class
+    (``per_class``: {label: {num_images, accuracy}}). The classifier's argmax decides (for two classes the
+    0.5 threshold, not a tuned one), averaging a CV's fold models' probabilities."""
+    predictor = predictor if isinstance(predictor, Predictor) else load_predictor(predictor)
+    paths = image_paths(generated)
+    labels = generated_labels(generated, paths)
+    outside = sorted({int(y) for y in labels if not 0 <= y < predictor.num_classes})
+    if outside:
+        raise UsageError(f"{generated}: label(s) {outside} outside the classifier's {predictor.num_classes} classes ({predictor.source})")
+    probabilities = member_probabilities(predictor, [str(p) for p in paths], batch_size=batch_size, progress=False).mean(0)
+    correct = probabilities.argmax(1) == labels
+    per_class = {str(y): {"num_images": int((labels == y).sum()), "accuracy": float(correct[labels == y].mean())} for y in sorted(set(labels.tolist()))}
+    return {"model": str(predictor.source), "num_images": len(paths), "accuracy": float(correct.mean()), "per_class": per_class}
+
+
+def _score(real_paths, generated_paths, out, extractor, weights, image_size, cache_dir, batch_size, device, prc_k, seed, progress, labels=None) -> dict:
     metrics = compute_metrics(
         real_paths,
         generated_paths,
@@ -104,6 +149,8 @@ def _score(real_paths, generated_paths, out, extractor, weights, image_size, cac
         device=device,
         cache_dir=cache_dir,
         progress=progress,
+        real_labels=None if labels is None else labels[0],
+        generated_labels=None if labels is None else labels[1],
     )
     if out is not None:
         save_metrics(metrics, out)
@@ -111,8 +158,74 @@ def _score(real_paths, generated_paths, out, extractor, weights, image_size, cac
 
 
 def format_metrics_report(metrics: dict, out: str | Path | None = None) -> str:
-    """What ``tus metrics`` prints: the metrics table, then where it was written."""
-    return format_metrics_table(metrics) + (f"\nwrote {out}" if out is not None else "")
+    """What ``tus metrics`` prints: the metrics table (and label faithfulness), then where it was written."""
+    text = format_metrics_table(metrics)
+    if metrics.get("faithfulness"):
+        faith = metrics["faithfulness"]
+        classes = ", ".join(f"class {y}: {100 * c['accuracy']:.1f}% of {c['num_images']}" for y, c in faith["per_class"].items())
+        text += f"\nlabel faithfulness ({faith['model']}): {100 * faith['accuracy']:.1f}% of {faith['num_images']} samples classified as their label ({classes})"
+    return text + (f"\nwrote {out}" if out is not None else "")
+
+
+def run_guidance_sweep(
+    checkpoint: str | Path,
+    real: str | Path,
+    model: str | Path,
+    out: str | Path,
+    *,
+    guidances: Sequence[float] = (0.0, 1.0, 2.0, 4.0),
+    n: int = 500,
+    sampler: str = "respaced",
+    steps: int | None = 100,
+    seed: int = 0,
+    sample_batch_size: int = 16,
+    extractor: ExtractorSpec = "inception",
+    weights: str | Path | None = None,
+    image_size: int | None = None,
+    cache_dir: str | Path | None = None,
+    batch_size: int = 32,
+    device: str = "cpu",
+    progress: bool = False,
+) -> pd.DataFrame:
+    """The guidance trade-off of a class-conditional model: for each w, ``n`` samples drawn with the class mix of
+    ``real`` (``tus sample --labels-from real --guidance w`` into ``out/w<w>``), their FID and precision/recall
+    against ``real`` (overall and per class) and their label faithfulness under ``model``; writes
+    ``out/w<w>/metrics.json``, ``out/sweep.csv`` and the figure ``out/guidance_tradeoff.{png,pdf,csv}``.
+    Sample folders continue when run again (same settings); returns the sweep table."""
+    from tus.figures.guidance import tradeoff_data, tradeoff_figure
+    from tus.figures.style import save
+    from tus.stages.sample import generate
+
+    if not guidances or any(w < 0 for w in guidances):
+        raise UsageError(f"--guidance must list scales >= 0, got {list(guidances)}")
+    check_extraction_options(extractor, weights, image_size, batch_size)
+    real_labels(real)  # a labelled manifest, before anything is sampled
+    predictor = load_predictor(model)
+    out = Path(out)
+    rows = []
+    for w in guidances:
+        folder = out / f"w{w:g}"
+        generate(checkpoint, folder, n, sampler=sampler, steps=steps, seed=seed, batch_size=sample_batch_size, device=device, progress=progress, labels_from=real, guidance=float(w))
+        generated_paths = image_paths(folder)
+        labels = (real_labels(real), generated_labels(folder, generated_paths))
+        metrics = _score(image_paths(real), generated_paths, None, extractor, weights, image_size, cache_dir, batch_size, device, PRC_K, seed, progress, labels)
+        metrics["faithfulness"] = label_faithfulness(predictor, folder, batch_size=batch_size)
+        metrics["guidance"] = float(w)
+        save_metrics(metrics, folder / "metrics.json")
+        rows.append(
+            {
+                "guidance": float(w),
+                "fid": metrics["fid"],
+                "faithfulness": metrics["faithfulness"]["accuracy"],
+                "precision": metrics["precision_mean"],
+                "recall": metrics["recall_mean"],
+                "num_generated": metrics["num_generated"],
+            }
+        )
+    table = tradeoff_data(rows)
+    table.to_csv(out / "sweep.csv", index=False)
+    save(tradeoff_figure(table), out, "guidance_tradeoff")
+    return table
 
 
 def run_filter(
@@ -180,6 +293,7 @@ def _filter(real, generated, out: Path, k, organ, sweep, link, extractor, weight
         folds = labeled_folds(labeled_frame, num_folds, fold_seed)
         report["labeled_overlap"] = overlap_report(find_overlap(real_frame, labeled_frame, folds), folds, len(real_frame))
         write_json_atomic(result.out_dir / "labeled_overlap.json", report["labeled_overlap"])
+    track_filter(result.out_dir, report, Path(generated), Path(real))
     return report
 
 

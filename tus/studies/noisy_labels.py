@@ -27,6 +27,7 @@ import yaml
 
 from tus.config import save_config
 from tus.eval.noisy_labels import FlaggingRule, LossTableError, find_loss_tables, flag_samples, format_report, read_losses, write_report
+from tus.tracking import track_noisy_labels
 
 
 def training_manifest(run_dirs: list[str | Path]) -> Path:
@@ -81,6 +82,7 @@ def flag_labels(configs: dict, flagging_root: Path, flags_dir: Path, rule: Flagg
         write_report(losses, manifest, rule, partial, histogram_min_exceed)
         write_fold_safe_flags(losses, rule, seeds, per_seed.pop(), partial / FOLD_SAFE_FLAGS)
         partial.rename(flags_dir)
+        track_noisy_labels(flags_dir, Path(manifest), next(iter(configs.values())).logging)
     else:  # flags from before per-fold flags were written: add them from the same runs
         write_fold_safe_flags(losses, rule, seeds, per_seed.pop(), flags_dir / FOLD_SAFE_FLAGS)
     print(format_report(json.loads((flags_dir / "report.json").read_text())))
@@ -144,6 +146,9 @@ def fold_safe_manifest(manifest: pd.DataFrame, folds: np.ndarray, test_fold: int
     changed = table["sample_id"].astype(str).isin(flagged) & (table["fold"] != test_fold)
     if variant == "filtered":
         return table[~changed]
+    if changed.any() and int(table["label"].max()) > 1:
+        # The K-class relabelling needs class probabilities from models that never saw fold test_fold: not done.
+        raise ValueError("the fold-safe flipped variant is binary-only; with K > 2 classes use protocol: reference or the filtered variant")
     rows = table.copy()
     rows.loc[changed, "label"] = 1 - rows.loc[changed, "label"]
     return rows
@@ -175,7 +180,7 @@ def run_fold_safe_cv(config, manifest_path: str | Path, flags: pd.DataFrame, var
     from tus.eval.cv_summary import collect_runs, write_summary
     from tus.stages.finetune_cv import cv_folds, finetune_callbacks, run_single, write_or_check_folds
 
-    complete = load_manifest(manifest_path, require_labels=True, num_folds=config.data.num_folds, dicom_frames=config.data.dicom_frames)
+    complete = load_manifest(manifest_path, require_labels=True, num_folds=config.data.num_folds, dicom_frames=config.data.dicom_frames, label_names=config.data.label_names)
     folds = cv_folds(config, complete)
     cv_dir.mkdir(parents=True, exist_ok=True)
     write_or_check_folds(cv_dir, complete, folds)
@@ -190,7 +195,7 @@ def run_fold_safe_cv(config, manifest_path: str | Path, flags: pd.DataFrame, var
             run_dir = cv_dir / "runs" / f"fold{fold}-seed{seed}"
             if (run_dir / "metrics.json").exists():
                 continue
-            frame = load_manifest(path, require_labels=True)
+            frame = load_manifest(path, require_labels=True, dicom_frames=config.data.dicom_frames)
             run_single(config, frame, frame["fold"].astype(int).to_numpy(), fold, seed, run_dir, finetune_callbacks)
     write_summary(cv_dir, collect_runs(cv_dir), complete, config)
     return cv_dir

@@ -58,6 +58,7 @@ from tus.studies.markers import evaluate_markers
 from tus.studies.noisy_labels import FLAGGING_DIR, FLAGS_DIR, flag_labels, read_fold_safe_flags, run_fold_safe_cv
 from tus.studies.schema import PRETRAIN_ROOT, StageOverrides, Study, StudyError, substitute
 from tus.studies.schema import STAGES as STAGES
+from tus.studies.synthetic import ensure_synthetic, synthetic_template
 from tus.studies.tables import write_table
 from tus.tracking import track_study
 
@@ -178,7 +179,7 @@ def write_fold_tables(run: PretrainRun) -> None:
     if table.is_file():
         return
     finetune, seed = run.fold_table
-    frame = load_manifest(finetune.data.manifest, require_labels=True, num_folds=finetune.data.num_folds)
+    frame = load_manifest(finetune.data.manifest, require_labels=True, num_folds=finetune.data.num_folds, dicom_frames=finetune.data.dicom_frames, label_names=finetune.data.label_names)
     folds = cv_folds(finetune, frame)
     rows = fold_table(frame, folds[seed] if isinstance(folds, dict) else folds).assign(path=frame["abs_path"].to_numpy())
     table.parent.mkdir(parents=True, exist_ok=True)
@@ -268,6 +269,10 @@ def plan_study(
         data = dataclasses.replace(data, folds_from=str(shared_fold_table(study_dir, complete, finetune_config)))
         if arm.labels != "complete" and arm.label_protocol == "reference":
             data = dataclasses.replace(data, manifest=str(study_dir / FLAGS_DIR / f"manifest_{arm.labels}.csv"))
+        if arm.synthetic != "none":
+            # Each fold trains on the samples of its own generator (tus.studies.synthetic), which never saw its test patients.
+            source = synthetic_template(study_dir, data.folds_per_seed)
+            data = dataclasses.replace(data, synthetic=dataclasses.replace(data.synthetic, source=source, only=arm.synthetic == "only"))
         finetune_config = dataclasses.replace(
             finetune_config,
             name=f"{study_dir.name}-{name}",
@@ -312,6 +317,24 @@ def plan_flagging(study: Study, out: str | Path, *, variables: Mapping[str, str]
     return configs
 
 
+def config_arm(study: Study, plan: ArmPlan):
+    """The study file's arm of a plan."""
+    return study.config.arms[plan.name]
+
+
+def synthetic_overrides(study: Study, variables: Mapping[str, str] | None, shrink: bool, extra: StageOverrides | None) -> list[str]:
+    """Overrides of the per-fold generators' diffusion config after the ``synthetic:`` block's: the study's
+    shrink (with ``--shrink``) and the command line's, variables substituted."""
+    variables = dict(os.environ) if variables is None else variables
+    missing: set[str] = set()
+    assert study.config.synthetic is not None
+    overrides = [*study.config.synthetic.diffusion, *(study.config.shrink.diffusion if shrink else []), *(extra.diffusion if extra else [])]
+    resolved = [substitute(o, variables, missing) for o in overrides]
+    if missing:
+        raise StudyError(f"{study.path}: synthetic.diffusion: variable(s) not set: {', '.join(sorted(missing))}")
+    return resolved
+
+
 def study_defaults(config) -> list[str]:
     """Fine-tuning overrides a study puts before its own: the folds are re-drawn per seed
     (``folds_per_seed``, the reference code's protocol and what the corrected resampled t-test
@@ -340,7 +363,7 @@ def write_shared_fold_table(config: FineTuneCVConfig, manifest: str, study: Stud
     from tus.stages.finetune_cv import cv_folds
 
     path = Path(config.data.folds_from)
-    frame = load_manifest(manifest, require_labels=True, num_folds=config.data.num_folds, dicom_frames=config.data.dicom_frames)
+    frame = load_manifest(manifest, require_labels=True, num_folds=config.data.num_folds, dicom_frames=config.data.dicom_frames, label_names=config.data.label_names)
     folds = cv_folds(dataclasses.replace(config, data=dataclasses.replace(config.data, folds_from=None)), frame)
     table = pd.concat([fold_table(frame, f).assign(seed=seed) for seed, f in folds.items()]) if isinstance(folds, dict) else fold_table(frame, folds)
     text = table.to_csv(index=False)
@@ -384,6 +407,14 @@ def run_study(
     if stage not in STAGES:
         raise StudyError(f"stage must be one of {STAGES}, got {stage!r}")
     plans = plan_study(study, out, arms=arms, variables=variables, shrink=shrink, extra=extra)
+    synthetic_arms = [plan for plan in plans if config_arm(study, plan).synthetic != "none"]
+    block = None
+    if synthetic_arms:  # the synthetic: block with its overrides, checked before anything runs
+        assert study.config.synthetic is not None
+        try:
+            block = study.config.synthetic.with_overrides([*(study.config.shrink.synthetic if shrink else []), *(extra.synthetic if extra else [])])
+        except ConfigError as error:
+            raise StudyError(f"{study.path}: {error}") from error
     # Under DDP every rank runs this function (Lightning relaunches the command for ranks > 0;
     # torchrun and srun start every rank). All pretraining comes first, so once the
     # multi-device stages are over, ranks > 0 have nothing left to wait for.
@@ -414,6 +445,9 @@ def run_study(
         block = study.config.noisy_labels
         rule = FlaggingRule(block.threshold, block.min_exceed, block.min_fraction, block.counting)
         flags_dir = flag_labels(flagging, study_dir / FLAGGING_DIR, study_dir / FLAGS_DIR, rule, block.histogram_min_exceed)
+    if synthetic_arms and rank_zero:
+        assert block is not None
+        ensure_synthetic(study, block, synthetic_arms[0].finetune, study_dir, synthetic_overrides(study, variables, shrink, extra))
     for plan in plans:
         if not _takes_part(plan.finetune.trainer):
             continue
@@ -446,7 +480,7 @@ def warn_pool_overlap(plans: list[ArmPlan]) -> None:
             continue
         key = pretrain_key(plan.pretrain)
         if key not in checked:
-            labeled = load_manifest(plan.complete_manifest or plan.finetune.data.manifest, require_labels=False, decode_images=False)
+            labeled = load_manifest(plan.complete_manifest or plan.finetune.data.manifest, require_labels=False, decode_images=False, dicom_frames=plan.finetune.data.dicom_frames)
             shared = set()
             for index, source in enumerate(plan.pretrain.data.sources):
                 pool = _source_frame(source)

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import yaml
 
-from tus.config import ConfigError, build_config, from_dict, load_yaml, resolve_config_path
+from tus.config import ConfigError, build_config, from_dict, load_yaml, resolve_config_path, to_dict
 from tus.data.configs import MarkerConfig
 
 PRETRAIN_ROOT = "_pretrain"
@@ -53,6 +53,10 @@ class StudyError(ValueError):
 class StageOverrides:
     pretrain: list[str] = field(default_factory=list)
     finetune: list[str] = field(default_factory=list)
+    # The per-fold generators of a study's ``synthetic:`` block: their diffusion config, and the
+    # block's own keys (``per_class=8``, ``filter_k=2``).
+    diffusion: list[str] = field(default_factory=list)
+    synthetic: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -79,6 +83,9 @@ class ArmConfig:
     label_protocol: Literal["reference", "fold_safe"] = "reference"
     # The study's ``exclude_labeled`` for this arm's pretraining pool (None: the study's).
     exclude_labeled: Literal["per_fold", "all", "none"] | None = None
+    # With the study's ``synthetic:`` block: train on the real training folds only (none), on them
+    # plus the fold's generated images (added), or on the generated images alone (only).
+    synthetic: Literal["none", "added", "only"] = "none"
 
 
 # How a pretraining pool is kept apart from the images an arm is tested on (StudyConfig.exclude_labeled).
@@ -100,6 +107,47 @@ class NoisyLabelsStudy:
     min_fraction: float = 1.0
     counting: Literal["per_epoch", "per_draw"] = "per_epoch"
     histogram_min_exceed: list[int] = field(default_factory=lambda: [1, 3, 5])
+
+
+@dataclass
+class SyntheticStudy:
+    """A study's ``synthetic:`` block: fold-safe generated images for arms with ``synthetic: added|only``.
+
+    For every test fold (and seed, when folds are drawn per seed) the runner trains one
+    class-conditional diffusion model (``diffusion_config`` + ``diffusion`` overrides) on that fold's
+    training patients only (``data.exclude_labeled=test_folds``), draws ``per_class`` images of
+    each class (``sampler``, ``steps``, ``guidance``), keeps those inside their class's manifold
+    of the fold's real training images (``tus filter --per-class`` with ``filter_k``; null: keep
+    all) and gives them to fold k's training (``data.synthetic.source``). Cost: one diffusion
+    training per fold (x seed) on top of the CVs.
+    """
+
+    diffusion_config: str = "../diffusion/paper.yaml"
+    diffusion: list[str] = field(default_factory=list)
+    per_class: int = 1000
+    sampler: str = "respaced"
+    steps: int | None = 250
+    guidance: float = 1.0
+    batch_size: int = 64
+    filter_k: int | None = 20
+    extractor: str = "inception"
+    device: str = "auto"
+
+    def with_overrides(self, overrides: list[str]) -> SyntheticStudy:
+        """This block with ``key=value`` overrides (values parsed as YAML), e.g. a shrink's ``per_class=8``."""
+        values = to_dict(self)
+        for override in overrides:
+            key, _, value = override.partition("=")
+            if key.strip() not in values:
+                raise ConfigError(f"synthetic: no key {key.strip()!r} (override {override!r}); keys: {', '.join(values)}")
+            values[key.strip()] = yaml.safe_load(value)
+        return build_config(SyntheticStudy, values, key_prefix="synthetic.")
+
+    def __post_init__(self) -> None:
+        if self.per_class < 1:
+            raise ConfigError(f"synthetic.per_class must be >= 1, got {self.per_class}")
+        if self.filter_k is not None and self.filter_k < 1:
+            raise ConfigError(f"synthetic.filter_k must be >= 1 or null, got {self.filter_k}")
 
 
 @dataclass
@@ -148,6 +196,7 @@ class StudyConfig:
     pretrain: list[str] = field(default_factory=list)
     marker_eval: MarkerEvalConfig | None = None
     noisy_labels: NoisyLabelsStudy | None = None
+    synthetic: SyntheticStudy | None = None
     table: TableConfig = field(default_factory=TableConfig)
     shrink: StageOverrides = field(default_factory=StageOverrides)
     # What an arm's pretraining pool leaves out of the labelled set it fine-tunes on (the labelled
@@ -179,6 +228,10 @@ class StudyConfig:
                 )
             if arm.labels != "complete" and self.noisy_labels is None:
                 raise ConfigError(f"{where}.labels: '{arm.labels}' needs the study's noisy_labels: block (which flags the samples)")
+            if arm.synthetic != "none" and self.synthetic is None:
+                raise ConfigError(f"{where}.synthetic: '{arm.synthetic}' needs the study's synthetic: block (which trains the per-fold generators)")
+            if arm.synthetic != "none" and any(o.split("=", 1)[0].strip() in ("data.synthetic.source", "data.synthetic.only") for o in arm.finetune):
+                raise ConfigError(f"{where}.finetune: data.synthetic.source/only are set by the runner for synthetic arms (per_class or ratio may be given)")
             if arm.label_protocol == "fold_safe" and arm.labels == "complete":
                 raise ConfigError(f"{where}.label_protocol: fold_safe applies to labels: filtered or flipped")
             if arm.pretrain is not None:
