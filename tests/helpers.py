@@ -1,4 +1,4 @@
-"""Builders of tiny on-disk datasets for tests."""
+"""Builders of tiny on-disk datasets for tests, and the overrides of a tiny CV on them."""
 
 from __future__ import annotations
 
@@ -26,3 +26,25 @@ def make_labeled_dataset(root: Path, *, patients: int = 12, per_patient: int = 2
     manifest = root / "manifest.csv"
     pd.DataFrame(rows).to_csv(manifest, index=False)
     return manifest
+
+
+def tiny_cv_overrides(manifest: Path, out: Path, *, epochs: int, more: tuple[str, ...] = ()) -> list[str]:
+    """``tus finetune-cv`` arguments: the CPU recipe on ``manifest`` at 32 px, one seed, into ``out``."""
+    return [
+        "--config",
+        "finetune/cpu",
+        f"--data.manifest={manifest}",
+        f"--output_root={out}",
+        "--data.image_size=32",
+        "--data.batch_size=8",
+        "--data.num_workers=0",
+        "--data.cache_images=false",
+        f"--trainer.max_epochs={epochs}",
+        "--trainer.enable_progress_bar=false",
+        # Runs compared bit for bit may start together: a memory format measured by each under
+        # the other's load could differ, and the formats' results differ in the last bits.
+        "--trainer.channels_last=false",
+        "--seeds=[0]",
+        "--logging.wandb=false",
+        *more,
+    ]

@@ -278,3 +278,18 @@ def test_report_redraws_a_studys_forest_plots_against_the_recorded_baseline(tmp_
     (written,) = report([tmp_path]).values()
     assert {p.name: p.read_bytes() for p in written} == before  # the baseline came from the sidecar, not the first row
     assert pd.read_csv(tmp_path / "figures" / "forest_auroc.csv").set_index("arm")["baseline"].to_dict() == {"ours": False, "imagenet": True}
+
+
+def test_bootstrap_average_precision_is_sklearns_to_the_bit():
+    from sklearn.metrics import average_precision_score
+
+    from tus.figures.classification import _average_precision
+
+    rng = np.random.default_rng(0)
+    for case in range(300):
+        labels = rng.integers(0, 2, int(rng.integers(2, 60)))
+        labels[:2] = [0, 1]
+        scores = rng.random(labels.size)
+        if case % 2:
+            scores = np.round(scores, 1)  # tied scores
+        assert _average_precision(labels == 1, scores) == float(average_precision_score(labels, scores))

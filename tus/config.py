@@ -377,6 +377,17 @@ def fsync_folder(folder: str | Path) -> None:
         os.close(handle)
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (one of another user counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def save_config(config: Any, path: str | Path) -> Path:
     """Write the fully resolved config as YAML (what actually ran, diffable)."""
     return write_text_atomic(path, to_yaml(config))

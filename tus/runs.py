@@ -35,7 +35,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 
-from tus.callbacks.checkpoint import BackgroundCheckpointIO, ResumeCheckpoint, SafeCheckpointIO, usable_checkpoint
+from tus.callbacks.checkpoint import BackgroundCheckpointIO, ResumeCheckpoint, SafeCheckpointIO, remove_stale_partials, usable_checkpoint
 from tus.callbacks.finite_loss import StopOnNonFiniteLoss, resolve_max_nonfinite_steps
 from tus.callbacks.performance import ChannelsLast, CompileModel
 from tus.callbacks.preemption import StopAtResumablePoint
@@ -44,6 +44,7 @@ from tus.config import (
     STORAGE_ERRNOS,
     ConfigError,
     changed_keys,
+    process_alive,
     save_config,
     to_dict,
     write_text_atomic,
@@ -391,7 +392,7 @@ class RunLock:
                 handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 holder = self._holder()
-                if holder is not None and holder != os.getpid() and _alive(holder):
+                if holder is not None and holder != os.getpid() and process_alive(holder):
                     raise RunDirError(f"{self.path.parent}: in use by another tus process (pid {holder}); wait for it or use another folder") from None
                 self.path.unlink(missing_ok=True)  # stale: its process is gone
                 continue
@@ -418,16 +419,6 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def finish_loggers(loggers: list[Logger]) -> None:
@@ -555,8 +546,12 @@ def last_checkpoint(run_dir: Path) -> Path | None:
 def resume_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint a resumed stage continues from: ``last.ckpt`` if it loads, else the
     previous one (a corrupt one is set aside with a warning); None: start from the beginning.
-    A checkpoint that would run code is refused (one line), whichever it is."""
-    return usable_checkpoint(Path(run_dir) / "checkpoints" / "last.ckpt", set_aside=rank_zero_only.rank == 0)
+    A checkpoint that would run code is refused (one line), whichever it is. Temp files that a
+    killed attempt left mid-save (``.last.ckpt.partial-<pid>``) are removed first."""
+    folder = Path(run_dir) / "checkpoints"
+    if rank_zero_only.rank == 0:  # the only rank that writes checkpoints
+        remove_stale_partials(folder)
+    return usable_checkpoint(folder / "last.ckpt", set_aside=rank_zero_only.rank == 0)
 
 
 def read_json(path: Path) -> dict | None:

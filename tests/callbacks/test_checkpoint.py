@@ -1,7 +1,11 @@
-"""ResumeCheckpoint: epoch-end saves throttled by seconds of training, step saves untouched."""
+"""ResumeCheckpoint: epoch-end saves throttled by seconds of training, step saves untouched;
+the temp files of writes killed mid-save are removed once their process is gone."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -9,7 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from tus.callbacks.checkpoint import ResumeCheckpoint
+from tus.callbacks.checkpoint import ResumeCheckpoint, remove_stale_partials
 
 
 class TinyRegression(L.LightningModule):
@@ -101,3 +105,29 @@ def test_step_cadence_is_not_throttled(tmp_path):
 def test_negative_interval_names_the_option():
     with pytest.raises(ValueError, match="trainer.checkpoint_interval_s"):
         ResumeCheckpoint("unused", min_interval_s=-1)
+
+
+def test_only_the_partial_files_of_ended_processes_are_removed(tmp_path):
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()  # reaped: its pid names no process now
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = {
+            "dead": f".last.ckpt.partial-{ended.pid}",
+            "dead_link": f".last.ckpt.partial-{ended.pid}.prev",
+            "running": f".last.ckpt.partial-{running.pid}",
+            "mine": f".last.ckpt.partial-{os.getpid()}",
+            "checkpoint": "last.ckpt",
+            "previous": "last.prev.ckpt",
+            "other": ".last.ckpt.partial-x",
+        }
+        for name in names.values():
+            (tmp_path / name).write_bytes(b"x")
+        removed = remove_stale_partials(tmp_path)
+    finally:
+        running.kill()
+        running.wait()
+    gone = {names["dead"], names["dead_link"]}
+    assert sorted(p.name for p in removed) == sorted(gone)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(names.values()) - gone)
+    assert remove_stale_partials(tmp_path / "absent") == []

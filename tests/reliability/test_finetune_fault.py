@@ -1,74 +1,76 @@
-"""Fine-tuning CV killed mid-fold (SIGKILL) and resumed with ``--run-dir`` ends bit-identical to an
-uninterrupted run: weights, predictions, metrics.csv and losses.csv (no duplicated steps)."""
+"""Fine-tuning CV stopped mid-fold, by SIGKILL and by SIGTERM (``scancel``, a preemption), and
+resumed ends bit-identical to an uninterrupted run: weights, predictions, metrics.csv and
+losses.csv (no duplicated steps). SIGTERM stops at the end of the current epoch, saves there,
+exits 143 and prints the command that resumes; SIGKILL is resumed with ``--run-dir``. Temp files
+of a checkpoint write cut by the kill are removed by the resume."""
 
 from __future__ import annotations
 
 import json
-import random
+import signal
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
-from tests.helpers import make_labeled_dataset
-from tests.reliability.faults import (
-    Killer,
-    assert_no_duplicated_steps,
-    assert_same_log,
-    assert_same_weights,
-    only_run_dir,
-    start,
-    tus_in_process,
-)
+from tests.helpers import make_labeled_dataset, tiny_cv_overrides
+from tests.reliability import faults
+from tests.reliability.faults import interrupted_beside_twin, stopped, tus_in_process
 
 
 def overrides(manifest: Path, out: Path) -> list[str]:
-    return [
-        "--config",
-        "finetune/cpu",
-        f"--data.manifest={manifest}",
-        f"--output_root={out}",
-        "--data.image_size=32",
-        "--data.batch_size=8",
-        "--data.num_workers=0",
-        "--data.cache_images=false",
-        "--trainer.max_epochs=6",
+    more = (
         # A resume checkpoint at every epoch end, so the kill lands after one.
         "--trainer.checkpoint_interval_s=0",
         "--trainer.log_every_n_steps=1",
-        "--trainer.enable_progress_bar=false",
-        # The killed run and its uninterrupted twin start together: a memory format measured
-        # by each under the other's load could differ, and the formats' results differ in the last bits.
-        "--trainer.channels_last=false",
-        "--seeds=[0]",
-        "--logging.wandb=false",
         "--data.augment.markers_p=0.5",
-    ]
+    )
+    return tiny_cv_overrides(manifest, out, epochs=6, more=more)
+
+
+def assert_same_cv(run_dir: Path, straight: Path) -> None:
+    """Every fold of the resumed CV equals the uninterrupted one's, bit for bit, and the CV is finished."""
+    folds = sorted(p.name for p in (straight / "runs").iterdir())
+    assert folds == ["fold0-seed0", "fold1-seed0", "fold2-seed0"]
+    for fold in folds:
+        a, b = run_dir / "runs" / fold, straight / "runs" / fold
+        faults.assert_same_weights(a / "model.safetensors", b / "model.safetensors")
+        assert json.loads((a / "metrics.json").read_text()) == json.loads((b / "metrics.json").read_text())
+        pd.testing.assert_frame_equal(pd.read_csv(a / "predictions.csv"), pd.read_csv(b / "predictions.csv"), check_exact=True)
+        faults.assert_no_duplicated_steps(a / "metrics.csv")
+        faults.assert_same_log(a / "metrics.csv", b / "metrics.csv")
+        faults.assert_same_log(a / "losses.csv", b / "losses.csv")
+        assert not list((a / "checkpoints").glob("*.ckpt"))  # finished runs drop their training state
+    assert (run_dir / "folds.csv").read_text() == (straight / "folds.csv").read_text()
+    assert json.loads((run_dir / "summary.json").read_text())["metrics"] == json.loads((straight / "summary.json").read_text())["metrics"]
+    assert not (run_dir / "run.lock").exists() and faults.partial_writes(run_dir) == []
 
 
 @pytest.mark.slow
-def test_killed_fold_resumes_to_the_uninterrupted_result(tmp_path: Path):
+def test_killed_and_terminated_folds_resume_to_the_uninterrupted_result(tmp_path: Path):
     manifest = make_labeled_dataset(tmp_path / "data", patients=12)
-    killed = start("finetune-cv", *overrides(manifest, tmp_path / "killed"))
-    killer = Killer(killed, tmp_path / "killed", random.Random(11), window_s=1.0)
-    tus_in_process("finetune-cv", *overrides(manifest, tmp_path / "straight"))
-    killer.join()
-    run_dir = only_run_dir(tmp_path / "killed")
-    left = [p.parent.parent.name for p in run_dir.glob("runs/*/checkpoints/last.ckpt")]
-    assert not (run_dir / "summary.json").exists()
-    tus_in_process("finetune-cv", "--run-dir", str(run_dir))
+    (killed, terminated), straight = interrupted_beside_twin("finetune-cv", lambda out: overrides(manifest, out), tmp_path, {signal.SIGKILL: 11, signal.SIGTERM: 5})
 
-    straight = only_run_dir(tmp_path / "straight")
-    folds = sorted(p.name for p in (straight / "runs").iterdir())
-    assert folds == ["fold0-seed0", "fold1-seed0", "fold2-seed0"] and set(left) <= set(folds)
-    for fold in folds:
-        a, b = run_dir / "runs" / fold, straight / "runs" / fold
-        assert_same_weights(a / "model.safetensors", b / "model.safetensors")
-        assert json.loads((a / "metrics.json").read_text()) == json.loads((b / "metrics.json").read_text())
-        pd.testing.assert_frame_equal(pd.read_csv(a / "predictions.csv"), pd.read_csv(b / "predictions.csv"), check_exact=True)
-        assert_no_duplicated_steps(a / "metrics.csv")
-        assert_same_log(a / "metrics.csv", b / "metrics.csv")
-        assert_same_log(a / "losses.csv", b / "losses.csv")
-        assert not list((a / "checkpoints").glob("*.ckpt"))  # finished runs drop their training state
-    assert (run_dir / "folds.csv").read_text() == (straight / "folds.csv").read_text()
-    assert not (run_dir / "run.lock").exists()
+    # SIGKILL: whatever the fold in progress left; a resume with --run-dir finishes the CV.
+    run_dir = killed.run_dir
+    assert killed.process.returncode == -signal.SIGKILL
+    assert not (run_dir / "summary.json").exists()
+    (in_progress, *_) = [p for p in sorted((straight / "runs").iterdir()) if not (run_dir / "runs" / p.name / "metrics.json").exists()]
+    faults.leave_partial_write(run_dir / "runs" / in_progress.name, killed.process.pid)
+    tus_in_process("finetune-cv", "--run-dir", str(run_dir))
+    assert_same_cv(run_dir, straight)
+
+    # SIGTERM: the fold in progress saved at the end of its epoch; the printed command resumes.
+    run_dir = terminated.run_dir
+    match, resume = stopped(terminated.process, "finetune-cv", run_dir)
+    assert match.group(2) is not None  # the epoch ended within the grace: saved there
+    (fold,) = [p.parent.parent for p in run_dir.glob("runs/*/checkpoints/last.ckpt") if not (p.parent.parent / "metrics.json").exists()]
+    checkpoint = torch.load(fold / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == int(match.group(2))
+    # Saved in the epoch's end hooks: the epoch is processed, not yet counted as completed.
+    progress = checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]
+    assert progress["processed"] == progress["completed"] + 1 == checkpoint["epoch"] + 1
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "run.lock").exists()
+    tus_in_process("finetune-cv", *resume)
+    assert_same_cv(run_dir, straight)

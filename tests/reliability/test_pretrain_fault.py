@@ -1,17 +1,19 @@
-"""Pretraining killed (SIGKILL) at a random step, mid-epoch included, and resumed with ``--resume``
+"""Pretraining killed (SIGKILL) at a random step, mid-epoch included, or stopped by SIGTERM (it
+saves the current step, exits 143 and prints how to resume), and resumed with ``--resume``
 ends identical to an uninterrupted run: the same images and views at the same steps, so the
 same encoder bits and metrics.csv rows (no duplicated steps)."""
 
 from __future__ import annotations
 
 import json
-import random
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.reliability.faults import Killer, assert_no_duplicated_steps, assert_same_log, assert_same_weights, only_run_dir, start, tus_in_process
+from tests.reliability import faults
+from tests.reliability.faults import interrupted_beside_twin, saved_step, stopped, tus_in_process
 from tests.stages.test_pretrain import make_pool
 from tus.data.datamodules import ImageSourceConfig, PositionedWeightedSampler, SeededDraws
 from tus.data.pools import PretrainDataConfig, PretrainDataModule
@@ -50,27 +52,39 @@ def overrides(manifest: Path, out: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_killed_pretraining_resumes_to_the_uninterrupted_run(tmp_path: Path):
+def test_killed_and_terminated_pretraining_resumes_to_the_uninterrupted_run(tmp_path: Path):
     # 20 pool images in batches of 8: 2 steps an epoch, a checkpoint every 3 steps, so half the
     # checkpoints fall mid-epoch, where Lightning restarts a plain loader at the epoch's start.
     manifest = make_pool(tmp_path / "pool")
-    killed = start("pretrain", *overrides(manifest, tmp_path / "killed"))
-    killer = Killer(killed, tmp_path / "killed", random.Random(7), window_s=1.0)
-    tus_in_process("pretrain", *overrides(manifest, tmp_path / "straight"))
-    killer.join()
-    run_dir, straight = only_run_dir(tmp_path / "killed"), only_run_dir(tmp_path / "straight")
-    assert not (run_dir / "encoder").exists()
-    step = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
-    assert 0 < step < STEPS
-    tus_in_process("pretrain", "--resume", str(run_dir))
+    (killed, terminated), straight = interrupted_beside_twin("pretrain", lambda out: overrides(manifest, out), tmp_path, {signal.SIGKILL: 7, signal.SIGTERM: 9})
 
-    assert_same_weights(run_dir / "encoder" / "model.safetensors", straight / "encoder" / "model.safetensors")
-    assert_no_duplicated_steps(run_dir / "metrics.csv")
-    assert_same_log(run_dir / "metrics.csv", straight / "metrics.csv")
+    # SIGKILL at a random step; resumed with --resume from the last checkpoint written.
+    run_dir = killed.run_dir
+    assert killed.process.returncode == -signal.SIGKILL and not (run_dir / "encoder").exists()
+    assert 0 < saved_step(run_dir) < STEPS
+    faults.leave_partial_write(run_dir, killed.process.pid)
+    tus_in_process("pretrain", "--resume", str(run_dir))
+    assert_same_run(run_dir, straight)
+
+    # SIGTERM: the current step is saved (a checkpoint mid-epoch) and the printed command resumes.
+    run_dir = terminated.run_dir
+    match, resume = stopped(terminated.process, "pretrain", run_dir)
+    step = saved_step(run_dir)
+    assert step == int(match.group(2)) and 0 < step < STEPS
+    assert not (run_dir / "encoder").exists() and not (run_dir / "summary.json").exists()
+    tus_in_process("pretrain", *resume)
+    assert_same_run(run_dir, straight)
+
+
+def assert_same_run(run_dir: Path, straight: Path) -> None:
+    faults.assert_same_weights(run_dir / "encoder" / "model.safetensors", straight / "encoder" / "model.safetensors")
+    faults.assert_no_duplicated_steps(run_dir / "metrics.csv")
+    faults.assert_same_log(run_dir / "metrics.csv", straight / "metrics.csv")
     resumed_summary, straight_summary = (json.loads((d / "summary.json").read_text()) for d in (run_dir, straight))
     # The probe history in summary.json is the last attempt's (metrics.csv above holds every point).
     assert resumed_summary["steps"] == straight_summary["steps"] == STEPS
     assert resumed_summary["last"] == straight_summary["last"]
+    assert faults.partial_writes(run_dir) == []
 
 
 def test_stream_position_depends_on_seed_epoch_and_position_only(tmp_path: Path):

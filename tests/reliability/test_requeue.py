@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests.reliability import test_pretrain_fault
-from tests.reliability.faults import REPO, STARTUP_TIMEOUT_S, _env, assert_no_duplicated_steps, only_run_dir
+from tests.reliability.faults import POLL_S, REPO, STARTUP_TIMEOUT_S, _env, assert_no_duplicated_steps, checkpoint_written, only_run_dir
 from tests.stages.test_pretrain import make_pool
 
 FAKE_SRUN = """#!/bin/bash
@@ -78,10 +78,10 @@ def test_sigusr1_saves_requeues_and_the_requeued_job_finishes_the_same_run(tmp_p
     runs = tmp_path / "runs"
     job = subprocess.Popen(["bash", str(script), *script_args(manifest, runs)], cwd=tmp_path, env=fake_slurm(tmp_path, 0), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while not any(runs.rglob("checkpoints/last.ckpt")):
+    while not checkpoint_written(runs):
         assert job.poll() is None, job.communicate()[0][-4000:]
         assert time.monotonic() < deadline
-        time.sleep(0.02)
+        time.sleep(POLL_S)
     (task,) = (tmp_path / "srun.pids").read_text().split()
     os.kill(int(task), signal.SIGUSR1)  # what #SBATCH --signal=USR1@90 sends to the job step
     output = job.communicate(timeout=STARTUP_TIMEOUT_S)[0]

@@ -15,7 +15,9 @@ so a full disk left a truncated ``last.ckpt`` that no resume could read. tus wri
 in the checkpoint's own folder, fsyncs it and renames it over the old one, after hard-linking
 the old one to ``last.prev.ckpt``: at every moment a complete checkpoint is on disk. A resume
 (:func:`usable_checkpoint`) sets a checkpoint that does not load aside
-(``last.ckpt.corrupt-<time>``) with a warning and takes the previous one. Checkpoints are read
+(``last.ckpt.corrupt-<time>``) with a warning and takes the previous one. A writer killed
+mid-save leaves its temp file (``.last.ckpt.partial-<pid>``); :func:`remove_stale_partials`
+removes those of processes no longer running (a resume does, and a finished fold). Checkpoints are read
 through tus's weights loader (``torch.load(weights_only=True)``): a pickle that would run code
 is refused in one line, never set aside as merely corrupt and never unpickled.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -35,11 +38,13 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 
-from tus.config import as_storage_error, fsync_folder
+from tus.config import as_storage_error, fsync_folder, process_alive
 from tus.models.weights import CheckpointError, UnsafeCheckpointError, load_weights
 
 # The previous complete resume checkpoint, kept beside ``last.ckpt`` (``*.ckpt``: finished runs drop it too).
 PREVIOUS_SUFFIX = ".prev.ckpt"
+# SafeCheckpointIO's temp files: ``.<name>.partial-<pid>`` and the ``.prev`` link made beside it.
+_PARTIAL_NAME = re.compile(r"\..+\.partial-(\d+)(\.prev)?")
 
 
 class ResumeCheckpoint(ModelCheckpoint):
@@ -105,7 +110,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        tmp = partial_path(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as handle:
@@ -126,6 +131,25 @@ class SafeCheckpointIO(TorchCheckpointIO):
         if not isinstance(checkpoint, dict):
             raise CheckpointError(f"{path}: not a Lightning checkpoint (holds a {type(checkpoint).__name__})")
         return checkpoint
+
+
+def partial_path(path: Path, pid: int | None = None) -> Path:
+    """The temp file a checkpoint is written to before its rename: ``.<name>.partial-<pid>``."""
+    return path.with_name(f".{path.name}.partial-{os.getpid() if pid is None else pid}")
+
+
+def remove_stale_partials(folder: Path) -> list[Path]:
+    """Remove the temp files of checkpoint writes in ``folder`` whose process no longer runs
+    (a SIGKILL mid-save leaves one, as large as a checkpoint); the paths removed. A running
+    process's, this one's included, are left to it."""
+    removed = []
+    for candidate in sorted(Path(folder).glob(".*.partial-*")):
+        match = _PARTIAL_NAME.fullmatch(candidate.name)
+        if match is None or int(match.group(1)) == os.getpid() or process_alive(int(match.group(1))):
+            continue
+        candidate.unlink(missing_ok=True)
+        removed.append(candidate)
+    return removed
 
 
 def _keep_as_previous(path: Path, link: Path) -> None:

@@ -33,6 +33,20 @@ def _two_classes(rows: pd.DataFrame) -> bool:
     return rows["label"].nunique() == 2
 
 
+def _average_precision(positive: np.ndarray, scores: np.ndarray) -> float:
+    """sklearn's ``average_precision_score`` for binary labels, to the bit (its steps, in its
+    order), without its input checks: those took ~1 ms of a bootstrap replicate's ~1.05 ms, and
+    the patient bootstrap of a CV's PR figure runs 1000 replicates (most of a small CV's time)."""
+    order = np.argsort(scores, kind="mergesort")[::-1]
+    ranked, hits = scores[order], positive[order]
+    last_of_each_score = np.r_[np.flatnonzero(np.diff(ranked)), ranked.size - 1]
+    true_positives = np.cumsum(hits, dtype=np.float64)[last_of_each_score]
+    predicted_positives = 1.0 + last_of_each_score
+    precision = np.r_[(true_positives / predicted_positives)[::-1], 1.0]
+    recall = np.r_[(true_positives / true_positives[-1])[::-1], 0.0]
+    return float(-np.sum(np.diff(recall) * precision[:-1]))
+
+
 def _ci(predictions: pd.DataFrame, metric: str, n_boot: int) -> tuple[float, float]:
     """Patient-bootstrap CI of the pooled predictions (NaN, NaN when it cannot be computed)."""
     frame = predictions if "patient_id" in predictions else predictions.assign(patient_id=predictions["sample_id"])
@@ -41,10 +55,9 @@ def _ci(predictions: pd.DataFrame, metric: str, n_boot: int) -> tuple[float, flo
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if metric == "average_precision":
-                from sklearn.metrics import average_precision_score
 
                 def ap(rows: pd.DataFrame) -> float:
-                    return float(average_precision_score(rows["label"], rows["prob"])) if _two_classes(rows) else math.nan
+                    return _average_precision(rows["label"].to_numpy() == 1, rows["prob"].to_numpy()) if _two_classes(rows) else math.nan
 
                 return patient_bootstrap_ci(frame, ap, n_boot=n_boot, alpha=1 - CONFIDENCE, seed=0)
             return patient_bootstrap_cis(frame, [metric], n_boot=n_boot, alpha=1 - CONFIDENCE, seed=0)[metric]

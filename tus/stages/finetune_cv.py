@@ -33,6 +33,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from torch.utils.data import DataLoader
 
+from tus.callbacks.checkpoint import remove_stale_partials
 from tus.callbacks.finite_loss import NonFiniteLossError
 from tus.callbacks.gradcam import GradCAMPlusPlusLogger
 from tus.callbacks.loss_recorder import PerSampleLossRecorder
@@ -577,9 +578,11 @@ def input_spec(data) -> dict:
 
 
 def _drop_training_state(run_dir: Path) -> None:
-    """Finished runs keep model.safetensors; the optimiser-laden resume checkpoints go."""
+    """Finished runs keep model.safetensors; the optimiser-laden resume checkpoints go, and
+    the temp files of writes that a killed attempt left."""
     for checkpoint in (run_dir / "checkpoints").glob("*.ckpt"):
         checkpoint.unlink()
+    remove_stale_partials(run_dir / "checkpoints")
 
 
 @torch.no_grad()
