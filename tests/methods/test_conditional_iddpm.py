@@ -106,35 +106,50 @@ def test_conditional_run_exports_a_model_that_samples_labels(tmp_path):
         run_diffusion(tiny_config(tmp_path, manifest, **{"unet.num_classes": 1}))
 
 
-def squares(count: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """8 px squares at random places on a 16 px mid-grey field: bright (+0.8) for label 1, dark (-0.8) for label 0."""
-    images = np.zeros((count, 1, 16, 16), np.float32)
+def squares(count: int, rng: np.random.Generator, size: int = 8, side: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """``side`` px squares at random places on a ``size`` px mid-grey field: bright (+0.8) for label 1, dark (-0.8) for label 0."""
+    images = np.zeros((count, 1, size, size), np.float32)
     labels = rng.integers(0, 2, count)
     for i in range(count):
-        y, x = rng.integers(0, 9, 2)
-        images[i, 0, y : y + 8, x : x + 8] = 0.8 if labels[i] else -0.8
+        y, x = rng.integers(0, size - side + 1, 2)
+        images[i, 0, y : y + side, x : x + side] = 0.8 if labels[i] else -0.8
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="not yet class-faithful enough: 300 steps gave 59% at w=0 and 81% at w=2 (needs > 90%), and took 18 min on the loaded 2-core machine; needs a longer/cheaper schedule")
 def test_a_tiny_conditional_model_draws_the_class_it_is_asked_for():
+    """The issue's acceptance test: trained on bright vs dark squares, the model draws the asked-for class.
+
+    Sized to take about 25 s of CPU time (88 s wall on the shared 2-core machine at load average 13): 8 px images,
+    a width-16 two-level U-Net, 100 diffusion timesteps, 200 steps of batch 32 at lr 1e-2, DDIM with 20 steps.
+    At 16 px and batch 16, 300 steps reached only 59% (w = 0) and 81% (w = 2). With this size, seeds 0-2 gave
+    67-84% at w = 0 and 94-100% at w = 2: the label steers the samples, and guidance sharpens it.
+    """
     from tus.samplers import sample_images
 
     torch.manual_seed(0)
-    module = DiffusionModule(CONDITIONAL, ProcessConfig(num_timesteps=100, p_uncond=0.2), OptimConfig(lr=2e-3), EmaConfig(decay=0.99), seed=0)
+    unet = replace(CONDITIONAL, sample_size=8, attention_resolutions=(4,))
+    module = DiffusionModule(unet, ProcessConfig(num_timesteps=100, p_uncond=0.2), OptimConfig(lr=1e-2), EmaConfig(decay=0.99, warmup=True), seed=0)
     module.log_dict = lambda *args, **kwargs: None
     optimizer = module.configure_optimizers()
     rng = np.random.default_rng(0)
-    for step in range(300):
-        images, labels = squares(16, rng)
+    for step in range(200):
+        images, labels = squares(32, rng)
         loss = module.training_step({"image": images, "label": labels}, step)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         module.ema.update(module.unet, step=step)
-    wanted = [0, 1] * 16
-    samples = sample_images(module.ema.module.eval(), module.schedule, "respaced", 25, list(range(32)), labels=wanted, guidance=2.0)
-    # The trivial classifier: brighter than the mid-grey field on average is "bright".
-    predicted = (samples.mean(dim=(1, 2, 3)) > 0).long()
-    assert (predicted == torch.tensor(wanted)).float().mean().item() > 0.9
+    wanted = torch.tensor([0, 1] * 32)
+    ema = module.ema.module.eval()
+
+    def agreement(guidance: float) -> float:
+        samples = sample_images(ema, module.schedule, "ddim", 20, list(range(len(wanted))), labels=wanted.tolist(), guidance=guidance)
+        # The trivial classifier, independent of the model: brighter than the mid-grey field on average is "bright".
+        predicted = (samples.mean(dim=(1, 2, 3)) > 0).long()
+        return (predicted == wanted).float().mean().item()
+
+    conditional, guided = agreement(0.0), agreement(2.0)
+    assert guided > 0.9, f"{guided:.0%} of guided samples show the class asked for (conditional, w = 0: {conditional:.0%})"
+    # An unconditional model would agree on about half; guidance moves samples further towards their class.
+    assert 0.6 < conditional <= guided
