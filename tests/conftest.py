@@ -28,9 +28,16 @@ def one_torch_thread():
     process sets the thread count for the rest of its xdist worker, and the fault tests compare
     a one-thread subprocess with an in-process twin bit for bit (a 2-thread twin differed in
     the last bits of the weights: CI, stop 29)."""
+    omp = os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(1)
+    # Lightning's DDP launchers pin OMP_NUM_THREADS in os.environ the first time they run (to
+    # cores // processes) and every later DDP run in the worker inherits it: restore it.
+    if omp is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = omp
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

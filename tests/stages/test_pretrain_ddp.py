@@ -111,7 +111,11 @@ def fit(out: Path, devices: int, batch_size: int, order: list[int] | None = None
 
 
 @pytest.mark.slow
-def test_two_process_ddp_matches_one_process_on_the_whole_batch(tmp_path: Path):
+def test_two_process_ddp_matches_one_process_on_the_whole_batch(tmp_path: Path, monkeypatch):
+    # Every process of both arms on one thread: the large learning rate turns the last-bit
+    # differences of another thread count into visible ones by step 2 (Lightning's launcher sets
+    # OMP_NUM_THREADS to cores // processes when it is unset, so the arms' counts differed).
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     initial = {name: p.detach().clone() for name, p in new_module(PER_RANK).named_parameters()}
     fit(tmp_path / "ddp", devices=WORLD_SIZE, batch_size=PER_RANK)
 
