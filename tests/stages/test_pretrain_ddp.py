@@ -111,7 +111,22 @@ def fit(out: Path, devices: int, batch_size: int, order: list[int] | None = None
 
 
 @pytest.mark.slow
-def test_two_process_ddp_matches_one_process_on_the_whole_batch(tmp_path: Path, monkeypatch):
+def test_two_process_ddp_matches_one_process_on_the_whole_batch(tmp_path: Path):
+    """Run in a fresh interpreter: in a full suite run the comparison failed from step 2 on in
+    one xdist worker only (state an earlier test left in that process, not yet pinned down), and
+    the large learning rate makes any last-bit difference visible."""
+    env = {**os.environ, "TUS_DDP_EQUIVALENCE_BODY": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    node = f"{Path(__file__).relative_to(REPO)}::test_ddp_equivalence_body"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider", node, "--basetemp", str(tmp_path / "body")], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-4000:] + done.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_ddp_equivalence_body(tmp_path: Path, monkeypatch):
+    if os.environ.get("TUS_DDP_EQUIVALENCE_BODY") != "1":
+        pytest.skip("run by test_two_process_ddp_matches_one_process_on_the_whole_batch in a fresh interpreter")
     # Every process of both arms on one thread: the large learning rate turns the last-bit
     # differences of another thread count into visible ones by step 2 (Lightning's launcher sets
     # OMP_NUM_THREADS to cores // processes when it is unset, so the arms' counts differed).
