@@ -115,7 +115,10 @@ def test_two_process_ddp_matches_one_process_on_the_whole_batch(tmp_path: Path):
     """Run in a fresh interpreter: in a full suite run the comparison failed from step 2 on in
     one xdist worker only (state an earlier test left in that process, not yet pinned down), and
     the large learning rate makes any last-bit difference visible."""
-    env = {**os.environ, "TUS_DDP_EQUIVALENCE_BODY": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # Without what earlier tests' Lightning runs leave in os.environ (global seed, rendezvous, ranks).
+    leftovers = ("PL_", "MASTER_", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_", "TORCHELASTIC_", "TUS_RUN_DIR")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(leftovers)}
+    env.update({"TUS_DDP_EQUIVALENCE_BODY": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     node = f"{Path(__file__).relative_to(REPO)}::test_ddp_equivalence_body"
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider", node, "--basetemp", str(tmp_path / "body")], cwd=REPO, env=env, capture_output=True, text=True
