@@ -207,6 +207,14 @@ def check_manifest(
     return frame, problems
 
 
+def chosen_frames(count: int, dicom_frames: str) -> list[int]:
+    """The frame indices ``dicom_frames`` (all, first, middle or an index) picks of a ``count``-frame
+    cine loop; an index may be out of range (the caller says so with its context)."""
+    if dicom_frames == "all":
+        return list(range(count))
+    return [0 if dicom_frames == "first" else count // 2 if dicom_frames == "middle" else int(dicom_frames)]
+
+
 def expand_dicom_rows(frame: pd.DataFrame, dicom_frames: str, where, problems: list[Problem]) -> pd.DataFrame:
     """Rows with ``from_dicom`` cells filled and multi-frame DICOMs turned into frame rows (a
     frame parsed by :func:`read_manifest`); what is wrong is appended to ``problems``."""
@@ -238,14 +246,11 @@ def expand_dicom_rows(frame: pd.DataFrame, dicom_frames: str, where, problems: l
         if named_frame is not None or count == 1:
             rows.append(record)
             continue
-        if dicom_frames == "all":
-            chosen = list(range(count))
-        else:
-            chosen = [0 if dicom_frames == "first" else count // 2 if dicom_frames == "middle" else int(dicom_frames)]
-            if chosen[0] >= count:
-                problems.append(Problem(where(row), f"data.dicom_frames {dicom_frames} but the DICOM has {count} frame(s) (0..{count - 1})"))
-                rows.append(record)
-                continue
+        chosen = chosen_frames(count, dicom_frames)
+        if chosen[-1] >= count:
+            problems.append(Problem(where(row), f"data.dicom_frames {dicom_frames} but the DICOM has {count} frame(s) (0..{count - 1})"))
+            rows.append(record)
+            continue
         for k in chosen:
             # One chosen frame keeps the row's ids; all frames get one id each, the patient shared.
             rows.append(

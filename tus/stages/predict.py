@@ -51,7 +51,7 @@ from tus.data.images import (
     read_dicom_header,
     read_grayscale,
 )
-from tus.data.manifest import load_manifest
+from tus.data.manifest import chosen_frames, load_manifest
 from tus.data.transforms import eval_transform
 from tus.eval.cv_summary import CI_ALPHA, CI_BOOTSTRAPS, DECISION_FILE, bootstrap_cis
 from tus.eval.thresholds import DEFAULT_THRESHOLD, confusion_metrics
@@ -247,12 +247,10 @@ def dicom_frames_of(path: Path, dicom_frames: str) -> list[int | None]:
         raise ImageReadError(f"{path}: {error}") from error
     if count == 1:
         return [None]
-    if dicom_frames == "all":
-        return list(range(count))
-    chosen = 0 if dicom_frames == "first" else count // 2 if dicom_frames == "middle" else int(dicom_frames)
-    if chosen >= count:
-        raise ImageReadError(f"{path}: the model was trained on frame {chosen} of each cine loop (data.dicom_frames), but this DICOM has {count} frame(s)")
-    return [chosen]
+    chosen = chosen_frames(count, dicom_frames)
+    if chosen[-1] >= count:
+        raise ImageReadError(f"{path}: the model was trained on frame {chosen[-1]} of each cine loop (data.dicom_frames), but this DICOM has {count} frame(s)")
+    return list(chosen)
 
 
 def crop_views(inputs: pd.DataFrame, recipe: dict) -> pd.DataFrame:
