@@ -152,17 +152,19 @@ class Interrupted:
     run_dir: Path
 
 
-def interrupted_beside_twin(stage: str, overrides: Callable[[Path], list[str]], root: Path, seeds: dict[int, int], window_s: float = 1.0) -> tuple[list[Interrupted], Path]:
+def interrupted_beside_twin(stage: str, overrides: Callable[[Path], list[str]], root: Path, seeds: dict[int, int], window_s: float | dict[int, float] = 1.0) -> tuple[list[Interrupted], Path]:
     """Start ``tus <stage> *overrides(root / <signal name>)`` once per signal in ``seeds`` and send
-    it that signal U(0, ``window_s``) s (drawn from ``random.Random(seed)``) after its first
-    checkpoint, while this process runs the uninterrupted twin into ``root / "straight"``.
-    Returns the stopped attempts, in the order of ``seeds``, and the twin's run dir."""
+    it that signal U(0, ``window_s``) s (drawn from ``random.Random(seed)``; ``window_s`` may be
+    given per signal) after its first checkpoint, while this process runs the uninterrupted twin
+    into ``root / "straight"``. Returns the stopped attempts, in the order of ``seeds``, and the
+    twin's run dir."""
+    windows = window_s if isinstance(window_s, dict) else dict.fromkeys(seeds, window_s)
     started: list[tuple[int, subprocess.Popen, Path, Killer]] = []
     try:
         for signum, seed in seeds.items():
             out = root / signal.Signals(signum).name.lower()
             process = start(stage, *overrides(out))
-            started.append((signum, process, out, Killer(process, out, random.Random(seed), window_s, signum)))
+            started.append((signum, process, out, Killer(process, out, random.Random(seed), windows[signum], signum)))
         tus_in_process(stage, *overrides(root / "straight"))
         for _, _, _, killer in started:
             killer.join()

@@ -50,7 +50,11 @@ def assert_same_cv(run_dir: Path, straight: Path) -> None:
 @pytest.mark.slow
 def test_killed_and_terminated_folds_resume_to_the_uninterrupted_result(tmp_path: Path):
     manifest = make_labeled_dataset(tmp_path / "data", patients=12)
-    (killed, terminated), straight = interrupted_beside_twin("finetune-cv", lambda out: overrides(manifest, out), tmp_path, {signal.SIGKILL: 11, signal.SIGTERM: 5})
+    # SIGTERM within 0.1 s of fold 0's first epoch end, so it lands in training (5 epochs to go,
+    # ~1.4 s on a slow core): later, a fast machine may have finished the fold's training, and the
+    # run then stops at once without saving (a path the SIGKILL half covers). CI failed so.
+    windows = {signal.SIGKILL: 1.0, signal.SIGTERM: 0.1}
+    (killed, terminated), straight = interrupted_beside_twin("finetune-cv", lambda out: overrides(manifest, out), tmp_path, {signal.SIGKILL: 11, signal.SIGTERM: 5}, windows)
 
     # SIGKILL: whatever the fold in progress left; a resume with --run-dir finishes the CV.
     run_dir = killed.run_dir
