@@ -112,7 +112,7 @@ def config_parser(cls: type, prog: str | None = None, description: str | None = 
 
 
 @functools.cache
-def _schema_parser(cls: type) -> ArgumentParser:
+def _schema_parser(cls: Any) -> ArgumentParser:  # Any: functools.cache wants a Hashable, a type[T] is one
     """:func:`config_parser` of ``cls``, made once per process: building one takes ~0.1 s, and a
     study builds each stage's config many times (build_config only parses with it)."""
     return config_parser(cls)
