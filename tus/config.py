@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
-import functools
 import importlib
 import os
 import re
@@ -111,11 +110,15 @@ def config_parser(cls: type, prog: str | None = None, description: str | None = 
     return parser
 
 
-@functools.cache
-def _schema_parser(cls: Any) -> ArgumentParser:  # Any: functools.cache wants a Hashable, a type[T] is one
+def _schema_parser(cls: type) -> ArgumentParser:
     """:func:`config_parser` of ``cls``, made once per process: building one takes ~0.1 s, and a
     study builds each stage's config many times (build_config only parses with it)."""
-    return config_parser(cls)
+    if cls not in _SCHEMA_PARSERS:
+        _SCHEMA_PARSERS[cls] = config_parser(cls)
+    return _SCHEMA_PARSERS[cls]
+
+
+_SCHEMA_PARSERS: dict[type, ArgumentParser] = {}
 
 
 def normalize_overrides(overrides: Sequence[str]) -> list[str]:
