@@ -48,3 +48,21 @@ def tiny_cv_overrides(manifest: Path, out: Path, *, epochs: int, more: tuple[str
         "--logging.wandb=false",
         *more,
     ]
+
+
+def finished_wandb_records(folder: Path, timeout_s: float = 120.0) -> list:
+    """The records of every offline W&B run under ``folder``, once each run's log holds its
+    ``exit`` record: W&B's service may still be writing a log after ``run.finish()`` returned
+    (a loaded machine left a CV's fold runs without their artifact records for a moment)."""
+    import time
+
+    from tus import tracking
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        logs = sorted(Path(folder).rglob("offline-run-*/run-*.wandb"))
+        kinds = {log: [r.WhichOneof("record_type") for r in tracking.offline_records(log.parent)] for log in logs}
+        if logs and all("exit" in k for k in kinds.values()):
+            return tracking.offline_records(folder)
+        assert time.monotonic() < deadline, f"offline W&B runs not finished after {timeout_s:.0f} s: { ({str(log): k[-3:] for log, k in kinds.items()}) }"
+        time.sleep(0.2)

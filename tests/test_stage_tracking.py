@@ -15,29 +15,16 @@ import pandas as pd
 import pytest
 
 from tests.eval.test_synthetic_metrics import PixelExtractor
+from tests.helpers import finished_wandb_records
 from tus import tracking
 from tus.data.images import list_images, write_grayscale
-
-
-def finished_records(folder: Path, timeout_s: float = 30.0) -> list:
-    """The offline runs' records once every run's log ends with its ``exit`` record: W&B's
-    service may still be writing the log for a moment after ``run.finish()`` returned."""
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        records = tracking.offline_records(folder)
-        kinds = [r.WhichOneof("record_type") for r in records]
-        if (kinds.count("exit") >= kinds.count("run") > 0) or time.monotonic() > deadline:
-            return records
-        time.sleep(0.2)
 
 
 def offline_runs(folder: Path) -> dict[str, dict]:
     """Per job type: the run record, the artifacts it logged (name -> record) and history keys."""
     found: dict[str, dict] = {}
     current = None
-    for record in finished_records(folder):
+    for record in finished_wandb_records(folder):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             current = found.setdefault(record.run.job_type, {"run": record.run, "artifacts": {}, "history": set(), "summary": {}})
@@ -92,7 +79,7 @@ def test_diffusion_sample_filter_chain_logs_and_uses_the_same_artifacts(tmp_path
     report = run_filter(tmp_path / "real.csv", samples, tmp_path / "filtered", k=1, link="copy", extractor=PixelExtractor())
 
     # The diffusion run logged its export; the sample run used it (same digest) and logged the folder.
-    assert {r.run.job_type for r in finished_records(diffusion_dir) if r.WhichOneof("record_type") == "run"} == {"diffusion"}  # training and export alike
+    assert {r.run.job_type for r in finished_wandb_records(diffusion_dir) if r.WhichOneof("record_type") == "run"} == {"diffusion"}  # training and export alike
     diffusion = offline_runs(diffusion_dir)["diffusion"]
     model = diffusion["artifacts"][f"diffusion-{diffusion_dir.name}"]
     assert {m.path for m in model.manifest.contents} == {"config.json", "diffusion_pytorch_model.safetensors"}

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import make_labeled_dataset
+from tests.helpers import finished_wandb_records, make_labeled_dataset
 from tests.stages.test_pretrain import REPO, cli_overrides, make_pool
 from tus import tracking
 
 
 def records_by_kind(run_dir: Path) -> dict[str, list]:
     found: dict[str, list] = {}
-    for record in tracking.offline_records(run_dir):
+    for record in finished_wandb_records(run_dir):
         found.setdefault(record.WhichOneof("record_type"), []).append(record)
     return found
 
@@ -101,7 +101,7 @@ def test_export_dry_run_lists_offline_runs_and_the_uses_to_replay(tmp_path, monk
     assert folders == [Path(run.dir).parent], f"the offline run went to {run.dir} (mode {run.settings.mode})"
     (folder,) = folders
     assert tracking.export_offline([tmp_path], dry_run=True) == [f"sync {folder}", f"use labels-abc:latest (dataset) in run tus/{run.id}"]
-    (run_record,) = [r.run for r in tracking.offline_records(tmp_path) if r.WhichOneof("record_type") == "run"]
+    (run_record,) = [r.run for r in finished_wandb_records(tmp_path) if r.WhichOneof("record_type") == "run"]
     assert (run_record.run_group, run_record.job_type) == ("g", "cv-summary")
 
 
