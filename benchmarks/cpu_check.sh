@@ -2,7 +2,7 @@
 # CPU check (issue 13): the benchmarks behind the README's speed table, one after another on
 # an otherwise idle machine, and one line per benchmark with its ratio at the end. The runs
 # alternate plain and tus rounds where a script offers it (a shared CPU drifts by a few
-# percent within a minute). Budget: ~10 minutes on 2 cores (add --patients 220 to the CV wall
+# percent within a minute). Budget: ~12 minutes on 2 cores (add --patients 220 to the CV wall
 # by hand for the reference's scale: another ~6 minutes).
 #
 #   bash benchmarks/cpu_check.sh [OUT_DIR]      # logs in OUT_DIR, summary on stdout
@@ -33,5 +33,6 @@ run pretrain_mae benchmarks/pretrain_throughput.py --method mae --rounds 2
 run diffusion benchmarks/diffusion_throughput.py
 run cv_wall benchmarks/cv_wall.py
 run cv_wall_2_epochs benchmarks/cv_wall.py --epochs 2 --rounds 3
+run cv_fixed_cost benchmarks/cv_wall.py --fixed-cost --rounds 3
 run predict benchmarks/predict_throughput.py --images 128 --repeats 3
 echo "logs: $OUT"

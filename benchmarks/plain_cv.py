@@ -7,6 +7,7 @@ tus.data.transforms, scikit-learn), never Lightning: importing that is part of w
 Prints each fold's test AUROC.
 
     python benchmarks/plain_cv.py MANIFEST [--channels-last] [--model resnet18] [--image-size 64] [--epochs 2]
+    python benchmarks/plain_cv.py MANIFEST --max-steps 1   # one training step per fold: the fixed costs
 """
 
 from __future__ import annotations
@@ -57,10 +58,18 @@ def plain_cv(manifest: Path, args: argparse.Namespace) -> None:
                 drop_last=len(train) > args.batch_size,
                 collate_fn=lambda rows, augment=transform: (torch.stack([augment(images[i]) for i, _ in rows]), torch.tensor([y for _, y in rows])),
             )
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=args.epochs * len(loader))
+            # --max-steps caps the run as tus's trainer.max_steps does (the schedule spans the steps taken).
+            total_steps = args.epochs * len(loader) if args.max_steps < 0 else min(args.max_steps, args.epochs * len(loader))
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps)
             model.train()
+            steps = 0
             for _ in range(args.epochs):
+                if steps == total_steps:
+                    break
                 for x, y in loader:
+                    if steps == total_steps:
+                        break
+                    steps += 1
                     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                         loss = F.cross_entropy(model(x.contiguous(memory_format=memory_format)).float(), y)
                     optimizer.zero_grad(set_to_none=True)
@@ -84,6 +93,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--max-steps", type=int, default=-1, help="training steps per fold at most (-1: every step of --epochs)")
     args = parser.parse_args()
     plain_cv(args.manifest, args)
 

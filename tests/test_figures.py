@@ -4,6 +4,7 @@ values worked out by hand (never the plotting code's own arithmetic)."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -300,6 +301,30 @@ def test_bootstrap_average_precision_is_sklearns_to_the_bit():
         if case % 2:
             scores = np.round(scores, 1)  # tied scores
         assert _average_precision(labels == 1, scores) == float(average_precision_score(labels, scores))
+
+
+def test_pr_figures_bootstrap_ci_is_patient_bootstrap_of_sklearns_average_precision():
+    # The PR figure bootstraps AP on arrays; the reference is the frame-based cluster bootstrap
+    # (tus.eval.statistics.patient_bootstrap_ci) of sklearn's average_precision_score, whose
+    # replicates are undefined (NaN, skipped) when they hold one class only.
+    from sklearn.metrics import average_precision_score
+
+    from tus.eval.statistics import patient_bootstrap_ci
+
+    def ap(replicate: pd.DataFrame) -> float:
+        return float(average_precision_score(replicate["label"], replicate["prob"])) if replicate["label"].nunique() == 2 else np.nan
+
+    rng = np.random.default_rng(3)
+    rows = 40
+    many = pd.DataFrame({"label": rng.integers(0, 2, rows), "prob": rng.random(rows).round(2), "pred": 0, "fold": 0, "seed": 0, "patient_id": [f"p{i // 3}" for i in range(rows)]})
+    # Three patients, one of them the only positive: about 30% of replicates hold no positive.
+    few = pd.DataFrame({"label": [0, 0, 1, 1, 0, 0, 0], "prob": [0.1, 0.3, 0.6, 0.2, 0.5, 0.3, 0.9], "pred": 0, "fold": 0, "seed": 0, "patient_id": ["a", "a", "b", "b", "c", "c", "c"]})
+    for frame in (many, few):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the skipped one-class replicates
+            expected = patient_bootstrap_ci(frame, ap, n_boot=200, alpha=0.05, seed=0)
+        mean = fig.pr_data(frame, n_boot=200).query("curve == 'mean'").iloc[0]
+        assert (mean["auc_ci_low"], mean["auc_ci_high"]) == expected
 
 
 def test_figure_formats_follow_the_environment_and_refuse_unknown_ones(tmp_path, monkeypatch):

@@ -8,12 +8,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from tests.helpers import make_labeled_dataset
 from tus.config import ConfigError, load_config
+from tus.data.datamodules import LabeledDataModule
+from tus.data.manifest import load_manifest
 from tus.eval.cv_summary import aggregate, format_mean_std, trivial_baselines
 from tus.methods.classifier import load_finetuned
-from tus.stages.finetune_cv import FineTuneCVConfig, run_cv
+from tus.stages.finetune_cv import FineTuneCVConfig, cv_folds, run_cv
 
 CPU_CONFIG = Path(__file__).resolve().parents[2] / "experiments" / "finetune" / "cpu.yaml"
 
@@ -73,15 +76,25 @@ def test_end_to_end_learns_planted_signal_and_writes_outputs(tmp_path: Path):
     predictions = pd.read_csv(run_dir / "runs" / "fold0-seed0" / "predictions.csv")
     test_ids = set(folds.loc[folds["fold"] == 0, "sample_id"])
     assert set(predictions["sample_id"]) == test_ids
-    # The exported model reproduces the predictions.
+    # The exported model reproduces the predictions (which come from the test pass, not a
+    # second pass): a fresh forward of the test fold's images, in the fold's own order.
     model = load_finetuned(run_dir / "runs" / "fold0-seed0" / "model.safetensors")
     assert not list((run_dir / "runs" / "fold0-seed0" / "checkpoints").glob("*.ckpt"))
     assert model.head.out_features == 2
+    frame = load_manifest(manifest)
+    datamodule = LabeledDataModule(config.data, frame, cv_folds(config, frame), 0, 0)
+    datamodule.setup("test")
+    with torch.inference_mode():
+        images = torch.cat([batch["image"] for batch in datamodule.test_dataloader()])
+        probability = model.eval()(images).float().softmax(1)[:, 1].double().numpy()
+    assert predictions["sample_id"].astype(str).tolist() == datamodule.test_set.frame["sample_id"].astype(str).tolist()
+    np.testing.assert_allclose(predictions["probability"], probability, rtol=0, atol=1e-6)
+    assert (predictions["prediction"] == (probability >= 0.5)).all()
 
 
 def test_resume_skips_finished_runs_and_refuses_changed_config(tmp_path: Path, monkeypatch):
     manifest = make_labeled_dataset(tmp_path / "data", patients=12)
-    config = tiny_config(manifest, tmp_path / "runs", "trainer.max_epochs=1")
+    config = tiny_config(manifest, tmp_path / "runs", "trainer.max_epochs=1", "figures=false")
     import tus.stages.finetune_cv as cv
 
     calls = []
@@ -105,7 +118,13 @@ def test_resume_skips_finished_runs_and_refuses_changed_config(tmp_path: Path, m
     assert calls == [1, 2]  # fold 0 was skipped
     assert (run_dir / "runs" / "fold0-seed0" / "metrics.json").read_text() == finished
     assert len(pd.read_csv(run_dir / "runs.csv")) == 3
-    changed = tiny_config(manifest, tmp_path / "runs", "trainer.max_epochs=5")
+    # figures=false: no figures and no links to them; tus report draws them from the run's files.
+    assert not (run_dir / "figures").exists() and "## Figures" not in (run_dir / "summary.md").read_text()
+    from tus.cli.report import main as report_main
+
+    assert report_main([str(run_dir), "--n-boot", "20"]) == 0
+    assert (run_dir / "figures" / "roc.png").is_file() and "## Figures" in (run_dir / "summary.md").read_text()
+    changed = tiny_config(manifest, tmp_path / "runs", "trainer.max_epochs=5", "figures=false")
     with pytest.raises(ConfigError, match=r"differs from the one this run was started with \(trainer.max_epochs\)"):
         run_cv(changed, run_dir)
     assert not (run_dir / "config_changes.yaml").exists()

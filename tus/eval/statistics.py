@@ -338,12 +338,25 @@ def patient_bootstrap_ci(predictions: pd.DataFrame, metric_fn: MetricFn, n_boot:
         raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
     if len(predictions) == 0:
         raise ValueError("no predictions to bootstrap")
-    patients, codes = np.unique(predictions["patient_id"].to_numpy(), return_inverse=True)
+    replicates = patient_replicate_rows(predictions["patient_id"].to_numpy(), n_boot, seed)
+    return percentile_interval(np.array([metric_fn(predictions.iloc[rows]) for rows in replicates]), alpha)
+
+
+def patient_replicate_rows(patient_ids: np.ndarray, n_boot: int, seed: int) -> list[np.ndarray]:
+    """The positional rows of each replicate of :func:`patient_bootstrap_ci` (its reproducible
+    definition): for a metric computed on arrays rather than a frame's rows."""
+    patients, codes = np.unique(patient_ids, return_inverse=True)
     order = np.argsort(codes, kind="stable")
     # rows_of[i] are the positional rows of patient i, in their original order.
     rows_of = np.split(order, np.cumsum(np.bincount(codes, minlength=len(patients)))[:-1])
     draws = np.random.default_rng(seed).integers(0, len(patients), (n_boot, len(patients)))
-    values = np.array([metric_fn(predictions.iloc[np.concatenate([rows_of[i] for i in draw])]) for draw in draws])
+    return [np.concatenate([rows_of[i] for i in draw]) for draw in draws]
+
+
+def percentile_interval(values: np.ndarray, alpha: float) -> tuple[float, float]:
+    """The (alpha/2, 1-alpha/2) quantiles of the replicates' ``values``, NaN ones skipped with a
+    warning (:func:`patient_bootstrap_ci`)."""
+    n_boot = len(values)
     valid = values[~np.isnan(values)]
     if len(valid) == 0:
         raise ValueError("the metric is undefined (NaN) on every bootstrap replicate")

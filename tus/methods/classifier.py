@@ -107,12 +107,14 @@ class FineTuneModule(L.LightningModule):
         self.log("train/accuracy", accuracy, on_step=False, on_epoch=True, batch_size=len(logits))
         return {"loss": loss, "per_sample_loss": per_sample_loss.detach()}
 
-    def _evaluate(self, batch: dict, metrics: MetricCollection, stage: str) -> None:
+    def _evaluate(self, batch: dict, metrics: MetricCollection, stage: str) -> torch.Tensor:
+        """Update ``metrics`` and log the loss; returns the batch's class probabilities."""
         logits = self(batch["image"]).float()
         loss = F.cross_entropy(logits, batch["label"])
         probabilities = logits.softmax(1)
         metrics.update(probabilities[:, 1] if self.num_classes == 2 else probabilities, batch["label"])
         self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=len(logits), sync_dist=True)
+        return probabilities
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics, "val")
@@ -121,8 +123,10 @@ class FineTuneModule(L.LightningModule):
         self.log_dict(self.val_metrics.compute(), prog_bar=True)
         self.val_metrics.reset()
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics, "test")
+    def test_step(self, batch: dict, batch_idx: int) -> dict:
+        # The probabilities go to on_test_batch_end: a CV writes its predictions.csv from the
+        # pass its test metrics come from, not from a second pass over the test fold.
+        return {"probabilities": self._evaluate(batch, self.test_metrics, "test")}
 
     def on_test_epoch_end(self) -> None:
         self.log_dict(self.test_metrics.compute())

@@ -30,6 +30,10 @@ class FineTuneCVConfig:
     # A short name for the initialisation, recorded with each run (e.g. for noisy-label runs).
     init_label: str = ""
     record_losses: bool = True
+    # The CV's figures (ROC, PR, confusion, calibration, training curves; PNG + PDF) at the end.
+    # false skips them (smoke runs, sweeps: ~2-7 s of a short CV); `tus report RUN_DIR` draws
+    # the same figures later from the run's files.
+    figures: bool = True
     # After the folds: one final model per seed on every labelled image, same recipe and epochs
     # (runs/refit-seed<S>; never evaluated: its expected performance is the CV's).
     refit: bool = False

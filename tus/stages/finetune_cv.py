@@ -23,6 +23,7 @@ import json
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -181,7 +182,8 @@ def run_cv(
         finish_models(config, frame, run_dir)
         runs = collect_runs(run_dir)
         write_summary(run_dir, runs, frame, config)
-        write_cv_figures(run_dir)
+        if config.figures:
+            write_cv_figures(run_dir)
         track_cv(run_dir, _cv_logging(config), name=config.name, manifest=Path(config.data.manifest), init=config.model.init, weights=config.model.weights, config=to_dict(config))
     return run_dir
 
@@ -351,7 +353,8 @@ def join_cv(config: FineTuneCVConfig, run_dir: str | Path) -> Path:
     with RunLock(run_dir):
         finish_models(config, frame, run_dir)  # refit models (trained here) and thresholds, as run_cv does
         write_summary(run_dir, collect_runs(run_dir), frame, config)
-        write_cv_figures(run_dir)  # the same figures (and summary.md links) as a local run
+        if config.figures:
+            write_cv_figures(run_dir)  # the same figures (and summary.md links) as a local run
     return run_dir
 
 
@@ -441,7 +444,8 @@ def run_single(
     names = class_names(config)
     module = FineTuneModule(backbone_for_inputs(config.model, config.data.image_size), config.optim, num_classes=len(names))
     run_info = {"fold": fold, "seed": seed, "init": config.init_label or config.model.init}
-    callbacks = [_EpochSeededStream(seed), *(callback_factory(config, run_info, run_dir) if callback_factory else [])]
+    test_predictions = TestPredictions()
+    callbacks = [_EpochSeededStream(seed), *(callback_factory(config, run_info, run_dir) if callback_factory else []), test_predictions]
     selector = None
     if inner:
         selector = ModelCheckpoint(
@@ -472,7 +476,9 @@ def run_single(
             logger.experiment.finish()
     metrics = {name: float(results[f"test/{name}"]) for name in METRIC_NAMES} if not is_multiclass(names) else {}
     if trainer.is_global_zero:
-        predictions = predict(module, datamodule.test_dataloader(), names)
+        # One process tested the whole fold: its test pass gave the predictions. Under DDP each
+        # rank tested a share (padded to equal sizes), so rank 0 predicts the fold again.
+        predictions = test_predictions.frame(names) if trainer.world_size == 1 else predict(module, datamodule.test_dataloader(), names)
         predictions.to_csv(run_dir / "predictions.csv", index=False)
         if is_multiclass(names):
             # Macro and per-class metrics from the written predictions (as a reader recomputes them).
@@ -585,23 +591,60 @@ def _drop_training_state(run_dir: Path) -> None:
     remove_stale_partials(run_dir / "checkpoints")
 
 
-@torch.no_grad()
+def prediction_frame(sample_ids: list[str], labels: np.ndarray, probabilities: np.ndarray, label_names: list[str] | None = None) -> pd.DataFrame:
+    """Per-image predictions from the class ``probabilities`` (one row per image): binary, the
+    positive-class ``probability`` and the ``prediction`` at 0.5; K > 2 classes
+    (``label_names``), the most probable class as ``prediction`` and one ``prob_<class name>``
+    column per class. Probabilities are written as the float64 of the model's float32 values."""
+    probabilities = np.asarray(probabilities, dtype=np.float32).reshape(len(sample_ids), -1)
+    frame = pd.DataFrame({"sample_id": list(sample_ids), "label": np.asarray(labels, dtype=np.int64)})
+    if is_multiclass(label_names):
+        assert label_names is not None
+        frame["prediction"] = probabilities.argmax(1).astype(np.int64)  # the first of tied classes, as np.argmax
+        for column, values in zip(probability_columns(label_names), probabilities.astype(np.float64).T):
+            frame[column] = values
+    else:
+        frame["probability"] = probabilities[:, 1].astype(np.float64)
+        frame["prediction"] = (frame["probability"] >= 0.5).astype(np.int64)
+    return frame
+
+
+class TestPredictions(Callback):
+    """Keeps each test batch's sample ids, labels and class probabilities (``test_step``'s
+    output) as the test loop produces them, for :meth:`frame`; a new test pass starts over."""
+
+    def __init__(self) -> None:
+        self._batches: list[tuple[list[str], torch.Tensor, torch.Tensor]] = []
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._batches = []
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._batches.append((list(batch["sample_id"]), batch["label"].detach().cpu(), outputs["probabilities"].detach().float().cpu()))
+
+    def frame(self, label_names: list[str] | None = None) -> pd.DataFrame:
+        """The predictions of the last test pass (:func:`prediction_frame`)."""
+        if not self._batches:
+            return prediction_frame([], np.zeros(0), np.zeros((0, len(label_names) if label_names else 2)), label_names)
+        sample_ids = [sample_id for ids, _, _ in self._batches for sample_id in ids]
+        labels = torch.cat([labels for _, labels, _ in self._batches]).numpy()
+        probabilities = torch.cat([p for _, _, p in self._batches]).numpy()
+        return prediction_frame(sample_ids, labels, probabilities, label_names)
+
+
+@torch.inference_mode()
 def predict(module: FineTuneModule, loader, label_names: list[str] | None = None) -> pd.DataFrame:
-    """Per-image predictions on ``loader``: binary, the positive-class ``probability`` and the
-    ``prediction`` at 0.5; K > 2 classes (``label_names``), the most probable class as
-    ``prediction`` and one ``prob_<class name>`` column per class."""
+    """Per-image predictions of ``module`` on ``loader`` (:func:`prediction_frame`)."""
     module.eval()
-    rows = []
-    multiclass = is_multiclass(label_names)
+    sample_ids: list[str] = []
+    labels, probabilities = [], []
     for batch in loader:
-        probabilities = module(batch["image"].to(module.device)).float().softmax(1).cpu()
-        for sample_id, label, p in zip(batch["sample_id"], batch["label"].tolist(), probabilities.tolist()):
-            if multiclass:
-                assert label_names is not None
-                rows.append({"sample_id": sample_id, "label": label, "prediction": int(np.argmax(p)), **dict(zip(probability_columns(label_names), p))})
-            else:
-                rows.append({"sample_id": sample_id, "label": label, "probability": p[1], "prediction": int(p[1] >= 0.5)})
-    return pd.DataFrame(rows)
+        probabilities.append(module(batch["image"].to(module.device)).float().softmax(1).cpu())
+        labels.append(batch["label"])
+        sample_ids += list(batch["sample_id"])
+    if not sample_ids:
+        return prediction_frame([], np.zeros(0), np.zeros((0, len(label_names) if label_names else 2)), label_names)
+    return prediction_frame(sample_ids, torch.cat(labels).numpy(), torch.cat(probabilities).numpy(), label_names)
 
 
 def finetune_callbacks(config, run_info: dict, run_dir: Path) -> list[Callback]:
