@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -230,21 +229,3 @@ def test_bad_checkpoints_are_named(tmp_path):
     torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1.0}}, not_diffusion)
     with pytest.raises(DiffusionCheckpointError, match="not a DiffusionModule checkpoint"):
         load_ema_from_checkpoint(not_diffusion)
-
-
-def test_learning_rate_schedule_warms_up_then_decays_over_the_run(tmp_path):
-    """optim.schedule: linear warmup, then a cosine to 0 at trainer.max_steps (written out here); unset, lr throughout."""
-    manifest = disk_manifest(tmp_path / "data")
-
-    def logged_lr(run_dir: Path) -> list[float]:
-        metrics = pd.read_csv(run_dir / "metrics.csv")
-        return metrics.dropna(subset=["lr-AdamW"]).sort_values("step")["lr-AdamW"].tolist()
-
-    scheduled = run_diffusion(tiny_config(tmp_path, manifest, **{"optim.schedule": "{warmup_steps: 2, decay: cosine}"}))
-    peak, warmup, total = 1e-3, 2, 6
-    expected = [peak * (k + 1) / warmup if k < warmup else peak * 0.5 * (1 + math.cos(math.pi * (k - warmup) / (total - warmup))) for k in range(total)]
-    np.testing.assert_allclose(logged_lr(scheduled), expected, rtol=1e-6)
-    assert load_config(DiffusionConfig, scheduled / "config.yaml").optim.schedule.decay == "cosine"
-
-    constant = run_diffusion(tiny_config(tmp_path, manifest))
-    assert logged_lr(constant) == [peak] * total

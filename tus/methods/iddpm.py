@@ -24,14 +24,13 @@ import torch
 from diffusers import UNet2DModel
 from safetensors import SafetensorError
 from timm.utils import ModelEmaV3
-from torch.optim.lr_scheduler import LambdaLR
 
 from tus.config import from_dict
 from tus.data.seeding import derive_seed
 from tus.losses.gaussian_diffusion import NoiseSchedule, hybrid_loss, q_sample, timestep_sampler
 from tus.models.export import read_export_config, save_export, unet_normalization
 from tus.models.weights import CheckpointError, load_weights
-from tus.optim import ScheduleConfig, adamw, schedule_lambda
+from tus.optim import adamw
 
 
 class DiffusionCheckpointError(ValueError):
@@ -154,9 +153,6 @@ class OptimConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
-    # A learning-rate schedule over trainer.max_steps (linear warmup, then cosine/poly decay); None: lr throughout,
-    # as the reference trains. A run of a few hundred steps (diffusion/demo) ends far better decayed to 0.
-    schedule: ScheduleConfig | None = None
 
 
 @dataclass
@@ -255,12 +251,8 @@ class DiffusionModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         self.ema.update(self.unet, step=self.global_step)
 
-    def configure_optimizers(self):
-        optimizer = adamw(self.unet.parameters(), lr=self.optim.lr, weight_decay=self.optim.weight_decay, betas=tuple(self.optim.betas))
-        if self.optim.schedule is None:
-            return optimizer
-        scheduler = LambdaLR(optimizer, schedule_lambda(self.trainer.max_steps, self.optim.schedule))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return adamw(self.unet.parameters(), lr=self.optim.lr, weight_decay=self.optim.weight_decay, betas=tuple(self.optim.betas))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["timestep_sampler"] = self.timestep_sampler.state_dict()
