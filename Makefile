@@ -47,7 +47,7 @@ lint: setup
 	$(BIN)/mypy
 
 test: setup lint
-	WANDB_MODE=disabled $(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder -q
+	WANDB_MODE=disabled $(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder -q --durations=25
 
 phantom: $(PHANTOM)/labeled/manifest.csv
 

@@ -16,6 +16,9 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 # Decoded-image caches of the suite go to a throw-away folder, never the user's ~/.cache.
 os.environ["TUS_CACHE_DIR"] = tempfile.mkdtemp(prefix="tus-test-cache-")
+# Figures as PNG only: their PDFs' font subsetting took ~0.5 s each, 69 s of the study runner's
+# 417 s test. The figure tests ask for PDFs too (tests/test_figures.py, the guidance plot).
+os.environ["TUS_FIGURE_FORMATS"] = "png"
 
 # Test models are tiny and pytest-xdist runs one worker per core: more torch threads than
 # free cores make OpenMP threads spin against each other (~5x slower on a 2-core machine).

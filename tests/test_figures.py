@@ -13,6 +13,13 @@ from tus.figures import classification as fig
 from tus.figures import save
 from tus.figures.study import forest_figure
 
+
+@pytest.fixture(autouse=True)
+def png_and_pdf(monkeypatch):
+    """These tests check both formats (the suite writes PNG only, tests/conftest.py)."""
+    monkeypatch.setenv("TUS_FIGURE_FORMATS", "png,pdf")
+
+
 # Run A: scores 0.1, 0.4 (negatives) and 0.35, 0.8 (positives): of the 4 positive-negative pairs,
 # 3 are ordered right -> AUROC 0.75. Run B separates perfectly -> AUROC 1.0.
 RUN_A = {"label": [0, 0, 1, 1], "prob": [0.1, 0.4, 0.35, 0.8], "pred": [0, 0, 0, 1]}
@@ -293,3 +300,17 @@ def test_bootstrap_average_precision_is_sklearns_to_the_bit():
         if case % 2:
             scores = np.round(scores, 1)  # tied scores
         assert _average_precision(labels == 1, scores) == float(average_precision_score(labels, scores))
+
+
+def test_figure_formats_follow_the_environment_and_refuse_unknown_ones(tmp_path, monkeypatch):
+    from tus.figures.style import figure_formats
+
+    monkeypatch.delenv("TUS_FIGURE_FORMATS")
+    assert figure_formats() == ("png", "pdf")
+    monkeypatch.setenv("TUS_FIGURE_FORMATS", " PNG, svg ,png")
+    assert figure_formats() == ("png", "svg")
+    result = fig.roc_figure(predictions(), n_boot=10)
+    assert sorted(p.name for p in save(result, tmp_path, "roc")) == ["roc.csv", "roc.png", "roc.svg"]
+    monkeypatch.setenv("TUS_FIGURE_FORMATS", "png,jpg")
+    with pytest.raises(ValueError, match="TUS_FIGURE_FORMATS='png,jpg'"):
+        figure_formats()

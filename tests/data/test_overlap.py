@@ -129,3 +129,29 @@ def test_a_test_patients_other_images_and_their_near_duplicates_leave_the_pool(t
     kept, _ = exclude_labeled(pool_frame, overlap, "test_folds", [0])
     assert sorted(Path(p).name for p in kept["abs_path"]) == ["anonymous.png", "own.png", "p1_frame.png"]
     assert overlap_report(overlap, labeled_folds(labeled_frame), len(pool_frame))["per_fold"][0]["same_patient"] == 2
+
+
+def test_image_hashes_are_kept_per_file_version(tmp_path):
+    """The in-memory hashes follow the file: the same values as hashing the bytes and pixels by
+    hand, and a rewritten file (new size or modification time) is hashed again."""
+    import hashlib
+    import os
+
+    from tus.data.overlap import image_hashes
+
+    def by_hand(path: Path) -> tuple[str, str]:
+        pixels = np.asarray(Image.open(path).convert("L"))
+        digest = hashlib.sha1(np.asarray(pixels.shape, dtype=np.int64).tobytes())
+        digest.update(pixels.tobytes())
+        return hashlib.sha1(path.read_bytes()).hexdigest(), digest.hexdigest()
+
+    path, copy = tmp_path / "a.png", tmp_path / "b.png"
+    Image.fromarray(np.arange(64 * 64, dtype=np.uint8).reshape(64, 64)).save(path)
+    shutil.copy(path, copy)
+    first = image_hashes([str(path), str(copy)])
+    assert [tuple(row) for row in first[["file_hash", "pixel_hash"]].to_numpy()] == [by_hand(path), by_hand(copy)]
+    Image.fromarray(np.full((64, 48), 7, dtype=np.uint8)).save(path)
+    os.utime(path, ns=(1, 1))  # even with an old timestamp: the size changed
+    again = image_hashes([str(path), str(copy)])
+    assert tuple(again.iloc[0]) == by_hand(path) != tuple(first.iloc[0])
+    assert tuple(again.iloc[1]) == tuple(first.iloc[1])

@@ -35,5 +35,11 @@ def test_cam_of_a_chosen_class_and_its_probabilities():
     # Without a chosen class, a 3-class model records each image's predicted-class probability.
     default = measure_marker_sensitivity(model, images, marked, masks)
     assert np.allclose(default.probabilities_clean, probabilities.max(1).values.numpy(), atol=1e-6)
+    # The overlay titles name the class whose probability they give: the chosen or the predicted one.
+    from tus.eval.explain import overlay_figure
+
+    for run, classes in ((result, [2] * 6), (default, predicted.tolist())):
+        titles = [a.get_title() for a in overlay_figure(run, [f"i{k}.png" for k in range(6)]).axes if a.images][::4]
+        assert titles == [f"i{k}.png\npred {int(predicted[k])}, p({classes[k]})={float(run.probabilities_clean[k]):.2f}" for k in range(6)]
     with pytest.raises(ValueError, match="target class 3 is not a class of this 3-class model"):
         measure_marker_sensitivity(model, images, marked, masks, target_class=3)

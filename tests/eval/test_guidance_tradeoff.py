@@ -19,6 +19,12 @@ from tus.models.configs import BackboneConfig
 from tus.stages.synthetic import label_faithfulness, run_metrics
 
 
+@pytest.fixture(autouse=True)
+def png_and_pdf(monkeypatch):
+    """These tests check both formats (the suite writes PNG only, tests/conftest.py)."""
+    monkeypatch.setenv("TUS_FIGURE_FORMATS", "png,pdf")
+
+
 @pytest.fixture
 def always_positive(tmp_path):
     """A classifier whose head ignores the image and always answers class 1 (weights 0, bias (0, 5))."""

@@ -58,9 +58,9 @@ def test_short_mae_on_breast_and_thyroid_beats_predicting_the_mean(shared_data: 
         "trainer.log_every_n_steps=1",
         "trainer.enable_progress_bar=false",
         "checkpoint_every_n_steps=null",
-        "monitor.every_n_steps=75",
-        "monitor.holdout_per_organ=20",
-        "monitor.bank_per_organ=64",
+        # No organ probe: this test is about the reconstruction loss, and the probe's end-of-run
+        # UMAP figure (numba's first compilation in the worker) cost ~20 s of it.
+        "monitor.every_n_steps=0",
         "logging.wandb=false",
     ]
     config = load_config(PretrainConfig, "pretrain/mae_cpu", overrides)

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from tus.data.folds import assign_folds
-from tus.data.images import content_hash, read_grayscale
+from tus.data.images import content_hash, read_grayscale, split_frame
 from tus.data.near_duplicates import NearDuplicateConfig, hash_files, near_duplicate_pairs
 
 ExcludeLabeled = Literal["none", "test_folds", "all"]
@@ -46,13 +46,31 @@ def pixel_hash(path: str | Path) -> str:
 
 
 def image_hashes(paths: list[str]) -> pd.DataFrame:
-    """``file_hash`` and ``pixel_hash`` of each path (one decode per distinct file)."""
-    file_hashes = [content_hash(p) for p in paths]
-    pixels: dict[str, str] = {}
+    """``file_hash`` and ``pixel_hash`` of each path (one decode per distinct file).
+
+    Kept in memory per (file, frame, size, modification time), as :func:`hash_files` keeps its
+    hashes: a per-fold pool exclusion hashes the same pool once per fold (a third of
+    benchmarks/real_data.py's pool preparation on BUSI + DDTI was hashing again)."""
+    file_hashes = []
+    for path in paths:
+        key = _file_key(path)
+        if key not in _FILE_HASH:
+            _FILE_HASH[key] = content_hash(path)
+        file_hashes.append(_FILE_HASH[key])
     for path, file_hash in zip(paths, file_hashes):
-        if file_hash not in pixels:  # byte-identical files decode to the same pixels
-            pixels[file_hash] = pixel_hash(path)
-    return pd.DataFrame({"file_hash": file_hashes, "pixel_hash": [pixels[h] for h in file_hashes]})
+        if file_hash not in _PIXEL_HASH:  # byte-identical files decode to the same pixels
+            _PIXEL_HASH[file_hash] = pixel_hash(path)
+    return pd.DataFrame({"file_hash": file_hashes, "pixel_hash": [_PIXEL_HASH[h] for h in file_hashes]})
+
+
+def _file_key(path: str) -> tuple:
+    file, frame = split_frame(path)
+    stat = Path(file).stat()
+    return (str(Path(file).resolve()), frame, stat.st_size, stat.st_mtime_ns)
+
+
+_FILE_HASH: dict[tuple, str] = {}  # (file, frame, size, mtime) -> SHA-1 of the bytes
+_PIXEL_HASH: dict[str, str] = {}  # SHA-1 of the bytes -> SHA-1 of the decoded pixels
 
 
 def labeled_folds(labeled: pd.DataFrame, num_folds: int | None = None, fold_seed: int = 0) -> np.ndarray:

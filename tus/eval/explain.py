@@ -244,6 +244,11 @@ class MarkerSensitivity:
     predicted_marked: np.ndarray
     target_layer: str
     method: str = "gradcam++"
+    # (N,) the class whose probability is recorded (None: the positive class 1 of a binary model)
+    explained_class: np.ndarray | None = None
+
+    def probability_label(self, row: int) -> str:
+        return f"p({1 if self.explained_class is None else int(self.explained_class[row])})"
 
     @property
     def mass_clean(self) -> np.ndarray:
@@ -276,6 +281,8 @@ class MarkerSensitivity:
         return pd.DataFrame(
             {
                 "image": names,
+                # the class whose probability the next two columns give
+                "probability_of_class": self.explained_class if self.explained_class is not None else np.ones(len(names), dtype=int),
                 "probability_clean": self.probabilities_clean,
                 "probability_marked": self.probabilities_marked,
                 "predicted_clean": self.predicted_clean,
@@ -288,13 +295,15 @@ class MarkerSensitivity:
 
 
 def _take(value, rows: slice):
-    return value if isinstance(value, str) else value[rows]
+    return value if value is None or isinstance(value, str) else value[rows]
 
 
 def _join(values: list):
     if isinstance(values[0], torch.Tensor):
         return torch.cat(values)
-    return values[0] if isinstance(values[0], str) else np.concatenate(values)
+    if values[0] is None or isinstance(values[0], str):
+        return values[0]
+    return np.concatenate(values)
 
 
 def _nanmean(values: np.ndarray) -> float:
@@ -345,6 +354,7 @@ def measure_marker_sensitivity(
         predicted_marked=logits_marked.argmax(1).numpy(),
         target_layer=name,
         method=method,
+        explained_class=explained.numpy(),
     )
 
 
@@ -369,7 +379,8 @@ def overlay_figure(result: MarkerSensitivity, names: list[str], labels: Sequence
 
     The CAM is drawn over the grayscale image in a perceptually uniform map (viridis, alpha
     0.5) with one colour bar; each image's title gives its true label (when ``labels`` are
-    known), the predicted class and the positive-class probability; pixels stay square.
+    known), the predicted class and the recorded class's probability (``p(k)``: the positive class
+    of a binary model, else the explained class); pixels stay square.
     """
     import matplotlib
 
@@ -389,9 +400,9 @@ def overlay_figure(result: MarkerSensitivity, names: list[str], labels: Sequence
             truth = f"true {int(labels[row])}, " if labels is not None else ""
             panels = [
                 # The file name only: full paths overflow into the neighbouring panel's title.
-                (clean, None, f"{Path(name).name}\n{truth}pred {int(result.predicted_clean[row])}, p(1)={result.probabilities_clean[row]:.2f}"),
+                (clean, None, f"{Path(name).name}\n{truth}pred {int(result.predicted_clean[row])}, {result.probability_label(row)}={result.probabilities_clean[row]:.2f}"),
                 (clean, result.cams_clean[row], f"{title}, clean\nCAM mass on marker px {mass_clean[row]:.0%}"),
-                (marked, None, f"+ markers\n{truth}pred {int(result.predicted_marked[row])}, p(1)={result.probabilities_marked[row]:.2f}"),
+                (marked, None, f"+ markers\n{truth}pred {int(result.predicted_marked[row])}, {result.probability_label(row)}={result.probabilities_marked[row]:.2f}"),
                 (marked, result.cams_marked[row], f"{title}, marked\nCAM mass on marker px {mass_marked[row]:.0%}"),
             ]
             for axis, (image, cam, text) in zip(axes[row], panels):
@@ -410,7 +421,7 @@ def format_summary(summary: dict) -> str:
         [
             f"images: {summary['num_images']}  ({CAM_METHODS[summary.get('method', 'gradcam++')]} layer: {summary['target_layer']})",
             f"predictions changed by markers: {summary['prediction_change_rate']:.1%}",
-            f"mean |p(pos) shift|: {summary['mean_probability_shift']:.3f}",
+            f"mean |probability shift| (positive class; K > 2: each image's explained class): {summary['mean_probability_shift']:.3f}",
             f"CAM mass on marker pixels: clean {summary['cam_mass_on_markers_clean']:.1%} -> marked {summary['cam_mass_on_markers_marked']:.1%}"
             f" (marker pixels cover {summary['marker_area']:.1%} of the image)",
         ]
