@@ -28,3 +28,10 @@ def test_demo_steps_are_counted_right():
     from tus.cli import demo
 
     assert inspect.getsource(demo.run_demo).count("with stage(") == STAGES
+
+
+def test_the_report_names_the_diffusion_runs_size_from_its_config(tmp_path):
+    from tus.cli.demo import _diffusion_size
+
+    (tmp_path / "config.yaml").write_text("data:\n  image_size: 32\ntrainer:\n  max_steps: 1000\n")
+    assert _diffusion_size(tmp_path) == "32 px, 1000 steps"
