@@ -190,7 +190,8 @@ def offline_records(run_dir: Path) -> list[Any]:
     from wandb.proto import wandb_internal_pb2
 
     records = []
-    for path in sorted(Path(run_dir).rglob("offline-run-*/run-*.wandb")):
+    # ``run_dir`` may be a run dir, a study, or one ``offline-run-*`` folder itself.
+    for path in sorted(p for p in Path(run_dir).rglob("run-*.wandb") if p.parent.name.startswith("offline-run-")):
         data, position, pending = path.read_bytes(), 7, b""
         while position + 7 <= len(data):
             if 32768 - position % 32768 < 7:  # a block's tail too short for a header is padding
