@@ -23,7 +23,6 @@ import json
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import numpy as np
@@ -39,6 +38,7 @@ from tus.callbacks.finite_loss import NonFiniteLossError
 from tus.callbacks.gradcam import GradCAMPlusPlusLogger
 from tus.callbacks.loss_recorder import PerSampleLossRecorder
 from tus.callbacks.progress import stage_progress
+from tus.callbacks.test_predictions import TestPredictions
 from tus.config import ConfigError, to_dict, write_text_atomic
 from tus.data.crop import read_crop_recipe
 from tus.data.datamodules import LabeledDataModule
@@ -478,7 +478,7 @@ def run_single(
     if trainer.is_global_zero:
         # One process tested the whole fold: its test pass gave the predictions. Under DDP each
         # rank tested a share (padded to equal sizes), so rank 0 predicts the fold again.
-        predictions = test_predictions.frame(names) if trainer.world_size == 1 else predict(module, datamodule.test_dataloader(), names)
+        predictions = prediction_frame(*test_predictions.arrays(len(names) if names else 2), names) if trainer.world_size == 1 else predict(module, datamodule.test_dataloader(), names)
         predictions.to_csv(run_dir / "predictions.csv", index=False)
         if is_multiclass(names):
             # Macro and per-class metrics from the written predictions (as a reader recomputes them).
@@ -607,29 +607,6 @@ def prediction_frame(sample_ids: list[str], labels: np.ndarray, probabilities: n
         frame["probability"] = probabilities[:, 1].astype(np.float64)
         frame["prediction"] = (frame["probability"] >= 0.5).astype(np.int64)
     return frame
-
-
-class TestPredictions(Callback):
-    """Keeps each test batch's sample ids, labels and class probabilities (``test_step``'s
-    output) as the test loop produces them, for :meth:`frame`; a new test pass starts over."""
-
-    def __init__(self) -> None:
-        self._batches: list[tuple[list[str], torch.Tensor, torch.Tensor]] = []
-
-    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._batches = []
-
-    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._batches.append((list(batch["sample_id"]), batch["label"].detach().cpu(), outputs["probabilities"].detach().float().cpu()))
-
-    def frame(self, label_names: list[str] | None = None) -> pd.DataFrame:
-        """The predictions of the last test pass (:func:`prediction_frame`)."""
-        if not self._batches:
-            return prediction_frame([], np.zeros(0), np.zeros((0, len(label_names) if label_names else 2)), label_names)
-        sample_ids = [sample_id for ids, _, _ in self._batches for sample_id in ids]
-        labels = torch.cat([labels for _, labels, _ in self._batches]).numpy()
-        probabilities = torch.cat([p for _, _, p in self._batches]).numpy()
-        return prediction_frame(sample_ids, labels, probabilities, label_names)
 
 
 @torch.inference_mode()
