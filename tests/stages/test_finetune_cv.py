@@ -259,3 +259,15 @@ def test_folds_redrawn_per_seed_are_recorded_and_kept_on_resume(tmp_path: Path):
     run_cv(config, run_dir)  # resuming a finished run with the same setting trains nothing
     with pytest.raises(ConfigError, match="data.folds_per_seed"):
         run_cv(tiny_config(manifest, tmp_path / "runs", "--seeds=[0, 1]", "--trainer.max_epochs=1", "--record_losses=false"), run_dir)
+
+
+def test_prediction_table_of_no_images_has_the_columns_of_a_full_one():
+    """An empty test pass still gives predictions.csv's columns (it once failed to reshape (0, K))."""
+    from tus.stages.finetune_cv import prediction_frame
+
+    binary = prediction_frame(["a"], np.array([1]), np.array([[0.25, 0.75]], dtype=np.float32))
+    assert binary.to_dict("records") == [{"sample_id": "a", "label": 1, "probability": 0.75, "prediction": 1}]
+    empty = prediction_frame([], np.zeros(0), np.zeros((0, 2)))
+    assert list(empty.columns) == list(binary.columns) and len(empty) == 0
+    three = prediction_frame([], np.zeros(0), np.zeros((0, 3)), ["x", "y", "z"])
+    assert len(three) == 0 and {"sample_id", "label", "prediction"} < set(three.columns) and len(three.columns) == 6

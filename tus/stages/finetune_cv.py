@@ -596,7 +596,7 @@ def prediction_frame(sample_ids: list[str], labels: np.ndarray, probabilities: n
     positive-class ``probability`` and the ``prediction`` at 0.5; K > 2 classes
     (``label_names``), the most probable class as ``prediction`` and one ``prob_<class name>``
     column per class. Probabilities are written as the float64 of the model's float32 values."""
-    probabilities = np.asarray(probabilities, dtype=np.float32).reshape(len(sample_ids), -1)
+    probabilities = np.asarray(probabilities, dtype=np.float32)  # (N, K); (0, K) for no images
     frame = pd.DataFrame({"sample_id": list(sample_ids), "label": np.asarray(labels, dtype=np.int64)})
     if is_multiclass(label_names):
         assert label_names is not None
