@@ -10,6 +10,7 @@ an argument fails a test instead of drifting.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -87,3 +88,8 @@ class LoggingConfig:
     job_type: str | None = None
     tags: list[str] = field(default_factory=list)
     mode: Literal["offline", "online", "disabled"] | None = None
+
+    def run_group(self) -> str | None:
+        """``group``, else ``WANDB_RUN_GROUP`` read now: W&B reads its environment once per
+        process, so a later run in the same process would lose a group set after the first."""
+        return self.group or os.environ.get("WANDB_RUN_GROUP") or None

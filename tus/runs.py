@@ -449,7 +449,7 @@ def build_loggers(run_dir: Path, logging: LoggingConfig, *, name: str, config: d
             WandbLogger(
                 project=logging.project,
                 entity=logging.entity,
-                group=logging.group or os.environ.get("WANDB_RUN_GROUP") or None,  # read now: W&B reads its env once per process
+                group=logging.run_group(),
                 job_type=logging.job_type,
                 tags=[*logging.tags, *tags],
                 name=name,

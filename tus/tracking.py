@@ -105,7 +105,7 @@ def start_run(run_dir: Path, logging: LoggingConfig, *, name: str, job_type: str
     run = wandb.init(
         project=logging.project,
         entity=logging.entity,
-        group=logging.group or os.environ.get("WANDB_RUN_GROUP") or None,  # read now: W&B reads its env once per process
+        group=logging.run_group(),
         job_type=job_type,
         name=name,
         id=run_id,
