@@ -336,8 +336,6 @@ def patient_bootstrap_ci(predictions: pd.DataFrame, metric_fn: MetricFn, n_boot:
     """
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
-    if len(predictions) == 0:
-        raise ValueError("no predictions to bootstrap")
     replicates = patient_replicate_rows(predictions["patient_id"].to_numpy(), n_boot, seed)
     return percentile_interval(np.array([metric_fn(predictions.iloc[rows]) for rows in replicates]), alpha)
 
@@ -345,6 +343,8 @@ def patient_bootstrap_ci(predictions: pd.DataFrame, metric_fn: MetricFn, n_boot:
 def patient_replicate_rows(patient_ids: np.ndarray, n_boot: int, seed: int) -> list[np.ndarray]:
     """The positional rows of each replicate of :func:`patient_bootstrap_ci` (its reproducible
     definition): for a metric computed on arrays rather than a frame's rows."""
+    if len(patient_ids) == 0:
+        raise ValueError("no predictions to bootstrap")
     patients, codes = np.unique(patient_ids, return_inverse=True)
     order = np.argsort(codes, kind="stable")
     # rows_of[i] are the positional rows of patient i, in their original order.

@@ -57,8 +57,6 @@ def _ci(predictions: pd.DataFrame, metric: str, n_boot: int) -> tuple[float, flo
             if metric == "average_precision":
                 # patient_bootstrap_ci's replicates on arrays: a replicate's rows through pandas
                 # cost ~2 ms, of 1000 replicates that were most of the PR figure's time.
-                if len(frame) == 0:
-                    raise ValueError("no predictions to bootstrap")
                 positive, scores = frame["label"].to_numpy() == 1, frame["prob"].to_numpy()
                 replicates = patient_replicate_rows(frame["patient_id"].to_numpy(), n_boot, seed=0)
                 values = [_average_precision(positive[rows], scores[rows]) if 0 < positive[rows].sum() < len(rows) else math.nan for rows in replicates]
