@@ -54,6 +54,12 @@ PAPER_HEADERS = {
     "markers": ["Training augmentation", "Accuracy, clean (↑)", "F1-Score, clean (↑)", "Accuracy, + markers (↑)", "F1-Score, + markers (↑)", "Predictions flipped by markers (↓)"],
 }
 POOL_SIZE = 48
+# Every run of this module (the fixture's and the re-runs', which must match it to count as
+# finished) skips what no test here reads: the CV figures (tests/test_figures.py and
+# test_finetune_cv.py check them; 43 s of the fixture's 140 s) and the channels_last
+# 'auto' timing trials (16 trial steps per new model and batch shape, 8x a shrunk run's
+# 2 steps: 14 s; tests/callbacks/test_performance.py checks them).
+SMOKE = schema.StageOverrides(pretrain=["trainer.channels_last=false"], finetune=["figures=false", "trainer.channels_last=false"])
 
 
 def build_standins(root: Path) -> dict[str, str]:
@@ -125,7 +131,7 @@ def study_runs(tmp_path_factory):
         calls = Calls(patch)
         for name in ("tab2", "tab3", "tab4", "tab1", "markers"):
             before = dict(calls.counts)
-            runner.run_study(schema.load_study(STUDIES / f"{name}.yaml"), out, arms=RUN_ARMS[name], variables=variables, shrink=True)
+            runner.run_study(schema.load_study(STUDIES / f"{name}.yaml"), out, arms=RUN_ARMS[name], variables=variables, shrink=True, extra=SMOKE)
             counts[name] = {k: calls.counts[k] - before[k] for k in calls.counts}
     return out, variables, counts
 
@@ -247,12 +253,12 @@ def test_rerun_skips_finished_work_and_resumes_unfinished(study_runs, monkeypatc
     calls = Calls(monkeypatch)
     tab2 = schema.load_study(STUDIES / "tab2.yaml")
     before = (out / "tab2-shrink" / "table.md").read_text()
-    runner.run_study(tab2, out, variables=variables, shrink=True)
+    runner.run_study(tab2, out, variables=variables, shrink=True, extra=SMOKE)
     assert calls.counts == {"run_pretraining": 0, "run_cv": 0, "run_single": 0}
     assert (out / "tab2-shrink" / "table.md").read_text() == before
     # An arm whose summary is gone is handed back to run_cv, which finds every fold finished.
     (out / "tab1-shrink" / "flipped" / "finetune" / "summary.json").unlink()
-    runner.run_study(schema.load_study(STUDIES / "tab1.yaml"), out, arms=["flipped"], variables=variables, shrink=True)
+    runner.run_study(schema.load_study(STUDIES / "tab1.yaml"), out, arms=["flipped"], variables=variables, shrink=True, extra=SMOKE)
     assert calls.counts == {"run_pretraining": 0, "run_cv": 1, "run_single": 0}
     assert (out / "tab1-shrink" / "flipped" / "finetune" / "summary.json").is_file()
 
@@ -260,9 +266,23 @@ def test_rerun_skips_finished_work_and_resumes_unfinished(study_runs, monkeypatc
 def test_a_finished_arm_with_a_changed_config_is_refused(study_runs):
     out, variables, _ = study_runs
     with pytest.raises(schema.StudyError, match=r"arm 'flipped' finished with a different config \(optim.lr_head\)"):
-        runner.run_study(schema.load_study(STUDIES / "tab1.yaml"), out, arms=["flipped"], variables=variables, shrink=True, extra=schema.StageOverrides(finetune=["optim.lr_head=0.5"]))
+        runner.run_study(
+            schema.load_study(STUDIES / "tab1.yaml"),
+            out,
+            arms=["flipped"],
+            variables=variables,
+            shrink=True,
+            extra=schema.StageOverrides(pretrain=SMOKE.pretrain, finetune=[*SMOKE.finetune, "optim.lr_head=0.5"]),
+        )
     # Where it ran is not what it computed: a device override reuses the finished arm.
-    runner.run_study(schema.load_study(STUDIES / "tab1.yaml"), out, arms=["flipped"], variables=variables, shrink=True, extra=schema.StageOverrides(finetune=["trainer.accelerator=auto"]))
+    runner.run_study(
+        schema.load_study(STUDIES / "tab1.yaml"),
+        out,
+        arms=["flipped"],
+        variables=variables,
+        shrink=True,
+        extra=schema.StageOverrides(pretrain=SMOKE.pretrain, finetune=[*SMOKE.finetune, "trainer.accelerator=auto"]),
+    )
 
 
 def test_wandb_runs_are_grouped_by_study_and_arm(study_runs):
@@ -308,9 +328,9 @@ def test_finetune_stage_needs_the_pretraining_and_dry_run_only_plans(study_runs,
     calls = Calls(monkeypatch)
     tab3 = schema.load_study(STUDIES / "tab3.yaml")
     with pytest.raises(schema.StudyError, match=r"arm 'synthetic' needs its pretraining .*run --stage pretrain"):
-        runner.run_study(tab3, out, arms=["synthetic"], variables=variables, shrink=True, stage="finetune")
+        runner.run_study(tab3, out, arms=["synthetic"], variables=variables, shrink=True, stage="finetune", extra=SMOKE)
     arguments = [f"--set={k}={v}" for k, v in variables.items()]
-    assert experiment_cli.main(["run", str(STUDIES / "tab3.yaml"), "--out", str(out), "--shrink", "--dry-run", *arguments]) == 0
+    assert experiment_cli.main(["run", str(STUDIES / "tab3.yaml"), "--out", str(out), "--shrink", "--dry-run", *arguments, "--pretrain", *SMOKE.pretrain, "--finetune", *SMOKE.finetune]) == 0
     printed = capsys.readouterr().out
     assert "real_both: " in printed and "(finished)" in printed and "synthetic: " in printed and "(to run)" in printed
     assert calls.counts == {"run_pretraining": 0, "run_cv": 0, "run_single": 0}
