@@ -66,17 +66,20 @@ def test_real_data_variant_rows_and_per_fold_pool_exclusion(shared_data: Path, t
     script = load_benchmark_script("real_data", "real_data_benchmark")
     out = tmp_path / "out"
     # 2 folds, the pretrained arm only (the scratch arm's CV: the three-class test below) and no
-    # organ probe (its UMAP figure alone took ~50 s of this test's ~390 s).
-    common = ["--data-root", str(shared_data), "--out", str(out), "--epochs", "1", "--image-size", "32", "--seeds", "0", "--pretrain-steps", "4", "--folds", "2"]
-    pretrain_set = ["method.schedule.warmup_steps=1", "monitor.every_n_steps=0"]
+    # organ probe (its UMAP figure alone took ~50 s of this test's ~390 s). One torch thread
+    # (the script's default is 2: two xdist workers on 2 cores then spin against each other) and
+    # no channels_last 'auto' timing (16 trial steps per pretraining and fold, 61 s of 205 s).
+    common = ["--data-root", str(shared_data), "--out", str(out), "--epochs", "1", "--image-size", "32", "--seeds", "0", "--pretrain-steps", "4", "--folds", "2", "--threads", "1"]
+    pretrain_set = ["method.schedule.warmup_steps=1", "monitor.every_n_steps=0", "trainer.channels_last=false"]
+    finetune_set = ["optim.backbone_lr_scale=0.5", "trainer.channels_last=false"]
     common += [f"--pretrain-set={setting}" for setting in pretrain_set]
-    script.main([*common, "--arms", "d", "--variant", "low", "--finetune-set", "optim.backbone_lr_scale=0.5"])
+    script.main([*common, "--arms", "d", "--variant", "low", *(f"--finetune-set={setting}" for setting in finetune_set)])
 
     table = pd.read_csv(out / "table.csv")
     assert table["arm"].tolist() == ["simclr-low"]
     assert table["runs"].tolist() == [2]
     recipes = json.loads((out / "recipes.json").read_text())
-    assert recipes["simclr-low"] == {"pretrain_steps": 4, "pretrain_set": pretrain_set, "finetune_set": ["optim.backbone_lr_scale=0.5"]}
+    assert recipes["simclr-low"] == {"pretrain_steps": 4, "pretrain_set": pretrain_set, "finetune_set": finetune_set}
     # A fine-tuning-only variant names its pretrainings by the pretraining recipe, so another
     # fine-tuning variant reuses them.
     prefix = script.pretraining_label(argparse.Namespace(pretrain_steps=4, pretrain_set=pretrain_set), "simclr")
@@ -101,7 +104,28 @@ def test_real_data_three_busi_classes_through_the_cv(shared_data: Path, tmp_path
     monkeypatch.setenv("WANDB_MODE", "disabled")
     script = load_benchmark_script("real_data", "real_data_benchmark")
     out = tmp_path / "out"
-    script.main(["--data-root", str(shared_data), "--out", str(out), "--epochs", "1", "--image-size", "32", "--seeds", "0", "--arms", "b", "--classes", "3"])
+    # One torch thread and no channels_last timing trials, as above.
+    script.main(
+        [
+            "--data-root",
+            str(shared_data),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--image-size",
+            "32",
+            "--seeds",
+            "0",
+            "--arms",
+            "b",
+            "--classes",
+            "3",
+            "--threads",
+            "1",
+            "--scratch-set=trainer.channels_last=false",
+        ]
+    )
     table = pd.read_csv(out / "table.csv")
     assert table["arm"].tolist() == ["scratch"] and {"f1", "auroc", "balanced_accuracy"} <= set(table.columns)
     summary = json.loads((out / "arms" / "scratch" / "summary.json").read_text())
