@@ -235,6 +235,23 @@ def test_fid_of_a_shifted_set_is_the_squared_shift(tmp_path):
     assert len(metrics["precision_per_batch"]) == 3 and metrics["precision_mean"] < 1.0
 
 
+@pytest.mark.parametrize(("num_real", "num_generated", "dim"), [(40, 30, 96), (5, 7, 10), (30, 30, 30)])
+def test_fid_of_fewer_images_than_dimensions_is_the_textbook_formula(num_real, num_generated, dim):
+    # Fewer images than feature dimensions (60 real images and the FID Inception's 2048): tus takes
+    # tr sqrt(S1 S2) from the (n1, n2) cross product of the centred features instead of the d x d
+    # eigenproblem. Reference: the formula written out, with scipy's matrix square root.
+    import scipy.linalg
+
+    rng = np.random.default_rng(dim)
+    real = rng.normal(size=(num_real, dim)).astype(np.float32)
+    generated = (1.5 * rng.normal(size=(num_generated, dim)) + 0.3).astype(np.float32)
+    s1, s2 = np.cov(real.astype(np.float64), rowvar=False), np.cov(generated.astype(np.float64), rowvar=False)
+    shift = real.astype(np.float64).mean(axis=0) - generated.astype(np.float64).mean(axis=0)
+    expected = shift @ shift + np.trace(s1) + np.trace(s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2)).real
+    assert metrics_from_features(real, generated)["fid"] == pytest.approx(expected, rel=1e-6)
+    assert metrics_from_features(real, real)["fid"] == pytest.approx(0.0, abs=1e-6 * expected)
+
+
 @pytest.mark.parametrize(
     "num_real, batches, size, note",
     [

@@ -7,8 +7,10 @@ with ddof 0) over the batches. With fewer than 3 x 64 real images the batches sh
 full batches of 64 as fit, else one batch of every real image) and ``notes`` says so. FID
 compares all real with all generated features; the Inception Score uses torch-fidelity's
 splits (10 by default) and is reported only when the extractor has class logits.
-torch-fidelity computes FID and IS; precision/recall use :mod:`tus.eval.manifold`,
-which matches torch-fidelity's ``prc``.
+torch-fidelity computes IS, and FID where there are more images than feature dimensions
+(with fewer, :func:`frechet_distance_low_rank` gives its value without the d x d
+eigenproblem: 0.08 s instead of 23-30 s for 60 vs 60 images); precision/recall use
+:mod:`tus.eval.manifold`, which matches torch-fidelity's ``prc``.
 """
 
 from __future__ import annotations
@@ -163,8 +165,29 @@ def _fid(real: np.ndarray, generated: np.ndarray, notes: list[str]) -> float | N
     if len(real) < 2 or len(generated) < 2:
         notes.append(f"FID needs at least 2 real and 2 generated images (got {len(real)} and {len(generated)})")
         return None
+    if min(len(real), len(generated)) <= real.shape[1]:
+        return frechet_distance_low_rank(real, generated)
     statistics = [fid_features_to_statistics(torch.from_numpy(f)) for f in (real, generated)]
     return float(fid_statistics_to_metric(*statistics, verbose=False)[KEY_METRIC_FID])
+
+
+def frechet_distance_low_rank(real: np.ndarray, generated: np.ndarray) -> float:
+    """FID = |mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2), for sets with fewer images than
+    feature dimensions.
+
+    torch-fidelity takes tr sqrt(S1 S2) from the eigenvalues of the d x d product (d = 2048 for
+    the FID Inception: ~30 s a FID on a 2-core CPU, whatever the number of images). With X1, X2
+    the centred (n1, d) and (n2, d) features, S1 S2 = X1' M X2 / ((n1 - 1)(n2 - 1)) with
+    M = X1 X2' (n1 x n2), whose nonzero eigenvalues are those of M M' / ((n1 - 1)(n2 - 1)) (AB
+    and BA share them), so tr sqrt(S1 S2) is M's nuclear norm / sqrt((n1 - 1)(n2 - 1)): exact,
+    and milliseconds for a few hundred images."""
+    x1, x2 = np.asarray(real, dtype=np.float64), np.asarray(generated, dtype=np.float64)
+    mean1, mean2 = x1.mean(axis=0), x2.mean(axis=0)
+    x1, x2 = x1 - mean1, x2 - mean2
+    scale1, scale2 = len(x1) - 1, len(x2) - 1
+    trace_sqrt = np.linalg.svd(x1 @ x2.T, compute_uv=False).sum() / np.sqrt(scale1 * scale2)
+    difference = mean1 - mean2
+    return float(difference @ difference + (x1 * x1).sum() / scale1 + (x2 * x2).sum() / scale2 - 2 * trace_sqrt)
 
 
 def _inception_score(logits: np.ndarray | None, unavailable_reason: str | None, splits: int, notes: list[str]) -> dict:
