@@ -92,10 +92,11 @@ def fit(out: Path, devices: int, batch_size: int, order: list[int] | None = None
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
-        # Both arms in freshly spawned interpreters (a 1-process DDP for the single arm): global
-        # state an earlier test left in this process (library flags, thread pools) would otherwise
-        # reach only the in-process arm; in a full run the arms once differed from step 2 on.
-        strategy="ddp_spawn",
+        # The two ranks in freshly spawned interpreters, the single arm in this one, itself a fresh
+        # interpreter (the body runs in its own pytest process, see the test above): no state an
+        # earlier test left reaches either arm (in a full run in one worker they once differed
+        # from step 2 on). A spawned 1-process DDP for the single arm cost one more ~15 s start.
+        strategy="ddp_spawn" if devices > 1 else "auto",
         use_distributed_sampler=devices > 1,  # the single arm keeps the order it is given
         max_steps=STEPS,
         logger=False,
