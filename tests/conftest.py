@@ -23,6 +23,9 @@ os.environ["TUS_FIGURE_FORMATS"] = "png"
 # Test models are tiny and pytest-xdist runs one worker per core: more torch threads than
 # free cores make OpenMP threads spin against each other (~5x slower on a 2-core machine).
 torch.set_num_threads(1)
+# The same for the processes tests launch (the tus command line, benchmark scripts): they inherit
+# the environment, and torch would otherwise start one OpenMP thread per core in each of them.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,7 +16,7 @@ import torch
 from PIL import Image
 
 from tus.cli.synthetic import filter_main, metrics_main
-from tus.data.images import OutputExistsError, content_hash, list_images, write_grayscale
+from tus.data.images import OutputExistsError, content_hash, list_images, read_grayscale, write_grayscale
 from tus.data.manifest import load_manifest
 from tus.eval import features as features_module
 from tus.eval.features import (
@@ -29,7 +31,7 @@ from tus.eval.features import (
     packaged_inception_weights,
 )
 from tus.eval.filtering import filter_generated, sweep
-from tus.eval.metrics import compute_metrics, format_metrics_table, metrics_from_features, reference_batches
+from tus.eval.metrics import comparison_size, compute_metrics, format_metrics_table, metrics_from_features, reference_batches
 from tus.models.backbones import BackboneConfig, create_backbone, save_encoder
 from tus.models.weights import CheckpointError
 
@@ -399,6 +401,94 @@ def test_sweep_reports_non_decreasing_kept_counts_and_writes_plots(tmp_path):
     for name in ("sweep.png", "samples.png"):
         with Image.open(tmp_path / "sweep" / name) as image:
             assert image.format == "PNG" and image.width > 300
+
+
+# ------------------------------------------------------------------- comparison resolution
+
+
+class DetailExtractor(FeatureExtractor):
+    """Size-independent features: mean intensity and mean absolute difference of horizontal neighbours (fine
+    detail, which an image loses when it is shrunk), so images of any size can be compared."""
+
+    identity = "test-detail"
+    logits_unavailable_reason = "no classifier"
+
+    def __init__(self):
+        self.sizes: list[tuple[int, int]] = []
+
+    def embed_batch(self, images, device):
+        self.sizes += [tuple(images.shape[1:])] * len(images)
+        pixels = images.float()
+        detail = (pixels[:, :, 1:] - pixels[:, :, :-1]).abs().mean(dim=(1, 2))
+        return {"features": torch.stack([pixels.mean(dim=(1, 2)), detail], dim=1)}
+
+
+@pytest.fixture
+def shrunk(tmp_path):
+    """Real noise images of 24 x 24 and 30 x 20 px, and as the generated set the same images shrunk to 8 x 8
+    by OpenCV's area resize (written out here, independently of tus' resize)."""
+    rng = np.random.default_rng(3)
+    real_dir, generated_dir = tmp_path / "real", tmp_path / "generated"
+    for index in range(12):
+        image = rng.integers(0, 256, size=(24, 24) if index % 2 else (20, 30), dtype=np.uint8)
+        write_grayscale(real_dir / f"r{index:02d}.png", image)
+        write_grayscale(generated_dir / f"g{index:02d}.png", cv2.resize(image, (8, 8), interpolation=cv2.INTER_AREA))
+    return real_dir, generated_dir
+
+
+def test_real_images_are_compared_at_the_generated_images_size(shrunk, tmp_path):
+    real_dir, generated_dir = shrunk
+    extractor = DetailExtractor()
+    metrics = compute_metrics(list_images(real_dir), list_images(generated_dir), extractor, prc_k=1)
+    # Both sets are then the same pixels: FID 0, and every sample is a real point (ratio 0, kept).
+    assert metrics["real_size"] == 8 and set(extractor.sizes) == {(8, 8)}
+    assert metrics["fid"] == pytest.approx(0.0, abs=1e-3)
+    assert metrics["precision_mean"] == 1.0 and metrics["recall_mean"] == 1.0
+    assert re.search(r"^real images compared at +8 x 8 px$", format_metrics_table(metrics), re.MULTILINE)
+    result = filter_generated(real_dir, generated_dir, tmp_path / "kept", k=1, extractor=DetailExtractor())
+    assert result.kept == 12 and result.table["min_distance_ratio"].max() == pytest.approx(0.0, abs=1e-6)
+    assert json.loads((tmp_path / "kept" / "filter.json").read_text())["real_size"] == 8
+
+
+def test_native_real_size_keeps_the_full_resolution_detail_the_samples_lack(shrunk, tmp_path):
+    real_dir, generated_dir = shrunk
+    extractor = DetailExtractor()
+    metrics = compute_metrics(list_images(real_dir), list_images(generated_dir), extractor, prc_k=1, real_size="native")
+    assert metrics["real_size"] == "native" and {(24, 24), (20, 30), (8, 8)} == set(extractor.sizes)
+    # Area-averaging 3 x 3 noise pixels shrinks the neighbour differences about 3-fold: no sample is near a real.
+    assert metrics["precision_mean"] == 0.0 and metrics["fid"] > 1000
+    result = filter_generated(real_dir, generated_dir, tmp_path / "kept", k=1, extractor=DetailExtractor(), real_size="native")
+    assert result.kept == 0
+    explicit = compute_metrics(list_images(real_dir), list_images(generated_dir), DetailExtractor(), prc_k=1, real_size=8)
+    assert explicit["fid"] == pytest.approx(0.0, abs=1e-3) and explicit["real_size"] == 8
+
+
+def test_auto_real_size_needs_one_square_generated_size_and_says_when_it_falls_back(tmp_path):
+    real = _random_images(tmp_path / "real", 4, seed=4, sizes=((16, 16),))
+    mixed = _random_images(tmp_path / "mixed", 4, seed=5, sizes=((8, 8), (12, 12)))
+    oblong = _random_images(tmp_path / "oblong", 4, seed=6, sizes=((8, 12),))
+    assert comparison_size("auto", real) == (16, None)
+    assert comparison_size("native", real) == (None, None) and comparison_size(" 12 ", mixed) == (12, None)
+    assert comparison_size("auto", mixed, mixed) == (None, None)  # same sizes on both sides: no note
+    for generated, shown in ((mixed, "8x8, 12x12"), (oblong, "12x8")):
+        size, note = comparison_size("auto", generated, real)
+        assert size is None and note is not None and f"({shown})" in note
+        metrics = compute_metrics(real, generated, DetailExtractor())
+        assert metrics["real_size"] == "native" and note in metrics["notes"]
+    with pytest.raises(ValueError, match="--real-size '-3'"):
+        comparison_size("-3", real)
+
+
+def test_features_of_resized_images_are_cached_apart_from_the_originals(tmp_path):
+    paths = _random_images(tmp_path / "images", 3, seed=7, sizes=((16, 16),))
+    cache, extractor = tmp_path / "cache", PixelExtractor()
+    small = extractor.extract(paths, cache_dir=cache, size=4)
+    full = extractor.extract(paths, cache_dir=cache)
+    again = extractor.extract(paths, cache_dir=cache, size=4)
+    assert small.shape == (3, 16) and full.shape == (3, 256) and np.array_equal(small, again)
+    assert extractor.images_embedded == 6  # the 4 px features were read back the second time
+    expected = [cv2.resize(read_grayscale(p), (4, 4), interpolation=cv2.INTER_AREA).reshape(-1) for p in paths]
+    np.testing.assert_array_equal(small, np.stack(expected).astype(np.float32))
 
 
 # -------------------------------------------------------------------------------------- CLI

@@ -49,6 +49,8 @@ def test_run_metrics_checks_options_before_embedding(tmp_path):
         ({"prc_k": 0}, "--prc-k"),
         ({"weights": tmp_path / "w.pt"}, "--weights"),
         ({"image_size": 32}, "--image-size"),
+        ({"real_size": "full"}, "--real-size 'full'"),
+        ({"real_size": 0}, "--real-size 0"),
     ):
         with pytest.raises(UsageError, match=message):
             run_metrics(tmp_path / "real", tmp_path / "real", None, extractor=extractor, **options)

@@ -7,7 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
-from tus.eval.options import FILTER_K, LINK_MODES, PRC_K, WEIGHTS_ENV_VAR
+from tus.eval.options import FILTER_K, LINK_MODES, PRC_K, REAL_SIZE_AUTO, WEIGHTS_ENV_VAR
 
 
 def default_cache_dir() -> Path:
@@ -26,10 +26,19 @@ def _add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--weights", help=f"Inception weights file (default: ${WEIGHTS_ENV_VAR}, else the packaged copy)")
     parser.add_argument("--image-size", type=int, help="encoder input size (default: the export's, else 224)")
+    _add_real_size_argument(parser)
     parser.add_argument("--cache", type=Path, default=default_cache_dir(), help="feature cache folder")
     parser.add_argument("--no-cache", action="store_true", help="recompute every feature")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu")
+
+
+def _add_real_size_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--real-size",
+        default=REAL_SIZE_AUTO,
+        help="side the real images are resized to before their features are taken: 'auto' (the generated images' size, as the generator saw the data), 'native' (as they are) or pixels",
+    )
 
 
 def _extraction_options(args: argparse.Namespace) -> dict:
@@ -37,6 +46,7 @@ def _extraction_options(args: argparse.Namespace) -> dict:
         "extractor": args.extractor,
         "weights": args.weights,
         "image_size": args.image_size,
+        "real_size": args.real_size,
         "cache_dir": None if args.no_cache else args.cache,
         "batch_size": args.batch_size,
         "device": args.device,
@@ -126,6 +136,7 @@ def guidance_sweep_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extractor", default="inception", help="'inception' or a tus encoder export")
     parser.add_argument("--weights", help=f"Inception weights file (default: ${WEIGHTS_ENV_VAR}, else the packaged copy)")
     parser.add_argument("--image-size", type=int, help="encoder input size (default: the export's, else 224)")
+    _add_real_size_argument(parser)
     parser.add_argument("--cache", type=Path, default=default_cache_dir(), help="feature cache folder")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu")
@@ -146,6 +157,7 @@ def guidance_sweep_main(argv: list[str] | None = None) -> int:
         extractor=args.extractor,
         weights=args.weights,
         image_size=args.image_size,
+        real_size=args.real_size,
         cache_dir=args.cache,
         batch_size=args.batch_size,
         device=args.device,

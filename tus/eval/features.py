@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d, FeatureExtractorInceptionV3
 from tqdm import tqdm
 
+from tus.data.cache import resize_square
 from tus.data.images import UsageError, content_hash, read_grayscale
 from tus.eval.options import WEIGHTS_ENV_VAR as WEIGHTS_ENV_VAR
 from tus.models.backbones import BackboneConfig, create_backbone, read_tus_encoder_meta
@@ -113,9 +114,11 @@ class FeatureExtractor(ABC):
         device: str | torch.device = "cpu",
         cache_dir: str | Path | None = None,
         progress: bool = False,
+        size: int | None = None,
     ) -> np.ndarray:
-        """Float32 features (N, D) of the images at ``paths``, in order."""
-        return self.extract_outputs(paths, batch_size, device, cache_dir, progress)[FEATURES]
+        """Float32 features (N, D) of the images at ``paths``, in order (each first resized to ``size`` x ``size``
+        as the training data is, :func:`tus.data.cache.resize_square`, when ``size`` is given)."""
+        return self.extract_outputs(paths, batch_size, device, cache_dir, progress, size)[FEATURES]
 
     def extract_logits(
         self,
@@ -124,11 +127,12 @@ class FeatureExtractor(ABC):
         device: str | torch.device = "cpu",
         cache_dir: str | Path | None = None,
         progress: bool = False,
+        size: int | None = None,
     ) -> np.ndarray:
         """Float32 class logits (N, C); raises :class:`LogitsUnavailable` without a classifier."""
         if self.logits_unavailable_reason:
             raise LogitsUnavailable(self.logits_unavailable_reason)
-        return self.extract_outputs(paths, batch_size, device, cache_dir, progress)[LOGITS]
+        return self.extract_outputs(paths, batch_size, device, cache_dir, progress, size)[LOGITS]
 
     def extract_outputs(
         self,
@@ -137,16 +141,20 @@ class FeatureExtractor(ABC):
         device: str | torch.device = "cpu",
         cache_dir: str | Path | None = None,
         progress: bool = False,
+        size: int | None = None,
     ) -> dict[str, np.ndarray]:
         """Every output of the extractor (``features``, and ``logits`` if any) for ``paths``.
 
         With ``cache_dir``, images whose content was embedded before by an extractor of the
-        same identity are read back instead of recomputed, and new ones are stored.
+        same identity (and at the same ``size``) are read back instead of recomputed, and new ones are stored.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if size is not None and size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
         paths = [Path(p) for p in paths]
-        hashes = [content_hash(p) for p in paths]
+        # A resized image is other pixels: its cache entry is keyed by the size too.
+        hashes = [content_hash(p) + ("" if size is None else f"-{size}px") for p in paths]
         cache = _FeatureCache(Path(cache_dir) / self.identity, self.outputs) if cache_dir is not None else None
         rows: dict[str, dict[str, np.ndarray]] = {}
         missing: dict[str, Path] = {}
@@ -161,7 +169,7 @@ class FeatureExtractor(ABC):
         todo = list(missing.items())
         starts = range(0, len(todo), batch_size)
         for start in tqdm(starts, desc=f"features ({self.identity})", unit="batch", disable=not progress):
-            for digest, row in self._embed_files(todo[start : start + batch_size], device).items():
+            for digest, row in self._embed_files(todo[start : start + batch_size], device, size).items():
                 rows[digest] = row
                 if cache is not None:
                     cache.store(digest, row)
@@ -169,11 +177,11 @@ class FeatureExtractor(ABC):
             return {name: np.zeros((0, 0), dtype=np.float32) for name in self.outputs}
         return {name: np.stack([rows[d][name] for d in hashes]).astype(np.float32, copy=False) for name in self.outputs}
 
-    def _embed_files(self, items: list[tuple[str, Path]], device) -> dict[str, dict[str, np.ndarray]]:
+    def _embed_files(self, items: list[tuple[str, Path]], device, size: int | None = None) -> dict[str, dict[str, np.ndarray]]:
         """Embed files grouped by image size (a batch needs equal sizes), keyed by hash."""
         by_shape: dict[tuple[int, int], list[tuple[str, np.ndarray]]] = defaultdict(list)
         for digest, path in items:
-            image = read_grayscale(path)
+            image = read_grayscale(path) if size is None else resize_square(read_grayscale(path), size)
             by_shape[image.shape].append((digest, image))
         rows = {}
         for group in by_shape.values():

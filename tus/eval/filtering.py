@@ -16,6 +16,10 @@ neighbour within the class). The real images' labels come from the ``label`` col
 manifest, the samples' from ``manifest.csv`` in the generated folder (what ``tus sample --label``
 writes); filter.csv and the kept images' manifest then carry ``label``.
 
+The real images are resized to the generated images' size before their features are taken (``real_size``,
+see :func:`tus.eval.metrics.comparison_size`): the manifold is that of the real images as the generator saw
+them. filter.json records the size.
+
 The generated folder is only read. Hard links share the file with the input, so edit kept
 images only after copying them (``link="copy"`` avoids the question).
 
@@ -50,12 +54,14 @@ from tus.eval.metrics import (
     REFERENCE_BATCH_SIZE,
     REFERENCE_BATCHES,
     check_file_names,
+    comparison_size,
     image_paths,
     metrics_from_features,
     save_metrics,
 )
 from tus.eval.options import FILTER_K as FILTER_K
 from tus.eval.options import LINK_MODES as LINK_MODES
+from tus.eval.options import REAL_SIZE_AUTO, REAL_SIZE_NATIVE
 
 SWEEP_KS = (10, 20, 50, 100)
 KEPT, REJECTED = "kept", "rejected"
@@ -206,6 +212,7 @@ def filter_generated(
     block_size: int | None = None,
     progress: bool = False,
     per_class: bool = False,
+    real_size: str | int = REAL_SIZE_AUTO,
 ) -> FilterResult:
     """Keep the images of ``generated_dir`` inside the manifold of ``real`` (manifest or folder).
 
@@ -225,7 +232,8 @@ def filter_generated(
         labels, labels_real = generated_labels(generated_dir, generated), real_labels(real)
         _check_per_class_k(k, labels_real, labels)
     extractor = extractor or InceptionExtractor()
-    real_features = extractor.extract(real_paths, batch_size, device, cache_dir, progress)
+    size, size_note = comparison_size(real_size, generated, real_paths)
+    real_features = extractor.extract(real_paths, batch_size, device, cache_dir, progress, size)
     generated_features = extractor.extract(generated, batch_size, device, cache_dir, progress)
     if labels is not None:
         inside, ratios = per_class_membership(real_features, labels_real, generated_features, labels, k, block_size, progress)
@@ -252,12 +260,15 @@ def filter_generated(
         "generated_dir": str(generated_dir),
         "k": k,
         "extractor": extractor.identity,
+        "real_size": REAL_SIZE_NATIVE if size is None else size,
         "num_real": len(real_paths),
         "num_generated": len(generated),
         "kept": len(kept),
         "rejected": len(generated) - len(kept),
         "link": link,
     }
+    if size_note:
+        summary["notes"] = [size_note]
     if labels is not None:
         summary["per_class"] = {str(label): {"generated": int((labels == label).sum()), "kept": int(inside[labels == label].sum())} for label in sorted(set(labels.tolist()))}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -291,6 +302,7 @@ def sweep(
     device: str | torch.device = "cpu",
     block_size: int | None = None,
     progress: bool = False,
+    real_size: str | int = REAL_SIZE_AUTO,
 ) -> dict:
     """Metrics of the kept set and kept/rejected counts for every k in ``ks``.
 
@@ -308,7 +320,8 @@ def sweep(
     for k in (ks[0], ks[-1]):
         _check_k(k, len(real_paths))
     extractor = extractor or InceptionExtractor()
-    real_features = extractor.extract(real_paths, batch_size, device, cache_dir, progress)
+    size, size_note = comparison_size(real_size, generated, real_paths)
+    real_features = extractor.extract(real_paths, batch_size, device, cache_dir, progress, size)
     outputs = extractor.extract_outputs(generated, batch_size, device, cache_dir, progress)
     features, logits = outputs[FEATURES], outputs.get(LOGITS)
 
@@ -336,6 +349,8 @@ def sweep(
         "real": str(real),
         "generated_dir": str(generated_dir),
         "highlight_k": highlight_k,
+        "real_size": REAL_SIZE_NATIVE if size is None else size,
+        "notes": [size_note] if size_note else [],
         "unfiltered": {"kept": len(generated), "rejected": 0, **score(everything)},
         "sweep": rows,
     }

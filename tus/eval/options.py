@@ -16,6 +16,24 @@ LINK_MODES = ("hardlink", "copy")
 PRC_K = 3
 # Where the FID Inception-v3 weights file may be named.
 WEIGHTS_ENV_VAR = "TUS_INCEPTION_WEIGHTS"
+# The side real images are resized to before feature extraction (tus metrics / tus filter --real-size):
+# "auto" is the generated images' size when they all share one square size (a 32 px generator is compared
+# with the real images as it saw them in training, not with their full-resolution detail); "native" keeps
+# the real images as they are; a number is that side in pixels.
+REAL_SIZE_AUTO = "auto"
+REAL_SIZE_NATIVE = "native"
+
+
+def parse_real_size(value: str | int) -> str | int:
+    """``"auto"``, ``"native"`` or a side >= 1 (an int or its digits); ValueError naming the value otherwise."""
+    text = str(value).strip().lower()
+    if text in (REAL_SIZE_AUTO, REAL_SIZE_NATIVE):
+        return text
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise ValueError(f"--real-size {value!r}: give 'auto' (the generated images' size), 'native' or a side in pixels >= 1")
+
+
 # CAM methods by option value, and their names in figures and summaries.
 CAM_METHODS = {"gradcam++": "Grad-CAM++", "scorecam": "Score-CAM"}
 

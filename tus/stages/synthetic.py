@@ -28,6 +28,7 @@ from tus.eval import filtering
 from tus.eval.features import EncoderExtractor, FeatureExtractor, InceptionExtractor, load_tus_encoder
 from tus.eval.filtering import FILTER_K, LINK_MODES, check_filter_arguments, filter_generated, generated_labels, real_labels
 from tus.eval.metrics import PRC_K, compute_metrics, format_metrics_table, image_paths, save_metrics
+from tus.eval.options import REAL_SIZE_AUTO, parse_real_size
 from tus.runs import write_json_atomic
 from tus.stages.predict import Predictor, load_predictor, member_probabilities
 from tus.tracking import track_filter
@@ -37,11 +38,15 @@ DEFAULT_ENCODER_IMAGE_SIZE = 224
 ExtractorSpec = str | Path | FeatureExtractor
 
 
-def check_extraction_options(extractor: ExtractorSpec, weights: str | Path | None, image_size: int | None, batch_size: int) -> None:
+def check_extraction_options(extractor: ExtractorSpec, weights: str | Path | None, image_size: int | None, batch_size: int, real_size: str | int = REAL_SIZE_AUTO) -> None:
     """The feature-extraction options, checked without loading anything."""
     for option, value in (("--batch-size", batch_size), ("--image-size", image_size)):
         if value is not None and value < 1:
             raise UsageError(f"{option} must be >= 1, got {value}")
+    try:
+        parse_real_size(real_size)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     if weights and (isinstance(extractor, FeatureExtractor) or str(extractor) != "inception"):
         raise UsageError("--weights sets the Inception weights; it cannot be combined with --extractor ENCODER")
     if image_size is not None and isinstance(extractor, FeatureExtractor):
@@ -79,6 +84,7 @@ def run_metrics(
     progress: bool = False,
     per_class: bool = False,
     faithfulness_model: str | Path | None = None,
+    real_size: str | int = REAL_SIZE_AUTO,
 ) -> dict:
     """FID, Inception Score and precision/recall of the images in ``generated`` against ``real`` (a manifest
     CSV or an image folder); the metrics dict, also written as JSON to the file ``out`` when given.
@@ -92,9 +98,10 @@ def run_metrics(
     label (:func:`label_faithfulness`). Use a model whose training folds the generator's pool matches.
 
     ``cache_dir`` keeps features between calls (None: compute every feature); ``seed`` draws the real
-    reference batches of precision/recall.
+    reference batches of precision/recall; ``real_size`` the resolution both sets are compared at
+    (:func:`tus.eval.metrics.comparison_size`; "auto": the generated images' size).
     """
-    check_extraction_options(extractor, weights, image_size, batch_size)
+    check_extraction_options(extractor, weights, image_size, batch_size, real_size)
     if prc_k < 1:
         raise UsageError(f"--prc-k must be >= 1, got {prc_k}")
     if out is not None:
@@ -113,7 +120,7 @@ def run_metrics(
         predictor = load_predictor(faithfulness_model)  # refused in one line before any feature
     # --out is checked writable and locked before any feature is computed.
     with claim_output(out, "--out", folder=False) if out is not None else contextlib.nullcontext():
-        metrics = _score(real_paths, generated_paths, None, extractor, weights, image_size, cache_dir, batch_size, device, prc_k, seed, progress, labels)
+        metrics = _score(real_paths, generated_paths, None, extractor, weights, image_size, cache_dir, batch_size, device, prc_k, seed, progress, labels, real_size)
         if predictor is not None:
             metrics["faithfulness"] = label_faithfulness(predictor, generated, batch_size=batch_size)
         if out is not None:
@@ -138,7 +145,7 @@ def label_faithfulness(predictor: Predictor | str | Path, generated: str | Path,
     return {"model": str(predictor.source), "num_images": len(paths), "accuracy": float(correct.mean()), "per_class": per_class}
 
 
-def _score(real_paths, generated_paths, out, extractor, weights, image_size, cache_dir, batch_size, device, prc_k, seed, progress, labels=None) -> dict:
+def _score(real_paths, generated_paths, out, extractor, weights, image_size, cache_dir, batch_size, device, prc_k, seed, progress, labels=None, real_size=REAL_SIZE_AUTO) -> dict:
     metrics = compute_metrics(
         real_paths,
         generated_paths,
@@ -151,6 +158,7 @@ def _score(real_paths, generated_paths, out, extractor, weights, image_size, cac
         progress=progress,
         real_labels=None if labels is None else labels[0],
         generated_labels=None if labels is None else labels[1],
+        real_size=real_size,
     )
     if out is not None:
         save_metrics(metrics, out)
@@ -186,6 +194,7 @@ def run_guidance_sweep(
     batch_size: int = 32,
     device: str = "cpu",
     progress: bool = False,
+    real_size: str | int = REAL_SIZE_AUTO,
 ) -> pd.DataFrame:
     """The guidance trade-off of a class-conditional model: for each w, ``n`` samples drawn with the class mix of
     ``real`` (``tus sample --labels-from real --guidance w`` into ``out/w<w>``), their FID and precision/recall
@@ -198,7 +207,7 @@ def run_guidance_sweep(
 
     if not guidances or any(w < 0 for w in guidances):
         raise UsageError(f"--guidance must list scales >= 0, got {list(guidances)}")
-    check_extraction_options(extractor, weights, image_size, batch_size)
+    check_extraction_options(extractor, weights, image_size, batch_size, real_size)
     real_labels(real)  # a labelled manifest, before anything is sampled
     predictor = load_predictor(model)
     out = Path(out)
@@ -208,7 +217,7 @@ def run_guidance_sweep(
         generate(checkpoint, folder, n, sampler=sampler, steps=steps, seed=seed, batch_size=sample_batch_size, device=device, progress=progress, labels_from=real, guidance=float(w))
         generated_paths = image_paths(folder)
         labels = (real_labels(real), generated_labels(folder, generated_paths))
-        metrics = _score(image_paths(real), generated_paths, None, extractor, weights, image_size, cache_dir, batch_size, device, PRC_K, seed, progress, labels)
+        metrics = _score(image_paths(real), generated_paths, None, extractor, weights, image_size, cache_dir, batch_size, device, PRC_K, seed, progress, labels, real_size)
         metrics["faithfulness"] = label_faithfulness(predictor, folder, batch_size=batch_size)
         metrics["guidance"] = float(w)
         save_metrics(metrics, folder / "metrics.json")
@@ -248,6 +257,7 @@ def run_filter(
     num_folds: int = 3,
     fold_seed: int = 0,
     per_class: bool = False,
+    real_size: str | int = REAL_SIZE_AUTO,
 ) -> dict:
     """Keep the images of ``generated`` inside the k-NN manifold of ``real`` into the new folder ``out``.
 
@@ -266,18 +276,41 @@ def run_filter(
     ``num_folds`` folds drawn with ``fold_seed`` as ``finetune-cv`` does) in ``labeled_overlap.json``
     and under ``labeled_overlap`` in the returned report.
     """
-    check_extraction_options(extractor, weights, image_size, batch_size)
+    check_extraction_options(extractor, weights, image_size, batch_size, real_size)
     if link not in LINK_MODES:
         raise UsageError(f"--link must be one of {', '.join(LINK_MODES)}, got {link!r}")
     check_filter_arguments(real, generated, out, k, sweep, per_class)
     labeled_frame = load_manifest(labeled, require_labels=True) if labeled is not None else None  # checked before any feature
     with claim_output(out, "--out"):  # writable and locked before any feature is computed
-        return _filter(real, generated, Path(out), k, organ, sweep, link, extractor, weights, image_size, cache_dir, batch_size, device, progress, labeled_frame, num_folds, fold_seed, per_class)
+        return _filter(
+            real, generated, Path(out), k, organ, sweep, link, extractor, weights, image_size, cache_dir, batch_size, device, progress, labeled_frame, num_folds, fold_seed, per_class, real_size
+        )
 
 
-def _filter(real, generated, out: Path, k, organ, sweep, link, extractor, weights, image_size, cache_dir, batch_size, device, progress, labeled_frame, num_folds, fold_seed, per_class=False) -> dict:
+def _filter(
+    real,
+    generated,
+    out: Path,
+    k,
+    organ,
+    sweep,
+    link,
+    extractor,
+    weights,
+    image_size,
+    cache_dir,
+    batch_size,
+    device,
+    progress,
+    labeled_frame,
+    num_folds,
+    fold_seed,
+    per_class=False,
+    real_size=REAL_SIZE_AUTO,
+) -> dict:
     common = {
         "extractor": build_extractor(extractor, weights, image_size),
+        "real_size": real_size,
         "cache_dir": cache_dir,
         "batch_size": batch_size,
         "device": device,
