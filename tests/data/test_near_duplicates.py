@@ -143,3 +143,31 @@ def test_images_too_small_to_hash_match_exactly_only():
     assert hashes.hashable.tolist() == [False, False, True, True]
     pairs = near_duplicate_pairs(hashes, hashes, same_set=True)
     assert pairs[["a_row", "b_row"]].values.tolist() == [[2, 3]]
+
+
+def test_repeated_comparisons_are_served_by_content_and_equal_a_fresh_one(monkeypatch):
+    """A per-fold pool exclusion compares the same sets once per fold: the second comparison of
+    equal hashes (other arrays, same content) is not computed again; other content is."""
+    import tus.data.near_duplicates as near_duplicates
+
+    rng = np.random.default_rng(3)
+    textures = [rng.integers(0, 250, (40, 40), dtype=np.uint8) for _ in range(6)]
+    pool = hash_images([*textures, np.fliplr(textures[0]), np.clip(textures[1].astype(int) + 5, 0, 255).astype(np.uint8)])
+    labeled = hash_images(textures[:3])
+    calls = []
+    monkeypatch.setattr(near_duplicates, "pair_distances", lambda *args, **kwargs: calls.append(1) or pair_distances(*args, **kwargs))
+    monkeypatch.setattr(near_duplicates, "_PAIRS", {})
+    first = near_duplicate_pairs(pool, labeled)
+    # The reference: the distance matrix itself, thresholded here.
+    distances = pair_distances(pool, labeled)
+    expected = [[a, b, distances[a, b]] for a, b in zip(*np.nonzero(distances <= MAX_DISTANCE))]
+    assert first.values.tolist() == expected and len(first) >= 5  # the copies, the mirror, the brightened one
+    first.loc[0, "distance"] = 99  # a caller's edit does not reach the kept result
+    again = near_duplicate_pairs(PerceptualHashes(pool.whole.copy(), pool.crops.copy(), pool.hashable.copy()), labeled)
+    assert len(calls) == 1 and again.values.tolist() == expected
+    changed = PerceptualHashes(pool.whole.copy(), pool.crops.copy(), pool.hashable.copy())
+    changed.whole[0] = ~changed.whole[0]
+    changed.crops[0] = ~changed.crops[0]
+    other = near_duplicate_pairs(changed, labeled)
+    assert len(calls) == 2 and other.values.tolist() != expected
+    assert near_duplicate_pairs(pool, labeled, same_set=False, max_distance=0).values.tolist() == [r for r in expected if r[2] == 0]
