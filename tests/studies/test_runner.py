@@ -265,24 +265,15 @@ def test_rerun_skips_finished_work_and_resumes_unfinished(study_runs, monkeypatc
 
 def test_a_finished_arm_with_a_changed_config_is_refused(study_runs):
     out, variables, _ = study_runs
+
+    def rerun_flipped(finetune_override: str) -> None:
+        extra = schema.StageOverrides(pretrain=SMOKE.pretrain, finetune=[*SMOKE.finetune, finetune_override])
+        runner.run_study(schema.load_study(STUDIES / "tab1.yaml"), out, arms=["flipped"], variables=variables, shrink=True, extra=extra)
+
     with pytest.raises(schema.StudyError, match=r"arm 'flipped' finished with a different config \(optim.lr_head\)"):
-        runner.run_study(
-            schema.load_study(STUDIES / "tab1.yaml"),
-            out,
-            arms=["flipped"],
-            variables=variables,
-            shrink=True,
-            extra=schema.StageOverrides(pretrain=SMOKE.pretrain, finetune=[*SMOKE.finetune, "optim.lr_head=0.5"]),
-        )
+        rerun_flipped("optim.lr_head=0.5")
     # Where it ran is not what it computed: a device override reuses the finished arm.
-    runner.run_study(
-        schema.load_study(STUDIES / "tab1.yaml"),
-        out,
-        arms=["flipped"],
-        variables=variables,
-        shrink=True,
-        extra=schema.StageOverrides(pretrain=SMOKE.pretrain, finetune=[*SMOKE.finetune, "trainer.accelerator=auto"]),
-    )
+    rerun_flipped("trainer.accelerator=auto")
 
 
 def test_wandb_runs_are_grouped_by_study_and_arm(study_runs):
