@@ -1,0 +1,61 @@
+"""tus.deferred_imports: wandb, which timm imports at start-up, is loaded only when used (issue
+28: ~0.55 s of every run's start-up with W&B off), and works as usual once it is."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+from tus.deferred_imports import DeferredModuleFinder
+
+
+def run_python(code: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_stage_import_does_not_execute_wandb_until_used():
+    result = run_python(
+        """
+        import json, sys
+        import tus.stages.finetune_cv  # imports Lightning and timm (which imports wandb)
+        imported = "wandb" in sys.modules
+        # (any attribute, __dict__ too, would load it: read its type only)
+        executed_before = "wandb.sdk" in sys.modules or type(sys.modules["wandb"]).__name__ != "_LazyModule"
+        import wandb
+        init = callable(wandb.init)  # the first use loads the module
+        from wandb.sdk.lib import RunDisabled  # and its submodules import as usual
+        print(json.dumps({"imported": imported, "executed_before": executed_before, "init": init,
+                          "executed_after": "wandb.sdk" in sys.modules, "type": type(sys.modules["wandb"]).__name__,
+                          "version": wandb.__version__}))
+        """
+    )
+    assert result["imported"] and not result["executed_before"]
+    assert result["init"] and result["executed_after"] and result["type"] == "module"
+    from importlib.metadata import version
+
+    assert result["version"] == version("wandb")
+
+
+def test_a_module_imported_before_is_left_as_it_is():
+    result = run_python(
+        """
+        import json, sys
+        import wandb
+        import tus.stages.finetune_cv
+        print(json.dumps({"same": sys.modules["wandb"] is wandb, "loaded": "wandb.sdk" in sys.modules}))
+        """
+    )
+    assert result == {"same": True, "loaded": True}
+
+
+def test_finder_defers_only_its_names_and_only_source_modules():
+    finder = DeferredModuleFinder(["json", "math"])
+    assert finder.find_spec("csv", None) is None  # not listed: left to the other finders
+    spec = finder.find_spec("json", None)
+    assert type(spec.loader).__name__ == "LazyLoader"
+    math_spec = finder.find_spec("math", None)  # built into the interpreter: no lazy loading
+    assert math_spec is None or type(math_spec.loader).__name__ != "LazyLoader"
+    assert finder.find_spec("no_such_module_anywhere", None) is None
