@@ -129,6 +129,41 @@ def refuse_to_time(*args, **kwargs):
     raise AssertionError("the choice should have been reused, not measured")
 
 
+# The fits here train one step (run()); every test but the short-fit one measures them as it
+# would a fit longer than the trial.
+TRIAL_STEPS = performance.TRIAL_STEPS
+
+
+@pytest.fixture(autouse=True)
+def measure_one_step_fits(monkeypatch):
+    monkeypatch.setattr(performance, "TRIAL_STEPS", 1)
+
+
+def test_a_fit_shorter_than_the_trial_trains_nchw_untimed_and_stores_nothing(monkeypatch, tmp_path):
+    # The trial: TRIAL_ROUNDS rounds x 2 formats x (warm-up + timed) steps.
+    assert TRIAL_STEPS == performance.TRIAL_ROUNDS * 2 * (performance.TRIAL_WARMUP_STEPS + performance.TRIAL_TIMED_STEPS) == 16
+    monkeypatch.setattr(performance, "TRIAL_STEPS", TRIAL_STEPS)
+    monkeypatch.setattr(performance, "time_training_step", refuse_to_time)
+    path = tmp_path / "choices.json"
+    callback = ChannelsLast("auto", choices=MemoryFormatChoices(path))
+    module, _ = run(conv_net(), [callback])  # max_steps=1
+    assert not callback.active and module.layouts == [(False, False, False)] * 4
+    assert callback.measured == {"channels_last": False, "nchw_ms": None, "channels_last_ms": None}
+    assert not path.exists()  # the machine's first longer fit measures
+    # A resumed fit keeps the format the run started in.
+    assert callback.state_dict() == {"measured": callback.measured}
+
+    # A choice stored by an earlier, longer fit is used by a short one too.
+    monkeypatch.setattr(performance, "TRIAL_STEPS", 1)
+    monkeypatch.setattr(performance, "time_training_step", fake_timer(channels_last_faster=True))
+    run(conv_net(), [ChannelsLast("auto", choices=MemoryFormatChoices(path))])
+    monkeypatch.setattr(performance, "TRIAL_STEPS", TRIAL_STEPS)
+    monkeypatch.setattr(performance, "time_training_step", refuse_to_time)
+    short = ChannelsLast("auto", choices=MemoryFormatChoices(path))
+    module, _ = run(conv_net(), [short])
+    assert short.active and module.layouts == [(True, True, True)] * 4
+
+
 @pytest.mark.parametrize("enabled", [True, "auto"])
 def test_conv_model_runs_nhwc_with_nchw_results(enabled, monkeypatch, tmp_path):
     monkeypatch.setattr(performance, "time_training_step", fake_timer(channels_last_faster=True))

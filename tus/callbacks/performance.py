@@ -7,8 +7,8 @@ run's up to floating-point reassociation. On GPUs that is the known fast path. O
 depends on the network and the batch (on a 2-core AMD EPYC, fp32 ResNet-18 training: 1.1x
 faster at 128 px, 0.89x at 64 px with batch 16; ResNet-10t 1.07-1.28x), so ``'auto'`` times
 both formats there on the first training batch (:func:`time_training_step`: several steps after
-a warm-up, the formats alternating) and switches to channels_last only when it is faster by
-``TRIAL_MARGIN``; the choice is stored per machine and setting (:class:`MemoryFormatChoices`,
+a warm-up, the formats alternating; a fit shorter than that trial stays NCHW untimed) and
+switches to channels_last only when it is faster by ``TRIAL_MARGIN``; the choice is stored per machine and setting (:class:`MemoryFormatChoices`,
 keyed by everything the timing depends on) and in the checkpoint, so later runs and resumed
 runs reuse it instead of timing again.
 """
@@ -43,6 +43,11 @@ TRIAL_ROUNDS = 2
 # safe one, and a smaller difference is within what a loaded machine's timing can invert (a cache
 # once held 3.16 s vs 3.18 s for a step whose steady cost is 0.25 s).
 TRIAL_MARGIN = 0.10
+# The training steps one measurement costs. A fit with fewer optimiser steps (a smoke test, a
+# 1-step CV) trains in NCHW untimed: the trial would cost more than the fit it is for. Nothing is
+# stored for it, so the machine's first longer fit measures; the choice still goes into the
+# fit's checkpoint, so a resumed fit keeps the format it started in.
+TRIAL_STEPS = TRIAL_ROUNDS * 2 * (TRIAL_WARMUP_STEPS + TRIAL_TIMED_STEPS)
 # Part of every stored choice's key: choices measured by another protocol are measured again.
 TRIAL_PROTOCOL = f"{TRIAL_ROUNDS} rounds x ({TRIAL_WARMUP_STEPS} warm-up + {TRIAL_TIMED_STEPS} timed steps), margin {TRIAL_MARGIN:.0%}"
 
@@ -268,6 +273,10 @@ class ChannelsLast(Callback):
         stored = self.choices.get(key)
         if stored is not None:
             self.measured = stored
+            return
+        if trainer.estimated_stepping_batches < TRIAL_STEPS:
+            self.measured = {"channels_last": False, "nchw_ms": None, "channels_last_ms": None}
+            rank_zero_info(f"channels_last auto: NCHW untimed (this fit has fewer training steps than the {TRIAL_STEPS} a timing trial takes)")
             return
         best: dict[bool, float] = {}
         for _ in range(TRIAL_ROUNDS):
