@@ -44,7 +44,8 @@ def test_a_module_imported_before_is_left_as_it_is():
         """
         import json, sys
         import wandb
-        import tus.stages.finetune_cv
+        import tus
+        import timm  # imports wandb again
         print(json.dumps({"same": sys.modules["wandb"] is wandb, "loaded": "wandb.sdk" in sys.modules}))
         """
     )
