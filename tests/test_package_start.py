@@ -1,5 +1,6 @@
-"""tus.deferred_imports: wandb, which timm imports at start-up, is loaded only when used (issue
-28: ~0.55 s of every run's start-up with W&B off), and works as usual once it is."""
+"""What importing tus does before any library it imports: wandb, which timm imports at start-up,
+is loaded only when used (tus.deferred_imports; issue 28: ~0.55 s of every run with W&B off) and
+works as usual once it is; albumentations makes no update request to pypi.org."""
 
 from __future__ import annotations
 
@@ -60,3 +61,19 @@ def test_finder_defers_only_its_names_and_only_source_modules():
     math_spec = finder.find_spec("math", None)  # built into the interpreter: no lazy loading
     assert math_spec is None or type(math_spec.loader).__name__ != "LazyLoader"
     assert finder.find_spec("no_such_module_anywhere", None) is None
+
+
+def test_importing_the_data_pipeline_asks_no_server_for_updates():
+    """albumentations checks pypi.org for a newer version at import unless NO_ALBUMENTATIONS_UPDATE
+    is set (a 2 s timeout on an offline node, and a request no clinical site expects)."""
+    result = run_python(
+        """
+        import json, os, urllib.request
+        opened = []
+        urllib.request.OpenerDirector.open = lambda self, url, *a, **k: opened.append(str(url)) or None
+        os.environ.pop("NO_ALBUMENTATIONS_UPDATE", None)
+        import tus.data.transforms  # imports albumentations
+        print(json.dumps({"opened": opened, "setting": os.environ.get("NO_ALBUMENTATIONS_UPDATE")}))
+        """
+    )
+    assert result == {"opened": [], "setting": "1"}
