@@ -16,6 +16,7 @@ PyTorch loop for this hardware (see benchmarks/common.py), in two forms. Target:
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -66,15 +67,14 @@ def tus_throughput(manifest: Path, run_dir: Path, device: torch.device, args) ->
     return args.steps * args.batch_size / timer.seconds()
 
 
-def plain_throughput(setting: Setting, device: torch.device, args) -> float:
+def plain_images_per_second(setting: Setting, device: torch.device, args, next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """The plain loop: the model and optimiser tus builds (AdamW over the backbone/head groups; its
+    schedule costs nothing per step), one step per ``next_batch()`` (images, labels)."""
     module = new_module(args).to(device, memory_format=setting.memory_format()).train()
-    # The optimiser tus builds (AdamW over the backbone/head groups); its schedule costs nothing per step.
     optimizer = torch.optim.AdamW(module.param_groups(), weight_decay=module.optim_config.weight_decay, fused=True)
-    images = torch.randn(args.batch_size, 1, args.image_size, args.image_size, device=device)
-    images = images.contiguous(memory_format=setting.memory_format())
-    labels = torch.randint(0, 2, (args.batch_size,), device=device)
 
     def step() -> None:
+        images, labels = next_batch()
         with setting.autocast(device):
             loss = F.cross_entropy(module(images).float(), labels)
         optimizer.zero_grad(set_to_none=True)
@@ -82,6 +82,14 @@ def plain_throughput(setting: Setting, device: torch.device, args) -> float:
         optimizer.step()
 
     return args.steps * args.batch_size / time_steps(step, args.steps, args.warmup, device)
+
+
+def plain_throughput(setting: Setting, device: torch.device, args) -> float:
+    """The plain loop on one pre-made batch."""
+    images = torch.randn(args.batch_size, 1, args.image_size, args.image_size, device=device)
+    images = images.contiguous(memory_format=setting.memory_format())
+    labels = torch.randint(0, 2, (args.batch_size,), device=device)
+    return plain_images_per_second(setting, device, args, lambda: (images, labels))
 
 
 def plain_pipeline_throughput(setting: Setting, manifest: Path, device: torch.device, args) -> float:
@@ -104,24 +112,13 @@ def plain_pipeline_throughput(setting: Setting, manifest: Path, device: torch.de
         collate_fn=lambda rows: (torch.stack([augment(images[i]) for i in rows]), torch.tensor(labels[rows])),
     )
 
-    def batches():
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
-            yield from loader
+            for x, y in loader:
+                yield x.to(device, memory_format=setting.memory_format(), non_blocking=True), y.to(device, non_blocking=True)
 
     stream = batches()
-    module = new_module(args).to(device, memory_format=setting.memory_format()).train()
-    optimizer = torch.optim.AdamW(module.param_groups(), weight_decay=module.optim_config.weight_decay, fused=True)
-
-    def step() -> None:
-        x, y = next(stream)
-        x, y = x.to(device, memory_format=setting.memory_format(), non_blocking=True), y.to(device, non_blocking=True)
-        with setting.autocast(device):
-            loss = F.cross_entropy(module(x).float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return args.steps * args.batch_size / time_steps(step, args.steps, args.warmup, device)
+    return plain_images_per_second(setting, device, args, lambda: next(stream))
 
 
 def main() -> None:
