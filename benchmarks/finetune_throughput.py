@@ -33,8 +33,7 @@ from common import (
     timing_arguments,
     tus_trainer,
 )
-from plain_finetune import class_balanced_sample_weights
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from plain_finetune import balanced_augmented_loader
 
 from tus.config import load_config
 from tus.data.cache import resize_square
@@ -103,14 +102,7 @@ def plain_pipeline_throughput(setting: Setting, manifest: Path, device: torch.de
     labels = frame["label"].astype(int).to_numpy()[train]
     augment = finetune_train_transform(AugmentConfig(), seed=0)
     keep_opencv_on_calling_thread()  # as tus's Trainer does: augmentation and the step share the cores
-    sampler = WeightedRandomSampler(class_balanced_sample_weights(labels).tolist(), len(train), replacement=True, generator=torch.Generator().manual_seed(0))
-    loader = DataLoader(
-        range(len(train)),
-        batch_size=args.batch_size,
-        sampler=sampler,
-        drop_last=True,
-        collate_fn=lambda rows: (torch.stack([augment(images[i]) for i in rows]), torch.tensor(labels[rows])),
-    )
+    loader = balanced_augmented_loader(images, labels, augment, args.batch_size, drop_last=True, generator=torch.Generator().manual_seed(0))
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:

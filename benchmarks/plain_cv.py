@@ -19,9 +19,8 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-from plain_finetune import class_balanced_sample_weights
+from plain_finetune import balanced_augmented_loader
 from sklearn.metrics import roc_auc_score
-from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from tus.data.cache import resize_square
 from tus.data.folds import assign_folds
@@ -50,14 +49,7 @@ def plain_cv(manifest: Path, args: argparse.Namespace) -> None:
             transform = finetune_train_transform(AugmentConfig(), seed=seed)
             model = timm.create_model(args.model, pretrained=False, num_classes=2, in_chans=1).to(memory_format=memory_format)
             optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
-            sampler = WeightedRandomSampler(class_balanced_sample_weights(labels[train]).tolist(), len(train), replacement=True)
-            loader = DataLoader(
-                [(i, int(labels[i])) for i in train],
-                batch_size=args.batch_size,
-                sampler=sampler,
-                drop_last=len(train) > args.batch_size,
-                collate_fn=lambda rows, augment=transform: (torch.stack([augment(images[i]) for i, _ in rows]), torch.tensor([y for _, y in rows])),
-            )
+            loader = balanced_augmented_loader([images[i] for i in train], labels[train], transform, args.batch_size, drop_last=len(train) > args.batch_size)
             # --max-steps caps the run as tus's trainer.max_steps does (the schedule spans the steps taken).
             total_steps = args.epochs * len(loader) if args.max_steps < 0 else min(args.max_steps, args.epochs * len(loader))
             scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps)

@@ -9,6 +9,7 @@ so a difference between the two is a difference of recipe, not of data.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +43,22 @@ def class_balanced_sample_weights(labels: np.ndarray) -> np.ndarray:
     """Weight 1 / (count of the image's class): every class is drawn equally often on average."""
     counts = np.bincount(labels)
     return 1.0 / counts[labels]
+
+
+def balanced_augmented_loader(
+    images: Sequence[np.ndarray], labels: np.ndarray, augment: Callable[[np.ndarray], torch.Tensor], batch_size: int, *, drop_last: bool, generator: torch.Generator | None = None
+) -> DataLoader:
+    """How a hand-written script feeds its model: batches of (augmented images, labels) drawn by a
+    class-balanced WeightedRandomSampler from ``images`` decoded into memory, augmented and
+    collated on the calling thread."""
+    sampler = WeightedRandomSampler(class_balanced_sample_weights(labels).tolist(), len(labels), replacement=True, generator=generator)
+    return DataLoader(
+        range(len(labels)),
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
+        collate_fn=lambda rows: (torch.stack([augment(images[i]) for i in rows]), torch.as_tensor(labels[rows])),
+    )
 
 
 def train_and_test(config: PlainConfig, frame: pd.DataFrame, folds: np.ndarray, fold: int, seed: int) -> dict:

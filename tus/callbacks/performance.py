@@ -8,9 +8,9 @@ depends on the network and the batch (on a 2-core AMD EPYC, fp32 ResNet-18 train
 faster at 128 px, 0.89x at 64 px with batch 16; ResNet-10t 1.07-1.28x), so ``'auto'`` times
 both formats there on the first training batch (:func:`time_training_step`: several steps after
 a warm-up, the formats alternating; a fit shorter than that trial stays NCHW untimed) and
-switches to channels_last only when it is faster by ``TRIAL_MARGIN``; the choice is stored per machine and setting (:class:`MemoryFormatChoices`,
-keyed by everything the timing depends on) and in the checkpoint, so later runs and resumed
-runs reuse it instead of timing again.
+switches to channels_last only when it is faster by ``TRIAL_MARGIN``; the choice is stored per
+machine and setting (:class:`MemoryFormatChoices`, keyed by everything the timing depends on)
+and in the checkpoint, so later runs and resumed runs reuse it instead of timing again.
 """
 
 from __future__ import annotations
