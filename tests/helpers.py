@@ -1,7 +1,10 @@
-"""Builders of tiny on-disk datasets for tests, and the overrides of a tiny CV on them."""
+"""Builders of tiny on-disk datasets for tests, the overrides of a tiny CV on them, and the TCP
+port of a test's DDP rendezvous."""
 
 from __future__ import annotations
 
+import random
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +69,24 @@ def finished_wandb_records(folder: Path, timeout_s: float = 120.0) -> list:
             return tracking.offline_records(folder)
         assert time.monotonic() < deadline, f"offline W&B runs not finished after {timeout_s:.0f} s: { ({str(log): k[-3:] for log, k in kinds.items()}) }"
         time.sleep(0.2)
+
+
+def free_port() -> int:
+    """A free TCP port for a test's DDP rendezvous (``MASTER_PORT``), chosen below the kernel's
+    ephemeral range. Why: the usual ``bind(("", 0))`` returns an ephemeral port, which stays free
+    only until the next outgoing connection takes it as its source port, and the other xdist
+    worker's DDP processes open many: in a clean clone rank 0 of the srun-style launch waited 300 s
+    for a rank 1 that had joined another rendezvous (stop 31). The kernel never hands out a port
+    below the range by itself, so only another explicit choice can collide, and the choice is
+    random (not the seeded ``random`` module: two workers with one seed would pick alike)."""
+    low, _ = (int(bound) for bound in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()) if Path("/proc/sys/net/ipv4/ip_local_port_range").is_file() else (32768, 60999)
+    choose = random.SystemRandom()
+    for _ in range(200):
+        port = choose.randrange(max(1024, low - 12000), low)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free TCP port below {low} after 200 tries")

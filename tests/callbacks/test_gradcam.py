@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.fabric.plugins.environments.lightning import find_free_network_port
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import tus.callbacks.gradcam as gradcam_module
+from tests.helpers import free_port
 from tus.callbacks.gradcam import GradCAMConfig, GradCAMPlusPlusLogger
 from tus.callbacks.loss_recorder import PerSampleLossRecorder
 from tus.cli.explain import main as explain_main
@@ -246,7 +246,7 @@ def test_logger_under_ddp_explains_on_rank_zero_only(tmp_path, monkeypatch):
 
     monkeypatch.setattr(gradcam_module, "save_overlay_grid", counting_save)
     # Lightning's launcher sets MASTER_PORT in this process; keep it from leaking to later tests.
-    monkeypatch.setenv("MASTER_PORT", str(find_free_network_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,

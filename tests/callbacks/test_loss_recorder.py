@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.fabric.plugins.environments.lightning import find_free_network_port
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
+from tests.helpers import free_port
 from tus.callbacks.loss_recorder import PerSampleLossRecorder
 from tus.methods.classifier import FineTuneModule, FineTuneOptimConfig
 from tus.models.backbones import BackboneConfig
@@ -147,7 +147,7 @@ def test_missing_per_sample_loss_is_a_clear_error(tmp_path):
 
 def test_ddp_gathers_every_rank_without_sampler_padding(tmp_path, monkeypatch):
     # Lightning's launcher sets MASTER_PORT in this process; keep it from leaking to later tests.
-    monkeypatch.setenv("MASTER_PORT", str(find_free_network_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     path = tmp_path / "losses.csv"
     ddp = trainer(tmp_path, 2, [PerSampleLossRecorder(path, RUN_INFO)], devices=2, strategy="ddp_fork", enable_checkpointing=False)
     ddp.fit(tiny_module(), datamodule=WeightedTinyData())

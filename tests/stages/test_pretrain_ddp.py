@@ -27,6 +27,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from tests.helpers import free_port
 from tests.stages.test_pretrain import make_pool
 from tus.config import load_config
 from tus.losses.contrastive import nt_xent_loss
@@ -119,7 +120,7 @@ def test_two_process_ddp_matches_one_process_on_the_whole_batch(tmp_path: Path):
     # Without what earlier tests' Lightning runs leave in os.environ (global seed, rendezvous, ranks).
     leftovers = ("PL_", "MASTER_", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_", "TORCHELASTIC_", "TUS_RUN_DIR")
     env = {k: v for k, v in os.environ.items() if not k.startswith(leftovers)}
-    env.update({"TUS_DDP_EQUIVALENCE_BODY": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    env.update({"TUS_DDP_EQUIVALENCE_BODY": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MASTER_PORT": str(free_port())})
     node = f"{Path(__file__).relative_to(REPO)}::test_ddp_equivalence_body"
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider", node, "--basetemp", str(tmp_path / "body")], cwd=REPO, env=env, capture_output=True, text=True
@@ -204,7 +205,7 @@ def test_tus_pretrain_under_ddp_shares_one_run_dir_and_scales_the_learning_rate(
         "monitor.knn_k=3",
         "logging.wandb=false",
     ]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "MASTER_PORT": str(free_port())}
     result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()

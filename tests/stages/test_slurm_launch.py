@@ -5,13 +5,6 @@ tests/stages/test_torchrun.py, next to the torchrun and Lightning launches it mu
 from __future__ import annotations
 
 import os
-import socket
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def srun_env(rank: int, port: int, job_id: str = "424242") -> dict[str, str]:

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers import free_port
 from tus.data.phantom import generate_phantom
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,8 +54,8 @@ def pretrain_command(pool: Path, out: Path) -> list[str]:
 
 
 def launch(arguments: list[str], tmp_path: Path) -> str:
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("MASTER_PORT", None)  # both launchers pick a free port
+    # torchrun --standalone binds its own rendezvous port; Lightning's launcher reads MASTER_PORT.
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MASTER_PORT": str(free_port())}
     result = subprocess.run([sys.executable, *arguments], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
@@ -70,7 +71,7 @@ def finished_run(out: Path) -> Path:
 
 @pytest.mark.slow
 def test_torchrun_srun_and_lightning_ddp_launch_pretrain_identically(tmp_path):
-    from tests.stages.test_slurm_launch import free_port, srun_env
+    from tests.stages.test_slurm_launch import srun_env
 
     pool = generate_phantom(tmp_path / "phantom", num_patients=4, image_size=32, pool_size=32).unlabeled_manifest
     torchrun_out, lightning_out, slurm_out = tmp_path / "torchrun", tmp_path / "lightning", tmp_path / "slurm"
