@@ -115,13 +115,22 @@ def save(result: FigureData, folder: str | Path, name: str, formats: tuple[str, 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
+    figure = result.figure
+    engine = figure.get_layout_engine()
     with matplotlib.rc_context(RC):
-        for extension in formats:
-            path = folder / f"{name}.{extension}"
-            temporary = path.with_name(f".{path.name}.partial")
-            result.figure.savefig(temporary, format=extension, metadata=METADATA.get(extension), dpi=DPI)
-            temporary.replace(path)
-            paths.append(path)
+        try:
+            for extension in formats:
+                path = folder / f"{name}.{extension}"
+                temporary = path.with_name(f".{path.name}.partial")
+                figure.savefig(temporary, format=extension, metadata=METADATA.get(extension), dpi=DPI)
+                temporary.replace(path)
+                paths.append(path)
+                # Lay the figure out once: the first format's draw placed the axes, and every
+                # later format keeps those positions instead of solving the constrained layout
+                # again (~0.1 s a figure; the PDF then matches the PNG to the point).
+                figure.set_layout_engine("none")
+        finally:
+            figure.set_layout_engine(engine)
     csv = folder / f"{name}.csv"
     result.data.to_csv(csv, index=False, float_format="%.6g")
     paths.append(csv)
