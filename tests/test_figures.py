@@ -123,7 +123,6 @@ def test_saving_twice_gives_identical_bytes(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
-
 def test_a_figure_is_laid_out_once_for_all_its_formats(tmp_path):
     """The constrained layout is solved by the first format's draw and reused by the PDF (it cost
     ~0.1 s a figure a format); the PNG is unchanged by it and the figure keeps its engine."""
@@ -137,6 +136,7 @@ def test_a_figure_is_laid_out_once_for_all_its_formats(tmp_path):
     save(fig.calibration_figure(predictions()), tmp_path / "png", "calibration", formats=("png",))
     assert (tmp_path / "both" / "calibration.png").read_bytes() == (tmp_path / "png" / "calibration.png").read_bytes()
     assert (tmp_path / "both" / "calibration.pdf").read_bytes().startswith(b"%PDF")
+
 
 def fake_cv_run(run_dir):
     """A finished CV run dir as run_cv leaves it (the files the figures read)."""

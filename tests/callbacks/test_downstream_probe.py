@@ -140,15 +140,70 @@ def test_logs_every_n_steps_to_the_loggers(labelled, tmp_path):
     assert np.allclose(logged["probe/downstream_auroc"], expected, atol=1e-6)
 
 
-def test_refuses_a_non_binary_task_and_bad_arguments(labelled):
+def test_refuses_a_one_class_task_and_bad_arguments(labelled):
     manifest, frame, _ = labelled
     with pytest.raises(ValueError, match="every_n_steps"):
         DownstreamProbe(manifest, every_n_steps=0, image_size=SIZE)
     with pytest.raises(ValueError, match="classifier"):
         DownstreamProbe(manifest, every_n_steps=1, image_size=SIZE, classifier="svm")
-    three = frame.assign(label=np.arange(len(frame)) % 3, sample_id=frame["path"], abs_path=frame["path"])
-    with pytest.raises(ValueError, match="binary"):
-        DownstreamProbe(three, every_n_steps=1, image_size=SIZE)
+    one = frame.assign(label=0, sample_id=frame["path"], abs_path=frame["path"])
+    with pytest.raises(ValueError, match="at least two classes"):
+        DownstreamProbe(one, every_n_steps=1, image_size=SIZE)
+
+
+def mann_whitney_auroc(positive: np.ndarray, scores: np.ndarray) -> float:
+    """AUROC as the share of (positive, negative) pairs ordered right, ties counting half."""
+    pos, neg = scores[positive], scores[~positive]
+    return float(((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg)))
+
+
+@pytest.mark.parametrize("classifier", ["knn", "logistic"])
+def test_three_classes_score_the_macro_one_vs_rest_auroc(tmp_path, classifier):
+    """BUSI-like names in the label column (3 classes, read sorted): the probe's score is, per test
+    fold, the mean over classes of the class-vs-rest AUROC of the probe's class scores, by hand."""
+    rng = np.random.default_rng(5)
+    names = ["benign", "malignant", "normal"]
+    rows, values = [], []
+    for patient in range(36):
+        label = patient % 3
+        for view in range(2):
+            value = int(np.clip(rng.normal((100, 150, 125)[label], 20), 5, 250))
+            while value in values:
+                value += 1
+            path = tmp_path / f"p{patient}_{view}.png"
+            Image.fromarray(np.full((SIZE, SIZE), value, dtype=np.uint8)).save(path)
+            rows.append({"path": str(path), "patient_id": f"p{patient}", "label": names[label]})
+            values.append(value)
+    frame = pd.DataFrame(rows)
+    frame.to_csv(tmp_path / "manifest.csv", index=False)
+    probe = DownstreamProbe(str(tmp_path / "manifest.csv"), every_n_steps=1, image_size=SIZE, classifier=classifier, k=5, num_folds=3, seed=7, cache=False)
+    labels = frame["label"].map(names.index).to_numpy()
+    folds = reference_folds(frame.assign(label=labels), 3, 7)
+    assert np.array_equal(probe.folds, folds)
+    features = reference_features(np.asarray(values, dtype=np.float64))
+    expected = []
+    for fold in range(3):
+        train, test = folds != fold, folds == fold
+        if classifier == "knn":
+            unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+            distance = 1.0 - unit(features[test]) @ unit(features[train]).T
+            scores = np.zeros((int(test.sum()), 3))
+            for row, d in enumerate(distance):
+                nearest = np.argsort(d)[:5]
+                for c in range(3):
+                    scores[row, c] = (1.0 / d[nearest])[labels[train][nearest] == c].sum() / (1.0 / d[nearest]).sum()
+        else:
+            scaler = StandardScaler().fit(features[train])
+            scores = LogisticRegression(max_iter=1000).fit(scaler.transform(features[train]), labels[train]).predict_proba(scaler.transform(features[test]))
+        expected.append(np.mean([mann_whitney_auroc(labels[test] == c, scores[:, c]) for c in range(3)]))
+    got = probe.evaluate(FixedEncoderModule())["probe/downstream_auroc"]
+    assert got == pytest.approx(float(np.mean(expected)), abs=1e-6)
+    assert 0.6 < got < 1.0
+    # The UMAP-by-label table names the classes as the manifest does.
+    from tus.callbacks.probes import write_downstream_embeddings
+
+    table = pd.read_csv(write_downstream_embeddings(FixedEncoderModule(), probe, tmp_path / "embeddings.csv"))
+    assert table["label"].tolist() == frame["label"].tolist()
 
 
 def test_downstream_embeddings_table_holds_each_images_label_and_features(labelled, tmp_path):

@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from tus.data.datasets import ManifestDataset
 from tus.data.folds import assign_folds
-from tus.data.manifest import load_manifest
+from tus.data.manifest import LABEL_NAMES_ATTR, load_manifest
 from tus.data.transforms import eval_transform
+from tus.eval.cv_metrics import multiclass_metrics
 
 
 @torch.no_grad()
@@ -138,9 +139,14 @@ def embed(module: L.LightningModule, dataset: Dataset, batch_size: int) -> tuple
 def probe_auroc(features: np.ndarray, labels: np.ndarray, folds: np.ndarray, classifier: ProbeClassifier, k: int = 20, seed: int = 0) -> float:
     """Mean over folds of the test-fold AUROC of a probe fitted on the other folds.
 
-    ``knn``: cosine k-NN with distance-weighted votes (the positive-class vote share is the score);
+    ``knn``: cosine k-NN with distance-weighted votes (a class's vote share is its score);
     ``logistic``: L2 logistic regression (sklearn's default C=1) on standardised features.
+    Labels are the class indices 0..K-1. Two classes: the AUROC of class 1. K > 2 classes: the
+    macro one-vs-rest AUROC, as a K > 2 fine-tuned classifier is scored
+    (:func:`tus.eval.cv_metrics.multiclass_metrics`: the mean over the classes the test fold has
+    and does not consist of; a class missing from the training folds scores 0 everywhere).
     """
+    num_classes = int(labels.max()) + 1
     scores = []
     for fold in np.unique(folds):
         train, test = folds != fold, folds == fold
@@ -149,19 +155,26 @@ def probe_auroc(features: np.ndarray, labels: np.ndarray, folds: np.ndarray, cla
         else:
             model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed))
         model.fit(features[train], labels[train])
-        scores.append(roc_auc_score(labels[test], model.predict_proba(features[test])[:, 1]))
+        probabilities = np.zeros((int(test.sum()), num_classes))
+        probabilities[:, model.classes_.astype(int)] = model.predict_proba(features[test])
+        if num_classes == 2:
+            scores.append(roc_auc_score(labels[test], probabilities[:, 1]))
+        else:
+            scores.append(multiclass_metrics(labels[test], probabilities, [str(c) for c in range(num_classes)])["auroc"])
     return float(np.mean(scores))
 
 
 class DownstreamProbe(PeriodicProbe):
     """At the start, every ``every_n_steps`` optimizer steps and after the last, probe a labelled task.
 
-    The labelled ``manifest`` (binary ``label``, ``patient_id``) is split into ``num_folds``
+    The labelled ``manifest`` (``label`` of two or more classes, ``patient_id``) is split into ``num_folds``
     patient-grouped, class-stratified folds (:func:`tus.data.folds.assign_folds` with ``seed``);
     each probe embeds every image with the current encoder (eval transform, ``image_size``), fits
     ``classifier`` on the other folds and scores each fold. Logs ``probe/downstream_auroc`` (the
-    mean over folds) to the loggers; ``history`` keeps every result. The probe never updates the
-    encoder, so probing images that were left out of the pool leaks nothing into training.
+    mean over folds; macro one-vs-rest with K > 2 classes, see :func:`probe_auroc`) to the
+    loggers; ``history`` keeps every result. ``label_names``: the manifest's K class names (as
+    ``data.label_names``). The probe never updates the encoder, so probing images that were left
+    out of the pool leaks nothing into training.
     """
 
     def __init__(
@@ -173,6 +186,7 @@ class DownstreamProbe(PeriodicProbe):
         classifier: ProbeClassifier = "knn",
         k: int = 20,
         num_folds: int = 3,
+        label_names: list[str] | None = None,
         seed: int = 0,
         batch_size: int = 256,
         cache: bool = True,
@@ -180,9 +194,9 @@ class DownstreamProbe(PeriodicProbe):
         super().__init__(every_n_steps)
         if classifier not in ("knn", "logistic"):
             raise ValueError(f"classifier must be 'knn' or 'logistic', got {classifier!r}")
-        frame = manifest if isinstance(manifest, pd.DataFrame) else load_manifest(manifest, require_labels=True, num_folds=num_folds)
-        if frame["label"].nunique() != 2:
-            raise ValueError(f"the downstream probe needs a binary label; found classes {sorted(frame['label'].unique().tolist())}")
+        frame = manifest if isinstance(manifest, pd.DataFrame) else load_manifest(manifest, require_labels=True, num_folds=num_folds, label_names=label_names)
+        if frame["label"].nunique() < 2:
+            raise ValueError(f"the downstream probe needs at least two classes; found only {sorted(frame['label'].unique().tolist())}")
         self.frame = frame
         self.folds = assign_folds(frame, num_folds, seed)
         self.dataset = ManifestDataset(frame, eval_transform(), image_size=image_size, cache=cache)
@@ -212,12 +226,14 @@ def write_heldout_embeddings(module: L.LightningModule, dataset: ManifestDataset
 
 def write_downstream_embeddings(module: L.LightningModule, probe: DownstreamProbe, path: str | Path, batch_size: int = 256) -> Path:
     """The encoder's features of the downstream probe's labelled images as ``sample_id, label,
-    [organ,] f0..fN`` (the UMAP by label, :func:`tus.figures.embeddings.umap_figure`)."""
+    [organ,] f0..fN`` (the UMAP by label, :func:`tus.figures.embeddings.umap_figure`); ``label``
+    is the class name where the manifest's classes are named (K > 2), else 0/1."""
     features, labels = embed(module, probe.dataset, batch_size)
     table = pd.DataFrame(features, columns=[f"f{i}" for i in range(features.shape[1])])
     if "organ" in probe.frame.columns:
         table.insert(0, "organ", probe.frame["organ"].astype(str).to_numpy())
-    table.insert(0, "label", labels.astype(int))
+    names = probe.frame.attrs.get(LABEL_NAMES_ATTR)
+    table.insert(0, "label", [names[label] for label in labels.astype(int)] if names else labels.astype(int))
     table.insert(0, "sample_id", probe.frame["sample_id"].astype(str).to_numpy())
     path = Path(path)
     table.to_csv(path, index=False, float_format="%.6g")

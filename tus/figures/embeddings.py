@@ -39,7 +39,9 @@ def umap_figure_from_data(data: pd.DataFrame, color_by: str = "organ", knn_accur
     groups = sorted(data[color_by].astype(str).unique())
     for color, group in zip(colors(len(groups)), groups):
         rows = data[data[color_by].astype(str) == group]
-        axis.scatter(rows["umap_x"], rows["umap_y"], s=6, color=color, label=f"{color_by} {group} (n = {len(rows)})" if color_by == "label" else f"{group} (n = {len(rows)})", linewidths=0)
+        axis.scatter(
+            rows["umap_x"], rows["umap_y"], s=6, color=color, label=f"{color_by} {group} (n = {len(rows)})" if color_by == "label" and group.isdigit() else f"{group} (n = {len(rows)})", linewidths=0
+        )
     title = f"Held-out embeddings by {color_by}" if color_by == "organ" else f"Downstream images' embeddings by {color_by}"
     details = [f"step {step}"] if step is not None else []
     probe_name = probe_name or f"k-NN {color_by} accuracy"

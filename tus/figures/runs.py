@@ -140,7 +140,11 @@ def write_pretrain_figures(run_dir: str | Path) -> list[Path]:
         if len(embeddings) >= MIN_UMAP_POINTS:
             summary = _read_json(run_dir / "summary.json") or {}
             auroc = ((summary.get("downstream_probe") or [{}])[-1]).get("probe/downstream_auroc")
-            written += save(umap_figure(embeddings, "label", auroc, summary.get("steps"), probe_name=f"{_downstream_classifier(run_dir)} label probe AUROC"), out, "umap_label")
+            written += save(
+                umap_figure(embeddings, "label", auroc, summary.get("steps"), probe_name=f"{_downstream_classifier(run_dir)} label probe {'macro ' if embeddings['label'].nunique() > 2 else ''}AUROC"),
+                out,
+                "umap_label",
+            )
     return written
 
 

@@ -44,9 +44,12 @@ from tus.tracking import track_pretraining
 class MonitorConfig:
     """The held-out organ probe: ``holdout_per_organ`` images per organ never trained on.
 
-    ``downstream_manifest``: a labelled (binary) manifest probed every ``downstream_every_n_steps``
-    steps with a ``downstream_classifier`` (knn or logistic) on patient-grouped folds
-    (:class:`tus.callbacks.probes.DownstreamProbe`); logs ``probe/downstream_auroc``.
+    ``downstream_manifest``: a labelled manifest probed every ``downstream_every_n_steps`` steps
+    with a ``downstream_classifier`` (knn or logistic) on patient-grouped folds
+    (:class:`tus.callbacks.probes.DownstreamProbe`); logs ``probe/downstream_auroc`` (macro
+    one-vs-rest over K > 2 classes). ``downstream_label_names``: its K class names, as
+    ``data.label_names`` of fine-tuning (needed when its labels are the indices 0..K-1 of K > 2
+    classes; names written in the label column are read without it).
     """
 
     every_n_steps: int = 100
@@ -58,6 +61,7 @@ class MonitorConfig:
     downstream_every_n_steps: int = 100
     downstream_classifier: Literal["knn", "logistic"] = "knn"
     downstream_num_folds: int = 3
+    downstream_label_names: list[str] | None = None
 
 
 @dataclass
@@ -128,6 +132,7 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path | None = None, *
                 classifier=config.monitor.downstream_classifier,
                 k=config.monitor.knn_k,
                 num_folds=config.monitor.downstream_num_folds,
+                label_names=config.monitor.downstream_label_names,
                 seed=config.seed,
                 batch_size=config.monitor.batch_size,
             )
