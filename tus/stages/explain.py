@@ -51,19 +51,35 @@ def collect_images(sources: Sequence[str | Path]) -> list[tuple[str, Path]]:
     return found
 
 
-def training_image_size(checkpoint: Path) -> int | None:
-    """The ``data.image_size`` of the run that produced ``checkpoint`` (its config.yaml)."""
+def _training_data_setting(checkpoint: Path, key: str, option: str):
+    """``data.<key>`` of the run that produced ``checkpoint`` (the nearest config.yaml above it),
+    or None; an unreadable config is refused in one line naming ``option``."""
     for folder in list(checkpoint.resolve().parents)[:4]:
         config = folder / "config.yaml"
         if config.is_file():
             try:
                 settings = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
-                size = settings.get("data", {}).get("image_size") if isinstance(settings, dict) else None
-                return int(size) if size else None
-            except (yaml.YAMLError, UnicodeDecodeError, AttributeError, TypeError, ValueError) as error:
+                return settings.get("data", {}).get(key) if isinstance(settings, dict) else None
+            except (yaml.YAMLError, UnicodeDecodeError, AttributeError) as error:
                 reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                raise DataError(f"{config}: cannot read data.image_size ({reason}); give --image-size") from error
+                raise DataError(f"{config}: cannot read data.{key} ({reason}); {option}") from error
     return None
+
+
+def training_image_size(checkpoint: Path) -> int | None:
+    """The ``data.image_size`` of the run that produced ``checkpoint`` (its config.yaml)."""
+    size = _training_data_setting(checkpoint, "image_size", "give --image-size")
+    try:
+        return int(size) if size else None
+    except (TypeError, ValueError) as error:
+        raise DataError(f"{checkpoint}: its run's data.image_size {size!r} is not a number; give --image-size") from error
+
+
+def training_label_names(checkpoint: Path) -> list[str]:
+    """The ``data.label_names`` of the run that produced a ``.ckpt`` (its config.yaml; a K > 2 run
+    writes the classes it found there), or [] for a binary run or a checkpoint outside a run dir."""
+    names = _training_data_setting(checkpoint, "label_names", "give --target-class as an index")
+    return [str(name) for name in names] if isinstance(names, list) else []
 
 
 def check_classifier_checkpoint(path: Path) -> int | None:
@@ -88,12 +104,11 @@ def check_classifier_checkpoint(path: Path) -> int | None:
 
 
 def resolve_target_class(checkpoint: Path, target_class: int | str | None, num_classes: int) -> int | None:
-    """``--target-class`` as a class index: an index 0..K-1 or a name of the export's ``label_names``."""
+    """``--target-class`` as a class index: an index 0..K-1 or a class name (an export's
+    ``label_names``; a ``.ckpt``'s from its run's config.yaml)."""
     if target_class is None:
         return None
-    names: list[str] = []
-    if checkpoint.suffix != ".ckpt":
-        names = list(load_export(checkpoint, "classifier")[0].get("label_names") or [])
+    names = training_label_names(checkpoint) if checkpoint.suffix == ".ckpt" else list(load_export(checkpoint, "classifier")[0].get("label_names") or [])
     text = str(target_class).strip()
     if text in names:
         return names.index(text)
