@@ -136,6 +136,15 @@ def test_a_figure_is_laid_out_once_for_all_its_formats(tmp_path):
     save(fig.calibration_figure(predictions()), tmp_path / "png", "calibration", formats=("png",))
     assert (tmp_path / "both" / "calibration.png").read_bytes() == (tmp_path / "png" / "calibration.png").read_bytes()
     assert (tmp_path / "both" / "calibration.pdf").read_bytes().startswith(b"%PDF")
+    # A figure without a layout engine is saved as it is and keeps none.
+    from matplotlib.figure import Figure
+
+    from tus.figures.style import FigureData
+
+    plain = Figure(figsize=(2, 2))
+    plain.subplots().plot([0, 1], [1, 0])
+    save(FigureData(plain, pd.DataFrame({"x": [0, 1]})), tmp_path / "plain", "line")
+    assert plain.get_layout_engine() is None and (tmp_path / "plain" / "line.pdf").is_file()
 
 
 def fake_cv_run(run_dir):

@@ -128,9 +128,11 @@ def save(result: FigureData, folder: str | Path, name: str, formats: tuple[str, 
                 # Lay the figure out once: the first format's draw placed the axes, and every
                 # later format keeps those positions instead of solving the constrained layout
                 # again (~0.1 s a figure; the PDF then matches the PNG to the point).
-                figure.set_layout_engine("none")
+                if engine is not None:
+                    figure.set_layout_engine("none")
         finally:
-            figure.set_layout_engine(engine)
+            if engine is not None:
+                figure.set_layout_engine(engine)
     csv = folder / f"{name}.csv"
     result.data.to_csv(csv, index=False, float_format="%.6g")
     paths.append(csv)
