@@ -79,7 +79,8 @@ def free_port() -> int:
     for a rank 1 that had joined another rendezvous (stop 31). The kernel never hands out a port
     below the range by itself, so only another explicit choice can collide, and the choice is
     random (not the seeded ``random`` module: two workers with one seed would pick alike)."""
-    low, _ = (int(bound) for bound in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()) if Path("/proc/sys/net/ipv4/ip_local_port_range").is_file() else (32768, 60999)
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low = int(ephemeral.read_text().split()[0]) if ephemeral.is_file() else 32768  # Linux's default
     choose = random.SystemRandom()
     for _ in range(200):
         port = choose.randrange(max(1024, low - 12000), low)

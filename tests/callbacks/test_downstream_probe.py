@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import numpy as np
 import pandas as pd
@@ -51,25 +53,29 @@ class FixedEncoderModule(L.LightningModule):
         return torch.utils.data.DataLoader(torch.zeros(8, 1), batch_size=2)
 
 
-@pytest.fixture
-def labelled(tmp_path) -> tuple[str, pd.DataFrame, np.ndarray]:
-    """30 patients x 2 constant images; malignant images are brighter on average, with overlap."""
-    rng = np.random.default_rng(3)
+def constant_image_manifest(folder: Path, labels: list, means: dict, std: float, rng: np.random.Generator) -> tuple[str, pd.DataFrame, np.ndarray]:
+    """Patient p's 2 constant images of label ``labels[p]``, intensity ~ N(means[label], std) with
+    overlap between classes, all intensities distinct (no zero cosine distances, no ties)."""
     rows, values = [], []
-    for patient in range(30):
-        label = int(patient % 3 == 0)
+    for patient, label in enumerate(labels):
         for view in range(2):
-            value = int(np.clip(rng.normal(150 if label else 110, 30), 5, 250))
-            while value in values:  # distinct features: no zero cosine distances, no ties
+            value = int(np.clip(rng.normal(means[label], std), 5, 250))
+            while value in values:
                 value += 1
-            path = tmp_path / f"p{patient}_{view}.png"
+            path = folder / f"p{patient}_{view}.png"
             Image.fromarray(np.full((SIZE, SIZE), value, dtype=np.uint8)).save(path)
             rows.append({"path": str(path), "patient_id": f"p{patient}", "label": label})
             values.append(value)
     frame = pd.DataFrame(rows)
-    manifest = tmp_path / "manifest.csv"
+    manifest = folder / "manifest.csv"
     frame.to_csv(manifest, index=False)
     return str(manifest), frame, np.asarray(values, dtype=np.float64)
+
+
+@pytest.fixture
+def labelled(tmp_path) -> tuple[str, pd.DataFrame, np.ndarray]:
+    """30 patients x 2 constant images; malignant images are brighter on average, with overlap."""
+    return constant_image_manifest(tmp_path, [int(p % 3 == 0) for p in range(30)], {0: 110, 1: 150}, 30, np.random.default_rng(3))
 
 
 def reference_folds(frame: pd.DataFrame, num_folds: int, seed: int) -> np.ndarray:
@@ -80,16 +86,17 @@ def reference_folds(frame: pd.DataFrame, num_folds: int, seed: int) -> np.ndarra
     return folds
 
 
-def knn_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, k: int) -> np.ndarray:
-    """Distance-weighted cosine k-NN vote share of class 1, by hand."""
+def knn_class_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, k: int, num_classes: int = 2) -> np.ndarray:
+    """Distance-weighted cosine k-NN vote share of each class (N, K), by hand."""
     unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
     distance = 1.0 - unit(test_x) @ unit(train_x).T
-    scores = []
-    for row in distance:
-        nearest = np.argsort(row)[:k]
-        weights = 1.0 / row[nearest]
-        scores.append(weights[train_y[nearest] == 1].sum() / weights.sum())
-    return np.asarray(scores)
+    scores = np.zeros((len(test_x), num_classes))
+    for row, d in enumerate(distance):
+        nearest = np.argsort(d)[:k]
+        weights = 1.0 / d[nearest]
+        for c in range(num_classes):
+            scores[row, c] = weights[train_y[nearest] == c].sum() / weights.sum()
+    return scores
 
 
 def reference_auroc(features: np.ndarray, labels: np.ndarray, folds: np.ndarray, classifier: str, k: int) -> float:
@@ -97,7 +104,7 @@ def reference_auroc(features: np.ndarray, labels: np.ndarray, folds: np.ndarray,
     for fold in range(folds.max() + 1):
         train, test = folds != fold, folds == fold
         if classifier == "knn":
-            scores = knn_scores(features[train], labels[train], features[test], k)
+            scores = knn_class_scores(features[train], labels[train], features[test], k)[:, 1]
         else:
             scaler = StandardScaler().fit(features[train])
             model = LogisticRegression(max_iter=1000).fit(scaler.transform(features[train]), labels[train])
@@ -161,37 +168,18 @@ def mann_whitney_auroc(positive: np.ndarray, scores: np.ndarray) -> float:
 def test_three_classes_score_the_macro_one_vs_rest_auroc(tmp_path, classifier):
     """BUSI-like names in the label column (3 classes, read sorted): the probe's score is, per test
     fold, the mean over classes of the class-vs-rest AUROC of the probe's class scores, by hand."""
-    rng = np.random.default_rng(5)
     names = ["benign", "malignant", "normal"]
-    rows, values = [], []
-    for patient in range(36):
-        label = patient % 3
-        for view in range(2):
-            value = int(np.clip(rng.normal((100, 150, 125)[label], 20), 5, 250))
-            while value in values:
-                value += 1
-            path = tmp_path / f"p{patient}_{view}.png"
-            Image.fromarray(np.full((SIZE, SIZE), value, dtype=np.uint8)).save(path)
-            rows.append({"path": str(path), "patient_id": f"p{patient}", "label": names[label]})
-            values.append(value)
-    frame = pd.DataFrame(rows)
-    frame.to_csv(tmp_path / "manifest.csv", index=False)
-    probe = DownstreamProbe(str(tmp_path / "manifest.csv"), every_n_steps=1, image_size=SIZE, classifier=classifier, k=5, num_folds=3, seed=7, cache=False)
+    manifest, frame, values = constant_image_manifest(tmp_path, [names[p % 3] for p in range(36)], {"benign": 100, "malignant": 150, "normal": 125}, 20, np.random.default_rng(5))
+    probe = DownstreamProbe(manifest, every_n_steps=1, image_size=SIZE, classifier=classifier, k=5, num_folds=3, seed=7, cache=False)
     labels = frame["label"].map(names.index).to_numpy()
     folds = reference_folds(frame.assign(label=labels), 3, 7)
     assert np.array_equal(probe.folds, folds)
-    features = reference_features(np.asarray(values, dtype=np.float64))
+    features = reference_features(values)
     expected = []
     for fold in range(3):
         train, test = folds != fold, folds == fold
         if classifier == "knn":
-            unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
-            distance = 1.0 - unit(features[test]) @ unit(features[train]).T
-            scores = np.zeros((int(test.sum()), 3))
-            for row, d in enumerate(distance):
-                nearest = np.argsort(d)[:5]
-                for c in range(3):
-                    scores[row, c] = (1.0 / d[nearest])[labels[train][nearest] == c].sum() / (1.0 / d[nearest]).sum()
+            scores = knn_class_scores(features[train], labels[train], features[test], 5, num_classes=3)
         else:
             scaler = StandardScaler().fit(features[train])
             scores = LogisticRegression(max_iter=1000).fit(scaler.transform(features[train]), labels[train]).predict_proba(scaler.transform(features[test]))
