@@ -200,6 +200,25 @@ def test_ema_follows_the_weights_with_its_decay():
     assert not any(p.requires_grad for p in module.ema.parameters())
 
 
+def test_ema_builds_on_a_timm_without_stochastic_rounding(monkeypatch):
+    # The H200 image's timm 1.0 predates ModelEmaV3(stochastic_rounding=...); its EMA of a
+    # float32 model is the same plain lerp, so the module must build and average alike there.
+    import timm.utils
+
+    def old_init(self, model, decay=0.9999, min_decay=0.0, update_after_step=0, use_warmup=False, warmup_gamma=1.0, warmup_power=2 / 3, device=None, foreach=True, exclude_buffers=False):
+        newest_init(self, model, decay=decay, min_decay=min_decay, update_after_step=update_after_step, use_warmup=use_warmup, warmup_gamma=warmup_gamma, warmup_power=warmup_power, device=device, foreach=foreach, exclude_buffers=exclude_buffers)
+
+    newest_init = timm.utils.ModelEmaV3.__init__
+    monkeypatch.setattr(timm.utils.ModelEmaV3, "__init__", old_init)
+    module = DiffusionModule(TINY_UNET, ProcessConfig(), OptimConfig(), EmaConfig(decay=0.75))
+    ema_before = module.ema.module.conv_in.weight.clone()
+    with torch.no_grad():
+        module.unet.conv_in.weight.mul_(3.0)
+    module.ema.update(module.unet, step=10)
+    expected = 0.75 * ema_before + 0.25 * module.unet.conv_in.weight
+    torch.testing.assert_close(module.ema.module.conv_in.weight, expected)
+
+
 def test_loss_aware_sampler_state_travels_in_the_checkpoint():
     module = DiffusionModule(TINY_UNET, ProcessConfig(num_timesteps=4, timestep_sampler="loss_aware"), OptimConfig(), EmaConfig())
     module.timestep_sampler.update(torch.tensor([0, 1, 2]), torch.tensor([1.0, 2.0, 3.0]))

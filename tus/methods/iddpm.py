@@ -14,6 +14,7 @@ draws an uninterrupted run would have made.
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -174,7 +175,10 @@ class Float32Ema(ModelEmaV3):
     """
 
     def __init__(self, model: torch.nn.Module, decay: float, use_warmup: bool):
-        super().__init__(model, decay=decay, use_warmup=use_warmup, stochastic_rounding=False)
+        # timm 1.0 releases before stochastic rounding have no such option (and round nothing);
+        # the H200 image's timm was one of them, so ask for "off" only where it can be asked.
+        off = {"stochastic_rounding": False} if "stochastic_rounding" in inspect.signature(ModelEmaV3.__init__).parameters else {}
+        super().__init__(model, decay=decay, use_warmup=use_warmup, **off)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_sr_generator": None}
