@@ -2,8 +2,8 @@
 # CPU check (issue 13): the benchmarks behind the README's speed table, one after another on
 # an otherwise idle machine, and one line per benchmark with its ratio at the end. The runs
 # alternate plain and tus rounds where a script offers it (a shared CPU drifts by a few
-# percent within a minute). Budget: ~12 minutes on 2 cores (add --patients 220 to the CV wall
-# by hand for the reference's scale: another ~6 minutes).
+# percent within a minute). Budget: ~30 minutes on 2 cores, ~8 of them the whole CV at the
+# reference's scale (220 patients).
 #
 #   bash benchmarks/cpu_check.sh [OUT_DIR]      # logs in OUT_DIR, summary on stdout
 set -uo pipefail
@@ -27,11 +27,13 @@ run() {
 grep -m1 'model name' /proc/cpuinfo
 run finetune benchmarks/finetune_throughput.py --rounds 3
 run finetune_b16 benchmarks/finetune_throughput.py --rounds 3 --batch-size 16 --steps 30
-run finetune_128 benchmarks/finetune_throughput.py --image-size 128 --steps 10
+# 20 steps: a fit shorter than channels_last auto's 16-step trial would stay NCHW untimed.
+run finetune_128 benchmarks/finetune_throughput.py --image-size 128 --steps 20
 run pretrain_simclr benchmarks/pretrain_throughput.py --method simclr --rounds 2
 run pretrain_mae benchmarks/pretrain_throughput.py --method mae --rounds 2
 run diffusion benchmarks/diffusion_throughput.py
 run cv_wall benchmarks/cv_wall.py
+run cv_wall_220_patients benchmarks/cv_wall.py --patients 220 --rounds 2
 run cv_wall_2_epochs benchmarks/cv_wall.py --epochs 2 --rounds 3
 run cv_fixed_cost benchmarks/cv_wall.py --fixed-cost --rounds 3
 run predict benchmarks/predict_throughput.py --images 128 --repeats 3
