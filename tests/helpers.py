@@ -3,6 +3,7 @@ port of a test's DDP rendezvous."""
 
 from __future__ import annotations
 
+import json
 import random
 import socket
 from pathlib import Path
@@ -91,3 +92,14 @@ def free_port() -> int:
                 continue
         return port
     raise RuntimeError(f"no free TCP port below {low} after 200 tries")
+
+
+def tested_in_bf16(fold_run: Path) -> bool:
+    """Whether a fold run trained and tested under bf16 autocast (``precision: auto`` picks it on
+    GPUs and on CPUs with AMX), as its ``runtime.json`` records."""
+    return json.loads((fold_run / "runtime.json").read_text())["precision"].startswith("bf16")
+
+
+# tus predict runs in float32; a bf16 run's predictions.csv carries bf16 rounding (8-bit
+# mantissa: ~0.4% relative a step), ~2e-3 on these tiny models' probabilities.
+BF16_PROBABILITY_ATOL = 1e-2

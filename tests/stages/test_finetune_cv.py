@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.helpers import make_labeled_dataset
+from tests.helpers import make_labeled_dataset, tested_in_bf16
 from tus.config import ConfigError, load_config
 from tus.data.datamodules import LabeledDataModule
 from tus.data.manifest import load_manifest
@@ -84,9 +84,11 @@ def test_end_to_end_learns_planted_signal_and_writes_outputs(tmp_path: Path):
     frame = load_manifest(manifest)
     datamodule = LabeledDataModule(config.data, frame, cv_folds(config, frame), 0, 0)
     datamodule.setup("test")
-    with torch.inference_mode():
-        images = torch.cat([batch["image"] for batch in datamodule.test_dataloader()])
-        probability = model.eval()(images).float().softmax(1)[:, 1].double().numpy()
+    # Under the run's precision (bf16 autocast where precision auto chose it), batch by batch.
+    bf16 = tested_in_bf16(run_dir / "runs" / "fold0-seed0")
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = torch.cat([model.eval()(batch["image"]).float() for batch in datamodule.test_dataloader()])
+        probability = logits.softmax(1)[:, 1].double().numpy()
     assert predictions["sample_id"].astype(str).tolist() == datamodule.test_set.frame["sample_id"].astype(str).tolist()
     np.testing.assert_allclose(predictions["probability"], probability, rtol=0, atol=1e-6)
     assert (predictions["prediction"] == (probability >= 0.5)).all()
