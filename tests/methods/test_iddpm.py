@@ -205,20 +205,10 @@ def test_ema_builds_on_a_timm_without_stochastic_rounding(monkeypatch):
     # float32 model is the same plain lerp, so the module must build and average alike there.
     import timm.utils
 
-    def old_init(self, model, decay=0.9999, min_decay=0.0, update_after_step=0, use_warmup=False, warmup_gamma=1.0, warmup_power=2 / 3, device=None, foreach=True, exclude_buffers=False):
-        newest_init(
-            self,
-            model,
-            decay=decay,
-            min_decay=min_decay,
-            update_after_step=update_after_step,
-            use_warmup=use_warmup,
-            warmup_gamma=warmup_gamma,
-            warmup_power=warmup_power,
-            device=device,
-            foreach=foreach,
-            exclude_buffers=exclude_buffers,
-        )
+    def old_init(self, model, decay=0.9999, use_warmup=False, **options):  # no stochastic_rounding
+        if "stochastic_rounding" in options:
+            raise TypeError("ModelEmaV3.__init__() got an unexpected keyword argument 'stochastic_rounding'")
+        newest_init(self, model, decay=decay, use_warmup=use_warmup, **options)
 
     newest_init = timm.utils.ModelEmaV3.__init__
     monkeypatch.setattr(timm.utils.ModelEmaV3, "__init__", old_init)
