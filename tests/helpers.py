@@ -94,7 +94,7 @@ def free_port() -> int:
     raise RuntimeError(f"no free TCP port below {low} after 200 tries")
 
 
-def tested_in_bf16(fold_run: Path) -> bool:
+def ran_in_bf16(fold_run: Path) -> bool:
     """Whether a fold run trained and tested under bf16 autocast (``precision: auto`` picks it on
     GPUs and on CPUs with AMX), as its ``runtime.json`` records."""
     return json.loads((fold_run / "runtime.json").read_text())["precision"].startswith("bf16")

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.helpers import make_labeled_dataset, tested_in_bf16
+from tests.helpers import make_labeled_dataset, ran_in_bf16
 from tus.config import ConfigError, load_config
 from tus.data.datamodules import LabeledDataModule
 from tus.data.manifest import load_manifest
@@ -85,7 +85,7 @@ def test_end_to_end_learns_planted_signal_and_writes_outputs(tmp_path: Path):
     datamodule = LabeledDataModule(config.data, frame, cv_folds(config, frame), 0, 0)
     datamodule.setup("test")
     # Under the run's precision (bf16 autocast where precision auto chose it), batch by batch.
-    bf16 = tested_in_bf16(run_dir / "runs" / "fold0-seed0")
+    bf16 = ran_in_bf16(run_dir / "runs" / "fold0-seed0")
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         logits = torch.cat([model.eval()(batch["image"]).float() for batch in datamodule.test_dataloader()])
         probability = logits.softmax(1)[:, 1].double().numpy()
