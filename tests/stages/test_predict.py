@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.helpers import BF16_PROBABILITY_ATOL, make_labeled_dataset, ran_in_bf16
+from tests.helpers import make_labeled_dataset, predict_atol
 from tests.stages.test_finetune_cv import tiny_config
 from tus.cli.main import main as tus_main
 from tus.data.images import write_grayscale
@@ -53,8 +53,7 @@ def test_fold_model_reproduces_its_own_test_predictions(cv_run: Path, tmp_path: 
         # The model's recorded temperature applies to predict's output: sigmoid(logit(p) / T) of the raw CV probability.
         temperature = json.loads((model / "config.json").read_text())["decision"]["temperature"]
         expected = 1 / (1 + np.exp(-_logit(own["probability"]) / temperature))
-        atol = BF16_PROBABILITY_ATOL if ran_in_bf16(model) else 1e-5
-        np.testing.assert_allclose(predicted.loc[own.index, PROB].to_numpy(), expected, atol=atol)
+        np.testing.assert_allclose(predicted.loc[own.index, PROB].to_numpy(), expected, atol=predict_atol(model))
 
 
 def test_ensemble_is_the_mean_of_its_fold_models(cv_run: Path, tmp_path: Path):

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from tests.data.test_crop import DUAL_VIEW_BOXES, screenshot
-from tests.helpers import BF16_PROBABILITY_ATOL, ran_in_bf16
+from tests.helpers import predict_atol
 from tests.stages.test_finetune_cv import tiny_config
 from tus.data.crop import crop_manifest
 from tus.data.images import write_dicom, write_grayscale
@@ -46,7 +46,7 @@ def test_predict_cuts_screenshots_as_the_training_set_was_cropped(tmp_path: Path
     assert sorted(auto.index) == sorted(training.index)  # <source>#view<k>, as tus data crop names them
     assert (auto.loc[training.index, "box"] == training["box"]).all()
     probability = own.columns[own.columns.str.startswith("prob")][-1]
-    np.testing.assert_allclose(auto.loc[own.index, "prob_inhomogeneous"], own[probability], atol=BF16_PROBABILITY_ATOL if ran_in_bf16(fold) else 1e-5)
+    np.testing.assert_allclose(auto.loc[own.index, "prob_inhomogeneous"], own[probability], atol=predict_atol(fold))
 
     # --crop none takes the screenshots whole: one row each, other numbers.
     run_predict(fold, tmp_path / "shots" / "manifest.csv", tmp_path / "none.csv", progress=False, crop="none")

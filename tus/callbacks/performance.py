@@ -236,8 +236,8 @@ class ChannelsLast(Callback):
 
     def _measures(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
         # One device only: ranks timing apart could choose apart, and DDP needs one layout.
-        device = pl_module.device.type
-        return self.enabled == "auto" and device in ("cpu", "cuda") and trainer.world_size == 1 and prefers_channels_last(pl_module, device)
+        # prefers_channels_last is False off CPU and CUDA, so other devices are never timed.
+        return self.enabled == "auto" and trainer.world_size == 1 and prefers_channels_last(pl_module, pl_module.device.type)
 
     def _decide(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
         if self.enabled is False:
